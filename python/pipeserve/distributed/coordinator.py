@@ -1,0 +1,264 @@
+"""GroupCoordinator: a set of ranks with a device group and a CPU group, and the tensor-dict P2P calls."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeserve.distributed.inbox import Inbox, MessageWork, make_postprocess
+from pipeserve.distributed.wire import (
+    Channel,
+    HeaderEntry,
+    MessageKind,
+    check_plain,
+    encode_entries,
+    pack_frame,
+    tensor_meta,
+)
+from pipeserve.distributed.work import Endpoint, P2PWork
+
+DEFAULT_P2P_TIMEOUT_S = float(os.environ.get("PIPESERVE_P2P_TIMEOUT", "60"))
+
+TensorDict = dict[str, Any]
+Postprocess = Callable[[], TensorDict]
+
+
+@dataclass
+class TransferStats:
+    """Bytes put on / taken off the wire, per (peer global rank, channel name)."""
+
+    sent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
+    received: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def total_sent(self, channel: Channel | None = None) -> int:
+        return sum(v for (_, ch), v in self.sent.items() if channel is None or ch == channel.name)
+
+    def total_received(self, channel: Channel | None = None) -> int:
+        return sum(v for (_, ch), v in self.received.items() if channel is None or ch == channel.name)
+
+
+class GroupCoordinator:
+    """Ranks `ranks` (global), this process being `ranks[rank_in_group]`.
+
+    `device_group` carries device tensors (NCCL on CUDA; per channel, so that channels never share an
+    ordering), `cpu_group` (gloo) carries headers and CPU tensors, with one tag pair per channel.
+    """
+
+    def __init__(
+        self,
+        ranks: list[int],
+        cpu_group: Any,
+        device_groups: dict[Channel, Any] | None,
+        device: torch.device,
+        name: str,
+        timeout_s: float = DEFAULT_P2P_TIMEOUT_S,
+    ) -> None:
+        self.ranks = list(ranks)
+        self.rank = dist.get_rank()
+        self.rank_in_group = self.ranks.index(self.rank)
+        self.world_size = len(self.ranks)
+        self.cpu_group = cpu_group
+        self.device_groups = device_groups or {}
+        self.device = device
+        self.name = name
+        self.timeout_s = timeout_s
+        self.stats = TransferStats()
+        self._inboxes: dict[tuple[int, Channel], Inbox] = {}
+        self._send_seq: dict[tuple[int, Channel], int] = defaultdict(int)
+
+    # ---- topology -------------------------------------------------------------------------------
+    @property
+    def next_rank(self) -> int:
+        """Rank in group of the next member; the last member's next wraps to the first."""
+        return (self.rank_in_group + 1) % self.world_size
+
+    @property
+    def prev_rank(self) -> int:
+        return (self.rank_in_group - 1) % self.world_size
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank_in_group == 0
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.rank_in_group == self.world_size - 1
+
+    def device_group(self, channel: Channel = Channel.PROXY) -> Any:
+        return self.device_groups.get(channel, self.cpu_group)
+
+    # ---- raw posting ----------------------------------------------------------------------------
+    def _group_for(self, channel: Channel, cpu: bool) -> Any:
+        return self.cpu_group if cpu else self.device_group(channel)
+
+    def post_send(self, tensor: torch.Tensor, dst: int, channel: Channel, tag: int, what: str, cpu: bool) -> P2PWork:
+        peer = self.ranks[dst]
+        if tensor.is_cuda:
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
+        work = dist.isend(tensor, peer, group=self._group_for(channel, cpu), tag=tag)
+        handle = P2PWork(work, tensor, Endpoint(peer, channel, what, "send"), self.timeout_s)
+        self.stats.sent[(peer, channel.name)] += handle.nbytes
+        return handle
+
+    def count_received(self, src: int, channel: Channel, nbytes: int) -> None:
+        self.stats.received[(self.ranks[src], channel.name)] += nbytes
+
+    def post_recv(self, tensor: torch.Tensor, src: int, channel: Channel, tag: int, what: str, cpu: bool) -> P2PWork:
+        peer = self.ranks[src]
+        work = dist.irecv(tensor, peer, group=self._group_for(channel, cpu), tag=tag)
+        return P2PWork(work, tensor, Endpoint(peer, channel, what, "receive"), self.timeout_s)
+
+    def _next_seq(self, dst: int, channel: Channel) -> int:
+        seq = self._send_seq[(dst, channel)]
+        self._send_seq[(dst, channel)] = seq + 1
+        return seq
+
+    def _post_header(self, dst: int, channel: Channel, kind: MessageKind, payload: bytes) -> list[P2PWork]:
+        frame, tail = pack_frame(channel, kind, self._next_seq(dst, channel), payload)
+        works = [self.post_send(frame, dst, channel, channel.header_tag, "header", cpu=True)]
+        if tail is not None:
+            works.append(self.post_send(tail, dst, channel, channel.data_tag, "header tail", cpu=True))
+        return works
+
+    def _inbox(self, src: int, channel: Channel) -> Inbox:
+        key = (src, channel)
+        if key not in self._inboxes:
+            self._inboxes[key] = Inbox(self, src, channel)
+        return self._inboxes[key]
+
+    # ---- tensor dicts ---------------------------------------------------------------------------
+    @staticmethod
+    def should_split(key: str, numel: int, group: GroupCoordinator | None, keys: dict[str, bool] | None) -> bool:
+        """Both sides decide from shape and group size alone, so they always agree."""
+        if group is None or group.world_size == 1 or numel == 0 or numel % group.world_size:
+            return False
+        return (keys or {}).get(key, True)
+
+    def isend_tensor_dict(
+        self,
+        tensor_dict: TensorDict,
+        dst: int | None = None,
+        all_gather_group: GroupCoordinator | None = None,
+        all_gather_tensors: dict[str, bool] | None = None,
+        channel: Channel = Channel.PROXY,
+    ) -> list[P2PWork]:
+        """Posts the header and every tensor; waits on nothing. Validates before anything is sent."""
+        dst = self.next_rank if dst is None else dst
+        entries, sends = self._plan_send(tensor_dict, all_gather_group, all_gather_tensors)
+        works = self._post_header(dst, channel, MessageKind.TENSOR_DICT, encode_entries(entries))
+        for key, tensor in sends:
+            works.append(self.post_send(tensor, dst, channel, channel.data_tag, f"tensor {key!r}", cpu=not tensor.is_cuda))
+        return works
+
+    def _plan_send(
+        self, tensor_dict: TensorDict, group: GroupCoordinator | None, keys: dict[str, bool] | None
+    ) -> tuple[list[HeaderEntry], list[tuple[str, torch.Tensor]]]:
+        entries: list[HeaderEntry] = []
+        sends: list[tuple[str, torch.Tensor]] = []
+        for key, value in tensor_dict.items():
+            if not isinstance(key, str):
+                raise TypeError(f"tensor dict keys must be str, got {type(key).__name__}")
+            if not isinstance(value, torch.Tensor):
+                check_plain(key, value)
+                entries.append(HeaderEntry(key, None, value=value))
+                continue
+            meta = tensor_meta(key, value)
+            split = self.should_split(key, meta.numel, group, keys)
+            entries.append(HeaderEntry(key, meta, split=split))
+            if meta.numel == 0:
+                continue
+            flat = value.contiguous().view(-1)
+            if split:
+                flat = flat.view(group.world_size, -1)[group.rank_in_group]
+            sends.append((key, flat))
+        return entries, sends
+
+    def irecv_tensor_dict(
+        self,
+        src: int | None = None,
+        all_gather_group: GroupCoordinator | None = None,
+        all_gather_tensors: dict[str, bool] | None = None,
+        channel: Channel = Channel.PROXY,
+    ) -> tuple[TensorDict, list[Any], Postprocess]:
+        """Claims the next message from `src` and posts every receive it can; blocks on nothing.
+
+        The returned dict fills in once the handles have been waited; `postprocess()` then all-gathers
+        the TP-split tensors and returns it.
+        """
+        src = self.prev_rank if src is None else src
+        inbox = self._inbox(src, channel)
+        incoming = inbox.claim(all_gather_group, all_gather_tensors)
+        handles: list[Any] = [MessageWork(inbox, incoming)]
+        return incoming.tensor_dict, handles, make_postprocess(incoming)
+
+    def send_tensor_dict(self, tensor_dict: TensorDict, dst: int | None = None, **kwargs: Any) -> None:
+        for w in self.isend_tensor_dict(tensor_dict, dst, **kwargs):
+            w.wait()
+
+    def recv_tensor_dict(self, src: int | None = None, timeout: float | None = None, **kwargs: Any) -> TensorDict:
+        _, handles, postprocess = self.irecv_tensor_dict(src, **kwargs)
+        for h in handles:
+            h.wait(timeout)
+        return postprocess()
+
+    def poll(self, src: int | None = None, channel: Channel = Channel.PROXY) -> bool:
+        """True when the next unclaimed message from `src` on `channel` has its header here."""
+        inbox = self._inbox(self.prev_rank if src is None else src, channel)
+        inbox.progress()
+        return inbox.frames[0].is_completed()
+
+    # ---- objects --------------------------------------------------------------------------------
+    def send_object(self, obj: Any, dst: int | None = None, channel: Channel = Channel.OBJECT) -> None:
+        dst = self.next_rank if dst is None else dst
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        for w in self._post_header(dst, channel, MessageKind.OBJECT, payload):
+            w.wait()
+
+    def recv_object(self, src: int | None = None, channel: Channel = Channel.OBJECT, timeout: float | None = None) -> Any:
+        src = self.prev_rank if src is None else src
+        inbox = self._inbox(src, channel)
+        incoming = inbox.claim(None, None)
+        inbox.resolve_through(incoming, timeout)
+        if incoming.kind != MessageKind.OBJECT:
+            raise TypeError(f"rank {self.ranks[src]} sent a tensor dict on channel {channel.name}, not an object")
+        return incoming.obj
+
+    # ---- collectives used by TP layers and postprocess ----------------------------------------------
+    def _collective_group(self, tensor: torch.Tensor) -> Any:
+        return self.cpu_group if tensor.device.type == "cpu" else self.device_group()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self._collective_group(tensor))
+        return tensor
+
+    def all_gather_rows(self, full: torch.Tensor) -> None:
+        """In place: row r of `full.view(world, -1)` holds this rank's part; fill in the others."""
+        rows = full.view(self.world_size, -1)
+        mine = rows[self.rank_in_group].clone()
+        dist.all_gather(list(rows.unbind(0)), mine, group=self._collective_group(full))
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenates every rank's `tensor` along `dim`."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self._collective_group(tensor))
+        return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.cpu_group)

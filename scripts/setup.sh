@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs pipeserve and what it needs. `bash scripts/setup.sh` for serving, `bash scripts/setup.sh test`
+# for serving plus the test tools. Takes the light CPU build of torch on machines without an NVIDIA GPU
+# and leaves an already installed torch (a CUDA build, say) alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        "$PY" -m pip install -q torch
+    else
+        "$PY" -m pip install -q torch==2.13.0
+    fi
+fi
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+"$PY" -m pip install -q -e ".${extra}"
