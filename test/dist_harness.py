@@ -5,16 +5,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeserve.utils import free_port
 
 
 def _child(fn: Callable, rank: int, pp: int, tp: int, port: int, args: tuple, out: Any) -> None:
@@ -24,7 +19,9 @@ def _child(fn: Callable, rank: int, pp: int, tp: int, port: int, args: tuple, ou
 
     torch.set_num_threads(1)
     try:
-        init_distributed(DistConfig(pp_size=pp, tp_size=tp, rank=rank, init_method=f"tcp://127.0.0.1:{port}"))
+        init_distributed(
+            DistConfig(pp_size=pp, tp_size=tp, rank=rank, init_method=f"tcp://127.0.0.1:{port}")
+        )
         result = fn(rank, *args)
         out.put((rank, "ok", result))
         destroy_distributed()
@@ -34,14 +31,22 @@ def _child(fn: Callable, rank: int, pp: int, tp: int, port: int, args: tuple, ou
 
 
 def run_ranks(
-    fn: Callable, pp: int = 2, tp: int = 1, args: tuple = (), timeout: float = 60.0, may_die: frozenset[int] = frozenset()
+    fn: Callable,
+    pp: int = 2,
+    tp: int = 1,
+    args: tuple = (),
+    timeout: float = 60.0,
+    may_die: frozenset[int] = frozenset(),
 ) -> dict[int, Any]:
     """Returns {rank: fn's result}. Fails on any rank's exception or a timeout; ranks in `may_die`
     may exit without reporting."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, pp, tp, port, args, out), daemon=True) for r in range(pp * tp)]
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, pp, tp, port, args, out), daemon=True)
+        for r in range(pp * tp)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -52,7 +57,9 @@ def run_ranks(
             try:
                 rank, status, value = out.get(timeout=timeout)
             except queue.Empty:
-                raise AssertionError(f"ranks timed out after {timeout}s; reported: {sorted(results)}") from None
+                raise AssertionError(
+                    f"ranks timed out after {timeout}s; reported: {sorted(results)}"
+                ) from None
             if status == "ok":
                 results[rank] = value
             else:

@@ -7,10 +7,9 @@ import time
 
 import pytest
 import torch
-from dist_harness import run_ranks
 
+from dist_harness import run_ranks
 from pipeserve.distributed import Channel, P2PError, P2PTimeoutError, get_pp_group, get_tp_group
-from pipeserve.distributed.wire import FRAME_BYTES
 
 PLAIN = {
     "name": "batch-7",
@@ -50,7 +49,11 @@ def assert_bit_exact(got: dict, want: dict) -> None:
             assert g.dtype == v.dtype and g.shape == v.shape, k
             assert g.is_contiguous()
             if v.dtype.is_floating_point:
-                bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+                bits = {
+                    torch.float32: torch.int32,
+                    torch.float16: torch.int16,
+                    torch.bfloat16: torch.int16,
+                }
                 assert torch.equal(g.view(bits[v.dtype]), v.contiguous().view(bits[v.dtype])), k
             else:
                 assert torch.equal(g, v), k
@@ -82,7 +85,7 @@ def _several_posted(rank: int) -> bool:
             w.wait()
         return True
     posted = [pp.irecv_tensor_dict() for _ in msgs]  # four messages claimed before any wait
-    for tensor_dict, handles, postprocess in reversed(posted):
+    for _, handles, postprocess in reversed(posted):
         for h in handles:
             h.wait()
         postprocess()
@@ -97,7 +100,13 @@ def test_receiver_posts_several_messages_before_waiting():
 
 def _interleaved(rank: int) -> bool:
     pp = get_pp_group()
-    order = [(Channel.TOKENS, 0), (Channel.PROXY, 0), (Channel.TOKENS, 1), (Channel.PROXY, 1), (Channel.PROXY, 2)]
+    order = [
+        (Channel.TOKENS, 0),
+        (Channel.PROXY, 0),
+        (Channel.TOKENS, 1),
+        (Channel.PROXY, 1),
+        (Channel.PROXY, 2),
+    ]
     if rank == 0:
         works = []
         for ch, i in order:
@@ -133,10 +142,16 @@ def _tp_split(rank: int) -> dict:
     }
     opt_out = {"positions": False}
     if pp.is_first_rank:
-        pp.send_tensor_dict(payload, all_gather_group=tp, all_gather_tensors=opt_out, channel=Channel.PROXY)
-        pp.send_tensor_dict(payload, all_gather_tensors=opt_out, channel=Channel.TOKENS)  # no TP group
+        pp.send_tensor_dict(
+            payload, all_gather_group=tp, all_gather_tensors=opt_out, channel=Channel.PROXY
+        )
+        pp.send_tensor_dict(
+            payload, all_gather_tensors=opt_out, channel=Channel.TOKENS
+        )  # no TP group
         return {"sent": dict(pp.stats.sent)}
-    split = pp.recv_tensor_dict(all_gather_group=tp, all_gather_tensors=opt_out, channel=Channel.PROXY)
+    split = pp.recv_tensor_dict(
+        all_gather_group=tp, all_gather_tensors=opt_out, channel=Channel.PROXY
+    )
     whole = pp.recv_tensor_dict(all_gather_tensors=opt_out, channel=Channel.TOKENS)
     assert_bit_exact(split, payload)
     assert_bit_exact(whole, payload)
@@ -147,8 +162,8 @@ def test_tp_split_send_pp2_tp2():
     res = run_ranks(_tp_split, pp=2, tp=2)
     for sender, receiver in ((0, 2), (1, 3)):
         sent = res[sender]["sent"]
-        split_bytes = sent[(receiver, "PROXY")] - FRAME_BYTES
-        whole_bytes = sent[(receiver, "TOKENS")] - FRAME_BYTES
+        split_bytes = sent[(receiver, "PROXY")]
+        whole_bytes = sent[(receiver, "TOKENS")]
         hidden, odd, positions = 16 * 32 * 4, 15 * 4, 24 * 8
         assert whole_bytes == hidden + odd + positions
         # Only the splittable tensor shrinks, by exactly tp; the odd and the opted-out ones go whole.
@@ -161,10 +176,10 @@ def _big_split(rank: int) -> int:
     x = torch.arange(4096 * 64, dtype=torch.float32).view(4096, 64)
     if pp.is_first_rank:
         pp.send_tensor_dict({"hidden_states": x}, all_gather_group=tp)
-        return pp.stats.total_sent(Channel.PROXY) - FRAME_BYTES
+        return pp.stats.total_sent(Channel.PROXY)
     d = pp.recv_tensor_dict(all_gather_group=tp)
     assert torch.equal(d["hidden_states"], x)
-    return pp.stats.total_received(Channel.PROXY) - FRAME_BYTES
+    return pp.stats.total_received(Channel.PROXY)
 
 
 def test_tp_split_bytes_drop_by_tp_factor():
@@ -213,7 +228,12 @@ def test_silent_peer_times_out_naming_peer_and_channel():
 def _unsendable(rank: int) -> bool:
     pp = get_pp_group()
     if rank == 0:
-        for bad in ({"obj": object()}, {"x": torch.ones(2), "fn": print}, {"t": torch.ones(2, dtype=torch.complex64)}, {3: 1}):
+        for bad in (
+            {"obj": object()},
+            {"x": torch.ones(2), "fn": print},
+            {"t": torch.ones(2, dtype=torch.complex64)},
+            {3: 1},
+        ):
             with pytest.raises(TypeError):
                 pp.isend_tensor_dict(bad)
         assert pp.stats.total_sent() == 0  # nothing reached the wire
@@ -249,7 +269,7 @@ def test_header_larger_than_a_frame_and_objects():
 def _garbage_header(rank: int) -> str:
     pp = get_pp_group()
     if rank == 0:
-        junk = torch.full((FRAME_BYTES,), 7, dtype=torch.uint8)
+        junk = torch.full((64,), 7, dtype=torch.uint8)
         pp.post_send(junk, 1, Channel.PROXY, Channel.PROXY.header_tag, "junk", cpu=True).wait()
         return "sent"
     with pytest.raises(P2PError) as info:

@@ -14,17 +14,23 @@ import torch.distributed as dist
 
 from pipeserve.distributed.inbox import Inbox, MessageWork, make_postprocess
 from pipeserve.distributed.wire import (
+    FRAME_BYTES,
     Channel,
     HeaderEntry,
     MessageKind,
+    TensorMeta,
+    align,
     check_plain,
     encode_entries,
+    inline_fits,
     pack_frame,
     tensor_meta,
 )
 from pipeserve.distributed.work import Endpoint, P2PWork
 
 DEFAULT_P2P_TIMEOUT_S = float(os.environ.get("PIPESERVE_P2P_TIMEOUT", "60"))
+DEFAULT_HEADER_TIMEOUT_S = 24 * 3600.0
+INLINE_BUDGET = FRAME_BYTES // 2  # tensor bytes a frame may carry; the rest is left for the header
 
 TensorDict = dict[str, Any]
 Postprocess = Callable[[], TensorDict]
@@ -32,16 +38,28 @@ Postprocess = Callable[[], TensorDict]
 
 @dataclass
 class TransferStats:
-    """Bytes put on / taken off the wire, per (peer global rank, channel name)."""
+    """Bytes moved, per (peer global rank, channel name): tensor payload (inline or not, one TP row
+    when split) and header bytes (frame prefix, header and tail) apart."""
 
     sent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     received: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
+    header_sent: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
+    header_received: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
 
     def total_sent(self, channel: Channel | None = None) -> int:
         return sum(v for (_, ch), v in self.sent.items() if channel is None or ch == channel.name)
 
     def total_received(self, channel: Channel | None = None) -> int:
-        return sum(v for (_, ch), v in self.received.items() if channel is None or ch == channel.name)
+        return sum(
+            v for (_, ch), v in self.received.items() if channel is None or ch == channel.name
+        )
+
+
+@dataclass
+class SendPlan:
+    entries: list[HeaderEntry]
+    inline: list[torch.Tensor]  # flat CPU tensors carried in the frame, in entry order
+    out_of_line: list[tuple[str, torch.Tensor]]  # (key, flat tensor) sent after the frame, in order
 
 
 class GroupCoordinator:
@@ -59,6 +77,7 @@ class GroupCoordinator:
         device: torch.device,
         name: str,
         timeout_s: float = DEFAULT_P2P_TIMEOUT_S,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     ) -> None:
         self.ranks = list(ranks)
         self.rank = dist.get_rank()
@@ -68,10 +87,14 @@ class GroupCoordinator:
         self.device_groups = device_groups or {}
         self.device = device
         self.name = name
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # default bound of every consumer wait
+        self.header_timeout_s = (
+            header_timeout_s  # receiver threads' bound while a claim is outstanding
+        )
         self.stats = TransferStats()
         self._inboxes: dict[tuple[int, Channel], Inbox] = {}
         self._send_seq: dict[tuple[int, Channel], int] = defaultdict(int)
+        self._sync_recv_seq: dict[tuple[int, Channel], int] = defaultdict(int)
 
     # ---- topology -------------------------------------------------------------------------------
     @property
@@ -98,19 +121,22 @@ class GroupCoordinator:
     def _group_for(self, channel: Channel, cpu: bool) -> Any:
         return self.cpu_group if cpu else self.device_group(channel)
 
-    def post_send(self, tensor: torch.Tensor, dst: int, channel: Channel, tag: int, what: str, cpu: bool) -> P2PWork:
+    def post_send(
+        self, tensor: torch.Tensor, dst: int, channel: Channel, tag: int, what: str, cpu: bool
+    ) -> P2PWork:
         peer = self.ranks[dst]
         if tensor.is_cuda:
             tensor.record_stream(torch.cuda.current_stream(tensor.device))
         work = dist.isend(tensor, peer, group=self._group_for(channel, cpu), tag=tag)
-        handle = P2PWork(work, tensor, Endpoint(peer, channel, what, "send"), self.timeout_s)
-        self.stats.sent[(peer, channel.name)] += handle.nbytes
-        return handle
+        return P2PWork(work, tensor, Endpoint(peer, channel, what, "send"), self.timeout_s)
 
-    def count_received(self, src: int, channel: Channel, nbytes: int) -> None:
-        self.stats.received[(self.ranks[src], channel.name)] += nbytes
+    def count_received(self, src: int, channel: Channel, nbytes: int, header: bool = False) -> None:
+        table = self.stats.header_received if header else self.stats.received
+        table[(self.ranks[src], channel.name)] += nbytes
 
-    def post_recv(self, tensor: torch.Tensor, src: int, channel: Channel, tag: int, what: str, cpu: bool) -> P2PWork:
+    def post_recv(
+        self, tensor: torch.Tensor, src: int, channel: Channel, tag: int, what: str, cpu: bool
+    ) -> P2PWork:
         peer = self.ranks[src]
         work = dist.irecv(tensor, peer, group=self._group_for(channel, cpu), tag=tag)
         return P2PWork(work, tensor, Endpoint(peer, channel, what, "receive"), self.timeout_s)
@@ -120,12 +146,31 @@ class GroupCoordinator:
         self._send_seq[(dst, channel)] = seq + 1
         return seq
 
-    def _post_header(self, dst: int, channel: Channel, kind: MessageKind, payload: bytes) -> list[P2PWork]:
-        frame, tail = pack_frame(channel, kind, self._next_seq(dst, channel), payload)
+    def post_header(
+        self,
+        dst: int,
+        channel: Channel,
+        kind: MessageKind,
+        header: bytes,
+        inline: list[torch.Tensor] = (),
+    ) -> list[P2PWork]:
+        frame, tail = pack_frame(channel, kind, self._next_seq(dst, channel), header, list(inline))
         works = [self.post_send(frame, dst, channel, channel.header_tag, "header", cpu=True)]
         if tail is not None:
-            works.append(self.post_send(tail, dst, channel, channel.data_tag, "header tail", cpu=True))
+            works.append(
+                self.post_send(tail, dst, channel, channel.data_tag, "header tail", cpu=True)
+            )
+        inline_bytes = sum(t.numel() * t.element_size() for t in inline)
+        key = (self.ranks[dst], channel.name)
+        self.stats.header_sent[key] += sum(w.nbytes for w in works) - inline_bytes
+        self.stats.sent[key] += inline_bytes
         return works
+
+    def next_sync_recv_seq(self, src: int, channel: Channel) -> int:
+        """Sequence numbers of the synchronous baseline's receives (it bypasses the inboxes)."""
+        seq = self._sync_recv_seq[(src, channel)]
+        self._sync_recv_seq[(src, channel)] = seq + 1
+        return seq
 
     def _inbox(self, src: int, channel: Channel) -> Inbox:
         key = (src, channel)
@@ -135,7 +180,9 @@ class GroupCoordinator:
 
     # ---- tensor dicts ---------------------------------------------------------------------------
     @staticmethod
-    def should_split(key: str, numel: int, group: GroupCoordinator | None, keys: dict[str, bool] | None) -> bool:
+    def should_split(
+        key: str, numel: int, group: GroupCoordinator | None, keys: dict[str, bool] | None
+    ) -> bool:
         """Both sides decide from shape and group size alone, so they always agree."""
         if group is None or group.world_size == 1 or numel == 0 or numel % group.world_size:
             return False
@@ -151,34 +198,59 @@ class GroupCoordinator:
     ) -> list[P2PWork]:
         """Posts the header and every tensor; waits on nothing. Validates before anything is sent."""
         dst = self.next_rank if dst is None else dst
-        entries, sends = self._plan_send(tensor_dict, all_gather_group, all_gather_tensors)
-        works = self._post_header(dst, channel, MessageKind.TENSOR_DICT, encode_entries(entries))
-        for key, tensor in sends:
-            works.append(self.post_send(tensor, dst, channel, channel.data_tag, f"tensor {key!r}", cpu=not tensor.is_cuda))
+        plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors)
+        works = self.post_header(
+            dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries), plan.inline
+        )
+        for key, flat in plan.out_of_line:
+            works.append(
+                self.post_send(
+                    flat, dst, channel, channel.data_tag, f"tensor {key!r}", cpu=not flat.is_cuda
+                )
+            )
+            self.stats.sent[(self.ranks[dst], channel.name)] += works[-1].nbytes
         return works
 
-    def _plan_send(
-        self, tensor_dict: TensorDict, group: GroupCoordinator | None, keys: dict[str, bool] | None
-    ) -> tuple[list[HeaderEntry], list[tuple[str, torch.Tensor]]]:
-        entries: list[HeaderEntry] = []
-        sends: list[tuple[str, torch.Tensor]] = []
+    def plan_send(
+        self,
+        tensor_dict: TensorDict,
+        group: GroupCoordinator | None,
+        keys: dict[str, bool] | None,
+        inline: bool = True,
+    ) -> SendPlan:
+        """Validates the dict and decides, per tensor, TP split and inline; raises TypeError first."""
+        rows: list[tuple[str, Any, TensorMeta | None, bool, torch.Tensor | None]] = []
         for key, value in tensor_dict.items():
             if not isinstance(key, str):
                 raise TypeError(f"tensor dict keys must be str, got {type(key).__name__}")
             if not isinstance(value, torch.Tensor):
                 check_plain(key, value)
-                entries.append(HeaderEntry(key, None, value=value))
+                rows.append((key, value, None, False, None))
                 continue
             meta = tensor_meta(key, value)
             split = self.should_split(key, meta.numel, group, keys)
-            entries.append(HeaderEntry(key, meta, split=split))
-            if meta.numel == 0:
-                continue
-            flat = value.contiguous().view(-1)
+            flat = value.contiguous().view(-1) if meta.numel else None
             if split:
                 flat = flat.view(group.world_size, -1)[group.rank_in_group]
-            sends.append((key, flat))
-        return entries, sends
+            rows.append((key, None, meta, split, flat))
+        plan = SendPlan([], [], [])
+        budget = INLINE_BUDGET if inline else 0
+        for key, value, meta, split, flat in rows:
+            nbytes = 0 if flat is None else flat.numel() * flat.element_size()
+            as_inline = flat is not None and not flat.is_cuda and align(nbytes) <= budget
+            if as_inline:
+                budget -= align(nbytes)
+                plan.inline.append(flat)
+            elif flat is not None:
+                plan.out_of_line.append((key, flat))
+            plan.entries.append(HeaderEntry(key, meta, split=split, inline=as_inline, value=value))
+        if (
+            inline
+            and plan.inline
+            and not inline_fits(len(encode_entries(plan.entries)), INLINE_BUDGET - budget)
+        ):
+            return self.plan_send(tensor_dict, group, keys, inline=False)
+        return plan
 
     def irecv_tensor_dict(
         self,
@@ -198,36 +270,43 @@ class GroupCoordinator:
         handles: list[Any] = [MessageWork(inbox, incoming)]
         return incoming.tensor_dict, handles, make_postprocess(incoming)
 
-    def send_tensor_dict(self, tensor_dict: TensorDict, dst: int | None = None, **kwargs: Any) -> None:
+    def send_tensor_dict(
+        self, tensor_dict: TensorDict, dst: int | None = None, **kwargs: Any
+    ) -> None:
         for w in self.isend_tensor_dict(tensor_dict, dst, **kwargs):
             w.wait()
 
-    def recv_tensor_dict(self, src: int | None = None, timeout: float | None = None, **kwargs: Any) -> TensorDict:
+    def recv_tensor_dict(
+        self, src: int | None = None, timeout: float | None = None, **kwargs: Any
+    ) -> TensorDict:
         _, handles, postprocess = self.irecv_tensor_dict(src, **kwargs)
         for h in handles:
             h.wait(timeout)
         return postprocess()
 
-    def poll(self, src: int | None = None, channel: Channel = Channel.PROXY) -> bool:
-        """True when the next unclaimed message from `src` on `channel` has its header here."""
-        inbox = self._inbox(self.prev_rank if src is None else src, channel)
-        inbox.progress()
-        return inbox.frames[0].is_completed()
-
     # ---- objects --------------------------------------------------------------------------------
-    def send_object(self, obj: Any, dst: int | None = None, channel: Channel = Channel.OBJECT) -> None:
+    def send_object(
+        self, obj: Any, dst: int | None = None, channel: Channel = Channel.OBJECT
+    ) -> None:
         dst = self.next_rank if dst is None else dst
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        for w in self._post_header(dst, channel, MessageKind.OBJECT, payload):
+        for w in self.post_header(dst, channel, MessageKind.OBJECT, payload):
             w.wait()
 
-    def recv_object(self, src: int | None = None, channel: Channel = Channel.OBJECT, timeout: float | None = None) -> Any:
+    def recv_object(
+        self,
+        src: int | None = None,
+        channel: Channel = Channel.OBJECT,
+        timeout: float | None = None,
+    ) -> Any:
         src = self.prev_rank if src is None else src
         inbox = self._inbox(src, channel)
         incoming = inbox.claim(None, None)
-        inbox.resolve_through(incoming, timeout)
+        MessageWork(inbox, incoming).wait(timeout)
         if incoming.kind != MessageKind.OBJECT:
-            raise TypeError(f"rank {self.ranks[src]} sent a tensor dict on channel {channel.name}, not an object")
+            raise TypeError(
+                f"rank {self.ranks[src]} sent a tensor dict on channel {channel.name}, not an object"
+            )
         return incoming.obj
 
     # ---- collectives used by TP layers and postprocess ----------------------------------------------

@@ -44,7 +44,9 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         if self.pp_size < 1 or self.tp_size < 1:
-            raise ValueError(f"pp_size and tp_size must be >= 1, got {self.pp_size} and {self.tp_size}")
+            raise ValueError(
+                f"pp_size and tp_size must be >= 1, got {self.pp_size} and {self.tp_size}"
+            )
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
         if self.device not in ("cpu", "cuda"):
@@ -77,7 +79,9 @@ def _make_coordinator(
         cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
         device_groups = {}
         if cfg.device == "cuda":
-            device_groups = {ch: dist.new_group(ranks, backend="nccl", timeout=timeout) for ch in channels}
+            device_groups = {
+                ch: dist.new_group(ranks, backend="nccl", timeout=timeout) for ch in channels
+            }
         if cfg.rank in ranks:
             mine = GroupCoordinator(ranks, cpu_group, device_groups, device, name, cfg.timeout_s)
     assert mine is not None
@@ -115,7 +119,9 @@ def init_distributed(cfg: DistConfig) -> ParallelState:
 
 def _state() -> ParallelState:
     if _STATE is None:
-        raise RuntimeError("pipeserve.distributed is not initialised: call init_distributed() first")
+        raise RuntimeError(
+            "pipeserve.distributed is not initialised: call init_distributed() first"
+        )
     return _STATE
 
 

@@ -1,7 +1,11 @@
 """Wire format of the tensor-dict protocol: channels, header frames and the header codec.
 
-A message is one fixed-size header frame on the channel's header tag, then (on the data tag) an
-optional header tail when the encoded header did not fit, then every non-empty tensor in dict order.
+A message is one header frame on the channel's header tag, then, on the data tag, a header tail when
+the encoded header did not fit in a frame, then every non-empty tensor that is not inline, in dict
+order. The receiver keeps frame buffers of `FRAME_BYTES` posted ahead; a sender sends only the bytes
+it needs (gloo fills a larger posted buffer with a shorter message). Small CPU tensors ride inline in
+the frame, 8-byte aligned after the header, so a small message is a single transfer that lands in a
+buffer posted before it was sent.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from typing import Any
 
 import torch
 
-FRAME_BYTES = 2048
-_FRAME_PREFIX = struct.Struct("<4sHHQI")  # magic, channel, kind, seq, payload length
-FRAME_CAPACITY = FRAME_BYTES - _FRAME_PREFIX.size
-_MAGIC = b"PSH1"
+FRAME_BYTES = 256 * 1024  # capacity of a posted header frame
+_FRAME_PREFIX = struct.Struct("<4sHHQII")  # magic, channel, kind, seq, header length, inline bytes
+FRAME_CAPACITY = FRAME_BYTES - _FRAME_PREFIX.size  # header bytes that fit without a tail
+_MAGIC = b"PSH2"
+_ALIGN = 8
+
+
+def align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 class Channel(enum.IntEnum):
@@ -87,7 +96,8 @@ class HeaderEntry:
 
     key: str
     meta: TensorMeta | None
-    split: bool = False
+    split: bool = False  # only row `tp_rank` of `flat.view(tp, -1)` travels
+    inline: bool = False  # the bytes ride in the header frame
     value: Any = None
 
 
@@ -118,7 +128,9 @@ def encode_entries(entries: list[HeaderEntry]) -> bytes:
             rows.append(("v", e.key, e.value))
         else:
             m = e.meta
-            rows.append(("t", e.key, m.device_type, _DTYPE_NAMES[m.dtype], m.shape, e.split))
+            rows.append(
+                ("t", e.key, m.device_type, _DTYPE_NAMES[m.dtype], m.shape, e.split, e.inline)
+            )
     return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -136,9 +148,9 @@ def decode_entries(payload: bytes) -> list[HeaderEntry]:
         if row[0] == "v":
             entries.append(HeaderEntry(key=row[1], meta=None, value=row[2]))
         elif row[0] == "t":
-            _, key, device_type, dtype_name, shape, split = row
+            _, key, device_type, dtype_name, shape, split, inline = row
             meta = TensorMeta(device_type, SUPPORTED_DTYPES[dtype_name], tuple(shape))
-            entries.append(HeaderEntry(key=key, meta=meta, split=split))
+            entries.append(HeaderEntry(key=key, meta=meta, split=split, inline=inline))
         else:
             raise ProtocolError(f"unknown header row kind {row[0]!r}")
     return entries
@@ -149,31 +161,60 @@ class Frame:
     channel: int
     kind: MessageKind
     seq: int
-    payload_len: int
-    head: bytes  # the first min(payload_len, FRAME_CAPACITY) bytes of the payload
+    header_len: int
+    inline_len: int
+    head: bytes  # the first min(header_len, FRAME_CAPACITY) bytes of the header
 
     @property
     def tail_len(self) -> int:
-        return max(0, self.payload_len - FRAME_CAPACITY)
+        return max(0, self.header_len - FRAME_CAPACITY)
+
+    @property
+    def inline_offset(self) -> int:
+        return align(_FRAME_PREFIX.size + self.header_len)
 
 
-def pack_frame(channel: Channel, kind: MessageKind, seq: int, payload: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns the fixed-size frame and, when the payload overflows it, the tail to send after."""
-    frame = bytearray(FRAME_BYTES)
-    _FRAME_PREFIX.pack_into(frame, 0, _MAGIC, int(channel), int(kind), seq, len(payload))
-    head = payload[:FRAME_CAPACITY]
-    frame[_FRAME_PREFIX.size : _FRAME_PREFIX.size + len(head)] = head
-    frame_t = torch.frombuffer(frame, dtype=torch.uint8)
-    tail = payload[FRAME_CAPACITY:]
-    tail_t = torch.frombuffer(bytearray(tail), dtype=torch.uint8) if tail else None
-    return frame_t, tail_t
+def inline_fits(header_len: int, inline_len: int) -> bool:
+    return inline_len == 0 or align(_FRAME_PREFIX.size + header_len) + inline_len <= FRAME_BYTES
+
+
+def pack_frame(
+    channel: Channel, kind: MessageKind, seq: int, header: bytes, inline: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns the frame (exactly as long as needed) and, when the header overflows it, the tail.
+
+    `inline` tensors are contiguous CPU tensors that `inline_fits` has admitted.
+    """
+    inline_len = sum(align(t.numel() * t.element_size()) for t in inline)
+    head = header[:FRAME_CAPACITY]
+    size = (
+        align(_FRAME_PREFIX.size + len(head)) + inline_len
+        if inline
+        else _FRAME_PREFIX.size + len(head)
+    )
+    frame = torch.empty(size, dtype=torch.uint8)
+    raw = frame.numpy()
+    _FRAME_PREFIX.pack_into(raw, 0, _MAGIC, int(channel), int(kind), seq, len(header), inline_len)
+    raw[_FRAME_PREFIX.size : _FRAME_PREFIX.size + len(head)] = memoryview(head)
+    offset = align(_FRAME_PREFIX.size + len(header))
+    for t in inline:
+        n = t.numel() * t.element_size()
+        frame[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        offset += align(n)
+    tail = header[FRAME_CAPACITY:]
+    return frame, (torch.frombuffer(bytearray(tail), dtype=torch.uint8) if tail else None)
 
 
 def unpack_frame(frame: torch.Tensor) -> Frame:
-    raw = frame.numpy().tobytes()
-    magic, channel, kind, seq, length = _FRAME_PREFIX.unpack_from(raw, 0)
+    raw = frame.numpy()
+    magic, channel, kind, seq, header_len, inline_len = _FRAME_PREFIX.unpack_from(raw, 0)
     if magic != _MAGIC:
-        raise ProtocolError(f"bad header frame magic {magic!r}")
+        raise ProtocolError(f"bad header frame magic {bytes(magic)!r}")
     start = _FRAME_PREFIX.size
-    head = raw[start : start + min(length, FRAME_CAPACITY)]
-    return Frame(channel, MessageKind(kind), seq, length, head)
+    head = raw[start : start + min(header_len, FRAME_CAPACITY)].tobytes()
+    return Frame(channel, MessageKind(kind), seq, header_len, inline_len, head)
+
+
+def inline_view(frame: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor viewing `nbytes` of the frame at an aligned `offset` (no copy)."""
+    return frame[offset : offset + nbytes].view(dtype)

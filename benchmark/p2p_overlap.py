@@ -1,0 +1,280 @@
+"""P2P overlap microbenchmark: the synchronous baseline against the asynchronous tensor-dict path.
+
+Two ranks (gloo on CPU; NCCL when two GPUs are present). Rank 0 sends a PP proxy dict
+(`hidden_states`, `residual`, each [tokens, hidden]); rank 1 overlaps a calibrated matmul loop with
+the transfer. Per size and dtype, medians over the timed iterations of:
+  comm     receive alone (irecv_tensor_dict + wait)
+  compute  the matmul loop alone
+  sync     receive tensor by tensor (SGLang 0.5.x style), then compute
+  async    irecv_tensor_dict posted, compute, then wait
+overlap_efficiency = max(comm, compute) / async and speedup = sync / async. A second table gives the
+layer's per-message overhead over raw torch.distributed isend/irecv of the same tensors (ping-pong).
+
+    python benchmark/p2p_overlap.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeserve.distributed import (
+    Channel,
+    DistConfig,
+    get_pp_group,
+    get_world_group,
+    init_distributed,
+)
+from pipeserve.distributed.sync_baseline import recv_tensor_dict_sync, send_tensor_dict_sync
+from pipeserve.utils import free_port
+
+FULL_SIZES = [(64, 1024), (256, 2048), (1024, 4096), (2048, 8192), (4096, 8192)]
+QUICK_SIZES = [(64, 1024), (256, 2048), (1024, 4096)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+RAW_TAG = 1000
+SYNC_CHANNEL = Channel.CONTROL  # the baseline never shares a channel with the asynchronous inbox
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Compute:
+    """A matmul loop whose length is calibrated to a target time."""
+
+    def __init__(self, device: torch.device) -> None:
+        n = 2048 if device.type == "cuda" else 256
+        self.a = torch.randn(n, n, device=device)
+        self.b = torch.randn(n, n, device=device)
+        self.device = device
+        self.iters = 1
+
+    def run(self) -> None:
+        c = self.a
+        for _ in range(self.iters):
+            c = torch.mm(self.a, self.b)
+        _sync(self.device)
+        del c
+
+    def calibrate(self, target_ms: float) -> None:
+        self.iters = 50
+        times = [_time(self.run) for _ in range(5)]
+        per_iter = statistics.median(times) / 50
+        self.iters = max(1, round(target_ms / per_iter))
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _payload(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> dict:
+    return {
+        "hidden_states": torch.randn(tokens, hidden, device=device).to(dtype),
+        "residual": torch.randn(tokens, hidden, device=device).to(dtype),
+    }
+
+
+def _recv_async(pp, device: torch.device) -> dict:
+    _, handles, post = pp.irecv_tensor_dict()
+    for h in handles:
+        h.wait()
+    out = post()
+    _sync(device)
+    return out
+
+
+def _measure(
+    mode: str, pp, world, payload: dict, compute: Compute, iters: int, warmup: int
+) -> float:
+    """Runs one mode on both ranks; returns rank 1's median milliseconds."""
+    device = pp.device
+    times = []
+    for i in range(warmup + iters):
+        world.barrier()
+        if pp.rank_in_group == 0:
+            if mode == "sync":
+                send_tensor_dict_sync(pp, payload, channel=SYNC_CHANNEL)
+            elif mode != "compute":
+                pp.send_tensor_dict(payload)
+            continue
+        start = time.perf_counter()
+        if mode == "comm":
+            _recv_async(pp, device)
+        elif mode == "compute":
+            compute.run()
+        elif mode == "sync":
+            recv_tensor_dict_sync(pp, channel=SYNC_CHANNEL)
+            _sync(device)
+            compute.run()
+        else:
+            _, handles, post = pp.irecv_tensor_dict()
+            compute.run()
+            for h in handles:
+                h.wait()
+            post()
+            _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times) if times else 0.0
+
+
+def _overhead(pp, world, payload: dict, iters: int) -> tuple[float, float]:
+    """Ping-pong of the same two tensors: (raw, layer) median one-way milliseconds."""
+    peer = pp.ranks[1 - pp.rank_in_group]
+    bufs = [torch.empty_like(t) for t in payload.values()]
+    raw, layer = [], []
+    for i in range(iters + 5):
+        world.barrier()
+        start = time.perf_counter()
+        for step in range(2):
+            if (pp.rank_in_group == 0) == (step == 0):
+                works = [
+                    dist.isend(t, peer, group=pp.cpu_group, tag=RAW_TAG) for t in payload.values()
+                ]
+            else:
+                works = [dist.irecv(b, peer, group=pp.cpu_group, tag=RAW_TAG) for b in bufs]
+            for w in works:
+                w.wait()
+        mid = time.perf_counter()
+        for step in range(2):
+            if (pp.rank_in_group == 0) == (step == 0):
+                pp.send_tensor_dict(payload, dst=1 - pp.rank_in_group)
+            else:
+                pp.recv_tensor_dict(src=1 - pp.rank_in_group)
+        end = time.perf_counter()
+        if i >= 5:
+            raw.append((mid - start) * 1e3 / 2)
+            layer.append((end - mid) * 1e3 / 2)
+    return statistics.median(raw), statistics.median(layer)
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    use_cuda = torch.cuda.device_count() >= 2 and not args.cpu
+    torch.set_num_threads(args.threads)
+    init_distributed(
+        DistConfig(
+            pp_size=2,
+            rank=rank,
+            init_method=f"tcp://127.0.0.1:{port}",
+            device="cuda" if use_cuda else "cpu",
+            local_rank=rank,
+        )
+    )
+    pp, world = get_pp_group(), get_world_group()
+    device = pp.device
+    compute = Compute(device)
+    rows, overhead_rows = [], []
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    for dtype_name, dtype in DTYPES.items():
+        for tokens, hidden in sizes:
+            payload = _payload(tokens, hidden, dtype, device)
+            comm = _measure("comm", pp, world, payload, compute, args.iters, args.warmup)
+            comm = world.broadcast_object(comm, src=1)
+            compute.calibrate(comm * args.compute_ratio)
+            res = {
+                m: _measure(m, pp, world, payload, compute, args.iters, args.warmup)
+                for m in ("compute", "sync", "async")
+            }
+            res["comm"] = comm
+            if rank == 1:
+                rows.append(_row(dtype_name, tokens, hidden, res, args.compute_ratio))
+                _print_row(rows[-1])
+    if device.type == "cpu":
+        for tokens, hidden in ((1, 1024), (16, 1024), (256, 4096)):
+            raw, layer = _overhead(
+                pp, world, _payload(tokens, hidden, torch.bfloat16, device), args.overhead_iters
+            )
+            overhead_rows.append(
+                {
+                    "tokens": tokens,
+                    "hidden": hidden,
+                    "raw_ms": raw,
+                    "layer_ms": layer,
+                    "overhead_ms": layer - raw,
+                }
+            )
+    if rank == 1:
+        with open(out_path, "w") as f:
+            json.dump({"rows": rows, "overhead": overhead_rows, "device": str(device)}, f)
+    world.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _row(dtype: str, tokens: int, hidden: int, res: dict, ratio: float) -> dict:
+    return {
+        "dtype": dtype,
+        "tokens": tokens,
+        "hidden": hidden,
+        "compute_ratio": ratio,
+        "comm_ms": res["comm"],
+        "compute_ms": res["compute"],
+        "sync_ms": res["sync"],
+        "async_ms": res["async"],
+        "overlap_efficiency": max(res["comm"], res["compute"]) / res["async"],
+        "speedup": res["sync"] / res["async"],
+    }
+
+
+def _print_row(r: dict) -> None:
+    print(
+        f"{r['dtype']:>5} {r['tokens']:>6}x{r['hidden']:<6} {r['comm_ms']:>9.3f} {r['compute_ms']:>10.3f} "
+        f"{r['sync_ms']:>9.3f} {r['async_ms']:>9.3f} {r['overlap_efficiency']:>8.3f} {r['speedup']:>8.3f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a subset that runs in under a minute on 2 cores"
+    )
+    parser.add_argument("--json", default=None, help="write the rows to this path")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per mode (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--overhead-iters", type=int, default=200)
+    parser.add_argument("--compute-ratio", type=float, default=1.0, help="compute time / comm time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU even when GPUs are present")
+    args = parser.parse_args()
+    out_path = args.json or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"p2p_overlap_{os.getpid()}.json"
+    )
+    print(
+        f"{'dtype':>5} {'size':>13} {'comm_ms':>9} {'compute_ms':>10} {'sync_ms':>9} {'async_ms':>9} {'overlap':>8} {'speedup':>8}"
+    )
+    mp.spawn(_worker, args=(free_port(), args, out_path), nprocs=2, join=True)
+    with open(out_path) as f:
+        result = json.load(f)
+    if result["overhead"]:
+        print(
+            f"\nper-message overhead over raw isend/irecv (2 bf16 tensors, one way, median of {args.overhead_iters})"
+        )
+        print(f"{'size':>13} {'raw_ms':>8} {'layer_ms':>9} {'overhead_ms':>12}")
+        for r in result["overhead"]:
+            print(
+                f"{r['tokens']:>6}x{r['hidden']:<6} {r['raw_ms']:>8.3f} {r['layer_ms']:>9.3f} {r['overhead_ms']:>12.3f}"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result["rows"], f, indent=1)
+        with open(args.json.removesuffix(".json") + "_overhead.json", "w") as f:
+            json.dump(result["overhead"], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
