@@ -195,10 +195,12 @@ class GroupCoordinator:
         all_gather_group: GroupCoordinator | None = None,
         all_gather_tensors: dict[str, bool] | None = None,
         channel: Channel = Channel.PROXY,
+        inline: bool = True,
     ) -> list[P2PWork]:
-        """Posts the header and every tensor; waits on nothing. Validates before anything is sent."""
+        """Posts the header and every tensor; waits on nothing. Validates before anything is sent.
+        `inline=False` sends every tensor separately (the synchronous baseline's wire)."""
         dst = self.next_rank if dst is None else dst
-        plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors)
+        plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors, inline)
         works = self.post_header(
             dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries), plan.inline
         )
@@ -313,9 +315,11 @@ class GroupCoordinator:
     def _collective_group(self, tensor: torch.Tensor) -> Any:
         return self.cpu_group if tensor.device.type == "cpu" else self.device_group()
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_reduce(
+        self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM
+    ) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(tensor, group=self._collective_group(tensor))
+            dist.all_reduce(tensor, op=op, group=self._collective_group(tensor))
         return tensor
 
     def all_gather_rows(self, full: torch.Tensor) -> None:

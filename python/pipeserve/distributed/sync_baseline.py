@@ -29,9 +29,11 @@ def send_tensor_dict_sync(
     for w in coord.post_header(dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries)):
         w.wait()
     for key, flat in plan.out_of_line:
-        coord.post_send(
+        work = coord.post_send(
             flat, dst, channel, channel.data_tag, f"tensor {key!r}", cpu=not flat.is_cuda
-        ).wait()
+        )
+        work.wait()
+        coord.stats.sent[(coord.ranks[dst], channel.name)] += work.nbytes
 
 
 def recv_tensor_dict_sync(

@@ -134,15 +134,20 @@ def encode_entries(entries: list[HeaderEntry]) -> bytes:
     return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class _PlainUnpickler(pickle.Unpickler):
+class PlainUnpickler(pickle.Unpickler):
     """Decodes only builtin containers and scalars: a header can never build an arbitrary object."""
 
     def find_class(self, module: str, name: str) -> Any:
         raise ProtocolError(f"header refers to {module}.{name}; only plain values are allowed")
 
 
+def loads_plain(data: bytes) -> Any:
+    """Unpickles builtin containers and scalars only."""
+    return PlainUnpickler(io.BytesIO(data)).load()
+
+
 def decode_entries(payload: bytes) -> list[HeaderEntry]:
-    rows = _PlainUnpickler(io.BytesIO(payload)).load()
+    rows = loads_plain(payload)
     entries = []
     for row in rows:
         if row[0] == "v":

@@ -1,0 +1,124 @@
+"""The engine's configuration: one frozen dataclass, "auto" values resolved before it is frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str = DEFAULT_MODEL_DIR
+    tokenizer_path: str | None = None  # None: the model directory
+    tp_size: int = 1
+    pp_size: int = 1
+    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    dtype: str = "auto"  # "float32", "bfloat16", "float16" or "auto" (checkpoint's; float32 on CPU)
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    max_running_requests: int = 256
+    max_total_tokens: int | None = None  # KV slots; None: sized from the memory budget
+    mem_fraction_static: float = 0.85  # CUDA: share of GPU memory for weights + KV cache
+    kv_cache_bytes: int = 2 << 30  # CPU: KV cache budget per rank
+    chunked_prefill_size: int = 1024  # tokens per microbatch (prefill chunks + decodes)
+    pp_async_batch_depth: int = 0  # microbatches in flight beyond pp_size
+    pp_max_micro_batch_size: int | None = None  # requests per microbatch; None: max_running // pp
+    pp_comm_mode: str = "async"  # "async", or "sync": the tensor-by-tensor baseline for benchmarks
+    pp_layer_partition: str | None = None  # "a,b,...": layers per stage
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # "host:port" of rank 0; None: a free port on 127.0.0.1
+    cpu_threads: int | None = None  # torch threads per rank on CPU; None: cores // local ranks
+    p2p_timeout_s: float = 60.0
+    keepalive_s: float = 5.0  # an idle pipeline sends an empty microbatch this often
+    log_level: str = "info"
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.pp_size + self.pp_async_batch_depth
+
+    @property
+    def micro_batch_cap(self) -> int:
+        if self.pp_max_micro_batch_size is not None:
+            return self.pp_max_micro_batch_size
+        return max(1, self.max_running_requests // self.pp_size)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_config(**kwargs: Any) -> EngineConfig:
+    """Builds an EngineConfig from keyword arguments, validating them and resolving every "auto"."""
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(EngineConfig)}
+    if unknown:
+        raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+    cfg = EngineConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "model_path"})
+    if cfg.model_path is None:
+        cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
+    _validate(cfg)
+    return cfg.replace(device=_resolve_device(cfg.device), dtype=_resolve_dtype(cfg))
+
+
+def _validate(cfg: EngineConfig) -> None:
+    checks = [
+        (cfg.tp_size >= 1, "tp_size must be >= 1"),
+        (cfg.pp_size >= 1, "pp_size must be >= 1"),
+        (cfg.max_running_requests >= 1, "max_running_requests must be >= 1"),
+        (cfg.chunked_prefill_size >= 1, "chunked_prefill_size must be >= 1"),
+        (cfg.pp_async_batch_depth >= 0, "pp_async_batch_depth must be >= 0"),
+        (
+            cfg.pp_max_micro_batch_size is None or cfg.pp_max_micro_batch_size >= 1,
+            "pp_max_micro_batch_size must be >= 1",
+        ),
+        (
+            cfg.pp_comm_mode in ("async", "sync"),
+            f"pp_comm_mode must be 'async' or 'sync', got {cfg.pp_comm_mode!r}",
+        ),
+        (
+            cfg.device in ("auto", "cpu", "cuda"),
+            f"device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}",
+        ),
+        (0.0 < cfg.mem_fraction_static < 1.0, "mem_fraction_static must be in (0, 1)"),
+        (cfg.nnodes >= 1 and 0 <= cfg.node_rank < cfg.nnodes, "node_rank must be in [0, nnodes)"),
+        (cfg.world_size % cfg.nnodes == 0, "tp_size * pp_size must be divisible by nnodes"),
+        (cfg.context_length is None or cfg.context_length >= 2, "context_length must be >= 2"),
+        (
+            cfg.max_total_tokens is None or cfg.max_total_tokens >= 2,
+            "max_total_tokens must be >= 2",
+        ),
+        (cfg.p2p_timeout_s > 0 and cfg.keepalive_s > 0, "timeouts must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if not os.path.isdir(cfg.model_path):
+        raise FileNotFoundError(f"model path {cfg.model_path!r} is not a directory")
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_dtype(cfg: EngineConfig) -> str:
+    from pipeserve.model.config import ModelConfig, parse_dtype
+
+    if cfg.dtype != "auto":
+        return str(parse_dtype(cfg.dtype)).removeprefix("torch.")
+    if _resolve_device(cfg.device) == "cpu":
+        return "float32"
+    return str(ModelConfig.from_dir(cfg.model_path).torch_dtype).removeprefix("torch.")

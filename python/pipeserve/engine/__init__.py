@@ -1,0 +1,1 @@
+"""The inference engine: requests, scheduling, KV cache, sampling, and the offline API."""

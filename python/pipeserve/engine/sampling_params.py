@@ -1,0 +1,173 @@
+"""Per-request sampling parameters with SGLang's names and defaults, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+_ALIASES = {"sampling_seed": "seed"}
+_INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n")
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
+_BOOL_FIELDS = (
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+)
+
+# (field, predicate, allowed range as written in the error message)
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("max_new_tokens", lambda v: v >= 0, ">= 0"),
+    ("temperature", lambda v: v >= 0, ">= 0 (0 means greedy)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("top_k", lambda v: v >= -1, "-1 or 0 (disabled) or >= 1"),
+    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("repetition_penalty", lambda v: v > 0, "> 0"),
+    ("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    ("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    ("n", lambda v: v >= 1, ">= 1"),
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops. `from_dict` is the entry point for user input."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in _FLOAT_FIELDS:  # ints are accepted for float fields; store floats
+            object.__setattr__(self, name, float(getattr(self, name)))
+        _check_ranges(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> SamplingParams:
+        """Build from a JSON-like mapping; `None` values mean "default"."""
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise ValueError(f"sampling params must be a mapping, got {type(d).__name__}")
+        _check_known_keys(d)
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            name = _ALIASES.get(key, key)
+            if value is None:
+                continue
+            if name in kwargs:
+                raise ValueError(f"{name} is given twice (directly and through an alias)")
+            kwargs[name] = value
+        if "stop" in kwargs:
+            kwargs["stop"] = _as_tuple("stop", kwargs["stop"], scalar_type=str)
+        if "stop_token_ids" in kwargs:
+            kwargs["stop_token_ids"] = _as_tuple("stop_token_ids", kwargs["stop_token_ids"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values that `from_dict` turns back into an equal object."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+        }
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+
+def accepted_names() -> tuple[str, ...]:
+    """Every key `SamplingParams.from_dict` accepts, aliases included."""
+    return tuple(sorted([f.name for f in fields(SamplingParams)] + list(_ALIASES)))
+
+
+def _check_known_keys(d: Mapping[Any, Any]) -> None:
+    accepted = accepted_names()
+    unknown = [key for key in d if key not in accepted]
+    if unknown:
+        raise ValueError(
+            f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
+            f"accepted names are: {', '.join(accepted)}"
+        )
+
+
+def _as_tuple(name: str, value: Any, scalar_type: type | None = None) -> tuple[Any, ...]:
+    if scalar_type is not None and isinstance(value, scalar_type):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+
+
+def _check_types(p: SamplingParams) -> None:
+    for name in _INT_FIELDS:
+        _require(_is_int(getattr(p, name)), name, "an int", getattr(p, name))
+    for name in _FLOAT_FIELDS:
+        value = getattr(p, name)
+        _require(_is_finite_number(value), name, "a finite number", value)
+    for name in _BOOL_FIELDS:
+        _require(isinstance(getattr(p, name), bool), name, "a bool", getattr(p, name))
+    _require(p.seed is None or _is_int(p.seed), "seed", "an int or None", p.seed)
+    _require(isinstance(p.stop, tuple), "stop", "a tuple of str", p.stop)
+    for s in p.stop:
+        _require(isinstance(s, str) and s != "", "stop", "a list of non-empty str", s)
+    _require(isinstance(p.stop_token_ids, tuple), "stop_token_ids", "a tuple", p.stop_token_ids)
+    for t in p.stop_token_ids:
+        _require(_is_int(t) and t >= 0, "stop_token_ids", "a list of non-negative ints", t)
+
+
+def _check_ranges(p: SamplingParams) -> None:
+    for name, predicate, allowed in _RANGES:
+        value = getattr(p, name)
+        if not predicate(value):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if not 0 <= p.min_new_tokens <= p.max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be in [0, max_new_tokens={p.max_new_tokens}], "
+            f"got {p.min_new_tokens}"
+        )

@@ -1,0 +1,160 @@
+"""A rank's role object: the PP loops plus, on stage 0's TP rank 0, the requests' way in and out."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeserve.config import EngineConfig
+from pipeserve.distributed import GroupCoordinator
+from pipeserve.engine.ipc import (
+    AbortReq,
+    GenerateReq,
+    SchedulerSockets,
+    ShutdownReq,
+    StepOut,
+    TokenOut,
+)
+from pipeserve.engine.model_runner import ModelRunner
+from pipeserve.engine.pp_loop import InFlight, SchedulerPPMixin
+from pipeserve.engine.req import Req
+from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.engine.scheduler import SampledToken, Scheduler
+from pipeserve.model.parallel import ParallelContext
+
+logger = logging.getLogger("pipeserve.scheduler")
+
+
+class StageWorker(SchedulerPPMixin):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        ctx: ParallelContext,
+        pp: GroupCoordinator,
+        tp: GroupCoordinator,
+        runner: ModelRunner,
+        scheduler: Scheduler | None = None,
+        sockets: SchedulerSockets | None = None,
+    ) -> None:
+        self.cfg, self.ctx, self.pp, self.tp, self.runner = cfg, ctx, pp, tp, runner
+        self.scheduler, self.sockets = scheduler, sockets
+        self.reqs: dict[str, Req] = {}
+
+    # ---- requests in -------------------------------------------------------------------------------
+    def accept_requests(self, timeout_s: float) -> bool:
+        """Takes queued front-end messages (waiting up to `timeout_s` for the first); False on shutdown."""
+        outputs = self._sweep_unstuck()
+        for msg in self.sockets.recv_all(timeout_s):
+            if isinstance(msg, ShutdownReq):
+                self._send(outputs)
+                return False
+            if isinstance(msg, GenerateReq):
+                outputs.extend(self._add(msg))
+            elif isinstance(msg, AbortReq):
+                outputs.extend(self._abort(msg.rid))
+        self._send(outputs)
+        return True
+
+    def _add(self, msg: GenerateReq) -> list[TokenOut]:
+        try:
+            params = SamplingParams.from_dict(msg.params)
+        except ValueError as e:
+            return [self._error(msg.rid, len(msg.input_ids), str(e))]
+        req = Req(
+            msg.rid,
+            list(msg.input_ids),
+            params,
+            msg.seed % (1 << 63),
+            msg.return_logprob,
+            msg.top_logprobs_num,
+        )
+        if params.max_new_tokens == 0:
+            return [
+                TokenOut(
+                    req.rid,
+                    [],
+                    finish_reason={"type": "length", "matched": None},
+                    prompt_tokens=req.seq_len,
+                )
+            ]
+        reason = self.scheduler.add(req)
+        if reason is not None:
+            return [self._error(msg.rid, len(msg.input_ids), reason)]
+        self.reqs[req.rid] = req
+        return []
+
+    def _abort(self, rid: str) -> list[TokenOut]:
+        req = self.reqs.get(rid)
+        if req is None or not self.scheduler.abort(req):
+            return []  # unknown or finished already; an in-flight one is reported when it returns
+        del self.reqs[rid]
+        return [self._final(req)]
+
+    @staticmethod
+    def _error(rid: str, prompt_tokens: int, reason: str) -> TokenOut:
+        return TokenOut(
+            rid,
+            [],
+            finish_reason={"type": "abort", "message": reason},
+            prompt_tokens=prompt_tokens,
+            error=reason,
+        )
+
+    # ---- results out -------------------------------------------------------------------------------
+    def apply_result(self, rec: InFlight, tokens: dict) -> None:
+        sampled = self.scheduler.process_result(rec.desc, rec.reqs, tokens)
+        by_req = {id(s.req): s for s in sampled}
+        outputs = []
+        for req in rec.reqs:
+            s = by_req.get(id(req))
+            if req.aborted:
+                if self.reqs.pop(req.rid, None) is not None:
+                    outputs.append(self._final(req))
+            elif s is not None:
+                outputs.append(self._token_out(req, s))
+                if req.finished:
+                    self.reqs.pop(req.rid, None)
+        outputs.extend(self._sweep_unstuck())
+        self._send(outputs)
+
+    def _sweep_unstuck(self) -> list[TokenOut]:
+        """Requests the scheduler ended on its own (a lone request that outgrew the KV pool)."""
+        done, self.scheduler.ended = self.scheduler.ended, []
+        for r in done:
+            self.reqs.pop(r.rid, None)
+        return [self._final(r) for r in done]
+
+    def _token_out(self, req: Req, s: SampledToken) -> TokenOut:
+        return TokenOut(
+            req.rid,
+            [s.token_id],
+            logprobs=None if s.logprob is None else [s.logprob],
+            top_logprobs=None if s.top_logprobs is None else [[list(p) for p in s.top_logprobs]],
+            finish_reason=req.finish_reason,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+        )
+
+    def _final(self, req: Req) -> TokenOut:
+        return TokenOut(
+            req.rid,
+            [],
+            finish_reason=req.finish_reason,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+        )
+
+    def _send(self, outputs: list[TokenOut]) -> None:
+        if outputs:
+            self.sockets.send(StepOut(outputs, self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "free_slots": s.slots.num_free,
+            "num_slots": s.slots.size,
+            "num_preemptions": s.num_preemptions,
+            "stage_busy_s": list(self.stage_busy),
+        }

@@ -1,0 +1,57 @@
+"""Tokenizer loading, end-of-sequence ids, and incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def load_tokenizer(path: str) -> Any:
+    """A `transformers` fast tokenizer from a local directory (never the network)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def eos_token_ids(model_path: str, tokenizer: Any | None = None) -> set[int]:
+    """EOS ids of config.json, generation_config.json and the tokenizer, together."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a growing token sequence; holds back bytes of an unfinished character."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete multi-byte character: wait for the rest
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return delta
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+
+
+def trim_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """Cuts `text` before the first stop string (OpenAI semantics: the stop string is not returned)."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+    return text if cut < 0 else text[:cut]

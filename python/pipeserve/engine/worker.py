@@ -1,0 +1,131 @@
+"""The body of one rank process: join the grid, load this rank's share, agree on the KV geometry,
+report ready, run the PP loop, exit with `os._exit` (receiver threads may still be blocked)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeserve.config import EngineConfig
+from pipeserve.distributed import (
+    DistConfig,
+    get_pp_group,
+    get_tp_group,
+    get_world_group,
+    init_distributed,
+)
+from pipeserve.engine.finish import FinishChecker
+from pipeserve.engine.ipc import IpcAddresses, SchedulerSockets
+from pipeserve.engine.model_runner import ModelRunner
+from pipeserve.engine.scheduler import Scheduler
+from pipeserve.engine.stage_worker import StageWorker
+from pipeserve.engine.tokenizer import eos_token_ids, load_tokenizer
+from pipeserve.model.config import ModelConfig
+from pipeserve.model.parallel import ParallelContext
+
+logger = logging.getLogger("pipeserve.worker")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    rank: int
+    local_rank: int
+    dist_init: str  # tcp://host:port of rank 0's rendezvous
+    ipc: IpcAddresses
+    threads: int
+
+
+def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
+    """Process entry point; never returns."""
+    _setup_process(cfg, spec)
+    code = 0
+    try:
+        worker = _build(cfg, spec, report)
+        report.put(
+            (
+                "ready",
+                spec.rank,
+                {
+                    "num_slots": worker.runner.kv.num_slots,
+                    "context_length": worker.runner.context_length,
+                },
+            )
+        )
+        worker.event_loop_pp()
+    except BaseException as e:
+        code = 1
+        text = traceback.format_exc()
+        logger.error("rank %d failed: %s", spec.rank, e)
+        report.put(("error", spec.rank, text))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.1)  # let the report queue's feeder thread flush
+    os._exit(code)
+
+
+def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format=f"[rank {spec.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and shuts ranks down
+    torch.set_num_threads(spec.threads)
+
+
+def _die_with_parent() -> None:
+    """A rank never outlives its launcher, even one killed with SIGKILL."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pipeserve-parent-watch", daemon=True).start()
+
+
+def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
+    dcfg = DistConfig(
+        pp_size=cfg.pp_size,
+        tp_size=cfg.tp_size,
+        rank=spec.rank,
+        init_method=spec.dist_init,
+        device=cfg.device,
+        local_rank=spec.local_rank,
+        timeout_s=cfg.p2p_timeout_s,
+    )
+    init_distributed(dcfg)
+    device = torch.device("cuda", spec.local_rank) if cfg.device == "cuda" else torch.device("cpu")
+    model_cfg = ModelConfig.from_dir(cfg.model_path)
+    ctx = ParallelContext(dcfg.tp_rank, cfg.tp_size, dcfg.pp_rank, cfg.pp_size, get_tp_group())
+    runner = ModelRunner(
+        cfg, model_cfg, ctx, device, progress=lambda m: report.put(("progress", spec.rank, m))
+    )
+    slots = torch.tensor([runner.affordable_slots()], dtype=torch.int64)
+    get_world_group().all_reduce(slots, op=dist.ReduceOp.MIN)  # one KV geometry on every stage
+    runner.allocate_kv(int(slots))
+    scheduler = sockets = None
+    if spec.rank == 0:
+        tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+        finish = FinishChecker(
+            eos_token_ids(cfg.model_path, tokenizer), runner.context_length, tokenizer.decode
+        )
+        scheduler = Scheduler(cfg, int(slots), runner.context_length, finish)
+        sockets = SchedulerSockets(spec.ipc)
+    return StageWorker(cfg, ctx, get_pp_group(), get_tp_group(), runner, scheduler, sockets)

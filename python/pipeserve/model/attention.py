@@ -1,0 +1,135 @@
+"""Attention over a token-slot KV cache, for a batch that mixes decodes with (chunked) prefills.
+
+Every token of every request owns one slot of the stage's KV pool; `req_to_token[req, pos]` maps a
+request's positions to slots. Decodes (one new token each) are attended as one padded batch;
+extends (several new tokens, possibly after a cached prefix) one request at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ExtendSpan:
+    start: int  # first row of the request's new tokens in the batch
+    length: int  # number of new tokens
+    kv_slots: torch.Tensor  # (prefix + length,) slots of every position attended
+    mask: torch.Tensor | None  # (length, prefix + length) bool; None means plain causal (no prefix)
+
+
+@dataclass
+class AttentionBatch:
+    positions: torch.Tensor  # (N,) int64
+    out_slots: torch.Tensor  # (N,) int64: where each new token's K/V is written
+    decode_rows: torch.Tensor  # (Bd,) rows of the single-token requests
+    decode_slots: torch.Tensor  # (Bd, Lmax) int64, padded with slot 0
+    decode_mask: torch.Tensor  # (Bd, 1, 1, Lmax) bool, True where attended
+    extends: list[ExtendSpan]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+
+def build_attention_batch(
+    req_to_token: torch.Tensor,
+    req_pool_idx: list[int],
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    out_slots: torch.Tensor,
+    device: torch.device,
+) -> AttentionBatch:
+    """`req_to_token` must already hold this batch's new slots."""
+    positions, decode, extends = [], [], []
+    row = 0
+    for req, prefix, n in zip(req_pool_idx, prefix_lens, extend_lens, strict=True):
+        positions.extend(range(prefix, prefix + n))
+        if n == 1:
+            decode.append((row, req, prefix + 1))
+        else:
+            extends.append(_extend_span(req_to_token, row, req, prefix, n, device))
+        row += n
+    decode_rows, decode_slots, decode_mask = _decode_part(req_to_token, decode, device)
+    return AttentionBatch(
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        out_slots=out_slots.to(device=device, dtype=torch.int64),
+        decode_rows=decode_rows,
+        decode_slots=decode_slots,
+        decode_mask=decode_mask,
+        extends=extends,
+    )
+
+
+def _extend_span(
+    req_to_token: torch.Tensor, row: int, req: int, prefix: int, n: int, device: torch.device
+) -> ExtendSpan:
+    total = prefix + n
+    slots = req_to_token[req, :total].to(device=device, dtype=torch.int64)
+    mask = None
+    if prefix:
+        key_pos = torch.arange(total, device=device)
+        query_pos = torch.arange(prefix, total, device=device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+    return ExtendSpan(row, n, slots, mask)
+
+
+def _decode_part(
+    req_to_token: torch.Tensor, decode: list[tuple[int, int, int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not decode:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty.view(0, 0), torch.empty(0, 1, 1, 0, dtype=torch.bool, device=device)
+    rows = torch.tensor([d[0] for d in decode], dtype=torch.int64)
+    reqs = torch.tensor([d[1] for d in decode], dtype=torch.int64)
+    lens = torch.tensor([d[2] for d in decode], dtype=torch.int64)
+    lmax = int(lens.max())
+    slots = req_to_token[reqs.to(req_to_token.device), :lmax].to(torch.int64)
+    mask = torch.arange(lmax)[None, :] < lens[:, None]
+    slots = slots.masked_fill(~mask.to(slots.device), 0)
+    return rows.to(device), slots.to(device), mask[:, None, None, :].to(device)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """q: (N, H, D); k, v: (N, Hkv, D) of the new tokens; caches: (slots, Hkv, D). Returns (N, H, D)."""
+    k_cache[batch.out_slots] = k
+    v_cache[batch.out_slots] = v
+    out = torch.empty_like(q)
+    if batch.decode_rows.numel():
+        qd = q[batch.decode_rows].unsqueeze(2)  # (Bd, H, 1, D)
+        kd = k_cache[batch.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
+        vd = v_cache[batch.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[batch.decode_rows] = od.squeeze(2)
+    for span in batch.extends:
+        rows = slice(span.start, span.start + span.length)
+        qe = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+        if span.mask is None:
+            ke, ve = k[rows], v[rows]
+        else:
+            ke, ve = k_cache[span.kv_slots], v_cache[span.kv_slots]
+        ke, ve = ke.transpose(0, 1).unsqueeze(0), ve.transpose(0, 1).unsqueeze(0)
+        oe = F.scaled_dot_product_attention(
+            qe,
+            ke,
+            ve,
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = oe.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,182 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), one pipeline stage's share of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeserve.model.attention import AttentionBatch, paged_attention
+from pipeserve.model.config import ModelConfig
+from pipeserve.model.parallel import (
+    ColumnParallelLinear,
+    ParallelContext,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from pipeserve.model.rotary import RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What sets a family apart. None: take the config's `attention_bias`."""
+
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    qk_norm: bool = False
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, spec: ArchSpec) -> None:
+        super().__init__()
+        D = cfg.head_dim
+        self.heads = ctx.shard(cfg.num_heads, "num_attention_heads")
+        self.kv_heads = ctx.shard(cfg.num_kv_heads, "num_key_value_heads")
+        self.head_dim = D
+        self.scale = D**-0.5
+        qkv_bias = cfg.attention_bias if spec.qkv_bias is None else spec.qkv_bias
+        o_bias = cfg.attention_bias if spec.o_bias is None else spec.o_bias
+        sizes = [cfg.num_heads * D, cfg.num_kv_heads * D, cfg.num_kv_heads * D]
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, sizes, qkv_bias, ctx, "qkv_proj")
+        self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, o_bias, ctx, "o_proj")
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if spec.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
+        kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        n, D = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1
+        )
+        q, k, v = q.view(n, self.heads, D), k.view(n, self.kv_heads, D), v.view(n, self.kv_heads, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
+        return self.o_proj(out.reshape(n, self.heads * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.inter_local = ctx.shard(inter, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [inter, inter], cfg.mlp_bias, ctx, "gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, ctx, "down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, spec: ArchSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, ctx, spec)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, ctx)
+
+    def forward(self, hidden, residual, rope, batch, kv):
+        """(hidden, residual) -> (mlp output, residual); the residual add is fused into the next norm."""
+        residual = hidden if residual is None else hidden + residual
+        hidden = self.self_attn(self.input_layernorm(residual), rope, batch, kv)
+        residual = hidden + residual
+        return self.mlp(self.post_attention_layernorm(residual)), residual
+
+
+# HF parameter name -> (our name, shard index) for the projections that are merged here.
+_MERGED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class DecoderForCausalLM(nn.Module):
+    """Layers [start, end) of the model; embedding on the first stage, norm and lm_head on the last."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ctx: ParallelContext,
+        spec: ArchSpec,
+        layers: tuple[int, int],
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.start, self.end = layers
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
+            if ctx.is_first_stage
+            else None
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, ctx, spec) for _ in range(self.start, self.end)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if ctx.is_last_stage else None
+        self.lm_head = (
+            ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx) if ctx.is_last_stage else None
+        )
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, device)
+
+    def forward(
+        self,
+        batch: AttentionBatch,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        input_ids: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs this stage's layers. The first stage embeds `input_ids`; later stages continue from
+        the previous stage's (hidden, residual). Returns (hidden, residual), not yet added."""
+        if self.embed_tokens is not None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.cos_sin(batch.positions, hidden.dtype)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, rope, batch, kv)
+        return hidden, residual
+
+    def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head on the rows given (the last stage's sampled rows): (B, V) fp32."""
+        x = hidden if residual is None else hidden + residual
+        return self.lm_head(self.norm(x)).float()
+
+    def weight_targets(self, name: str) -> list[tuple[nn.Module, str, int]]:
+        """Where a checkpoint tensor goes on this stage: (module, parameter, shard); [] to skip."""
+        parts = name.removeprefix("model.").split(".")
+        if parts[0] == "embed_tokens":
+            targets = [(self.embed_tokens, "weight", 0)] if self.embed_tokens is not None else []
+            if self.lm_head is not None and self.cfg.tie_word_embeddings:
+                targets.append((self.lm_head, "weight", 0))
+            return targets
+        if parts[0] == "lm_head":
+            return [(self.lm_head, "weight", 0)] if self.lm_head is not None else []
+        if parts[0] == "norm":
+            return [(self.norm, parts[1], 0)] if self.norm is not None else []
+        if parts[0] != "layers" or not self.start <= int(parts[1]) < self.end:
+            return []
+        module: Any = self.layers[int(parts[1]) - self.start]
+        *path, leaf, param = parts[2:]
+        for p in path:
+            module = getattr(module, p)
+        leaf, shard = _MERGED.get(leaf, (leaf, 0))
+        target = getattr(module, leaf, None)
+        return (
+            [(target, param, shard)] if isinstance(target, nn.Module) else []
+        )  # e.g. rotary_emb.inv_freq

@@ -1,0 +1,138 @@
+"""Where a model sits in the PP x TP grid, and the tensor-parallel layers built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from pipeserve.distributed import GroupCoordinator
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    tp_group: GroupCoordinator | None = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp_size == 1 else self.tp_group.all_reduce(x)
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return x if self.tp_size == 1 else self.tp_group.all_gather(x, dim)
+
+    def shard(self, size: int, what: str) -> int:
+        if size % self.tp_size:
+            raise ValueError(f"{what} ({size}) is not divisible by tp_size ({self.tp_size})")
+        return size // self.tp_size
+
+
+def _rows(loaded: Any, start: int, length: int) -> torch.Tensor:
+    """Rows [start, start + length) of a tensor or a lazy safetensors slice (reads only those)."""
+    return loaded[start : start + length]
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W's rows split over TP ranks; several projections may be merged
+    (`out_sizes`, e.g. q/k/v or gate/up), each split separately."""
+
+    def __init__(
+        self, in_features: int, out_sizes: list[int], bias: bool, ctx: ParallelContext, what: str
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.local_sizes = [ctx.shard(s, f"{what} output size") for s in out_sizes]
+        self.offsets = [sum(self.local_sizes[:i]) for i in range(len(out_sizes))]
+        out_local = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(out_local, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
+
+    def load(self, param: str, loaded: Any, shard: int = 0) -> None:
+        n, off = self.local_sizes[shard], self.offsets[shard]
+        getattr(self, param).data[off : off + n].copy_(_rows(loaded, self.ctx.tp_rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local W_local^T) + b with W's columns split over TP ranks."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext, what: str
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.in_local = ctx.shard(in_features, f"{what} input size")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load(self, param: str, loaded: Any, shard: int = 0) -> None:
+        if param == "bias":
+            self.bias.data.copy_(loaded[:])
+            return
+        start = self.ctx.tp_rank * self.in_local
+        self.weight.data.copy_(loaded[:, start : start + self.in_local])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over TP ranks; each rank looks up the ids it owns, then all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.vocab_local = ctx.shard(vocab_size, "vocab_size")
+        self.start = ctx.tp_rank * self.vocab_local
+        self.weight = nn.Parameter(torch.empty(self.vocab_local, hidden_size), requires_grad=False)
+
+    def load(self, param: str, loaded: Any, shard: int = 0) -> None:
+        self.weight.data.copy_(_rows(loaded, self.start, self.vocab_local))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.vocab_local)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.ctx.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-parallel output projection: local logits, then all-gather along the vocabulary."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, V)
+        return self.ctx.all_gather(F.linear(hidden, self.weight), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+
+    def load(self, param: str, loaded: Any, shard: int = 0) -> None:
+        self.weight.data.copy_(loaded[:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # NOTE: normalise in fp32, as the reference implementation does
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)

@@ -1,0 +1,86 @@
+"""Model registry keyed by the checkpoint's `architectures`, and stage construction."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pipeserve.model.config import ModelConfig
+from pipeserve.model.llama import ArchSpec, DecoderForCausalLM
+from pipeserve.model.parallel import ParallelContext
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec(),
+    "MistralForCausalLM": ArchSpec(),
+    "Qwen2ForCausalLM": ArchSpec(qkv_bias=True, o_bias=False),
+    "Qwen3ForCausalLM": ArchSpec(qk_norm=True),
+}
+
+PARTITION_ENV = "PIPESERVE_PP_LAYER_PARTITION"
+
+
+def arch_spec(architecture: str) -> ArchSpec:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"model architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[architecture]
+
+
+def partition_layers(
+    num_layers: int, pp_size: int, override: str | None = None
+) -> list[tuple[int, int]]:
+    """[start, end) per stage. Even split with the remainder on the last stages, or `override`
+    ("a,b,..."; also read from PIPESERVE_PP_LAYER_PARTITION)."""
+    override = os.environ.get(PARTITION_ENV) if override is None else override
+    if override:
+        counts = _parse_partition(override, num_layers, pp_size)
+    else:
+        if num_layers < pp_size:
+            raise ValueError(f"cannot split {num_layers} layers over pp_size={pp_size} stages")
+        base, rem = divmod(num_layers, pp_size)
+        counts = [base + (1 if i >= pp_size - rem else 0) for i in range(pp_size)]
+    bounds, start = [], 0
+    for n in counts:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def _parse_partition(text: str, num_layers: int, pp_size: int) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{PARTITION_ENV}={text!r}: expected comma-separated integers") from None
+    if len(counts) != pp_size:
+        raise ValueError(
+            f"{PARTITION_ENV}={text!r} has {len(counts)} entries; pp_size is {pp_size}"
+        )
+    if any(n < 1 for n in counts):
+        raise ValueError(f"{PARTITION_ENV}={text!r}: every stage needs at least one layer")
+    if sum(counts) != num_layers:
+        raise ValueError(
+            f"{PARTITION_ENV}={text!r} sums to {sum(counts)}; the model has {num_layers} layers"
+        )
+    return counts
+
+
+def build_stage_model(
+    cfg: ModelConfig,
+    ctx: ParallelContext,
+    dtype: torch.dtype,
+    device: torch.device,
+    partition: str | None = None,
+) -> DecoderForCausalLM:
+    """This rank's share of the model, parameters uninitialised (the loader fills them)."""
+    spec = arch_spec(cfg.architecture)
+    layers = partition_layers(cfg.num_layers, ctx.pp_size, partition)[ctx.pp_rank]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DecoderForCausalLM(cfg, ctx, spec, layers, device)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

@@ -1,0 +1,99 @@
+"""Tiny random Hugging Face checkpoints that the tests create through `transformers`."""
+
+from __future__ import annotations
+
+import os
+import string
+
+import torch
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def make_tokenizer(path: str, vocab_size: int) -> None:
+    """A character-level fast tokenizer of exactly `vocab_size` entries."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = SPECIALS + chars
+    vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    from tokenizers import decoders
+
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    fast.save_pretrained(path)
+
+
+def make_checkpoint(
+    path: str,
+    arch: str = "llama",
+    layers: int = 3,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 128,
+    tied: bool = False,
+    seed: int = 0,
+    init_std: float = 0.1,
+    **extra: object,
+) -> str:
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        initializer_range=init_std,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    make_tokenizer(path, vocab)
+    return path
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations by `transformers` itself, one prompt at a time (no padding effects)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run exactly max_new_tokens, as ignore_eos does
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            gen = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            outs.append(gen[0, len(ids) :].tolist())
+    return outs
