@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 from pipeserve.config import EngineConfig, resolve_config
 from pipeserve.engine.ipc import (
     AbortReq,
@@ -20,7 +22,6 @@ from pipeserve.engine.ipc import (
     GenerateReq,
     IpcAddresses,
     ShutdownReq,
-    StepOut,
     TokenOut,
 )
 from pipeserve.engine.processes import RankFailure, RankGroup
@@ -66,6 +67,7 @@ class Engine:
         self.sockets = FrontendSockets(self.ipc)
         self.ranks = RankGroup(self.config, self.ipc)
         self.closed = False
+        self.outstanding: dict[str, RequestState] = {}
         try:
             self.info = self.ranks.wait_ready()
         except BaseException:
@@ -99,8 +101,8 @@ class Engine:
             self.submit(p, sp, return_logprob, top_logprobs_num)
             for p, sp in zip(prompts, params, strict=True)
         ]
-        self._wait(states)
-        results = [self._result(s) for s in states]
+        self.wait(states)
+        results = [self.result(s) for s in states]
         return results[0] if single else results
 
     def _normalize(self, prompt: Any) -> tuple[list[list[int]], bool]:
@@ -124,33 +126,40 @@ class Engine:
         self.sockets.send(
             GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
         )
-        return RequestState(rid, params, prompt_tokens=len(ids))
+        state = RequestState(rid, params, prompt_tokens=len(ids))
+        self.outstanding[rid] = state
+        return state
 
-    def _wait(self, states: list[RequestState]) -> None:
-        by_rid = {s.rid: s for s in states}
-        pending = set(by_rid)
+    def wait(self, states: list[RequestState]) -> None:
+        """Blocks until every one of `states` has finished; raises RankFailure if a rank dies.
+        Outputs of other outstanding requests that arrive meanwhile are kept for their own wait."""
         try:
-            while pending:
+            while not all(s.finished for s in states):
                 msg = self.sockets.recv(timeout_s=0.5)
                 if msg is None:
                     self.ranks.check_alive()
                     continue
-                assert isinstance(msg, StepOut)
                 self.stats = msg.stats
                 for out in msg.outputs:
-                    if (state := by_rid.get(out.rid)) is not None:
+                    if (state := self.outstanding.get(out.rid)) is not None:
                         state.apply(out)
                         if state.finished:
-                            pending.discard(out.rid)
+                            del self.outstanding[out.rid]
         except RankFailure:
             self.shutdown()
             raise
         except BaseException:
-            for rid in pending:
-                self.sockets.send(AbortReq(rid))
+            for s in states:
+                if not s.finished:
+                    self.sockets.send(AbortReq(s.rid))
+                    self.outstanding.pop(s.rid, None)
             raise
 
-    def _result(self, s: RequestState) -> dict:
+    def abort(self, state: RequestState) -> None:
+        """Asks stage 0 to drop the request; `wait` then sees it finish with reason abort."""
+        self.sockets.send(AbortReq(state.rid))
+
+    def result(self, s: RequestState) -> dict:
         if s.error is not None:
             raise ValueError(s.error)
         text = self.tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
@@ -174,7 +183,8 @@ class Engine:
             return
         self.closed = True
         try:
-            self.sockets.send(ShutdownReq())
+            with contextlib.suppress(zmq.ZMQError):  # stage 0 may be gone already
+                self.sockets.send(ShutdownReq())
         finally:
             self.ranks.stop()
             self.sockets.close()

@@ -150,6 +150,8 @@ class FrontendSockets:
         ctx = zmq.Context.instance()
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDHWM, 0)  # queue every request rather than block the front end
+        self.push.setsockopt(zmq.SNDTIMEO, 2000)  # a send that cannot go out raises zmq.Again
         self.push.bind(addrs.requests)
         self.pull = ctx.socket(zmq.PULL)
         self.pull.bind(addrs.outputs)

@@ -94,7 +94,8 @@ class Scheduler:
             if req.in_flight or req.finished or req not in self.running:
                 continue
             n = min(req.num_uncached, budget)
-            if not self._make_room(n, protected=[r for r, _ in chosen] + [req]):
+            promised = sum(k for _, k in chosen)
+            if not self._make_room(promised + n, protected=[r for r, _ in chosen] + [req]):
                 break
             chosen.append((req, n))
             budget -= n

@@ -45,6 +45,7 @@ class StageWorker(SchedulerPPMixin):
         """Takes queued front-end messages (waiting up to `timeout_s` for the first); False on shutdown."""
         outputs = self._sweep_unstuck()
         for msg in self.sockets.recv_all(timeout_s):
+            logger.debug("front end: %s", type(msg).__name__)
             if isinstance(msg, ShutdownReq):
                 self._send(outputs)
                 return False
@@ -146,6 +147,7 @@ class StageWorker(SchedulerPPMixin):
 
     def _send(self, outputs: list[TokenOut]) -> None:
         if outputs:
+            logger.debug("sending %d outputs", len(outputs))
             self.sockets.send(StepOut(outputs, self.stats()))
 
     def stats(self) -> dict[str, Any]:

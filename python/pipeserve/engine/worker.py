@@ -3,7 +3,6 @@ report ready, run the PP loop, exit with `os._exit` (receiver threads may still 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -78,6 +77,7 @@ def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format=f"[rank {spec.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and shuts ranks down
@@ -85,12 +85,8 @@ def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
 
 
 def _die_with_parent() -> None:
-    """A rank never outlives its launcher, even one killed with SIGKILL."""
+    """A rank never outlives its launcher, even one killed with SIGKILL (checked every second)."""
     parent = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
     def watch() -> None:
         while os.getppid() == parent:
