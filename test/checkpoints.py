@@ -80,20 +80,22 @@ def make_checkpoint(
 
 
 def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations by `transformers` itself, one prompt at a time (no padding effects)."""
+    """Greedy continuations by the `transformers` model itself, one prompt at a time with its KV
+    cache (no padding effects); exactly `max_new_tokens` each, EOS included, as ignore_eos does."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # run exactly max_new_tokens, as ignore_eos does
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            gen = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            outs.append(gen[0, len(ids) :].tolist())
+            out = model(torch.tensor([ids]), use_cache=True)
+            new: list[int] = []
+            while True:
+                new.append(int(out.logits[0, -1].argmax()))
+                if len(new) == max_new_tokens:
+                    break
+                out = model(
+                    torch.tensor([[new[-1]]]), past_key_values=out.past_key_values, use_cache=True
+                )
+            outs.append(new)
     return outs

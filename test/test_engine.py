@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from checkpoints import hf_greedy, make_checkpoint
 
+from checkpoints import hf_greedy, make_checkpoint
 from pipeserve import Engine
 
 NEW_TOKENS = 32
@@ -30,7 +30,9 @@ CHECKPOINTS = {
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
 def engine_and_path(request, tmp_path_factory):
-    path = make_checkpoint(str(tmp_path_factory.mktemp(request.param)), **CHECKPOINTS[request.param])
+    path = make_checkpoint(
+        str(tmp_path_factory.mktemp(request.param)), **CHECKPOINTS[request.param]
+    )
     with Engine(model_path=path, device="cpu") as engine:
         yield engine, path
 
@@ -48,7 +50,12 @@ def test_last_step_logits_match_transformers(engine_and_path):
     engine, path = engine_and_path
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for ids in prompts(3, seed=1):
-        out = engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 8}, return_logprob=True, top_logprobs_num=128)
+        out = engine.generate(
+            input_ids=ids,
+            sampling_params={**GREEDY, "max_new_tokens": 8},
+            return_logprob=True,
+            top_logprobs_num=128,
+        )
         full = ids + out["output_ids"][:-1]
         with torch.no_grad():
             want = torch.log_softmax(hf(torch.tensor([full])).logits[0, -1].float(), -1)
@@ -61,7 +68,9 @@ def test_last_step_logits_match_transformers(engine_and_path):
 
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama", layers=4, heads=4, kv_heads=2)
+    return make_checkpoint(
+        str(tmp_path_factory.mktemp("llama")), "llama", layers=4, heads=4, kv_heads=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +83,36 @@ def test_batch_invariance(engine):
     batch = prompts(16, seed=2)
     together = [o["output_ids"] for o in engine.generate(input_ids=batch, sampling_params=GREEDY)]
     for i in (0, 7, 15):
-        assert engine.generate(input_ids=batch[i], sampling_params=GREEDY)["output_ids"] == together[i]
+        assert (
+            engine.generate(input_ids=batch[i], sampling_params=GREEDY)["output_ids"] == together[i]
+        )
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
-    params = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "min_p": 0.01, "max_new_tokens": 24, "ignore_eos": True, "seed": 1234}
+    params = {
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "top_k": 50,
+        "min_p": 0.01,
+        "max_new_tokens": 24,
+        "ignore_eos": True,
+        "seed": 1234,
+    }
     target = prompts(1, seed=3)[0]
     alone = engine.generate(input_ids=target, sampling_params=params)["output_ids"]
     assert engine.generate(input_ids=target, sampling_params=params)["output_ids"] == alone
     others = prompts(9, seed=4)
-    mixed = engine.generate(input_ids=[*others[:4], target, *others[4:]], sampling_params=[{**params, "seed": i} for i in range(4)] + [params] + [{**params, "seed": 99 + i} for i in range(5)])
+    mixed = engine.generate(
+        input_ids=[*others[:4], target, *others[4:]],
+        sampling_params=[{**params, "seed": i} for i in range(4)]
+        + [params]
+        + [{**params, "seed": 99 + i} for i in range(5)],
+    )
     assert mixed[4]["output_ids"] == alone
-    assert engine.generate(input_ids=target, sampling_params={**params, "seed": 1235})["output_ids"] != alone
+    assert (
+        engine.generate(input_ids=target, sampling_params={**params, "seed": 1235})["output_ids"]
+        != alone
+    )
 
 
 def test_stop_token_ids_stop_strings_and_max_new_tokens(engine):
@@ -93,7 +120,10 @@ def test_stop_token_ids_stop_strings_and_max_new_tokens(engine):
     free = engine.generate(input_ids=ids, sampling_params=GREEDY)
     tokens = free["output_ids"]
     k = 5
-    by_id = engine.generate(input_ids=ids, sampling_params={**GREEDY, "ignore_eos": False, "stop_token_ids": [tokens[k]]})
+    by_id = engine.generate(
+        input_ids=ids,
+        sampling_params={**GREEDY, "ignore_eos": False, "stop_token_ids": [tokens[k]]},
+    )
     first = tokens.index(tokens[k])
     assert by_id["output_ids"] == tokens[: first + 1]
     assert by_id["meta_info"]["finish_reason"] == {"type": "stop", "matched": tokens[k]}
@@ -103,13 +133,21 @@ def test_stop_token_ids_stop_strings_and_max_new_tokens(engine):
     assert by_text["text"] == text[: text.index(stop)]
     assert by_text["meta_info"]["finish_reason"]["matched"] == stop
     short = engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 3})
-    assert short["output_ids"] == tokens[:3] and short["meta_info"]["finish_reason"]["type"] == "length"
+    assert (
+        short["output_ids"] == tokens[:3]
+        and short["meta_info"]["finish_reason"]["type"] == "length"
+    )
     none = engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 0})
     assert none["output_ids"] == [] and none["meta_info"]["completion_tokens"] == 0
 
 
 def test_logprobs_of_chosen_tokens(engine):
-    out = engine.generate(input_ids=prompts(1, seed=6)[0], sampling_params={**GREEDY, "max_new_tokens": 6}, return_logprob=True, top_logprobs_num=3)
+    out = engine.generate(
+        input_ids=prompts(1, seed=6)[0],
+        sampling_params={**GREEDY, "max_new_tokens": 6},
+        return_logprob=True,
+        top_logprobs_num=3,
+    )
     chosen = out["meta_info"]["output_token_logprobs"]
     tops = out["meta_info"]["output_top_logprobs"]
     assert [t for _, t in chosen] == out["output_ids"]
@@ -137,7 +175,9 @@ def test_bad_sampling_params_raise_value_error_naming_the_field(engine, params, 
 def test_prompt_longer_than_context_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[5] * 600, sampling_params=GREEDY)
-    assert engine.generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 2})["output_ids"]
+    assert engine.generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 2})[
+        "output_ids"
+    ]
 
 
 def test_kv_exhaustion_preempts_and_every_request_completes(llama_path):
@@ -154,4 +194,6 @@ def test_tensor_parallel_equals_single_rank(engine, llama_path):
     batch = prompts(8, seed=8)
     want = [o["output_ids"] for o in engine.generate(input_ids=batch, sampling_params=GREEDY)]
     with Engine(model_path=llama_path, device="cpu", tp_size=2) as tp2:
-        assert [o["output_ids"] for o in tp2.generate(input_ids=batch, sampling_params=GREEDY)] == want
+        assert [
+            o["output_ids"] for o in tp2.generate(input_ids=batch, sampling_params=GREEDY)
+        ] == want

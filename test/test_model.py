@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
 
+from checkpoints import make_checkpoint
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.loader import load_weights
 from pipeserve.model.parallel import ParallelContext
@@ -20,7 +20,13 @@ def tied_llama(tmp_path_factory):
 
 def _stage(path: str, pp_rank: int, pp_size: int, partition: str | None = None):
     cfg = ModelConfig.from_dir(path)
-    model = build_stage_model(cfg, ParallelContext(pp_rank=pp_rank, pp_size=pp_size), torch.float32, torch.device("cpu"), partition)
+    model = build_stage_model(
+        cfg,
+        ParallelContext(pp_rank=pp_rank, pp_size=pp_size),
+        torch.float32,
+        torch.device("cpu"),
+        partition,
+    )
     load_weights(model, path)
     return model
 
@@ -28,7 +34,7 @@ def _stage(path: str, pp_rank: int, pp_size: int, partition: str | None = None):
 def test_unknown_architecture_is_named_with_the_supported_ones(tmp_path):
     cfg = ModelConfig.from_dir(make_checkpoint(str(tmp_path), "llama", layers=1))
     cfg = ModelConfig.from_dict({**cfg.raw, "architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
         build_stage_model(cfg, ParallelContext(), torch.float32, torch.device("cpu"))
 
 
@@ -40,7 +46,12 @@ def test_default_partition_puts_remainder_on_last_stages():
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("1,2", "has 2 entries"), ("2,2,2", "sums to 6"), ("0,3,4", "at least one layer"), ("a,b,c", "integers")],
+    [
+        ("1,2", "has 2 entries"),
+        ("2,2,2", "sums to 6"),
+        ("0,3,4", "at least one layer"),
+        ("a,b,c", "integers"),
+    ],
 )
 def test_partition_override_is_validated(text, match):
     with pytest.raises(ValueError, match=match):
@@ -71,21 +82,38 @@ def test_tp_requires_divisible_heads_and_vocab(tmp_path):
     raw = ModelConfig.from_dir(make_checkpoint(str(tmp_path), "llama", layers=1)).raw
     ctx = ParallelContext(tp_rank=0, tp_size=4)
     cases = [
-        ({"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8}, "num_attention_heads .6. is not divisible by tp_size .4."),
+        (
+            {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8},
+            "num_attention_heads .6. is not divisible by tp_size .4.",
+        ),
         ({"num_key_value_heads": 2}, "num_key_value_heads .2. is not divisible by tp_size .4."),
         ({"vocab_size": 130}, "vocab_size .130. is not divisible by tp_size .4."),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
-            build_stage_model(ModelConfig.from_dict({**raw, **change}), ctx, torch.float32, torch.device("cpu"))
+            build_stage_model(
+                ModelConfig.from_dict({**raw, **change}), ctx, torch.float32, torch.device("cpu")
+            )
 
 
 def test_llama3_rope_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_scaling=scaling, rope_theta=500000.0, max_position_embeddings=131072)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    hf = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        rope_scaling=scaling,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    )
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     raw = {**hf.to_dict(), "architectures": ["LlamaForCausalLM"]}
     got = inverse_frequencies(128, ModelConfig.from_dict(raw).rope)

@@ -135,25 +135,29 @@ class Engine:
         Outputs of other outstanding requests that arrive meanwhile are kept for their own wait."""
         try:
             while not all(s.finished for s in states):
-                msg = self.sockets.recv(timeout_s=0.5)
-                if msg is None:
-                    self.ranks.check_alive()
-                    continue
-                self.stats = msg.stats
-                for out in msg.outputs:
-                    if (state := self.outstanding.get(out.rid)) is not None:
-                        state.apply(out)
-                        if state.finished:
-                            del self.outstanding[out.rid]
+                self.poll(0.5)
         except RankFailure:
             self.shutdown()
             raise
         except BaseException:
             for s in states:
                 if not s.finished:
-                    self.sockets.send(AbortReq(s.rid))
+                    self.abort(s)
                     self.outstanding.pop(s.rid, None)
             raise
+
+    def poll(self, timeout_s: float) -> None:
+        """Applies the next batch of outputs, waiting up to `timeout_s`; checks the ranks if none."""
+        msg = self.sockets.recv(timeout_s)
+        if msg is None:
+            self.ranks.check_alive()
+            return
+        self.stats = msg.stats
+        for out in msg.outputs:
+            if (state := self.outstanding.get(out.rid)) is not None:
+                state.apply(out)
+                if state.finished:
+                    del self.outstanding[out.rid]
 
     def abort(self, state: RequestState) -> None:
         """Asks stage 0 to drop the request; `wait` then sees it finish with reason abort."""
