@@ -105,3 +105,5 @@ class RankGroup:
                 proc.kill()
                 proc.join(2.0)
         self.ipc.cleanup()
+        self.report.close()
+        self.report.join_thread()

@@ -55,3 +55,28 @@ def trim_at_stop(text: str, stops: tuple[str, ...]) -> str:
     """Cuts `text` before the first stop string (OpenAI semantics: the stop string is not returned)."""
     cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+class StreamDecoder:
+    """Text deltas for streaming: withholds a tail that could still grow into a stop string, and
+    ends the text before a stop string that appears."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool, stops: tuple[str, ...]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, token_ids: list[int], final: bool = False) -> str:
+        self.text += self.detok.add(token_ids)
+        if self.stopped:
+            return ""
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        cut = min((i for s in self.stops if (i := self.text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, end = True, cut
+        delta = self.text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return delta

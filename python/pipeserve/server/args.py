@@ -1,0 +1,138 @@
+"""Server configuration: the engine's config plus the HTTP side, built once from argparse.
+
+Flag names follow SGLang's where SGLang has one; every default comes from the dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from pipeserve.config import EngineConfig, resolve_config
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str | None = None  # None: the model directory's name
+    max_queued_requests: int | None = None  # None: queue without bound; else 503 beyond it
+    ready_timeout_s: float = 1800.0
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        path = self.engine.model_path.rstrip("/")
+        return "pipeserve-default" if path == EngineConfig.model_path else path.split("/")[-1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+# (flag, EngineConfig field, type, help)
+_ENGINE_FLAGS = [
+    (
+        "--model-path",
+        "model_path",
+        str,
+        "Hugging Face model directory (default: the embedded model)",
+    ),
+    (
+        "--tokenizer-path",
+        "tokenizer_path",
+        str,
+        "tokenizer directory (default: the model directory)",
+    ),
+    ("--pp-size", "pp_size", int, "pipeline-parallel stages"),
+    ("--tp-size", "tp_size", int, "tensor-parallel ranks per stage"),
+    ("--device", "device", str, "cpu, cuda or auto"),
+    ("--dtype", "dtype", str, "auto, float32, bfloat16 or float16"),
+    (
+        "--context-length",
+        "context_length",
+        int,
+        "maximum tokens per request (default: the model's)",
+    ),
+    ("--max-running-requests", "max_running_requests", int, "requests decoded at once"),
+    (
+        "--max-total-tokens",
+        "max_total_tokens",
+        int,
+        "KV cache slots (default: from the memory budget)",
+    ),
+    (
+        "--mem-fraction-static",
+        "mem_fraction_static",
+        float,
+        "CUDA: share of GPU memory for weights and KV cache",
+    ),
+    ("--kv-cache-bytes", "kv_cache_bytes", int, "CPU: KV cache bytes per rank"),
+    ("--chunked-prefill-size", "chunked_prefill_size", int, "tokens per microbatch"),
+    ("--pp-max-micro-batch-size", "pp_max_micro_batch_size", int, "requests per microbatch"),
+    (
+        "--pp-async-batch-depth",
+        "pp_async_batch_depth",
+        int,
+        "microbatches in flight beyond pp-size",
+    ),
+    (
+        "--pp-comm-mode",
+        "pp_comm_mode",
+        str,
+        "async, or sync (the tensor-by-tensor baseline, for benchmarks)",
+    ),
+    ("--pp-layer-partition", "pp_layer_partition", str, "layers per stage, e.g. 3,5"),
+    ("--nnodes", "nnodes", int, "nodes taking part"),
+    ("--node-rank", "node_rank", int, "this node's index; node 0 serves HTTP"),
+    ("--dist-init-addr", "dist_init_addr", str, "host:port of rank 0's rendezvous (multi-node)"),
+    ("--cpu-threads", "cpu_threads", int, "torch threads per rank on CPU"),
+    (
+        "--p2p-timeout",
+        "p2p_timeout_s",
+        float,
+        "seconds a pipeline transfer may take before it is an error",
+    ),
+    ("--log-level", "log_level", str, "debug, info, warning or error"),
+]
+_SERVER_FLAGS = [
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "port to listen on"),
+    ("--served-model-name", "served_model_name", str, "model name the API reports and accepts"),
+    (
+        "--max-queued-requests",
+        "max_queued_requests",
+        int,
+        "answer 503 beyond this many unfinished requests",
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeserve.launch_server", description="pipeserve OpenAI-compatible server"
+    )
+    engine_defaults, server_defaults = EngineConfig(), ServerConfig()
+    for flag, name, typ, text in _ENGINE_FLAGS:
+        default = getattr(engine_defaults, name)
+        parser.add_argument(
+            flag, dest=name, type=typ, default=None, help=f"{text} [default: {default}]"
+        )
+    for flag, name, typ, text in _SERVER_FLAGS:
+        parser.add_argument(
+            flag, dest=name, type=typ, default=getattr(server_defaults, name), help=text
+        )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    ns = build_parser().parse_args(argv)
+    engine_kwargs = {
+        name: getattr(ns, name) for _, name, _, _ in _ENGINE_FLAGS if getattr(ns, name) is not None
+    }
+    engine = resolve_config(**engine_kwargs)
+    server_kwargs = {name: getattr(ns, name) for _, name, _, _ in _SERVER_FLAGS}
+    return dataclasses.replace(ServerConfig(engine=engine), **server_kwargs)

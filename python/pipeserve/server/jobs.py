@@ -1,0 +1,82 @@
+"""Running a parsed Job: one engine request per (prompt, choice), gathered or merged as a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pipeserve.engine.engine import RequestState
+from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.server.protocol import ApiError, Job
+
+
+def expand(job: Job) -> list[tuple[list[int], SamplingParams]]:
+    """Choice k of a seeded request samples with seed + k, so that n choices differ reproducibly."""
+    out = []
+    for ids in job.prompts:
+        for k in range(job.n):
+            params = job.params
+            if params.seed is not None and k:
+                params = dataclasses.replace(params, seed=params.seed + k)
+            out.append((ids, params))
+    return out
+
+
+async def _run_one(
+    frontend: Any,
+    job: Job,
+    ids: list[int],
+    params: SamplingParams,
+    sink: asyncio.Queue | None,
+    index: int,
+) -> RequestState:
+    last = None
+    async for state in frontend.generate(ids, params, job.logprobs is not None, job.logprobs or 0):
+        if state.error is not None:
+            raise ApiError(state.error, "prompt")
+        last = state
+        if sink is not None:
+            sink.put_nowait((index, state))
+    return last
+
+
+async def run_all(frontend: Any, job: Job) -> list[RequestState]:
+    tasks = [
+        asyncio.create_task(_run_one(frontend, job, ids, p, None, i))
+        for i, (ids, p) in enumerate(expand(job))
+    ]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()  # on error or a client gone, the others abort too
+
+
+async def run_streaming(frontend: Any, job: Job) -> AsyncIterator[tuple[int, RequestState]]:
+    """(choice index, state) after every delta of any choice, in arrival order."""
+    sink: asyncio.Queue = asyncio.Queue()
+    tasks = [
+        asyncio.create_task(_run_one(frontend, job, ids, p, sink, i))
+        for i, (ids, p) in enumerate(expand(job))
+    ]
+    done = asyncio.create_task(asyncio.wait(tasks))
+    try:
+        while True:
+            getter = asyncio.create_task(sink.get())
+            finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in finished:
+                yield getter.result()
+                continue
+            getter.cancel()
+            while not sink.empty():
+                yield sink.get_nowait()
+            for t in tasks:
+                if t.exception() is not None:
+                    raise t.exception()
+            return
+    finally:
+        for t in tasks:
+            t.cancel()
+        done.cancel()

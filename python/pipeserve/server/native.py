@@ -1,0 +1,77 @@
+"""SGLang's native /generate: `text` or `input_ids`, `sampling_params`, `stream`, logprobs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pipeserve.engine.engine import RequestState
+from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.engine.tokenizer import trim_at_stop
+from pipeserve.server.jobs import run_all, run_streaming
+from pipeserve.server.openai_api import ModelInfo
+from pipeserve.server.protocol import ApiError, Job, check_context, get, token_lists
+
+
+def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
+    """Returns the job and whether the caller sent a batch (then the answer is a list)."""
+    text, ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (ids is None):
+        raise ApiError("give exactly one of 'text' and 'input_ids'", "text")
+    if text is not None:
+        batch = isinstance(text, list)
+        texts = text if batch else [text]
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ApiError("'text' must be a non-empty string or a list of them", "text")
+        prompts = [m.tokenizer.encode(t) for t in texts]
+    else:
+        if not isinstance(ids, list):
+            raise ApiError(
+                "'input_ids' must be a list of token ids or a list of such lists", "input_ids"
+            )
+        batch = bool(ids) and isinstance(ids[0], list)
+        prompts = token_lists(ids, "input_ids", m.vocab_size)
+    raw = get(body, "sampling_params", dict, {})
+    try:
+        params = SamplingParams.from_dict(raw)
+    except ValueError as e:
+        raise ApiError(str(e), "sampling_params") from None
+    for p in prompts:
+        check_context(len(p), params.max_new_tokens, m.context_length, "sampling_params")
+    top = get(body, "top_logprobs_num", int, 0)
+    logprobs = top if get(body, "return_logprob", bool, False) else None
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise ApiError("'top_logprobs_num' must be between 0 and 20", "top_logprobs_num")
+    return Job(prompts, params, params.n, get(body, "stream", bool, False), logprobs), batch
+
+
+def _answer(m: ModelInfo, s: RequestState) -> dict:
+    text = m.tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
+    if s.finished and s.params.stop and not s.params.no_stop_trim:
+        text = trim_at_stop(text, s.params.stop)
+    meta: dict[str, Any] = {
+        "id": s.rid,
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": len(s.output_ids),
+        "finish_reason": s.finish_reason,
+    }
+    if s.logprobs:
+        meta["output_token_logprobs"] = [
+            [lp, t] for lp, t in zip(s.logprobs, s.output_ids, strict=False)
+        ]
+    if s.top_logprobs:
+        meta["output_top_logprobs"] = s.top_logprobs
+    return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
+
+
+async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:
+    answers = [_answer(m, s) for s in await run_all(frontend, job)]
+    return answers if batch or job.n > 1 else answers[0]
+
+
+async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[str]:
+    """Like SGLang: every event carries the text so far, with an `index` for batches."""
+    async for i, s in run_streaming(frontend, job):
+        yield f"data: {json.dumps({**_answer(m, s), 'index': i})}\n\n"
+    yield "data: [DONE]\n\n"
