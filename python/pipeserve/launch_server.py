@@ -8,11 +8,13 @@ child process; a rank that dies makes the server fail pending requests and exit 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 
 from pipeserve.config import EngineConfig
 from pipeserve.engine.ipc import IpcAddresses
@@ -82,6 +84,24 @@ def run_worker_node(engine: EngineConfig) -> int:
         ranks.stop()
 
 
+def _uvicorn_server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """Graceful stop on SIGINT/SIGTERM, then a normal exit (uvicorn would re-raise them)."""
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server
+
+
 def serve(cfg: ServerConfig) -> int:
     import uvicorn
 
@@ -114,7 +134,7 @@ def serve(cfg: ServerConfig) -> int:
 
     frontend.on_dead = on_dead
     app = build_app(frontend, info, on_shutdown)
-    server = uvicorn.Server(
+    server = _uvicorn_server_class()(
         uvicorn.Config(
             app,
             host=cfg.host,

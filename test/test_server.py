@@ -1,0 +1,344 @@
+"""End to end through the real HTTP server: the OpenAI SDK, concurrency, bad input, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+from checkpoints import make_checkpoint
+from server_harness import Server
+
+from pipeserve import Engine
+from pipeserve.engine.tokenizer import load_tokenizer
+from pipeserve.utils import free_port
+
+WORDS = ["hello", "the cat", "1+2=", "pipeline", "abc def ghi", "x", "OpenAI", "zz top"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_checkpoint(
+        str(tmp_path_factory.mktemp("srv")), "llama", layers=4, heads=4, kv_heads=2
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(model_path):
+    """Greedy answers of Engine.generate, keyed by prompt text (raw and chat-templated)."""
+    tok = load_tokenizer(model_path)
+    chats = {
+        w: tok.apply_chat_template(
+            [{"role": "user", "content": w}], add_generation_prompt=True, tokenize=False
+        )
+        for w in WORDS
+    }
+    prompts = [f"{w} {i}" for i in range(25) for w in WORDS]
+    with Engine(model_path=model_path, device="cpu") as engine:
+        raw = engine.generate([*prompts, *WORDS], {"temperature": 0, "max_new_tokens": 12})
+        chat = engine.generate(
+            [tok.encode(c, add_special_tokens=False) for c in chats.values()],
+            {"temperature": 0, "max_new_tokens": 10},
+        )
+    return {
+        "raw": {p: o["text"] for p, o in zip([*prompts, *WORDS], raw, strict=True)},
+        "chat": {w: o["text"] for w, o in zip(WORDS, chat, strict=True)},
+        "prompts": prompts,
+    }
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["pp1", "pp2"])
+def server(request, model_path):
+    srv = Server(
+        "--model-path",
+        model_path,
+        "--pp-size",
+        str(request.param),
+        "--cpu-threads",
+        "1",
+        "--served-model-name",
+        "tiny",
+    )
+    yield srv
+    assert srv.stop() == 0
+
+
+def client(srv: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_sdk_completion_and_chat_equal_engine(server, expected):
+    c = client(server)
+    for w in WORDS[:4]:
+        out = c.completions.create(model="tiny", prompt=w, max_tokens=12, temperature=0)
+        assert out.choices[0].text == expected["raw"][w]
+        assert out.usage.completion_tokens <= 12
+        chat = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": w}], max_tokens=10, temperature=0
+        )
+        assert chat.choices[0].message.content == expected["chat"][w]
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+
+
+def test_streaming_matches_non_streaming_and_ends_with_usage(server, expected):
+    c = client(server)
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": WORDS[0]}],
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == expected["chat"][WORDS[0]]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    parts = list(
+        c.completions.create(
+            model="tiny", prompt=WORDS[1], max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert "".join(p.choices[0].text for p in parts if p.choices) == expected["raw"][WORDS[1]]
+
+
+def test_logprobs_and_list_of_parts(server, expected):
+    c = client(server)
+    chat = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": [{"type": "text", "text": WORDS[2]}]}],
+        max_tokens=10,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert chat.choices[0].message.content == expected["chat"][WORDS[2]]
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(
+        len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        for e in content
+    )
+    comp = c.completions.create(
+        model="tiny", prompt=WORDS[3], max_tokens=5, temperature=0, logprobs=2
+    )
+    assert len(comp.choices[0].logprobs.token_logprobs) == comp.usage.completion_tokens
+    assert all(len(t) <= 2 for t in comp.choices[0].logprobs.top_logprobs)
+
+
+def test_native_generate(server, expected):
+    r = httpx.post(
+        f"{server.url}/generate",
+        json={"text": WORDS[4], "sampling_params": {"temperature": 0, "max_new_tokens": 12}},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["text"] == expected["raw"][WORDS[4]]
+    batch = httpx.post(
+        f"{server.url}/generate",
+        json={"text": WORDS[:2], "sampling_params": {"temperature": 0, "max_new_tokens": 12}},
+        timeout=60,
+    ).json()
+    assert [b["text"] for b in batch] == [expected["raw"][w] for w in WORDS[:2]]
+
+
+def test_200_concurrent_requests_complete_correctly(server, expected):
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=300) as http:
+
+            async def one(p: str) -> str:
+                r = await http.post(
+                    f"{server.url}/v1/completions",
+                    json={"model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0},
+                )
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            return await asyncio.gather(*(one(p) for p in expected["prompts"]))
+
+    assert len(expected["prompts"]) == 200
+    assert asyncio.run(run()) == [expected["raw"][p] for p in expected["prompts"]]
+
+
+def metric(srv: Server, name: str) -> float:
+    for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_client_disconnect_aborts_and_frees_kv(server):
+    free = metric(server, "pipeserve_kv_slots_free")
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        json={"prompt": "long", "max_tokens": 400, "ignore_eos": True, "stream": True},
+        timeout=60,
+    ) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        metric(server, "pipeserve_running_requests")
+        or metric(server, "pipeserve_kv_slots_free") != free
+    ):
+        time.sleep(0.2)
+    assert metric(server, "pipeserve_running_requests") == 0
+    assert metric(server, "pipeserve_kv_slots_free") == free
+    assert metric(server, "pipeserve_generation_tokens_total") > 0
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", b"[1, 2]"),
+    ("/v1/completions", b'"just a string"'),
+    ("/v1/completions", {}),
+    ("/v1/completions", {"prompt": ""}),
+    ("/v1/completions", {"prompt": []}),
+    ("/v1/completions", {"prompt": 42}),
+    ("/v1/completions", {"prompt": [1, "a"]}),
+    ("/v1/completions", {"prompt": [100000]}),
+    ("/v1/completions", {"prompt": [-1]}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}),
+    ("/v1/completions", {"prompt": "hi", "n": 0}),
+    ("/v1/completions", {"prompt": "hi", "n": 100}),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 50}),
+    ("/v1/completions", {"prompt": "hi", "echo": True}),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}),
+    ("/v1/completions", {"prompt": "hi", "seed": 1.5}),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-17"}),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}),
+    ("/v1/completions", {"prompt": "x" * 600, "max_tokens": 1}),
+    ("/v1/chat/completions", {}),
+    ("/v1/chat/completions", {"messages": []}),
+    ("/v1/chat/completions", {"messages": "hello"}),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 99, "logprobs": True},
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema"},
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+    ),
+    ("/generate", {}),
+    ("/generate", {"text": "a", "input_ids": [1]}),
+    ("/generate", {"text": "a", "sampling_params": {"temprature": 1}}),
+    ("/generate", {"input_ids": [[]]}),
+    ("/v1/nothing-here", {}),
+]
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, expected):
+    assert len(BAD_REQUESTS) >= 30
+    for path, body in BAD_REQUESTS:
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = httpx.post(f"{server.url}{path}", timeout=30, **kwargs)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        assert "message" in r.json()["error"], r.text
+    out = client(server).completions.create(
+        model="tiny", prompt=WORDS[0], max_tokens=12, temperature=0
+    )
+    assert out.choices[0].text == expected["raw"][WORDS[0]]
+
+
+def test_killed_stage_fails_requests_and_server_exits_nonzero(model_path):
+    srv = Server("--model-path", model_path, "--pp-size", "2", "--cpu-threads", "1")
+    try:
+        with httpx.stream(
+            "POST",
+            f"{srv.url}/v1/completions",
+            json={"prompt": "a", "max_tokens": 450, "ignore_eos": True, "stream": True},
+            timeout=60,
+        ) as r:
+            lines = r.iter_lines()
+            next(lines)
+            ranks = [p for p in srv.children_alive() if p != srv.proc.pid]
+            start = time.monotonic()
+            os.kill(max(ranks), signal.SIGKILL)
+            tail = [line for line in lines if line.startswith("data: {")]
+        assert time.monotonic() - start < 10
+        assert "engine has failed" in json.loads(tail[-1][6:])["error"]["message"]
+        assert srv.proc.wait(30) != 0
+        time.sleep(1)
+        assert srv.children_alive() == []
+        assert "engine failed" in srv.output()
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_two_servers_side_by_side_and_sigterm_cleans_up(model_path):
+    a = Server("--model-path", model_path, "--cpu-threads", "1")
+    b = Server("--model-path", model_path, "--cpu-threads", "1")
+    try:
+        for srv in (a, b):
+            r = httpx.post(
+                f"{srv.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60
+            )
+            assert r.status_code == 200
+    finally:
+        codes = [a.stop(), b.stop()]
+    assert codes == [0, 0]
+    assert a.children_alive() == [] and b.children_alive() == []
+    assert _port_free(a.port) and _port_free(b.port)
+
+
+def test_two_node_launch_on_loopback(model_path, expected):
+    addr = f"127.0.0.1:{free_port()}"
+    common = [
+        "--model-path",
+        model_path,
+        "--pp-size",
+        "2",
+        "--nnodes",
+        "2",
+        "--dist-init-addr",
+        addr,
+        "--cpu-threads",
+        "1",
+    ]
+    worker = Server(*common, "--node-rank", "1", ready=False)
+    head = Server(*common, "--node-rank", "0", "--served-model-name", "tiny")
+    try:
+        out = client(head).completions.create(
+            model="tiny", prompt=WORDS[0], max_tokens=12, temperature=0
+        )
+        assert out.choices[0].text == expected["raw"][WORDS[0]]
+    finally:
+        assert head.stop() == 0
+        assert worker.proc.wait(30) == 0, worker.output()
