@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import os
-import string
 
 import torch
+
+from pipeserve.utils import write_char_tokenizer
 
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def make_tokenizer(path: str, vocab_size: int) -> None:
-    """A character-level fast tokenizer of exactly `vocab_size` entries."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = SPECIALS + chars
-    vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    from tokenizers import decoders
-
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-    fast.save_pretrained(path)
 
 
 def make_checkpoint(
@@ -75,7 +51,7 @@ def make_checkpoint(
     model = model_cls(config).eval()
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    make_tokenizer(path, vocab)
+    write_char_tokenizer(path, vocab)
     return path
 
 

@@ -20,7 +20,7 @@ class Server:
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
             "w+", prefix="pipeserve-server-", suffix=".log", delete=False
         )
         cmd = [

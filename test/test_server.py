@@ -12,12 +12,12 @@ import time
 import httpx
 import openai
 import pytest
-from checkpoints import make_checkpoint
-from server_harness import Server
 
+from checkpoints import make_checkpoint
 from pipeserve import Engine
 from pipeserve.engine.tokenizer import load_tokenizer
 from pipeserve.utils import free_port
+from server_harness import Server
 
 WORDS = ["hello", "the cat", "1+2=", "pipeline", "abc def ghi", "x", "OpenAI", "zz top"]
 

@@ -10,3 +10,36 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def write_char_tokenizer(path: str, vocab_size: int) -> None:
+    """Saves a character-level fast tokenizer of exactly `vocab_size` entries (printable ASCII, four
+    specials, then filler tokens) with a minimal chat template: for random-weight test and benchmark
+    checkpoints, which must not download anything."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = specials + [c for c in string.printable if c not in "\r\x0b\x0c"]
+    if vocab_size < len(vocab):
+        raise ValueError(
+            f"a character tokenizer needs at least {len(vocab)} entries, got {vocab_size}"
+        )
+    vocab += [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    fast.save_pretrained(path)

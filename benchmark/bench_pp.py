@@ -1,0 +1,172 @@
+"""Pipeline-parallel throughput: pp=1 against pp=2 sync and pp=2 async (pp=4 where cores allow),
+one build, one run, the same offline workloads.
+
+Per configuration and workload: tokens/s, each stage's busy fraction (forward time / wall), and the
+bubble (1 - mean busy) beside the (P-1)/(M+P-1) bound of a pipeline with M microbatches.
+
+    python benchmark/bench_pp.py [--model-path DIR] [--quick] [--json PATH]
+
+Without --model-path a random-weight Llama-shaped checkpoint is created (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+from pipeserve import Engine
+from pipeserve.engine.sampling_params import SamplingParams
+
+WORKLOADS = {
+    # name: (requests, prompt tokens, new tokens)
+    "decode-heavy": (64, 32, 128),
+    "prefill-heavy": (32, 384, 4),
+}
+QUICK = {"decode-heavy": (32, 16, 48), "prefill-heavy": (16, 192, 4)}
+
+
+def make_model(path: str, hidden: int, layers: int) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeserve.utils import write_char_tokenizer
+
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    write_char_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+def requests(
+    workload: tuple[int, int, int], vocab: int = 4096
+) -> list[tuple[list[int], SamplingParams]]:
+    n, prompt_len, new = workload
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    return [([rng.randrange(4, vocab) for _ in range(prompt_len)], params) for _ in range(n)]
+
+
+def run(engine: Engine, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[float, list[float]]:
+    """(wall seconds, per-stage busy seconds during the run)."""
+    engine.generate(input_ids=[reqs[0][0]], sampling_params={"max_new_tokens": 2})  # refresh stats
+    busy0 = list(engine.stats["stage_busy_s"])
+    start = time.perf_counter()
+    states = [engine.submit(ids, p) for ids, p in reqs]
+    engine.wait(states)
+    wall = time.perf_counter() - start
+    busy = [b - a for a, b in zip(busy0, engine.stats["stage_busy_s"], strict=True)]
+    return wall, busy
+
+
+def bench(
+    model: str, pp: int, mode: str, threads: int, workloads: dict, repeats: int
+) -> list[dict]:
+    rows = []
+    with Engine(
+        model_path=model,
+        device="cpu",
+        pp_size=pp,
+        pp_comm_mode=mode,
+        cpu_threads=threads,
+        max_running_requests=256,
+    ) as engine:
+        run(engine, requests((8, 16, 8)))  # warm-up
+        m = engine.config.num_microbatches
+        for name, wl in workloads.items():
+            reqs = requests(wl)
+            tokens = wl[0] * wl[2]
+            results = [run(engine, reqs) for _ in range(repeats)]
+            wall = statistics.median(r[0] for r in results)
+            busy = [statistics.median(r[1][i] for r in results) / wall for i in range(pp)]
+            rows.append(
+                {
+                    "pp_size": pp,
+                    "mode": mode,
+                    "workload": name,
+                    "tokens_per_s": tokens / wall,
+                    "total_tokens_per_s": wl[0] * (wl[1] + wl[2]) / wall,
+                    "wall_s": wall,
+                    "stage_busy": busy,
+                    "bubble": 1 - sum(busy) / pp,
+                    "bubble_bound": (pp - 1) / (m + pp - 1),
+                    "microbatches": m,
+                }
+            )
+            print_row(rows[-1])
+    return rows
+
+
+def print_row(r: dict) -> None:
+    busy = "/".join(f"{b:.2f}" for b in r["stage_busy"])
+    print(
+        f"{r['workload']:>14} pp={r['pp_size']} {r['mode']:>5} M={r['microbatches']}  {r['tokens_per_s']:9.1f} tok/s  "
+        f"total {r['total_tokens_per_s']:9.1f} tok/s  busy {busy:>14}  bubble {r['bubble']:.2f} (bound {r['bubble_bound']:.2f})",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-path", default=None)
+    parser.add_argument(
+        "--hidden", type=int, default=512, help="hidden size of the generated model"
+    )
+    parser.add_argument("--layers", type=int, default=8, help="layers of the generated model")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    model = args.model_path or make_model(
+        tempfile.mkdtemp(prefix="bench-pp-"), args.hidden, args.layers
+    )
+    workloads = QUICK if args.quick else WORKLOADS
+    configs = [(1, "async"), (2, "sync"), (2, "async")] + (
+        [(4, "sync"), (4, "async")] if cores >= 4 else []
+    )
+    rows = []
+    for pp, mode in configs:
+        rows += bench(model, pp, mode, max(1, cores // pp), workloads, args.repeats)
+    print_ratios(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def print_ratios(rows: list[dict]) -> None:
+    by = {(r["pp_size"], r["mode"], r["workload"]): r["tokens_per_s"] for r in rows}
+    for wl in sorted({r["workload"] for r in rows}):
+        for pp in sorted({r["pp_size"] for r in rows if r["pp_size"] > 1}):
+            a, s, one = (
+                by.get((pp, "async", wl)),
+                by.get((pp, "sync", wl)),
+                by.get((1, "async", wl)),
+            )
+            if a and s:
+                print(
+                    f"{wl}: pp={pp} async/sync = {a / s:.3f}x, async/pp1 = {a / one:.3f}x",
+                    file=sys.stdout,
+                )
+
+
+if __name__ == "__main__":
+    main()
