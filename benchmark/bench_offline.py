@@ -156,8 +156,8 @@ def main() -> None:
         for b in [int(x) for x in args.batches.split(",")]:
             batch = prompts(b, args.prompt_len, shape["vocab"])
             for name, make in (
-                ("pipeserve", lambda n: ours(engine, batch, n)),
-                ("transformers", lambda n: theirs(hf, batch, n, args.device)),
+                ("pipeserve", lambda n, batch=batch: ours(engine, batch, n)),
+                ("transformers", lambda n, batch=batch: theirs(hf, batch, n, args.device)),
             ):
                 pre, dec, step = rates(
                     make(1),
