@@ -1,4 +1,5 @@
-"""Runs a function on every rank of a real pp x tp grid: spawned processes, gloo on 127.0.0.1."""
+"""Runs a function on every rank of a real pp x tp grid: spawned processes on 127.0.0.1, gloo
+(and NCCL, one GPU per rank, with device="cuda")."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 from pipeserve.utils import free_port
 
 
-def _child(fn: Callable, rank: int, pp: int, tp: int, port: int, args: tuple, out: Any) -> None:
+def _child(
+    fn: Callable, rank: int, pp: int, tp: int, port: int, args: tuple, out: Any, device: str
+) -> None:
     import torch
 
     from pipeserve.distributed import DistConfig, destroy_distributed, init_distributed
@@ -20,7 +23,14 @@ def _child(fn: Callable, rank: int, pp: int, tp: int, port: int, args: tuple, ou
     torch.set_num_threads(1)
     try:
         init_distributed(
-            DistConfig(pp_size=pp, tp_size=tp, rank=rank, init_method=f"tcp://127.0.0.1:{port}")
+            DistConfig(
+                pp_size=pp,
+                tp_size=tp,
+                rank=rank,
+                init_method=f"tcp://127.0.0.1:{port}",
+                device=device,
+                local_rank=rank,
+            )
         )
         result = fn(rank, *args)
         out.put((rank, "ok", result))
@@ -37,6 +47,7 @@ def run_ranks(
     args: tuple = (),
     timeout: float = 60.0,
     may_die: frozenset[int] = frozenset(),
+    device: str = "cpu",
 ) -> dict[int, Any]:
     """Returns {rank: fn's result}. Fails on any rank's exception or a timeout; ranks in `may_die`
     may exit without reporting."""
@@ -44,7 +55,7 @@ def run_ranks(
     out = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, pp, tp, port, args, out), daemon=True)
+        ctx.Process(target=_child, args=(fn, r, pp, tp, port, args, out, device), daemon=True)
         for r in range(pp * tp)
     ]
     for p in procs:
