@@ -94,17 +94,22 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding rows split over TP ranks; each rank looks up the ids it owns, then all-reduce."""
+    """Embedding rows split over TP ranks (the vocabulary padded up to a multiple of tp_size); each
+    rank looks up the ids it owns, then all-reduce."""
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext) -> None:
         super().__init__()
         self.ctx = ctx
-        self.vocab_local = ctx.shard(vocab_size, "vocab_size")
+        self.vocab_size = vocab_size
+        self.vocab_local = -(-vocab_size // ctx.tp_size)
         self.start = ctx.tp_rank * self.vocab_local
         self.weight = nn.Parameter(torch.empty(self.vocab_local, hidden_size), requires_grad=False)
 
     def load(self, param: str, loaded: Any, shard: int = 0) -> None:
-        self.weight.data.copy_(_rows(loaded, self.start, self.vocab_local))
+        n = max(0, min(self.vocab_local, self.vocab_size - self.start))
+        self.weight.data.zero_()
+        if n:
+            self.weight.data[:n].copy_(_rows(loaded, self.start, n))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:
@@ -116,10 +121,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocab-parallel output projection: local logits, then all-gather along the vocabulary."""
+    """Vocab-parallel output projection: local logits, all-gathered, the padding cut off."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, V)
-        return self.ctx.all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = self.ctx.all_gather(F.linear(hidden, self.weight), dim=-1)
+        return logits[..., : self.vocab_size]
 
 
 class RMSNorm(nn.Module):
