@@ -131,33 +131,41 @@ def _measure(
 
 
 def _overhead(pp, world, payload: dict, iters: int) -> tuple[float, float]:
-    """Ping-pong of the same two tensors: (raw, layer) median one-way milliseconds."""
-    peer = pp.ranks[1 - pp.rank_in_group]
-    bufs = [torch.empty_like(t) for t in payload.values()]
+    """Ping-pong of the same two tensors, each side's receive posted before the round starts:
+    (raw, layer) median one-way milliseconds."""
+    me = pp.rank_in_group
+    peer = pp.ranks[1 - me]
     raw, layer = [], []
     for i in range(iters + 5):
+        bufs = [torch.empty_like(t) for t in payload.values()]
+        recvs = [dist.irecv(b, peer, group=pp.cpu_group, tag=RAW_TAG) for b in bufs]
         world.barrier()
         start = time.perf_counter()
-        for step in range(2):
-            if (pp.rank_in_group == 0) == (step == 0):
-                works = [
-                    dist.isend(t, peer, group=pp.cpu_group, tag=RAW_TAG) for t in payload.values()
-                ]
-            else:
-                works = [dist.irecv(b, peer, group=pp.cpu_group, tag=RAW_TAG) for b in bufs]
-            for w in works:
-                w.wait()
-        mid = time.perf_counter()
-        for step in range(2):
-            if (pp.rank_in_group == 0) == (step == 0):
-                pp.send_tensor_dict(payload, dst=1 - pp.rank_in_group)
-            else:
-                pp.recv_tensor_dict(src=1 - pp.rank_in_group)
-        end = time.perf_counter()
+        if me == 1:
+            _wait_all(recvs)
+        _wait_all([dist.isend(t, peer, group=pp.cpu_group, tag=RAW_TAG) for t in payload.values()])
+        if me == 0:
+            _wait_all(recvs)
+        raw_ms = (time.perf_counter() - start) * 1e3 / 2
+        _, handles, post = pp.irecv_tensor_dict(src=1 - me)
+        world.barrier()
+        start = time.perf_counter()
+        if me == 1:
+            _wait_all(handles)
+            post()
+        pp.send_tensor_dict(payload, dst=1 - me)
+        if me == 0:
+            _wait_all(handles)
+            post()
         if i >= 5:
-            raw.append((mid - start) * 1e3 / 2)
-            layer.append((end - mid) * 1e3 / 2)
+            raw.append(raw_ms)
+            layer.append((time.perf_counter() - start) * 1e3 / 2)
     return statistics.median(raw), statistics.median(layer)
+
+
+def _wait_all(works: list) -> None:
+    for w in works:
+        w.wait()
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> None:

@@ -52,12 +52,18 @@ def test_device_tensors_are_planned_out_of_line_with_record_stream(monkeypatch):
         inline_keys = {e.key for e in plan.entries if e.inline}
         assert inline_keys == {"cpu_meta"}  # device tensors never ride inline
         assert all(t.is_cuda for _, t in plan.out_of_line)
-        recorded = []
+        recorded, posted = [], []
+
+        class FakeGroup:  # stands in for the NCCL group: one GPU cannot host a peer
+            def send(self, tensors: list, dst: int, tag: int) -> None:
+                posted.append(tensors[0])
+
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append(s))
-        monkeypatch.setattr(torch.distributed, "isend", lambda *a, **k: None)
+        pp.device_groups = {Channel.PROXY: FakeGroup()}
         for key, t in plan.out_of_line:
             pp.post_send(t, 0, Channel.PROXY, Channel.PROXY.data_tag, key, cpu=False)
         assert recorded == [torch.cuda.current_stream()] * len(plan.out_of_line)
+        assert len(posted) == len(plan.out_of_line)
     finally:
         destroy_distributed()
 

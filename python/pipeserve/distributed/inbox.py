@@ -93,9 +93,8 @@ class Inbox:
     def claim(
         self, gather_group: GroupCoordinator | None, gather_keys: dict[str, bool] | None
     ) -> Incoming:
+        incoming = Incoming(None, gather_group, gather_keys)
         with self.cond:
-            incoming = Incoming(self.frames.popleft(), gather_group, gather_keys)
-            self._post_frame()
             if self.error is not None:
                 incoming.error = self.error
                 incoming.done.set()
@@ -113,6 +112,9 @@ class Inbox:
                     self.cond.wait()
                 incoming = self.queue.popleft()
             try:
+                # NOTE: only this thread takes and re-posts frames (in order), off the consumer's path.
+                incoming.frame_work = self.frames.popleft()
+                self._post_frame()
                 self._receive(incoming)
             except BaseException as e:
                 self._fail(incoming, e)

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 FRAME_BYTES = 256 * 1024  # capacity of a posted header frame
@@ -192,20 +193,17 @@ def pack_frame(
     """
     inline_len = sum(align(t.numel() * t.element_size()) for t in inline)
     head = header[:FRAME_CAPACITY]
-    size = (
-        align(_FRAME_PREFIX.size + len(head)) + inline_len
-        if inline
-        else _FRAME_PREFIX.size + len(head)
-    )
+    start = _FRAME_PREFIX.size
+    size = align(start + len(head)) + inline_len if inline else start + len(head)
     frame = torch.empty(size, dtype=torch.uint8)
     raw = frame.numpy()
     _FRAME_PREFIX.pack_into(raw, 0, _MAGIC, int(channel), int(kind), seq, len(header), inline_len)
-    raw[_FRAME_PREFIX.size : _FRAME_PREFIX.size + len(head)] = memoryview(head)
-    offset = align(_FRAME_PREFIX.size + len(header))
+    raw[start : start + len(head)] = np.frombuffer(head, dtype=np.uint8)
+    offset = align(start + len(header))
     for t in inline:
-        n = t.numel() * t.element_size()
-        frame[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
-        offset += align(n)
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        raw[offset : offset + data.size] = data
+        offset += align(data.size)
     tail = header[FRAME_CAPACITY:]
     return frame, (torch.frombuffer(bytearray(tail), dtype=torch.uint8) if tail else None)
 
