@@ -50,16 +50,22 @@ def _sync(device: torch.device) -> None:
 
 
 class Compute:
-    """A matmul loop whose length is calibrated to a target time."""
+    """A matmul loop whose length is calibrated to a target time. `sleep=True` is a diagnostic:
+    the same wait without using a core, which separates the protocol's overlap from the CPU
+    contention of a machine whose cores also run the transfer."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, sleep: bool = False) -> None:
         n = 2048 if device.type == "cuda" else 256
         self.a = torch.randn(n, n, device=device)
         self.b = torch.randn(n, n, device=device)
         self.device = device
         self.iters = 1
+        self.sleep_s = 0.0 if not sleep else 1e-3
 
     def run(self) -> None:
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+            return
         c = self.a
         for _ in range(self.iters):
             c = torch.mm(self.a, self.b)
@@ -67,6 +73,9 @@ class Compute:
         del c
 
     def calibrate(self, target_ms: float) -> None:
+        if self.sleep_s:
+            self.sleep_s = target_ms / 1e3
+            return
         self.iters = 50
         times = [_time(self.run) for _ in range(5)]
         per_iter = statistics.median(times) / 50
@@ -182,7 +191,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     )
     pp, world = get_pp_group(), get_world_group()
     device = pp.device
-    compute = Compute(device)
+    compute = Compute(device, sleep=args.compute == "sleep")
     rows, overhead_rows = [], []
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     for dtype_name, dtype in DTYPES.items():
@@ -256,6 +265,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--overhead-iters", type=int, default=200)
     parser.add_argument("--compute-ratio", type=float, default=1.0, help="compute time / comm time")
+    parser.add_argument("--compute", choices=("matmul", "sleep"), default="matmul", help="sleep: diagnostic, see Compute")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even when GPUs are present")
     args = parser.parse_args()

@@ -59,6 +59,26 @@ class RequestState:
         return self.finish_reason is not None
 
 
+def format_result(tokenizer: Any, s: RequestState) -> dict:
+    """SGLang's result shape: text (cut before a stop string), output ids and meta_info."""
+    text = tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
+    if s.finished and s.params.stop and not s.params.no_stop_trim:
+        text = trim_at_stop(text, s.params.stop)
+    meta: dict[str, Any] = {
+        "id": s.rid,
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": len(s.output_ids),
+        "finish_reason": s.finish_reason,
+    }
+    if s.logprobs:
+        meta["output_token_logprobs"] = [
+            (lp, t) for lp, t in zip(s.logprobs, s.output_ids, strict=False)
+        ]
+    if s.top_logprobs:
+        meta["output_top_logprobs"] = [[tuple(p) for p in step] for step in s.top_logprobs]
+    return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
+
+
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         self.config: EngineConfig = resolve_config(model_path=model_path, **kwargs)
@@ -166,20 +186,7 @@ class Engine:
     def result(self, s: RequestState) -> dict:
         if s.error is not None:
             raise ValueError(s.error)
-        text = self.tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
-        if s.params.stop and not s.params.no_stop_trim:
-            text = trim_at_stop(text, s.params.stop)
-        meta: dict[str, Any] = {
-            "id": s.rid,
-            "prompt_tokens": s.prompt_tokens,
-            "completion_tokens": len(s.output_ids),
-            "finish_reason": s.finish_reason,
-        }
-        if s.logprobs:
-            meta["output_token_logprobs"] = list(zip(s.logprobs, s.output_ids, strict=True))
-        if s.top_logprobs:
-            meta["output_top_logprobs"] = [[tuple(p) for p in step] for step in s.top_logprobs]
-        return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
+        return format_result(self.tokenizer, s)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def shutdown(self) -> None:

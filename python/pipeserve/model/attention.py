@@ -93,6 +93,12 @@ def _decode_part(
     return rows.to(device), slots.to(device), mask[:, None, None, :].to(device)
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache rows at `slots` (any shape), as (*slots.shape, heads, head_dim); index_select is
+    several times faster than advanced indexing on CPU."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,24 +109,27 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: (N, H, D); k, v: (N, Hkv, D) of the new tokens; caches: (slots, Hkv, D). Returns (N, H, D)."""
-    k_cache[batch.out_slots] = k
-    v_cache[batch.out_slots] = v
-    out = torch.empty_like(q)
+    k_cache.index_copy_(0, batch.out_slots, k)
+    v_cache.index_copy_(0, batch.out_slots, v)
+    all_decode = not batch.extends
+    out = q if all_decode else torch.empty_like(q)
     if batch.decode_rows.numel():
-        qd = q[batch.decode_rows].unsqueeze(2)  # (Bd, H, 1, D)
-        kd = k_cache[batch.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
-        vd = v_cache[batch.decode_slots].transpose(1, 2)
+        qd = q if all_decode else q.index_select(0, batch.decode_rows)
+        kd = _gather(k_cache, batch.decode_slots).transpose(1, 2)  # (Bd, Hkv, Lmax, D)
+        vd = _gather(v_cache, batch.decode_slots).transpose(1, 2)
         od = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[batch.decode_rows] = od.squeeze(2)
+            qd.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
+        ).squeeze(2)
+        if all_decode:
+            return od
+        out.index_copy_(0, batch.decode_rows, od)
     for span in batch.extends:
         rows = slice(span.start, span.start + span.length)
         qe = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
         if span.mask is None:
             ke, ve = k[rows], v[rows]
         else:
-            ke, ve = k_cache[span.kv_slots], v_cache[span.kv_slots]
+            ke, ve = _gather(k_cache, span.kv_slots), _gather(v_cache, span.kv_slots)
         ke, ve = ke.transpose(0, 1).unsqueeze(0), ve.transpose(0, 1).unsqueeze(0)
         oe = F.scaled_dot_product_attention(
             qe,

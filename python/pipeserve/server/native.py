@@ -6,9 +6,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.engine.engine import RequestState
+from pipeserve.engine.engine import format_result
 from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.tokenizer import trim_at_stop
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.openai_api import ModelInfo
 from pipeserve.server.protocol import ApiError, Job, check_context, get, token_lists
@@ -46,32 +45,13 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
     return Job(prompts, params, params.n, get(body, "stream", bool, False), logprobs), batch
 
 
-def _answer(m: ModelInfo, s: RequestState) -> dict:
-    text = m.tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
-    if s.finished and s.params.stop and not s.params.no_stop_trim:
-        text = trim_at_stop(text, s.params.stop)
-    meta: dict[str, Any] = {
-        "id": s.rid,
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": len(s.output_ids),
-        "finish_reason": s.finish_reason,
-    }
-    if s.logprobs:
-        meta["output_token_logprobs"] = [
-            [lp, t] for lp, t in zip(s.logprobs, s.output_ids, strict=False)
-        ]
-    if s.top_logprobs:
-        meta["output_top_logprobs"] = s.top_logprobs
-    return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
-
-
 async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:
-    answers = [_answer(m, s) for s in await run_all(frontend, job)]
+    answers = [format_result(m.tokenizer, s) for s in await run_all(frontend, job)]
     return answers if batch or job.n > 1 else answers[0]
 
 
 async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[str]:
     """Like SGLang: every event carries the text so far, with an `index` for batches."""
     async for i, s in run_streaming(frontend, job):
-        yield f"data: {json.dumps({**_answer(m, s), 'index': i})}\n\n"
+        yield f"data: {json.dumps({**format_result(m.tokenizer, s), 'index': i})}\n\n"
     yield "data: [DONE]\n\n"
