@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from pipeserve import Engine
+from pipeserve.model.config import ModelConfig
 
 SHAPES = {
     "cpu": dict(hidden=512, layers=8, inter=1536, heads=8, kv=4, vocab=4096),
@@ -137,8 +138,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
-    shape = SHAPES[args.device]
+    shape = dict(SHAPES[args.device])
     path = args.model_path or make_model(tempfile.mkdtemp(prefix="bench-offline-"), shape, dtype)
+    shape["vocab"] = ModelConfig.from_dir(path).vocab_size
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     from transformers import AutoModelForCausalLM
 

@@ -172,6 +172,13 @@ def test_bad_sampling_params_raise_value_error_naming_the_field(engine, params, 
         engine.generate(input_ids=[5, 6, 7], sampling_params=params)
 
 
+def test_token_ids_outside_the_vocabulary_are_rejected_and_the_engine_lives(engine):
+    for bad in ([5, 128], [-1]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            engine.generate(input_ids=bad, sampling_params=GREEDY)
+    assert len(engine.generate(input_ids=[5, 6], sampling_params=GREEDY)["output_ids"]) == NEW_TOKENS
+
+
 def test_prompt_longer_than_context_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[5] * 600, sampling_params=GREEDY)

@@ -34,9 +34,11 @@ class Scheduler:
         num_slots: int,
         context_length: int,
         finish_check: Callable[[Req], dict | None],
+        vocab_size: int,
     ) -> None:
         self.cfg = cfg
         self.context_length = context_length
+        self.vocab_size = vocab_size
         self.slots = IndexAllocator(num_slots, first=1)  # slot 0 is the pad slot
         self.rows = IndexAllocator(cfg.max_running_requests)
         self.waiting: deque[Req] = deque()
@@ -48,6 +50,9 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, req: Req) -> str | None:
         """Queues `req`; returns why it can never run, if so (nothing is queued then)."""
+        bad = next((t for t in req.prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            return f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
         if req.seq_len >= self.context_length:
             return f"prompt has {req.seq_len} tokens; the context length is {self.context_length}"
         if req.seq_len + 1 > self.slots.size:

@@ -122,6 +122,6 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
         finish = FinishChecker(
             eos_token_ids(cfg.model_path, tokenizer), runner.context_length, tokenizer.decode
         )
-        scheduler = Scheduler(cfg, int(slots), runner.context_length, finish)
+        scheduler = Scheduler(cfg, int(slots), runner.context_length, finish, model_cfg.vocab_size)
         sockets = SchedulerSockets(spec.ipc)
     return StageWorker(cfg, ctx, get_pp_group(), get_tp_group(), runner, scheduler, sockets)
