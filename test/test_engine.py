@@ -176,7 +176,9 @@ def test_token_ids_outside_the_vocabulary_are_rejected_and_the_engine_lives(engi
     for bad in ([5, 128], [-1]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             engine.generate(input_ids=bad, sampling_params=GREEDY)
-    assert len(engine.generate(input_ids=[5, 6], sampling_params=GREEDY)["output_ids"]) == NEW_TOKENS
+    assert (
+        len(engine.generate(input_ids=[5, 6], sampling_params=GREEDY)["output_ids"]) == NEW_TOKENS
+    )
 
 
 def test_prompt_longer_than_context_is_a_clear_error(engine):

@@ -302,7 +302,30 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_two_servers_side_by_side_and_sigterm_cleans_up(model_path):
+def test_queue_bound_answers_503_with_a_reason_and_loses_nothing_admitted(model_path):
+    srv = Server("--model-path", model_path, "--cpu-threads", "1", "--max-queued-requests", "2")
+    try:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as http:
+                body = {"prompt": "q", "max_tokens": 150, "ignore_eos": True}
+                return await asyncio.gather(
+                    *(http.post(f"{srv.url}/v1/completions", json=body) for _ in range(6))
+                )
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert codes.count(200) >= 2 and 503 in codes and set(codes) <= {200, 503}
+        full = next(r for r in asyncio.run(burst()) if r.status_code == 503)
+        assert full.json()["error"]["code"] == "queue_full"
+        r = httpx.post(
+            f"{srv.url}/v1/completions", json={"prompt": "q", "max_tokens": 3}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        srv.stop()
+
+
+def test_two_servers_side_by_side_and_sigint_sigterm_clean_up(model_path):
     a = Server("--model-path", model_path, "--cpu-threads", "1")
     b = Server("--model-path", model_path, "--cpu-threads", "1")
     try:
@@ -312,7 +335,7 @@ def test_two_servers_side_by_side_and_sigterm_cleans_up(model_path):
             )
             assert r.status_code == 200
     finally:
-        codes = [a.stop(), b.stop()]
+        codes = [a.stop(signal.SIGINT), b.stop(signal.SIGTERM)]
     assert codes == [0, 0]
     assert a.children_alive() == [] and b.children_alive() == []
     assert _port_free(a.port) and _port_free(b.port)
