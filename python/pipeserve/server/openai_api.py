@@ -139,6 +139,7 @@ def _finish(state: RequestState) -> str:
 
 
 def _usage(states: list[RequestState], prompts: list[list[int]]) -> dict:
+    """OpenAI counts each prompt once, however many choices (n) it has."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(len(s.output_ids) for s in states)
     return {
@@ -203,7 +204,7 @@ async def complete(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> dict:
         "created": int(time.time()),
         "model": m.name,
         "choices": out,
-        "usage": _usage(states, job.prompts * job.n),
+        "usage": _usage(states, job.prompts),
     }
 
 
@@ -263,5 +264,5 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             finals[i] = s
         yield chunk([choice])
     if job.include_usage:
-        yield chunk([], _usage(list(finals.values()), job.prompts * job.n))
+        yield chunk([], _usage(list(finals.values()), job.prompts))
     yield "data: [DONE]\n\n"
