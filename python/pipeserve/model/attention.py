@@ -2,7 +2,8 @@
 
 Every token of every request owns one slot of the stage's KV pool; `req_to_token[req, pos]` maps a
 request's positions to slots. Decodes (one new token each) are attended as one padded batch;
-extends (several new tokens, possibly after a cached prefix) one request at a time.
+extends (several new tokens, possibly after a cached prefix) as another padded batch when the
+padding stays small, else one request at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ class ExtendSpan:
 
 
 @dataclass
+class PaddedExtend:
+    """Several extends as one (Be, Nmax) query batch over (Be, Lmax) keys."""
+
+    rows: torch.Tensor  # (Be * Nmax,) batch row of each query slot; padding points at row 0
+    valid: torch.Tensor  # (Be * Nmax,) bool: a real query
+    kv_slots: torch.Tensor  # (Be, Lmax) slots attended, padded with slot 0
+    mask: torch.Tensor  # (Be, 1, Nmax, Lmax) bool; padded queries see key 0 only (no NaN)
+
+
+@dataclass
 class AttentionBatch:
     positions: torch.Tensor  # (N,) int64
     out_slots: torch.Tensor  # (N,) int64: where each new token's K/V is written
@@ -29,6 +40,7 @@ class AttentionBatch:
     decode_slots: torch.Tensor  # (Bd, Lmax) int64, padded with slot 0
     decode_mask: torch.Tensor  # (Bd, 1, 1, Lmax) bool, True where attended
     extends: list[ExtendSpan]
+    padded_extend: PaddedExtend | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -44,23 +56,57 @@ def build_attention_batch(
     device: torch.device,
 ) -> AttentionBatch:
     """`req_to_token` must already hold this batch's new slots."""
-    positions, decode, extends = [], [], []
+    positions, decode, extend = [], [], []
     row = 0
     for req, prefix, n in zip(req_pool_idx, prefix_lens, extend_lens, strict=True):
         positions.extend(range(prefix, prefix + n))
-        if n == 1:
-            decode.append((row, req, prefix + 1))
-        else:
-            extends.append(_extend_span(req_to_token, row, req, prefix, n, device))
+        (decode if n == 1 else extend).append((row, req, prefix, n))
         row += n
-    decode_rows, decode_slots, decode_mask = _decode_part(req_to_token, decode, device)
-    return AttentionBatch(
+    decode_rows, decode_slots, decode_mask = _decode_part(
+        req_to_token, [(r, q, p + 1) for r, q, p, _ in decode], device
+    )
+    batch = AttentionBatch(
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         out_slots=out_slots.to(device=device, dtype=torch.int64),
         decode_rows=decode_rows,
         decode_slots=decode_slots,
         decode_mask=decode_mask,
-        extends=extends,
+        extends=[],
+    )
+    if len(extend) > 1 and _padding_is_small(extend):
+        batch.padded_extend = _padded_extend(req_to_token, extend, device)
+    else:
+        batch.extends = [_extend_span(req_to_token, r, q, p, n, device) for r, q, p, n in extend]
+    return batch
+
+
+def _padding_is_small(extend: list[tuple[int, int, int, int]]) -> bool:
+    """At most twice the real query-key pairs once padded to the longest request."""
+    real = sum(n * (p + n) for _, _, p, n in extend)
+    padded = len(extend) * max(n for *_, n in extend) * max(p + n for *_, p, n in extend)
+    return padded <= 2 * real
+
+
+def _padded_extend(
+    req_to_token: torch.Tensor, extend: list[tuple[int, int, int, int]], device: torch.device
+) -> PaddedExtend:
+    nmax = max(n for *_, n in extend)
+    lmax = max(p + n for *_, p, n in extend)
+    rows = torch.zeros(len(extend), nmax, dtype=torch.int64)
+    mask = torch.zeros(len(extend), nmax, lmax, dtype=torch.bool)
+    slots = torch.zeros(len(extend), lmax, dtype=torch.int64)
+    key_pos = torch.arange(lmax)
+    for i, (row, req, prefix, n) in enumerate(extend):
+        rows[i, :n] = torch.arange(row, row + n)
+        mask[i, :n] = key_pos[None, :] <= torch.arange(prefix, prefix + n)[:, None]
+        mask[i, n:, 0] = True
+        slots[i, : prefix + n] = req_to_token[req, : prefix + n].cpu()
+    valid = torch.arange(nmax)[None, :] < torch.tensor([n for *_, n in extend])[:, None]
+    return PaddedExtend(
+        rows.view(-1).to(device),
+        valid.view(-1).to(device),
+        slots.to(device),
+        mask.unsqueeze(1).to(device),
     )
 
 
@@ -111,7 +157,7 @@ def paged_attention(
     """q: (N, H, D); k, v: (N, Hkv, D) of the new tokens; caches: (slots, Hkv, D). Returns (N, H, D)."""
     k_cache.index_copy_(0, batch.out_slots, k)
     v_cache.index_copy_(0, batch.out_slots, v)
-    all_decode = not batch.extends
+    all_decode = not batch.extends and batch.padded_extend is None
     out = q if all_decode else torch.empty_like(q)
     if batch.decode_rows.numel():
         qd = q if all_decode else q.index_select(0, batch.decode_rows)
@@ -141,4 +187,24 @@ def paged_attention(
             enable_gqa=True,
         )
         out[rows] = oe.squeeze(0).transpose(0, 1)
+    if batch.padded_extend is not None:
+        _attend_padded(q, k_cache, v_cache, batch.padded_extend, scale, out)
     return out
+
+
+def _attend_padded(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pe: PaddedExtend,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    be = pe.kv_slots.shape[0]
+    nmax = pe.rows.numel() // be
+    qe = q.index_select(0, pe.rows).view(be, nmax, *q.shape[1:]).transpose(1, 2)  # (Be, H, Nmax, D)
+    ke = _gather(k_cache, pe.kv_slots).transpose(1, 2)  # (Be, Hkv, Lmax, D)
+    ve = _gather(v_cache, pe.kv_slots).transpose(1, 2)
+    oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=pe.mask, scale=scale, enable_gqa=True)
+    oe = oe.transpose(1, 2).reshape(be * nmax, *q.shape[1:])
+    out.index_copy_(0, pe.rows[pe.valid], oe[pe.valid])
