@@ -185,11 +185,11 @@ def main() -> None:
             print(
                 f"      ratio: prefill {ours_row['prefill_tok_s'] / hf_row['prefill_tok_s']:.2f}x, decode {ours_row['decode_tok_s'] / hf_row['decode_tok_s']:.2f}x"
             )
-    if args.device == "cuda":
+    step1 = next(
+        (r["decode_step_ms"] for r in rows if r["engine"] == "pipeserve" and r["batch"] == 1), None
+    )
+    if args.device == "cuda" and step1 is not None:
         floor = bandwidth_floor_ms(path, args.device)
-        step1 = next(
-            r["decode_step_ms"] for r in rows if r["engine"] == "pipeserve" and r["batch"] == 1
-        )
         rows.append(
             {
                 "device": args.device,

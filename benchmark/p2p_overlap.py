@@ -265,7 +265,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--overhead-iters", type=int, default=200)
     parser.add_argument("--compute-ratio", type=float, default=1.0, help="compute time / comm time")
-    parser.add_argument("--compute", choices=("matmul", "sleep"), default="matmul", help="sleep: diagnostic, see Compute")
+    parser.add_argument(
+        "--compute",
+        choices=("matmul", "sleep"),
+        default="matmul",
+        help="sleep: diagnostic, see Compute",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even when GPUs are present")
     args = parser.parse_args()

@@ -23,7 +23,8 @@ class EngineConfig:
     max_total_tokens: int | None = None  # KV slots; None: sized from the memory budget
     mem_fraction_static: float = 0.85  # CUDA: share of GPU memory for weights + KV cache
     kv_cache_bytes: int = 2 << 30  # CPU: KV cache budget per rank
-    chunked_prefill_size: int = 1024  # tokens per microbatch (prefill chunks + decodes)
+    # tokens per microbatch (prefill chunks + decodes); None: 8192 on CUDA, 1024 on CPU
+    chunked_prefill_size: int | None = None
     pp_async_batch_depth: int = 0  # microbatches in flight beyond pp_size
     pp_max_micro_batch_size: int | None = None  # requests per microbatch; None: max_running // pp
     pp_comm_mode: str = "async"  # "async", or "sync": the tensor-by-tensor baseline for benchmarks
@@ -67,7 +68,9 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     if cfg.model_path is None:
         cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
     _validate(cfg)
-    return cfg.replace(device=_resolve_device(cfg.device), dtype=_resolve_dtype(cfg))
+    device = _resolve_device(cfg.device)
+    chunk = cfg.chunked_prefill_size or (8192 if device == "cuda" else 1024)
+    return cfg.replace(device=device, dtype=_resolve_dtype(cfg), chunked_prefill_size=chunk)
 
 
 def _validate(cfg: EngineConfig) -> None:
@@ -75,7 +78,10 @@ def _validate(cfg: EngineConfig) -> None:
         (cfg.tp_size >= 1, "tp_size must be >= 1"),
         (cfg.pp_size >= 1, "pp_size must be >= 1"),
         (cfg.max_running_requests >= 1, "max_running_requests must be >= 1"),
-        (cfg.chunked_prefill_size >= 1, "chunked_prefill_size must be >= 1"),
+        (
+            cfg.chunked_prefill_size is None or cfg.chunked_prefill_size >= 1,
+            "chunked_prefill_size must be >= 1",
+        ),
         (cfg.pp_async_batch_depth >= 0, "pp_async_batch_depth must be >= 0"),
         (
             cfg.pp_max_micro_batch_size is None or cfg.pp_max_micro_batch_size >= 1,

@@ -63,27 +63,30 @@ class StepOut:
 MESSAGES = {cls.__name__: cls for cls in (GenerateReq, AbortReq, ShutdownReq, TokenOut, StepOut)}
 
 
+# Field names per message type, looked up once: the codec runs for every output of every step.
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
+_SCALARS = (int, float, str, bool, type(None))
+
+
 def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return (
-            "@" + type(obj).__name__,
-            [_to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)],
-        )
+    cls = type(obj)
+    if cls in _SCALARS:
+        return obj
+    names = _FIELDS.get(cls)
+    if names is not None:
+        return ("@" + cls.__name__, [_to_plain(getattr(obj, n)) for n in names])
     if isinstance(obj, (list, tuple)):
         return [_to_plain(x) for x in obj]
     return obj
 
 
 def _from_plain(obj: Any) -> Any:
-    if (
-        isinstance(obj, tuple)
-        and len(obj) == 2
-        and isinstance(obj[0], str)
-        and obj[0].startswith("@")
-    ):
-        cls = MESSAGES[obj[0][1:]]
-        return cls(*[_from_plain(x) for x in obj[1]])
-    if isinstance(obj, list):
+    cls = type(obj)
+    if cls in _SCALARS:
+        return obj
+    if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
+        return MESSAGES[obj[0][1:]](*[_from_plain(x) for x in obj[1]])
+    if cls is list:
         return [_from_plain(x) for x in obj]
     return obj
 

@@ -29,6 +29,10 @@ class ModelRunner:
     ) -> None:
         self.cfg, self.model_cfg, self.ctx, self.device = cfg, model_cfg, ctx, device
         self.dtype = parse_dtype(cfg.dtype)
+        if device.type == "cuda":
+            # NOTE: cuDNN attention builds a plan per new shape; the key length grows every decode
+            # step, so it would plan on every call. Flash and memory-efficient kernels do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.context_length = cfg.context_length or model_cfg.max_position_embeddings
         self.model = build_stage_model(model_cfg, ctx, self.dtype, device, cfg.pp_layer_partition)
         load_weights(self.model, cfg.model_path, progress)

@@ -33,12 +33,10 @@ class Req:
     def num_uncached(self) -> int:
         return self.seq_len - self.kv_len
 
-    def token_at(self, pos: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
-
     def uncached_ids(self, n: int) -> list[int]:
-        return [self.token_at(p) for p in range(self.kv_len, self.kv_len + n)]
+        """Token ids of positions [kv_len, kv_len + n)."""
+        start, end, p = self.kv_len, self.kv_len + n, len(self.prompt_ids)
+        return self.prompt_ids[start:end] + self.output_ids[max(start - p, 0) : max(end - p, 0)]
 
     @property
     def finished(self) -> bool:

@@ -93,17 +93,18 @@ class Scheduler:
     def _choose(self) -> list[tuple[Req, int]]:
         cap, budget = self._cap(), self.cfg.chunked_prefill_size
         chosen: list[tuple[Req, int]] = []
+        promised = 0  # slots the chosen requests will take
         for req in list(self.running):
             if len(chosen) >= cap or budget <= 0:
                 return chosen
-            if req.in_flight or req.finished or req not in self.running:
-                continue
+            if req.in_flight or req.finished or req.req_pool_idx is None:
+                continue  # req_pool_idx None: preempted earlier in this loop
             n = min(req.num_uncached, budget)
-            promised = sum(k for _, k in chosen)
-            if not self._make_room(promised + n, protected=[r for r, _ in chosen] + [req]):
+            if not self._make_room(promised + n, chosen, req):
                 break
             chosen.append((req, n))
             budget -= n
+            promised += n
         while self.waiting and len(chosen) < cap and budget > 0:
             req = self.waiting[0]
             n = min(req.num_uncached, budget)
@@ -121,10 +122,11 @@ class Scheduler:
         every running request, so that admitting never forces an immediate preemption."""
         return sum(n for _, n in chosen) + len(self.running)
 
-    def _make_room(self, n: int, protected: list[Req]) -> bool:
-        """Frees slots by preempting the newest requests that are not in flight."""
+    def _make_room(self, n: int, chosen: list[tuple[Req, int]], req: Req) -> bool:
+        """Frees slots by preempting the newest requests that are neither in flight nor chosen."""
         while not self.slots.can_allocate(n):
-            victims = [r for r in self.running if not r.in_flight and r not in protected]
+            protected = {id(r) for r, _ in chosen} | {id(req)}
+            victims = [r for r in self.running if not r.in_flight and id(r) not in protected]
             if not victims:
                 return False
             self.preempt(victims[-1])

@@ -61,7 +61,7 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
                 },
             )
         )
-        worker.event_loop_pp()
+        _run_loop(worker, spec.rank)
     except BaseException as e:
         code = 1
         text = traceback.format_exc()
@@ -71,6 +71,30 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
     sys.stderr.flush()
     time.sleep(0.1)  # let the report queue's feeder thread flush
     os._exit(code)
+
+
+PROFILE_ENV = "PIPESERVE_PROFILE_DIR"
+
+
+def _run_loop(worker: StageWorker, rank: int) -> None:
+    """The PP loop; under cProfile when PIPESERVE_PROFILE_DIR is set (rank<N>.prof and a text
+    summary by own time written there when the loop ends)."""
+    out_dir = os.environ.get(PROFILE_ENV)
+    if not out_dir:
+        worker.event_loop_pp()
+        return
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(worker.event_loop_pp)
+    finally:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"rank{rank}.prof")
+        profiler.dump_stats(path)
+        with open(path.removesuffix(".prof") + ".txt", "w") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
 
 
 def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:

@@ -8,7 +8,7 @@ padding stays small, else one request at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,9 @@ class ExtendSpan:
     start: int  # first row of the request's new tokens in the batch
     length: int  # number of new tokens
     kv_slots: torch.Tensor  # (prefix + length,) slots of every position attended
-    mask: torch.Tensor | None  # (length, prefix + length) bool; None means plain causal (no prefix)
+    mask: (
+        torch.Tensor | None
+    )  # (1, 1, length, prefix + length) bool; None: plain causal (no prefix)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class AttentionBatch:
     decode_mask: torch.Tensor  # (Bd, 1, 1, Lmax) bool, True where attended
     extends: list[ExtendSpan]
     padded_extend: PaddedExtend | None = None
+    # masks as SDPA takes them (additive, query heads grouped), made once per batch, not per layer
+    prepared_masks: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -119,7 +123,7 @@ def _extend_span(
     if prefix:
         key_pos = torch.arange(total, device=device)
         query_pos = torch.arange(prefix, total, device=device)
-        mask = key_pos[None, :] <= query_pos[:, None]
+        mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
     return ExtendSpan(row, n, slots, mask)
 
 
@@ -163,48 +167,81 @@ def paged_attention(
         qd = q if all_decode else q.index_select(0, batch.decode_rows)
         kd = _gather(k_cache, batch.decode_slots).transpose(1, 2)  # (Bd, Hkv, Lmax, D)
         vd = _gather(v_cache, batch.decode_slots).transpose(1, 2)
-        od = F.scaled_dot_product_attention(
-            qd.unsqueeze(2), kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True
-        ).squeeze(2)
+        od = _grouped_sdpa(qd.unsqueeze(1), kd, vd, batch, batch.decode_mask, scale).squeeze(1)
         if all_decode:
             return od
         out.index_copy_(0, batch.decode_rows, od)
     for span in batch.extends:
         rows = slice(span.start, span.start + span.length)
-        qe = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
-        if span.mask is None:
-            ke, ve = k[rows], v[rows]
-        else:
-            ke, ve = _gather(k_cache, span.kv_slots), _gather(v_cache, span.kv_slots)
-        ke, ve = ke.transpose(0, 1).unsqueeze(0), ve.transpose(0, 1).unsqueeze(0)
-        oe = F.scaled_dot_product_attention(
-            qe,
-            ke,
-            ve,
-            attn_mask=span.mask,
-            is_causal=span.mask is None,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[rows] = oe.squeeze(0).transpose(0, 1)
+        if span.mask is None:  # causal over its own tokens: flash attention where available
+            qe, ke, ve = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            oe = F.scaled_dot_product_attention(
+                qe, ke, ve, is_causal=True, scale=scale, enable_gqa=True
+            )
+            out[rows] = oe.squeeze(0).transpose(0, 1)
+            continue
+        ke = _gather(k_cache, span.kv_slots).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
+        ve = _gather(v_cache, span.kv_slots).transpose(0, 1).unsqueeze(0)
+        oe = _grouped_sdpa(q[rows].unsqueeze(0), ke, ve, batch, span.mask, scale)
+        out[rows] = oe.squeeze(0)
     if batch.padded_extend is not None:
-        _attend_padded(q, k_cache, v_cache, batch.padded_extend, scale, out)
+        _attend_padded(q, k_cache, v_cache, batch, scale, out)
     return out
+
+
+def _grouped_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: AttentionBatch,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: (B, Lq, H, D); k, v: (B, Hkv, Lk, D); mask: (B or 1, 1, Lq, Lk) bool. Returns (B, Lq, H, D).
+
+    The query heads that share a KV head ride as extra query rows of that head, so K and V are
+    never repeated per query head (SDPA's own `enable_gqa` falls back to a kernel that repeats them
+    and, on CUDA, waits for the device when a mask is given)."""
+    B, Lq, H, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    qg = q.reshape(B, Lq, Hkv, g, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Lq * g, D)
+    o = F.scaled_dot_product_attention(
+        qg, k, v, attn_mask=_prepared_mask(batch, mask, g, q.dtype), scale=scale
+    )
+    return o.view(B, Hkv, Lq, g, D).permute(0, 2, 1, 3, 4).reshape(B, Lq, H, D)
+
+
+def _prepared_mask(
+    batch: AttentionBatch, mask: torch.Tensor, group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`mask` (bool, True where attended) as an additive mask of `dtype`, each query row repeated
+    `group` times; cached on the batch, so every layer reuses it."""
+    key = (id(mask), group, dtype)
+    prepared = batch.prepared_masks.get(key)
+    if prepared is None:
+        b, _, lq, lk = mask.shape
+        if group > 1 and lq > 1:
+            mask = mask.unsqueeze(3).expand(b, 1, lq, group, lk).reshape(b, 1, lq * group, lk)
+        prepared = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        prepared.masked_fill_(~mask, float("-inf"))
+        batch.prepared_masks[key] = prepared
+    return prepared
 
 
 def _attend_padded(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    pe: PaddedExtend,
+    batch: AttentionBatch,
     scale: float,
     out: torch.Tensor,
 ) -> None:
+    pe = batch.padded_extend
     be = pe.kv_slots.shape[0]
     nmax = pe.rows.numel() // be
-    qe = q.index_select(0, pe.rows).view(be, nmax, *q.shape[1:]).transpose(1, 2)  # (Be, H, Nmax, D)
+    qe = q.index_select(0, pe.rows).view(be, nmax, *q.shape[1:])  # (Be, Nmax, H, D)
     ke = _gather(k_cache, pe.kv_slots).transpose(1, 2)  # (Be, Hkv, Lmax, D)
     ve = _gather(v_cache, pe.kv_slots).transpose(1, 2)
-    oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=pe.mask, scale=scale, enable_gqa=True)
-    oe = oe.transpose(1, 2).reshape(be * nmax, *q.shape[1:])
+    oe = _grouped_sdpa(qe, ke, ve, batch, pe.mask, scale).reshape(be * nmax, *q.shape[1:])
     out.index_copy_(0, pe.rows[pe.valid], oe[pe.valid])

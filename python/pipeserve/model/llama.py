@@ -54,14 +54,16 @@ class Attention(nn.Module):
         batch: AttentionBatch,
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        n, D = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            [self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1
-        )
-        q, k, v = q.view(n, self.heads, D), k.view(n, self.kv_heads, D), v.view(n, self.kv_heads, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        n, D, H = x.shape[0], self.head_dim, self.heads
+        qkv = self.qkv_proj(x)
+        if self.q_norm is None:  # rotate q and k together: half the ops (launches) per layer
+            qk = apply_rotary(qkv[:, : (H + self.kv_heads) * D].view(n, -1, D), *rope)
+            q, k = qk.split([H, self.kv_heads], dim=1)
+        else:
+            q = self.q_norm(qkv[:, : H * D].view(n, H, D))
+            k = self.k_norm(qkv[:, H * D : (H + self.kv_heads) * D].view(n, self.kv_heads, D))
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        v = qkv[:, (H + self.kv_heads) * D :].view(n, self.kv_heads, D)
         out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
         return self.o_proj(out.reshape(n, self.heads * D))
 
