@@ -3,6 +3,7 @@ report ready, run the PP loop, exit with `os._exit` (receiver threads may still 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
     code = 0
     try:
         worker = _build(cfg, spec, report)
+        gc.freeze()  # the model and tables live as long as the process: no collection walks them
         report.put(
             (
                 "ready",
