@@ -88,6 +88,13 @@ def test_batch_invariance(engine):
         )
 
 
+def test_a_generate_batch_arrives_together_and_is_prefilled_in_one_microbatch(engine):
+    engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 1})
+    before = engine.stats["num_microbatches"]
+    engine.generate(input_ids=prompts(24, seed=5), sampling_params={"max_new_tokens": 1})
+    assert engine.stats["num_microbatches"] == before + 1  # 24 short prompts fit one budget
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     params = {
         "temperature": 0.9,

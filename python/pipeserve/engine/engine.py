@@ -19,6 +19,7 @@ from pipeserve.config import EngineConfig, resolve_config
 from pipeserve.engine.ipc import (
     AbortReq,
     FrontendSockets,
+    GenerateBatch,
     GenerateReq,
     IpcAddresses,
     ShutdownReq,
@@ -117,10 +118,11 @@ class Engine:
         params = [SamplingParams.from_dict(p) for p in raw]  # all validated before any is submitted
         if any(not ids for ids in prompts):
             raise ValueError("a prompt must have at least one token")
-        states = [
-            self.submit(p, sp, return_logprob, top_logprobs_num)
-            for p, sp in zip(prompts, params, strict=True)
-        ]
+        states = self.submit_many(
+            [(p, sp) for p, sp in zip(prompts, params, strict=True)],
+            return_logprob,
+            top_logprobs_num,
+        )
         self.wait(states)
         results = [self.result(s) for s in states]
         return results[0] if single else results
@@ -141,14 +143,29 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
     ) -> RequestState:
-        rid = uuid.uuid4().hex
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.sockets.send(
-            GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
-        )
-        state = RequestState(rid, params, prompt_tokens=len(ids))
-        self.outstanding[rid] = state
-        return state
+        return self.submit_many([(ids, params)], return_logprob, top_logprobs_num)[0]
+
+    def submit_many(
+        self,
+        items: list[tuple[list[int], SamplingParams]],
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+    ) -> list[RequestState]:
+        """Queues (prompt ids, params) pairs in one message, so that they are scheduled together."""
+        if not items:
+            return []
+        reqs, states = [], []
+        for ids, params in items:
+            rid = uuid.uuid4().hex
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            reqs.append(
+                GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
+            )
+            states.append(RequestState(rid, params, prompt_tokens=len(ids)))
+        self.sockets.send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
+        for state in states:
+            self.outstanding[state.rid] = state
+        return states
 
     def wait(self, states: list[RequestState]) -> None:
         """Blocks until every one of `states` has finished; raises RankFailure if a rank dies.

@@ -31,6 +31,14 @@ class GenerateReq:
 
 
 @dataclass(frozen=True)
+class GenerateBatch:
+    """Several requests in one message, so that the scheduler sees them arrive together (an offline
+    batch is then prefilled in as few microbatches as the budget allows, not split by arrival)."""
+
+    reqs: list[GenerateReq]
+
+
+@dataclass(frozen=True)
 class AbortReq:
     rid: str
 
@@ -60,7 +68,10 @@ class StepOut:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-MESSAGES = {cls.__name__: cls for cls in (GenerateReq, AbortReq, ShutdownReq, TokenOut, StepOut)}
+MESSAGES = {
+    cls.__name__: cls
+    for cls in (GenerateReq, GenerateBatch, AbortReq, ShutdownReq, TokenOut, StepOut)
+}
 
 
 # Field names per message type, looked up once: the codec runs for every output of every step.

@@ -45,6 +45,7 @@ class Scheduler:
         self.running: list[Req] = []
         self.finish_check = finish_check
         self.num_preemptions = 0
+        self.num_microbatches = 0  # microbatches built so far
         self.ended: list[Req] = []  # requests the scheduler finished on its own; the host drains it
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -82,6 +83,7 @@ class Scheduler:
         if not chosen:
             self._unstick()
             return None
+        self.num_microbatches += 1
         return self._describe(mb_id, chosen), [r for r, _ in chosen]
 
     def _cap(self) -> int:

@@ -9,6 +9,7 @@ from pipeserve.config import EngineConfig
 from pipeserve.distributed import GroupCoordinator
 from pipeserve.engine.ipc import (
     AbortReq,
+    GenerateBatch,
     GenerateReq,
     SchedulerSockets,
     ShutdownReq,
@@ -51,6 +52,9 @@ class StageWorker(SchedulerPPMixin):
                 return False
             if isinstance(msg, GenerateReq):
                 outputs.extend(self._add(msg))
+            elif isinstance(msg, GenerateBatch):
+                for req in msg.reqs:
+                    outputs.extend(self._add(req))
             elif isinstance(msg, AbortReq):
                 outputs.extend(self._abort(msg.rid))
         self._send(outputs)
@@ -158,5 +162,6 @@ class StageWorker(SchedulerPPMixin):
             "free_slots": s.slots.num_free,
             "num_slots": s.slots.size,
             "num_preemptions": s.num_preemptions,
+            "num_microbatches": s.num_microbatches,
             "stage_busy_s": list(self.stage_busy),
         }

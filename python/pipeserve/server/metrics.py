@@ -33,6 +33,8 @@ def render_metrics(frontend: Any) -> str:
         _line("pipeserve_kv_slots_free", s.get("free_slots", 0)),
         "# TYPE pipeserve_preemptions_total counter",
         _line("pipeserve_preemptions_total", s.get("num_preemptions", 0)),
+        "# TYPE pipeserve_microbatches_total counter",
+        _line("pipeserve_microbatches_total", s.get("num_microbatches", 0)),
         "# HELP pipeserve_stage_busy_seconds_total Seconds each pipeline stage spent computing.",
         "# TYPE pipeserve_stage_busy_seconds_total counter",
     ]
