@@ -19,9 +19,8 @@ class ExtendSpan:
     start: int  # first row of the request's new tokens in the batch
     length: int  # number of new tokens
     kv_slots: torch.Tensor  # (prefix + length,) slots of every position attended
-    mask: (
-        torch.Tensor | None
-    )  # (1, 1, length, prefix + length) bool; None: plain causal (no prefix)
+    # (1, 1, length, prefix + length) bool; None: plain causal (no prefix)
+    mask: torch.Tensor | None
 
 
 @dataclass

@@ -65,7 +65,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         v = qkv[:, (H + self.kv_heads) * D :].view(n, self.kv_heads, D)
         out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
-        return self.o_proj(out.reshape(n, self.heads * D))
+        return self.o_proj(out.reshape(n, H * D))
 
 
 class MLP(nn.Module):
