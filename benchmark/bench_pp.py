@@ -4,7 +4,11 @@ one build, one run, the same offline workloads.
 Per configuration and workload: tokens/s, each stage's busy fraction (forward time / wall), and the
 bubble (1 - mean busy) beside the (P-1)/(M+P-1) bound of a pipeline with M microbatches.
 
-    python benchmark/bench_pp.py [--model-path DIR] [--quick] [--json PATH]
+    python benchmark/bench_pp.py [--model-path DIR] [--quick] [--json PATH] [--pp-sizes 2,4]
+        [--partition 5,4 ...] [--threads N]
+
+`--partition` adds sync and async runs with that layer split, e.g. to move a layer off the last
+stage, which also carries the LM head and sampling.
 
 Without --model-path a random-weight Llama-shaped checkpoint is created (nothing is downloaded).
 """
@@ -16,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
@@ -76,7 +79,13 @@ def run(engine: Engine, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[f
 
 
 def bench(
-    model: str, pp: int, mode: str, threads: int, workloads: dict, repeats: int
+    model: str,
+    pp: int,
+    mode: str,
+    threads: int,
+    workloads: dict,
+    repeats: int,
+    partition: str | None = None,
 ) -> list[dict]:
     rows = []
     with Engine(
@@ -86,6 +95,7 @@ def bench(
         pp_comm_mode=mode,
         cpu_threads=threads,
         max_running_requests=256,
+        pp_layer_partition=partition,
     ) as engine:
         run(engine, requests((8, 16, 8)))  # warm-up
         m = engine.config.num_microbatches
@@ -107,6 +117,8 @@ def bench(
                     "bubble": 1 - sum(busy) / pp,
                     "bubble_bound": (pp - 1) / (m + pp - 1),
                     "microbatches": m,
+                    "partition": partition,
+                    "threads": threads,
                 }
             )
             print_row(rows[-1])
@@ -115,8 +127,9 @@ def bench(
 
 def print_row(r: dict) -> None:
     busy = "/".join(f"{b:.2f}" for b in r["stage_busy"])
+    split = f" [{r['partition']}]" if r["partition"] else ""
     print(
-        f"{r['workload']:>14} pp={r['pp_size']} {r['mode']:>5} M={r['microbatches']}  {r['tokens_per_s']:9.1f} tok/s  "
+        f"{r['workload']:>14} pp={r['pp_size']}{split} {r['mode']:>5} M={r['microbatches']}  {r['tokens_per_s']:9.1f} tok/s  "
         f"total {r['total_tokens_per_s']:9.1f} tok/s  busy {busy:>14}  bubble {r['bubble']:.2f} (bound {r['bubble_bound']:.2f})",
         flush=True,
     )
@@ -134,18 +147,43 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--pp-sizes",
+        default=None,
+        help="comma-separated pp sizes besides pp=1 (default: 2, and 4 with at least 4 cores)",
+    )
+    parser.add_argument(
+        "--partition",
+        action="append",
+        default=[],
+        metavar="A,B,...",
+        help="also run pp=len(parts) sync and async with this layer split (repeatable)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per stage (default: cores // pp)"
+    )
     args = parser.parse_args()
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     model = args.model_path or make_model(
         tempfile.mkdtemp(prefix="bench-pp-"), args.hidden, args.layers
     )
     workloads = QUICK if args.quick else WORKLOADS
-    configs = [(1, "async"), (2, "sync"), (2, "async")] + (
-        [(4, "sync"), (4, "async")] if cores >= 4 else []
+    sizes = (
+        [int(x) for x in args.pp_sizes.split(",")]
+        if args.pp_sizes
+        else [2] + ([4] if cores >= 4 else [])
     )
+    configs = [(1, "async", None)]
+    configs += [(pp, mode, None) for pp in sizes for mode in ("sync", "async")]
+    configs += [
+        (len(split.split(",")), mode, split)
+        for split in args.partition
+        for mode in ("sync", "async")
+    ]
     rows = []
-    for pp, mode in configs:
-        rows += bench(model, pp, mode, max(1, cores // pp), workloads, args.repeats)
+    for pp, mode, split in configs:
+        threads = args.threads or max(1, cores // pp)
+        rows += bench(model, pp, mode, threads, workloads, args.repeats, split)
     print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -153,19 +191,16 @@ def main() -> None:
 
 
 def print_ratios(rows: list[dict]) -> None:
-    by = {(r["pp_size"], r["mode"], r["workload"]): r["tokens_per_s"] for r in rows}
+    by = {(r["pp_size"], r["partition"], r["mode"], r["workload"]): r["tokens_per_s"] for r in rows}
+    splits = sorted({(r["pp_size"], r["partition"] or "") for r in rows if r["pp_size"] > 1})
     for wl in sorted({r["workload"] for r in rows}):
-        for pp in sorted({r["pp_size"] for r in rows if r["pp_size"] > 1}):
-            a, s, one = (
-                by.get((pp, "async", wl)),
-                by.get((pp, "sync", wl)),
-                by.get((1, "async", wl)),
-            )
+        for pp, split in splits:
+            key = split or None
+            a, s = by.get((pp, key, "async", wl)), by.get((pp, key, "sync", wl))
+            one = by.get((1, None, "async", wl))
             if a and s:
-                print(
-                    f"{wl}: pp={pp} async/sync = {a / s:.3f}x, async/pp1 = {a / one:.3f}x",
-                    file=sys.stdout,
-                )
+                label = f"pp={pp}" + (f" [{split}]" if split else "")
+                print(f"{wl}: {label} async/sync = {a / s:.3f}x, async/pp1 = {a / one:.3f}x")
 
 
 if __name__ == "__main__":
