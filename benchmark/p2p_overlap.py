@@ -193,7 +193,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     device = pp.device
     compute = Compute(device, sleep=args.compute == "sleep")
     rows, overhead_rows = [], []
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = [] if args.overhead_only else QUICK_SIZES if args.quick else FULL_SIZES
     for dtype_name, dtype in DTYPES.items():
         for tokens, hidden in sizes:
             payload = _payload(tokens, hidden, dtype, device)
@@ -264,6 +264,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per mode (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--overhead-iters", type=int, default=200)
+    parser.add_argument(
+        "--overhead-only", action="store_true", help="only the per-message overhead ping-pong"
+    )
     parser.add_argument("--compute-ratio", type=float, default=1.0, help="compute time / comm time")
     parser.add_argument(
         "--compute",

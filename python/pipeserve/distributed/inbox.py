@@ -210,6 +210,13 @@ def plan_receive(
                 f"tensor {e.key!r} from rank {coord.ranks[src]} on channel {channel.name}: sender split="
                 f"{e.split}, receiver split={split} (all_gather_group or all_gather_tensors differ)"
             )
+        if e.inline and not split:  # a view of the frame: nothing to allocate or copy
+            nbytes = e.meta.numel * e.meta.dtype.itemsize
+            view = inline_view(frame_buf, offset, nbytes, e.meta.dtype)
+            offset += align(nbytes)
+            coord.count_received(src, channel, nbytes)
+            incoming.tensor_dict[e.key] = view.view(e.meta.shape)
+            continue
         on_cpu = e.meta.device_type == "cpu"
         full = torch.empty(
             e.meta.shape, dtype=e.meta.dtype, device="cpu" if on_cpu else coord.device
@@ -220,12 +227,9 @@ def plan_receive(
             incoming.gathers.append(full)
         if e.inline:
             nbytes = target.numel() * target.element_size()
-            view = inline_view(frame_buf, offset, nbytes, e.meta.dtype)
+            target.copy_(inline_view(frame_buf, offset, nbytes, e.meta.dtype))
             offset += align(nbytes)
             coord.count_received(src, channel, nbytes)
-            full = full if split else view.view(e.meta.shape)
-            if split:
-                target.copy_(view)
         elif e.meta.numel:
             targets.append((f"tensor {e.key!r}", target, on_cpu))
         incoming.tensor_dict[e.key] = full
