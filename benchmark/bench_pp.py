@@ -191,13 +191,15 @@ def main() -> None:
 
 
 def print_ratios(rows: list[dict]) -> None:
-    by = {(r["pp_size"], r["partition"], r["mode"], r["workload"]): r["tokens_per_s"] for r in rows}
-    splits = sorted({(r["pp_size"], r["partition"] or "") for r in rows if r["pp_size"] > 1})
+    by = {
+        (r["pp_size"], r["partition"] or "", r["mode"], r["workload"]): r["tokens_per_s"]
+        for r in rows
+    }
+    splits = sorted({(pp, split) for pp, split, _, _ in by if pp > 1})
     for wl in sorted({r["workload"] for r in rows}):
         for pp, split in splits:
-            key = split or None
-            a, s = by.get((pp, key, "async", wl)), by.get((pp, key, "sync", wl))
-            one = by.get((1, None, "async", wl))
+            a, s = by.get((pp, split, "async", wl)), by.get((pp, split, "sync", wl))
+            one = by.get((1, "", "async", wl))
             if a and s:
                 label = f"pp={pp}" + (f" [{split}]" if split else "")
                 print(f"{wl}: {label} async/sync = {a / s:.3f}x, async/pp1 = {a / one:.3f}x")

@@ -210,13 +210,16 @@ def plan_receive(
                 f"tensor {e.key!r} from rank {coord.ranks[src]} on channel {channel.name}: sender split="
                 f"{e.split}, receiver split={split} (all_gather_group or all_gather_tensors differ)"
             )
-        if e.inline and not split:  # a view of the frame: nothing to allocate or copy
-            nbytes = e.meta.numel * e.meta.dtype.itemsize
+        view = None
+        if e.inline:  # the bytes (this rank's row when split) sit in the frame
+            numel = e.meta.numel // group.world_size if split else e.meta.numel
+            nbytes = numel * e.meta.dtype.itemsize
             view = inline_view(frame_buf, offset, nbytes, e.meta.dtype)
             offset += align(nbytes)
             coord.count_received(src, channel, nbytes)
-            incoming.tensor_dict[e.key] = view.view(e.meta.shape)
-            continue
+            if not split:  # used in place: nothing to allocate or copy
+                incoming.tensor_dict[e.key] = view.view(e.meta.shape)
+                continue
         on_cpu = e.meta.device_type == "cpu"
         full = torch.empty(
             e.meta.shape, dtype=e.meta.dtype, device="cpu" if on_cpu else coord.device
@@ -225,11 +228,8 @@ def plan_receive(
         if split:
             target = target.view(group.world_size, -1)[group.rank_in_group]
             incoming.gathers.append(full)
-        if e.inline:
-            nbytes = target.numel() * target.element_size()
-            target.copy_(inline_view(frame_buf, offset, nbytes, e.meta.dtype))
-            offset += align(nbytes)
-            coord.count_received(src, channel, nbytes)
+        if view is not None:
+            target.copy_(view)
         elif e.meta.numel:
             targets.append((f"tensor {e.key!r}", target, on_cpu))
         incoming.tensor_dict[e.key] = full
