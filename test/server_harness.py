@@ -70,9 +70,26 @@ class Server:
         return self.proc.returncode
 
     def children_alive(self) -> list[int]:
-        """PIDs still in the server's process group (its ranks), after it has stopped."""
+        """PIDs still running in the server's process group (its ranks and resource tracker)."""
         out = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split() if _running(int(p))]
+
+    def leftovers(self, timeout: float = 10.0) -> list[str]:
+        """After the server has exited: what is still running in its group once `timeout` has
+        passed, as "pid: command line". Waits because multiprocessing's resource tracker exits
+        only after it has seen its parent's end of the pipe close, a moment after the parent."""
+        deadline = time.monotonic() + timeout
+        while (alive := self.children_alive()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [f"{pid}: {_cmdline(pid)}" for pid in alive]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ").strip()
+    except OSError:
+        return "(gone)"
 
 
 def _running(pid: int) -> bool:
