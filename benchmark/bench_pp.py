@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ import time
 
 from pipeserve import Engine
 from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.utils import usable_cores
 
 WORKLOADS = {
     # name: (requests, prompt tokens, new tokens)
@@ -163,7 +163,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads per stage (default: cores // pp)"
     )
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     model = args.model_path or make_model(
         tempfile.mkdtemp(prefix="bench-pp-"), args.hidden, args.layers
     )

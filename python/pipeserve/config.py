@@ -32,7 +32,7 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # "host:port" of rank 0; None: a free port on 127.0.0.1
-    cpu_threads: int | None = None  # torch threads per rank on CPU; None: cores // local ranks
+    cpu_threads: int | None = None  # torch threads per rank on CPU; None: usable cores // ranks
     p2p_timeout_s: float = 60.0
     keepalive_s: float = 5.0  # an idle pipeline sends an empty microbatch this often
     log_level: str = "info"

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS reports one (taskset, a
+    container's cpuset), which `os.cpu_count()` ignores."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:

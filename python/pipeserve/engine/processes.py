@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import queue
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.engine.ipc import IpcAddresses
 from pipeserve.engine.worker import RankSpec, run_rank
-from pipeserve.utils import free_port
+from pipeserve.utils import free_port, usable_cores
 
 logger = logging.getLogger("pipeserve.launcher")
 
@@ -38,7 +37,7 @@ class RankGroup:
             else f"tcp://127.0.0.1:{free_port()}"
         )
         first = cfg.node_rank * cfg.ranks_per_node
-        threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.ranks_per_node)
+        threads = cfg.cpu_threads or max(1, usable_cores() // cfg.ranks_per_node)
         self.procs: dict[int, Any] = {}
         for local in range(cfg.ranks_per_node):
             spec = RankSpec(first + local, local, self.dist_init, ipc, threads)
