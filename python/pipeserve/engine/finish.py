@@ -10,9 +10,8 @@ STOP_WINDOW_EXTRA = 4  # tokens decoded beyond the longest stop string, for mult
 
 
 class FinishChecker:
-    def __init__(
-        self, eos_ids: set[int], context_length: int, decode: Callable[[list[int]], str]
-    ) -> None:
+    def __init__(self, eos_ids: set[int], context_length: int, decode: Callable[..., str]) -> None:
+        """`decode(ids, skip_special_tokens=...)`: a tokenizer's decode."""
         self.eos_ids = eos_ids
         self.context_length = context_length
         self.decode = decode
@@ -33,9 +32,13 @@ class FinishChecker:
         return None
 
     def _stop_string(self, req: Req) -> str | None:
-        """Decodes only a window of recent tokens: a stop string that just completed lies inside it."""
+        """Decodes only a window of recent tokens: a stop string that just completed lies inside it.
+        Special tokens are kept or skipped as in the request's output text, which is what the
+        stop strings are matched (and the text trimmed) against."""
         window = max(len(s) for s in req.params.stop) + STOP_WINDOW_EXTRA
-        tail = self.decode(req.output_ids[-window:])
+        tail = self.decode(
+            req.output_ids[-window:], skip_special_tokens=req.params.skip_special_tokens
+        )
         for s in req.params.stop:
             if s in tail:
                 return s

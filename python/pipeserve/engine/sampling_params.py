@@ -31,7 +31,8 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("top_k", lambda v: v >= -1, "-1 or 0 (disabled) or >= 1"),
     ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("repetition_penalty", lambda v: v > 0, "> 0"),
+    # bounded away from 0: dividing logits by a tiny penalty overflows them to inf (NaN logprobs)
+    ("repetition_penalty", lambda v: 0.01 <= v <= 100, "in [0.01, 100]"),
     ("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
     ("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
     ("n", lambda v: v >= 1, ">= 1"),
