@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -86,7 +87,7 @@ def test_openai_sdk_completion_and_chat_equal_engine(server, expected):
     assert [m.id for m in c.models.list().data] == ["tiny"]
 
 
-def test_streaming_matches_non_streaming_and_ends_with_usage(server, expected):
+def test_streaming_matches_non_streaming_and_usage_comes_when_asked(server, expected):
     c = client(server)
     chunks = list(
         c.chat.completions.create(
@@ -95,17 +96,65 @@ def test_streaming_matches_non_streaming_and_ends_with_usage(server, expected):
             max_tokens=10,
             temperature=0,
             stream=True,
+            stream_options={"include_usage": True},
         )
     )
+    assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == expected["chat"][WORDS[0]]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
     parts = list(
         c.completions.create(
             model="tiny", prompt=WORDS[1], max_tokens=12, temperature=0, stream=True
         )
     )
-    assert "".join(p.choices[0].text for p in parts if p.choices) == expected["raw"][WORDS[1]]
+    assert all(p.choices and p.usage is None for p in parts)  # OpenAI: usage only when asked
+    assert "".join(p.choices[0].text for p in parts) == expected["raw"][WORDS[1]]
+
+
+def test_streamed_logprobs_equal_non_streamed_ones_text_offsets_included(server):
+    body = {"prompt": WORDS[5], "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    merged: dict[str, list] = {"tokens": [], "text_offset": [], "token_logprobs": []}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                for key in merged:
+                    merged[key] += lp[key]
+    want = whole["choices"][0]["logprobs"]
+    assert merged["tokens"] == want["tokens"] and merged["text_offset"] == want["text_offset"]
+    assert merged["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    assert want["text_offset"][-1] > 0
+
+
+def test_openai_edge_values_are_served_as_openai_does(server, expected, model_path):
+    c = client(server)
+    greedy = c.completions.create(model="tiny", prompt=WORDS[0], max_tokens=12, top_p=0)
+    assert greedy.choices[0].text == expected["raw"][WORDS[0]]  # top_p=0 keeps the top token
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "gpt-17", "prompt": "hi"}, timeout=30
+    )
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["code"] == "model_not_found"
+    assert "'tiny'" in error["message"] and "/" not in error["message"]
+    tok = load_tokenizer(model_path)
+    empty = tok.apply_chat_template(
+        [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False
+    )
+    overhead = len(tok.encode(empty, add_special_tokens=False))  # one token per "y" on top
+    # over the context (512), and filling it exactly: no room for even one token
+    for content in ("y" * 600, "y" * (512 - overhead)):
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": content}]},
+            timeout=30,
+        )
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "context_length_exceeded", r.text
+        assert error["param"] == "messages"
 
 
 def test_logprobs_and_list_of_parts(server, expected):
@@ -211,7 +260,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": -1}),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}),
-    ("/v1/completions", {"prompt": "hi", "top_p": 0}),
+    ("/v1/completions", {"prompt": "hi", "top_p": -0.1}),
+    ("/v1/completions", {"prompt": [[1, 2], 3]}),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300, "logprobs": 2}),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300, "stream": True}),
     ("/v1/completions", {"prompt": "hi", "n": 0}),
     ("/v1/completions", {"prompt": "hi", "n": 100}),
     ("/v1/completions", {"prompt": "hi", "stop": 5}),
@@ -316,6 +368,22 @@ def test_queue_bound_answers_503_with_a_reason_and_loses_nothing_admitted(model_
         assert codes.count(200) >= 2 and 503 in codes and set(codes) <= {200, 503}
         full = next(r for r in asyncio.run(burst()) if r.status_code == 503)
         assert full.json()["error"]["code"] == "queue_full"
+        # a request needing more sequences than the bound can never fit: 400, not a retryable 503
+        for stream in (False, True):
+            body = {"prompt": "q", "max_tokens": 2, "n": 3, "stream": stream}
+            r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        # a stream refused at admission gets its 503 as the response's status, before any event
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            body = {"prompt": "q", "max_tokens": 480, "ignore_eos": True, "n": 2}
+            busy = pool.submit(httpx.post, f"{srv.url}/v1/completions", json=body, timeout=120)
+            deadline = time.monotonic() + 30
+            while metric(srv, "pipeserve_running_requests") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            body = {"prompt": "q", "max_tokens": 2, "stream": True}
+            r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+            assert busy.result().status_code == 200
         r = httpx.post(
             f"{srv.url}/v1/completions", json={"prompt": "q", "max_tokens": 3}, timeout=60
         )
@@ -364,3 +432,40 @@ def test_two_node_launch_on_loopback(model_path, expected):
     finally:
         assert head.stop() == 0
         assert worker.proc.wait(30) == 0, worker.output()
+
+
+def test_port_check_counts_a_port_in_time_wait_as_free_and_takes_ipv6():
+    from pipeserve.launch_server import _check_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, _ = listener.accept()
+            conn.close()  # the server side closes first: its end of the pair enters TIME-WAIT
+            time.sleep(0.1)
+    _check_port_free("127.0.0.1", port)  # uvicorn (SO_REUSEADDR) could bind it, so may we
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit, match="cannot listen on"):
+            _check_port_free("127.0.0.1", taken.getsockname()[1])
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    _check_port_free("::1", free_port())
+
+
+def test_ranks_not_ready_in_time_is_one_clear_error_and_nothing_is_left(model_path):
+    srv = Server("--model-path", model_path, "--ready-timeout", "0.2", ready=False)
+    try:
+        assert srv.proc.wait(60) == 1
+        assert "could not start: ranks did not become ready within 0.2s" in srv.output()
+        assert "Traceback" not in srv.output()
+        assert srv.leftovers() == []
+    finally:
+        srv.stop(signal.SIGKILL)

@@ -34,6 +34,7 @@ class EngineConfig:
     dist_init_addr: str | None = None  # "host:port" of rank 0; None: a free port on 127.0.0.1
     cpu_threads: int | None = None  # torch threads per rank on CPU; None: usable cores // ranks
     p2p_timeout_s: float = 60.0
+    ready_timeout_s: float = 1800.0  # for every rank to load its weights and report ready
     keepalive_s: float = 5.0  # an idle pipeline sends an empty microbatch this often
     log_level: str = "info"
 

@@ -29,18 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=cfg.engine.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if cfg.engine.node_rank > 0:
-        return run_worker_node(cfg.engine)
-    _check_port_free(cfg.host, cfg.port)
-    return serve(cfg)
+    try:
+        if cfg.engine.node_rank > 0:
+            return run_worker_node(cfg.engine)
+        _check_port_free(cfg.host, cfg.port)
+        return serve(cfg)
+    except RankFailure as e:  # while starting; later failures are handled where they happen
+        logger.error("pipeserve could not start: %s", e)
+        return 1
 
 
 def _check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    """Fails before any rank starts if the HTTP port is taken. Binds as uvicorn will (any address
+    family, SO_REUSEADDR), so that a port in TIME-WAIT from a previous run counts as free."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _start_ranks(engine: EngineConfig, ipc: IpcAddresses) -> RankGroup:

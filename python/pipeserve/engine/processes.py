@@ -51,10 +51,11 @@ class RankGroup:
             self.procs[spec.rank] = proc
         self.info: dict[str, Any] = {}
 
-    def wait_ready(self, timeout_s: float = 600.0) -> dict[str, Any]:
-        """Blocks until every local rank reports ready, logging their progress; raises RankFailure."""
+    def wait_ready(self) -> dict[str, Any]:
+        """Blocks until every local rank reports ready (at most `ready_timeout_s`), logging their
+        progress; raises RankFailure."""
         pending = set(self.procs)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + self.cfg.ready_timeout_s
         while pending:
             kind, rank, payload = self._next_report(deadline)
             if kind == "progress":
@@ -73,7 +74,10 @@ class RankGroup:
             except queue.Empty:
                 self.check_alive()
                 if time.monotonic() > deadline:
-                    raise RankFailure("ranks did not become ready in time") from None
+                    raise RankFailure(
+                        f"ranks did not become ready within {self.cfg.ready_timeout_s:g}s "
+                        "(ready_timeout_s, --ready-timeout)"
+                    ) from None
 
     def check_alive(self) -> None:
         for rank, proc in self.procs.items():

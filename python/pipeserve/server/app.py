@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeserve.server import native, openai_api
-from pipeserve.server.frontend import EngineDead, Frontend, QueueFull
+from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull
 from pipeserve.server.metrics import render_metrics
 from pipeserve.server.openai_api import ModelInfo
 from pipeserve.server.protocol import ApiError
@@ -100,11 +100,15 @@ def build_app(
 
 
 async def _serve(request: Request, parse: Callable, run: Callable, stream: Callable) -> Response:
-    """Parses the body, then answers as JSON or SSE; every failure becomes an OpenAI-style error."""
+    """Parses the body, then answers as JSON or SSE; every failure becomes an OpenAI-style error.
+    A stream's first event is awaited before the response starts, so that a request refused at
+    admission (queue full, engine dead) or failing before its first token gets its own status."""
     try:
         job = parse(await _json_body(request))
         if job.stream:
-            return StreamingResponse(_guard_stream(stream(job)), media_type="text/event-stream")
+            events = stream(job)
+            first = await _unless_disconnected(request, anext(events))
+            return StreamingResponse(_guard_stream(first, events), media_type="text/event-stream")
         return JSONResponse(await _unless_disconnected(request, run(job)))
     except Exception as e:
         return _error_response(e)
@@ -136,9 +140,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         task.cancel()
 
 
-async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _guard_stream(first: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
     """Errors after the stream has started travel as a final error event."""
     try:
+        yield first
         async for event in events:
             yield event
     except Exception as e:
@@ -150,6 +155,8 @@ async def _guard_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
 def _as_api_error(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, OverBound):
+        return ApiError(str(e), "n")
     if isinstance(e, QueueFull):
         return ApiError(str(e), status=503, kind="server_overloaded", code="queue_full")
     if isinstance(e, EngineDead):

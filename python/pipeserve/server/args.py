@@ -19,7 +19,6 @@ class ServerConfig:
     port: int = 30000
     served_model_name: str | None = None  # None: the model directory's name
     max_queued_requests: int | None = None  # None: queue without bound; else 503 beyond it
-    ready_timeout_s: float = 1800.0
 
     @property
     def model_name(self) -> str:
@@ -100,6 +99,12 @@ _ENGINE_FLAGS = [
         "p2p_timeout_s",
         float,
         "seconds a pipeline transfer may take before it is an error",
+    ),
+    (
+        "--ready-timeout",
+        "ready_timeout_s",
+        float,
+        "seconds the ranks may take to load the model and report ready",
     ),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
 ]

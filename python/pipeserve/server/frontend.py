@@ -9,7 +9,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,10 @@ class EngineDead(RuntimeError):
 
 class QueueFull(RuntimeError):
     """More unfinished requests than --max-queued-requests."""
+
+
+class OverBound(ValueError):
+    """One HTTP request needs more engine requests than --max-queued-requests allows at all."""
 
 
 @dataclass
@@ -73,25 +77,43 @@ class Frontend:
         ]
 
     # ---- requests ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admitted(self, count: int) -> Iterator[list[str]]:
+        """Request ids for all `count` engine requests of one HTTP request, each with its output
+        queue, or QueueFull / OverBound before any of them starts: a request is admitted whole or
+        not at all. Their queues are dropped on exit."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        if self.max_queued is not None and count > self.max_queued:
+            raise OverBound(
+                f"this request needs {count} sequences (prompts x n); the server's bound on "
+                f"unfinished requests is {self.max_queued}"
+            )
+        if self.max_queued is not None and len(self.queues) + count > self.max_queued:
+            raise QueueFull(
+                f"{len(self.queues)} requests are unfinished; the server's bound is {self.max_queued}"
+            )
+        rids = [uuid.uuid4().hex for _ in range(count)]
+        self.queues.update((rid, asyncio.Queue()) for rid in rids)
+        try:
+            yield rids
+        finally:
+            for rid in rids:
+                self.queues.pop(rid, None)
+
     async def generate(
         self,
+        rid: str,
         ids: list[int],
         params: SamplingParams,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
     ) -> AsyncIterator[RequestState]:
-        """Yields the request's state after every delta; the last one has finished. Aborts the
-        request if the consumer goes away (a client disconnect cancels the consumer)."""
-        if self.dead is not None:
-            raise EngineDead(self.dead)
-        if self.max_queued is not None and len(self.queues) >= self.max_queued:
-            raise QueueFull(
-                f"{len(self.queues)} requests are unfinished; the server's bound is {self.max_queued}"
-            )
-        rid = uuid.uuid4().hex
+        """Yields the request's state after every delta; the last one has finished. `rid` comes
+        from `admitted`. Aborts the request if the consumer goes away (a client disconnect cancels
+        the consumer)."""
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        queue: asyncio.Queue[TokenOut | BaseException] = asyncio.Queue()
-        self.queues[rid] = queue
+        queue = self.queues[rid]
         state = RequestState(rid, params, prompt_tokens=len(ids))
         self.counters.prompt_tokens += len(ids)
         try:

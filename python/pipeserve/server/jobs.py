@@ -27,13 +27,15 @@ def expand(job: Job) -> list[tuple[list[int], SamplingParams]]:
 async def _run_one(
     frontend: Any,
     job: Job,
+    rid: str,
     ids: list[int],
     params: SamplingParams,
     sink: asyncio.Queue | None,
     index: int,
 ) -> RequestState:
     last = None
-    async for state in frontend.generate(ids, params, job.logprobs is not None, job.logprobs or 0):
+    wants_logprobs = job.logprobs is not None
+    async for state in frontend.generate(rid, ids, params, wants_logprobs, job.logprobs or 0):
         if state.error is not None:
             raise ApiError(state.error, "prompt")
         last = state
@@ -42,41 +44,49 @@ async def _run_one(
     return last
 
 
-async def run_all(frontend: Any, job: Job) -> list[RequestState]:
-    tasks = [
-        asyncio.create_task(_run_one(frontend, job, ids, p, None, i))
-        for i, (ids, p) in enumerate(expand(job))
+def _start(
+    frontend: Any, job: Job, rids: list[str], sink: asyncio.Queue | None
+) -> list[asyncio.Task]:
+    return [
+        asyncio.create_task(_run_one(frontend, job, rid, ids, p, sink, i))
+        for i, (rid, (ids, p)) in enumerate(zip(rids, expand(job), strict=True))
     ]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()  # on error or a client gone, the others abort too
+
+
+async def run_all(frontend: Any, job: Job) -> list[RequestState]:
+    with frontend.admitted(job.num_requests) as rids:
+        tasks = _start(frontend, job, rids, None)
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()  # on error or a client gone, the others abort too
 
 
 async def run_streaming(frontend: Any, job: Job) -> AsyncIterator[tuple[int, RequestState]]:
-    """(choice index, state) after every delta of any choice, in arrival order."""
-    sink: asyncio.Queue = asyncio.Queue()
-    tasks = [
-        asyncio.create_task(_run_one(frontend, job, ids, p, sink, i))
-        for i, (ids, p) in enumerate(expand(job))
-    ]
-    done = asyncio.create_task(asyncio.wait(tasks))
-    try:
-        while True:
-            getter = asyncio.create_task(sink.get())
-            finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in finished:
-                yield getter.result()
-                continue
-            getter.cancel()
-            while not sink.empty():
-                yield sink.get_nowait()
+    """(choice index, state) after every delta of any choice, in arrival order. The job is
+    admitted (or refused) when the first item is asked for."""
+    with frontend.admitted(job.num_requests) as rids:
+        sink: asyncio.Queue = asyncio.Queue()
+        tasks = _start(frontend, job, rids, sink)
+        done = asyncio.create_task(asyncio.wait(tasks))
+        try:
+            while True:
+                getter = asyncio.create_task(sink.get())
+                finished, _ = await asyncio.wait(
+                    {getter, done}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in finished:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not sink.empty():
+                    yield sink.get_nowait()
+                for t in tasks:
+                    if t.exception() is not None:
+                        raise t.exception()
+                return
+        finally:
             for t in tasks:
-                if t.exception() is not None:
-                    raise t.exception()
-            return
-    finally:
-        for t in tasks:
-            t.cancel()
-        done.cancel()
+                t.cancel()
+            done.cancel()

@@ -36,7 +36,7 @@ class ModelInfo:
 
 # ---- parsing ------------------------------------------------------------------------------------------
 def parse_completion(body: dict, m: ModelInfo) -> Job:
-    check_model(body, m.names)
+    check_model(body, m.names, m.name)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts = [m.tokenizer.encode(prompt)]
@@ -104,17 +104,14 @@ def _message(i: int, msg: Any) -> dict:
 
 
 def parse_chat(body: dict, m: ModelInfo) -> Job:
-    check_model(body, m.names)
+    check_model(body, m.names, m.name)
     fmt = get(body, "response_format", dict, {"type": "text"})
     if fmt.get("type", "text") != "text":
         raise ApiError(f"response_format {fmt.get('type')!r} is not supported", "response_format")
     ids = chat_prompt(body, m)
     max_tokens = get(body, "max_completion_tokens", int, None)
-    max_tokens = (
-        get(body, "max_tokens", int, m.context_length - len(ids))
-        if max_tokens is None
-        else max_tokens
-    )
+    if max_tokens is None:  # absent: the rest of the context, and at least one token
+        max_tokens = get(body, "max_tokens", int, max(1, m.context_length - len(ids)))
     check_context(
         len(ids),
         max_tokens,
@@ -156,9 +153,10 @@ def _text(m: ModelInfo, s: RequestState) -> str:
     )
 
 
-def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0) -> dict:
+def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0, offset: int = 0) -> dict:
+    """Tokens from `start` on; `offset`: where token `start` begins in the completion's text."""
     tokens = [m.tokenizer.decode([t]) for t in s.output_ids[start:]]
-    offsets, pos = [], 0
+    offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
@@ -213,11 +211,14 @@ def _id(chat: bool) -> str:
 
 
 async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per choice per step, a final usage chunk, then [DONE]."""
+    """Server-sent events: one chunk per choice per step (for chat, led by one chunk that gives
+    every choice its role), a usage chunk if asked for, then [DONE]. The first event waits for the
+    first token, so that a refused request is still a plain HTTP error."""
     rid, created = _id(chat), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     decoders: dict[int, StreamDecoder] = {}
     seen: dict[int, int] = {}
+    text_offsets: dict[int, int] = {}  # per choice: where its next token's logprob text starts
     finals: dict[int, RequestState] = {}
 
     def chunk(choices_: list[dict], usage: dict | None = None) -> str:
@@ -226,19 +227,15 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    if chat:
-        yield chunk(
-            [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                for i in range(job.n * len(job.prompts))
-            ]
-        )
+    role = {"role": "assistant", "content": ""}
+    roles = [
+        {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+        for i in range(job.num_requests)
+    ]
     async for i, s in run_streaming(frontend, job):
+        if chat and roles:
+            yield chunk(roles)
+            roles = []
         dec = decoders.setdefault(
             i,
             StreamDecoder(
@@ -255,10 +252,12 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             "finish_reason": _finish(s) if s.finished else None,
             "logprobs": None,
         }
-        if job.logprobs is not None:
-            choice["logprobs"] = (
-                chat_logprobs(m, s, start) if chat else completion_logprobs(m, s, start)
-            )
+        if job.logprobs is not None and chat:
+            choice["logprobs"] = chat_logprobs(m, s, start)
+        elif job.logprobs is not None:
+            offset = text_offsets.get(i, 0)
+            choice["logprobs"] = completion_logprobs(m, s, start, offset)
+            text_offsets[i] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
         choice.update({"delta": {"content": text}} if chat else {"text": text})
         if s.finished:
             finals[i] = s

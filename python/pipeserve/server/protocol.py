@@ -51,7 +51,12 @@ class Job:
     n: int = 1
     stream: bool = False
     logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
-    include_usage: bool = True
+    include_usage: bool = False  # streaming: a last chunk with usage (OpenAI's stream_options)
+
+    @property
+    def num_requests(self) -> int:
+        """Engine requests this job becomes: every choice of every prompt."""
+        return len(self.prompts) * self.n
 
 
 _MISSING = object()
@@ -81,12 +86,14 @@ def number_in(body: dict, name: str, lo: float, hi: float, default: float | None
     return value
 
 
-def check_model(body: dict, served: set[str]) -> None:
+def check_model(body: dict, served: set[str], name: str) -> None:
+    """`served`: every name the model answers to; `name`: the one the server reports."""
     model = get(body, "model", str, None)
     if model is not None and model not in served:
         raise ApiError(
-            f"The model '{model}' does not exist; this server serves {sorted(served)[0]!r}",
+            f"The model '{model}' does not exist; this server serves '{name}'",
             "model",
+            status=404,
             code="model_not_found",
         )
 
@@ -106,11 +113,14 @@ def sampling_params(body: dict, max_tokens: int) -> SamplingParams:
         raise ApiError(
             "'echo' is not supported by this server (prompt logprobs are not returned)", "echo"
         )
+    top_p, top_k = number_in(body, "top_p", 0.0, 1.0, 1.0), get(body, "top_k", int, -1)
+    if top_p == 0:  # OpenAI accepts 0: only the most likely token survives, as with top_k = 1
+        top_p, top_k = 1.0, 1
     fields = {
         "max_new_tokens": max_tokens,
         "temperature": number_in(body, "temperature", 0.0, 2.0, 1.0),
-        "top_p": number_in(body, "top_p", 0.0, 1.0, 1.0),
-        "top_k": get(body, "top_k", int, -1),
+        "top_p": top_p,
+        "top_k": top_k,
         "min_p": number_in(body, "min_p", 0.0, 1.0, 0.0),
         "frequency_penalty": number_in(body, "frequency_penalty", -2.0, 2.0, 0.0),
         "presence_penalty": number_in(body, "presence_penalty", -2.0, 2.0, 0.0),
@@ -132,7 +142,7 @@ def sampling_params(body: dict, max_tokens: int) -> SamplingParams:
 def stream_flags(body: dict) -> tuple[bool, bool]:
     stream = get(body, "stream", bool, False)
     options = get(body, "stream_options", dict, {})
-    return stream, bool(options.get("include_usage", True))
+    return stream, bool(options.get("include_usage", False))
 
 
 def choices(body: dict) -> int:
@@ -147,7 +157,7 @@ def choices(body: dict) -> int:
 
 def token_lists(value: Any, name: str, vocab_size: int) -> list[list[int]]:
     """A prompt given as token ids: a list of ints, or a list of such lists."""
-    lists = value if value and isinstance(value[0], list) else [value]
+    lists = value if value and all(isinstance(v, list) for v in value) else [value]
     for ids in lists:
         if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ApiError(f"'{name}' must be a non-empty list of token ids", name)
