@@ -196,6 +196,57 @@ def test_prompt_longer_than_context_is_a_clear_error(engine):
     ]
 
 
+def test_bad_prompts_are_refused_up_front_naming_the_prompt_and_the_engine_lives(engine):
+    cases = [
+        ([[5, 6], [5, "x"]], "prompt 1: token ids must be integers"),
+        ([[5, 6], [5, 6.7]], "prompt 1: token ids must be integers"),
+        ([[5, 6], [5] * 512], "prompt 1 has 512 tokens; the context length is 512"),
+        ([[5, 6], []], "prompt 1 has no tokens"),
+    ]
+    for batch, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.generate(input_ids=batch, sampling_params=GREEDY)
+    with pytest.raises(ValueError, match="request 0 has no tokens"):
+        engine.submit([], {"max_new_tokens": 3})
+    state = engine.submit([5, 6], {"temperature": 0, "max_new_tokens": 3})  # params as a dict
+    engine.wait([state])
+    assert len(state.output_ids) == 3
+
+
+def test_n_choices_offline_are_adjacent_reproducible_and_distinct(engine):
+    params = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True, "seed": 7, "n": 3}
+    out = engine.generate(input_ids=[[5, 6], [7, 8, 9]], sampling_params=params)
+    assert len(out) == 6
+    again = engine.generate(input_ids=[7, 8, 9], sampling_params=params)
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in out[3:]]
+    assert len({tuple(o["output_ids"]) for o in again}) == 3
+    one = engine.generate(input_ids=[7, 8, 9], sampling_params={**params, "n": 1})
+    assert one["output_ids"] == again[0]["output_ids"]  # choice 0 samples with the seed itself
+
+
+def test_an_interrupted_wait_aborts_and_a_later_wait_sees_the_abort(engine):
+    params = {"max_new_tokens": 400, "ignore_eos": True}
+    states = [engine.submit([5 + i, 6], params) for i in range(4)]
+    with pytest.raises(TimeoutError, match=r"unfinished after 0\.3s"):
+        engine.wait(states, timeout_s=0.3)
+    engine.wait(states, timeout_s=60)
+    assert all(s.finish_reason["type"] == "abort" for s in states)
+    assert all(len(s.output_ids) < 400 for s in states)
+
+
+def test_a_stop_string_before_min_new_tokens_neither_stops_nor_cuts_the_text(engine):
+    ids = prompts(1, seed=5)[0]
+    free = engine.generate(input_ids=ids, sampling_params=GREEDY)
+    stop = free["text"][2:4]
+    first = free["text"].index(stop)
+    out = engine.generate(
+        input_ids=ids,
+        sampling_params={**GREEDY, "stop": [stop], "min_new_tokens": NEW_TOKENS},
+    )
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert out["text"] == free["text"] and first < len(out["text"])
+
+
 def test_kv_exhaustion_preempts_and_every_request_completes(llama_path):
     batch = prompts(8, seed=7)
     want = hf_greedy(llama_path, batch, NEW_TOKENS)

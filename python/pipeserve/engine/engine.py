@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import zmq
@@ -60,11 +62,20 @@ class RequestState:
         return self.finish_reason is not None
 
 
+def output_text(tokenizer: Any, s: RequestState) -> str:
+    """The text a request returns: cut before the stop string that ended it, if one did."""
+    p = s.params
+    text = tokenizer.decode(s.output_ids, skip_special_tokens=p.skip_special_tokens)
+    if not isinstance((s.finish_reason or {}).get("matched"), str) or p.no_stop_trim:
+        return text
+    early = s.output_ids[: max(0, p.min_new_tokens - 1)]  # may not end in a stop string
+    after = len(tokenizer.decode(early, skip_special_tokens=p.skip_special_tokens))
+    return trim_at_stop(text, p.stop, after)
+
+
 def format_result(tokenizer: Any, s: RequestState) -> dict:
     """SGLang's result shape: text (cut before a stop string), output ids and meta_info."""
-    text = tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
-    if s.finished and s.params.stop and not s.params.no_stop_trim:
-        text = trim_at_stop(text, s.params.stop)
+    text = output_text(tokenizer, s)
     meta: dict[str, Any] = {
         "id": s.rid,
         "prompt_tokens": s.prompt_tokens,
@@ -105,8 +116,10 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
     ) -> dict | list[dict]:
-        """One dict per prompt: text, output_ids and meta_info (token counts, finish reason, and
-        logprobs when asked). A single prompt gives a single dict."""
+        """One dict per prompt and choice: text, output_ids and meta_info (token counts, finish
+        reason, and logprobs when asked). With `n` > 1 in a prompt's sampling params its n choices
+        come one after another. A single prompt with n = 1 gives a single dict. Every prompt is
+        checked before any is submitted."""
         prompts, single = self._normalize(prompt if input_ids is None else input_ids)
         raw = (
             sampling_params
@@ -115,17 +128,28 @@ class Engine:
         )
         if len(raw) != len(prompts):
             raise ValueError(f"{len(raw)} sampling_params for {len(prompts)} prompts")
-        params = [SamplingParams.from_dict(p) for p in raw]  # all validated before any is submitted
-        if any(not ids for ids in prompts):
-            raise ValueError("a prompt must have at least one token")
-        states = self.submit_many(
-            [(p, sp) for p, sp in zip(prompts, params, strict=True)],
-            return_logprob,
-            top_logprobs_num,
-        )
+        params = [SamplingParams.from_dict(p) for p in raw]
+        prompts = [self._check_prompt(ids, f"prompt {i}") for i, ids in enumerate(prompts)]
+        items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
+        states = self.submit_many(items, return_logprob, top_logprobs_num)
         self.wait(states)
         results = [self.result(s) for s in states]
-        return results[0] if single else results
+        return results[0] if single and len(results) == 1 else results
+
+    def _check_prompt(self, ids: list[int], name: str) -> list[int]:
+        """`ids` as plain ints; what stage 0 would refuse is refused here first, naming the prompt."""
+        if not ids:
+            raise ValueError(f"{name} has no tokens")
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token ids must be integers, got {bad!r}")
+        limit = self.info["context_length"]
+        if len(ids) >= limit:
+            raise ValueError(
+                f"{name} has {len(ids)} tokens; the context length is {limit} "
+                "(a prompt must leave room for one new token)"
+            )
+        return [int(t) for t in ids]
 
     def _normalize(self, prompt: Any) -> tuple[list[list[int]], bool]:
         if prompt is None:
@@ -139,7 +163,7 @@ class Engine:
     def submit(
         self,
         ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | dict,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
     ) -> RequestState:
@@ -151,9 +175,18 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
     ) -> list[RequestState]:
-        """Queues (prompt ids, params) pairs in one message, so that they are scheduled together."""
+        """Queues (prompt ids, params) pairs in one message, so that they are scheduled together.
+        Params may be dicts; each pair is one request (`n` is expanded by `generate`)."""
         if not items:
             return []
+        self._check_open()
+        items = [
+            (
+                self._check_prompt(list(ids), f"request {i}"),
+                SamplingParams.from_dict(p) if isinstance(p, dict) else p,
+            )
+            for i, (ids, p) in enumerate(items)
+        ]
         reqs, states = [], []
         for ids, params in items:
             rid = uuid.uuid4().hex
@@ -162,25 +195,48 @@ class Engine:
                 GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
             )
             states.append(RequestState(rid, params, prompt_tokens=len(ids)))
-        self.sockets.send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
         for state in states:
             self.outstanding[state.rid] = state
+        self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
         return states
 
-    def wait(self, states: list[RequestState]) -> None:
-        """Blocks until every one of `states` has finished; raises RankFailure if a rank dies.
-        Outputs of other outstanding requests that arrive meanwhile are kept for their own wait."""
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the engine is shut down")
+        try:
+            self.ranks.check_alive()
+        except RankFailure:
+            self.shutdown()
+            raise
+
+    def _send(self, msg: Any) -> None:
+        try:
+            self.sockets.send(msg)
+        except zmq.Again:  # stage 0 stopped reading: a dead rank says why, else say what failed
+            self._check_open()
+            raise RuntimeError("stage 0 did not take the message within 2 s") from None
+
+    def wait(self, states: list[RequestState], timeout_s: float | None = None) -> None:
+        """Blocks until every one of `states` has finished, or raises TimeoutError after
+        `timeout_s`; raises RankFailure if a rank dies. Outputs of other outstanding requests that
+        arrive meanwhile are kept for their own wait. Interrupted (TimeoutError, Ctrl-C), it aborts
+        the unfinished ones, which a later `wait` sees finish with reason abort."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while not all(s.finished for s in states):
-                self.poll(0.5)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"requests unfinished after {timeout_s:g}s")
+                self.poll(
+                    0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+                )
         except RankFailure:
             self.shutdown()
             raise
         except BaseException:
-            for s in states:
-                if not s.finished:
-                    self.abort(s)
-                    self.outstanding.pop(s.rid, None)
+            if not self.closed:
+                for s in states:
+                    if not s.finished:
+                        self.abort(s)
             raise
 
     def poll(self, timeout_s: float) -> None:
@@ -198,7 +254,7 @@ class Engine:
 
     def abort(self, state: RequestState) -> None:
         """Asks stage 0 to drop the request; `wait` then sees it finish with reason abort."""
-        self.sockets.send(AbortReq(state.rid))
+        self._send(AbortReq(state.rid))
 
     def result(self, s: RequestState) -> dict:
         if s.error is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeserve.engine.req import Req
+from pipeserve.engine.tokenizer import find_stop
 
 STOP_WINDOW_EXTRA = 4  # tokens decoded beyond the longest stop string, for multi-token characters
 
@@ -32,14 +33,15 @@ class FinishChecker:
         return None
 
     def _stop_string(self, req: Req) -> str | None:
-        """Decodes only a window of recent tokens: a stop string that just completed lies inside it.
-        Special tokens are kept or skipped as in the request's output text, which is what the
-        stop strings are matched (and the text trimmed) against."""
-        window = max(len(s) for s in req.params.stop) + STOP_WINDOW_EXTRA
-        tail = self.decode(
-            req.output_ids[-window:], skip_special_tokens=req.params.skip_special_tokens
-        )
-        for s in req.params.stop:
-            if s in tail:
-                return s
-        return None
+        """A stop string that ends in the newest token's text (earlier ones were checked before, or
+        came before min_new_tokens allowed a stop). Decodes a window of recent tokens, with special
+        tokens kept or skipped as in the request's output text, which stop strings are matched
+        (and the text trimmed) against."""
+        stops = req.params.stop
+        window = req.output_ids[-(max(len(s) for s in stops) + STOP_WINDOW_EXTRA) :]
+        skip = req.params.skip_special_tokens
+        tail = self.decode(window, skip_special_tokens=skip)
+        start = find_stop(tail, stops, len(self.decode(window[:-1], skip_special_tokens=skip)))
+        if start is None:
+            return None
+        return next(s for s in stops if tail.startswith(s, start))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -95,6 +96,14 @@ class SamplingParams:
             f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
             for f in fields(self)
         }
+
+    def choices(self) -> list[SamplingParams]:
+        """One params per choice (n of them, each with n = 1). Choice k of a seeded request
+        samples with seed + k, so that the n choices differ reproducibly."""
+        if self.n == 1:
+            return [self]
+        seeds = [None if self.seed is None else self.seed + k for k in range(self.n)]
+        return [dataclasses.replace(self, n=1, seed=seed) for seed in seeds]
 
     @property
     def is_greedy(self) -> bool:

@@ -51,9 +51,13 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, req: Req) -> str | None:
         """Queues `req`; returns why it can never run, if so (nothing is queued then)."""
-        bad = next((t for t in req.prompt_ids if not 0 <= t < self.vocab_size), None)
+        if not req.prompt_ids:
+            return "the prompt has no tokens"
+        bad = next(
+            (t for t in req.prompt_ids if type(t) is not int or not 0 <= t < self.vocab_size), None
+        )
         if bad is not None:
-            return f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
         if req.seq_len >= self.context_length:
             return f"prompt has {req.seq_len} tokens; the context length is {self.context_length}"
         if req.seq_len + 1 > self.slots.size:

@@ -51,31 +51,49 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
 
 
-def trim_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    """Cuts `text` before the first stop string (OpenAI semantics: the stop string is not returned)."""
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-    return text if cut < 0 else text[:cut]
+def trim_at_stop(text: str, stops: tuple[str, ...], after: int = 0) -> str:
+    """Cuts `text` before the first stop string that ends beyond its first `after` characters
+    (OpenAI semantics: the stop string is not returned). `after`: the text of the tokens sampled
+    before min_new_tokens allowed a stop."""
+    return text[: find_stop(text, stops, after)]
+
+
+def find_stop(text: str, stops: tuple[str, ...], after: int = 0) -> int | None:
+    """Where the first stop string that ends beyond `text[:after]` begins, or None."""
+    found = [i for s in stops if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
+    return min(found, default=None)
 
 
 class StreamDecoder:
     """Text deltas for streaming: withholds a tail that could still grow into a stop string, and
     ends the text before a stop string that appears."""
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool, stops: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        skip_special_tokens: bool,
+        stops: tuple[str, ...],
+        min_new_tokens: int = 0,
+    ) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.tokens, self.min_new_tokens = 0, min_new_tokens
+        self.free_from = 0  # text length before the token that may first end in a stop
 
     def push(self, token_ids: list[int], final: bool = False) -> str:
         self.text += self.detok.add(token_ids)
+        self.tokens += len(token_ids)
+        if self.tokens < self.min_new_tokens:
+            self.free_from = len(self.text)
         if self.stopped:
             return ""
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        cut = min((i for s in self.stops if (i := self.text.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        cut = find_stop(self.text, self.stops, self.free_from)
+        if cut is not None:
             self.stopped, end = True, cut
         delta = self.text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)

@@ -13,15 +13,9 @@ from pipeserve.server.protocol import ApiError, Job
 
 
 def expand(job: Job) -> list[tuple[list[int], SamplingParams]]:
-    """Choice k of a seeded request samples with seed + k, so that n choices differ reproducibly."""
-    out = []
-    for ids in job.prompts:
-        for k in range(job.n):
-            params = job.params
-            if params.seed is not None and k:
-                params = dataclasses.replace(params, seed=params.seed + k)
-            out.append((ids, params))
-    return out
+    """One (prompt, params) per choice of every prompt (see SamplingParams.choices)."""
+    choice_params = dataclasses.replace(job.params, n=job.n).choices()
+    return [(ids, p) for ids in job.prompts for p in choice_params]
 
 
 async def _run_one(

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.engine.engine import RequestState
-from pipeserve.engine.tokenizer import StreamDecoder, trim_at_stop
+from pipeserve.engine.engine import RequestState, output_text
+from pipeserve.engine.tokenizer import StreamDecoder
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.protocol import (
     ApiError,
@@ -146,13 +146,6 @@ def _usage(states: list[RequestState], prompts: list[list[int]]) -> dict:
     }
 
 
-def _text(m: ModelInfo, s: RequestState) -> str:
-    text = m.tokenizer.decode(s.output_ids, skip_special_tokens=s.params.skip_special_tokens)
-    return (
-        trim_at_stop(text, s.params.stop) if s.params.stop and not s.params.no_stop_trim else text
-    )
-
-
 def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0, offset: int = 0) -> dict:
     """Tokens from `start` on; `offset`: where token `start` begins in the completion's text."""
     tokens = [m.tokenizer.decode([t]) for t in s.output_ids[start:]]
@@ -191,9 +184,9 @@ async def complete(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> dict:
         if job.logprobs is not None:
             choice["logprobs"] = chat_logprobs(m, s) if chat else completion_logprobs(m, s)
         if chat:
-            choice["message"] = {"role": "assistant", "content": _text(m, s)}
+            choice["message"] = {"role": "assistant", "content": output_text(m.tokenizer, s)}
         else:
-            choice["text"] = _text(m, s)
+            choice["text"] = output_text(m.tokenizer, s)
         out.append(choice)
     kind = "chat.completion" if chat else "text_completion"
     return {
@@ -242,6 +235,7 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
                 m.tokenizer,
                 s.params.skip_special_tokens,
                 () if s.params.no_stop_trim else s.params.stop,
+                s.params.min_new_tokens,
             ),
         )
         start = seen.get(i, 0)
