@@ -255,6 +255,8 @@ def test_kv_exhaustion_preempts_and_every_request_completes(llama_path):
         assert small.stats["num_preemptions"] > 0
         assert small.stats["free_slots"] == small.stats["num_slots"]
     assert got == want
+    with pytest.raises(RuntimeError, match="the engine is shut down"):
+        small.generate(input_ids=batch[0], sampling_params=GREEDY)
 
 
 def test_tensor_parallel_equals_single_rank(tmp_path):
