@@ -247,6 +247,17 @@ def test_a_stop_string_before_min_new_tokens_neither_stops_nor_cuts_the_text(eng
     assert out["text"] == free["text"] and first < len(out["text"])
 
 
+def test_min_new_tokens_keeps_eos_from_being_sampled_early():
+    with Engine(device="cpu", cpu_threads=1) as default:  # the embedded arithmetic model
+        eos = default.tokenizer.eos_token_id
+        params = {"temperature": 0, "max_new_tokens": 8}
+        free = default.generate("12+34=", params)["output_ids"]
+        assert eos in free[:6]  # the answer is short, then EOS
+        held = default.generate("12+34=", {**params, "min_new_tokens": 8})["output_ids"]
+    assert len(held) == 8 and eos not in held[:7]
+    assert held[: free.index(eos)] == free[: free.index(eos)]
+
+
 def test_kv_exhaustion_preempts_and_every_request_completes(llama_path):
     batch = prompts(8, seed=7)
     want = hf_greedy(llama_path, batch, NEW_TOKENS)

@@ -341,3 +341,16 @@ def test_cuda_matches_cpu() -> None:
         batch.history = make_token_history(prompts, outputs, device)
         results.append(sample(logits.to(device), batch).next_token_ids.cpu())
     assert torch.equal(results[0], results[1])
+
+
+def test_eos_is_banned_only_in_the_rows_that_have_not_reached_min_new_tokens():
+    logits = torch.zeros(3, 8)
+    logits[:, 2] = 10.0  # EOS (id 2) is everyone's argmax
+    logits[:, 5] = 5.0
+    batch = make_batch([SamplingParams(temperature=0)] * 3, return_logprob=[True] * 3)
+    batch.eos_ids = torch.tensor([2, 7])
+    batch.ban_eos = torch.tensor([True, False, True])
+    out = sample(logits, batch)
+    assert out.next_token_ids.tolist() == [5, 2, 5]
+    assert out.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], -1)[2]))
+    assert logits[0, 2] == 10.0  # the caller's logits are left as they were

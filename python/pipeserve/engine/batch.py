@@ -22,6 +22,7 @@ REQ_INT_COLUMNS = (
     "prompt_len",
     "top_logprobs_num",
     "return_logprob",
+    "ban_eos",  # 1 while min_new_tokens forbids an EOS at this step (and EOS would end it)
 )
 REQ_FLOAT_COLUMNS = (
     "temperature",

@@ -11,6 +11,7 @@ from pipeserve.config import EngineConfig
 from pipeserve.engine.batch import FLOAT_COL, INT_COL, BatchDescriptor
 from pipeserve.engine.kv_cache import KVPool, ReqToToken
 from pipeserve.engine.sampler import SamplingBatch, TokenHistory, sample
+from pipeserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from pipeserve.model.attention import build_attention_batch
 from pipeserve.model.config import ModelConfig, parse_dtype
 from pipeserve.model.loader import load_weights
@@ -41,6 +42,11 @@ class ModelRunner:
             cfg.max_running_requests, self.context_length, device, keep_token_ids=ctx.is_last_stage
         )
         self.busy_s = 0.0  # wall time spent in forward passes
+        self.eos_ids: torch.Tensor | None = None  # last stage: EOS ids, for min_new_tokens
+        if ctx.is_last_stage:
+            tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+            eos = sorted(eos_token_ids(cfg.model_path, tokenizer))
+            self.eos_ids = torch.tensor(eos, dtype=torch.int64, device=device)
 
     # ---- KV sizing ---------------------------------------------------------------------------------
     @property
@@ -106,6 +112,7 @@ class ModelRunner:
         ints = desc.req_ints[picked]
         floats = desc.req_floats[picked]
         batch = sampling_batch(ints, floats, self.device)
+        batch.eos_ids = self.eos_ids
         if bool(
             (batch.repetition_penalty != 1).any()
             or (batch.frequency_penalty != 0).any()
@@ -150,4 +157,5 @@ def sampling_batch(ints: torch.Tensor, floats: torch.Tensor, device: torch.devic
         step=ints[:, INT_COL["step"]],
         top_logprobs_num=ints[:, INT_COL["top_logprobs_num"]],
         return_logprob=ints[:, INT_COL["return_logprob"]].bool(),
+        ban_eos=ints[:, INT_COL["ban_eos"]].bool(),
     )

@@ -48,6 +48,8 @@ class SamplingBatch:
     top_logprobs_num: torch.Tensor  # int64 [B]  0 = none
     return_logprob: torch.Tensor  # bool [B]
     history: TokenHistory | None = None  # needed only when some row has a penalty
+    ban_eos: torch.Tensor | None = None  # bool [B]: rows that may not sample EOS (min_new_tokens)
+    eos_ids: torch.Tensor | None = None  # int64 [E]: the model's EOS ids
 
     @property
     def has_penalties(self) -> torch.Tensor:
@@ -75,12 +77,13 @@ class SampleOutput:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     """Choose one token per row of `logits` (float [B, V]).
 
-    Logprobs are the `log_softmax` of the logits after penalties but before temperature, top-k,
-    top-p and min-p: they describe the model's (penalised) distribution, not the filtered one.
+    Logprobs are the `log_softmax` of the logits after penalties (and the min_new_tokens EOS ban)
+    but before temperature, top-k, top-p and min-p: they describe the model's (penalised)
+    distribution, not the filtered one.
     `logprobs` and the top logprobs are filled for every row once any row asks; rows that asked for
     fewer than K top logprobs read only their first entries.
     """
-    logits = apply_penalties(logits.float(), batch)
+    logits = ban_eos(apply_penalties(logits.float(), batch), batch)
     next_token_ids = _choose_tokens(logits, batch)
     logprobs, top_ids, top_values = _logprob_outputs(logits, next_token_ids, batch)
     return SampleOutput(next_token_ids, logprobs, top_ids, top_values)
@@ -98,6 +101,16 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     penalised = penalised - batch.frequency_penalty[:, None] * output_counts
     penalised = penalised - batch.presence_penalty[:, None] * (output_counts > 0).float()
     return torch.where(has_penalties[:, None], penalised, logits)
+
+
+def ban_eos(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """EOS made impossible (-inf) in the rows that have not reached min_new_tokens."""
+    if batch.ban_eos is None or batch.eos_ids is None or not bool(batch.ban_eos.any()):
+        return logits
+    rows = batch.ban_eos.nonzero().squeeze(1)
+    logits = logits.clone()
+    logits[rows[:, None], batch.eos_ids[None, :]] = float("-inf")
+    return logits
 
 
 def _history_counts(history: TokenHistory, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:

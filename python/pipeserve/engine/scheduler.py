@@ -180,6 +180,7 @@ class Scheduler:
                     len(req.prompt_ids),
                     req.top_logprobs_num,
                     int(req.return_logprob),
+                    int(not p.ignore_eos and len(req.output_ids) + 1 < p.min_new_tokens),
                 ]
             )
             req_floats.append(
