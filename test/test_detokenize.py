@@ -1,9 +1,13 @@
-"""Incremental detokenization: multi-byte characters split over byte-level tokens, stop strings."""
+"""Incremental detokenization: multi-byte characters split over byte-level tokens, stop strings
+(streamed, and as the finish checker sees them)."""
 
 from __future__ import annotations
 
 import pytest
 
+from pipeserve.engine.finish import FinishChecker
+from pipeserve.engine.req import Req
+from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.engine.tokenizer import IncrementalDetokenizer, StreamDecoder, trim_at_stop
 
 TEXT = "héllo wörld 你好 🙂! ünïcödé → done"
@@ -48,3 +52,30 @@ def test_stream_decoder_without_stops_streams_everything(byte_tokenizer):
     dec = StreamDecoder(byte_tokenizer, True, ())
     pieces = [dec.push(ids[i : i + 3], final=i + 3 >= len(ids)) for i in range(0, len(ids), 3)]
     assert "".join(pieces) == TEXT
+
+
+@pytest.mark.parametrize("stop", ["你好", "好", "d 你", "🙂"])
+def test_finish_checker_fires_on_a_stop_string_ending_in_a_multi_token_character(
+    byte_tokenizer, stop
+):
+    """The checker sees the output one token at a time; a stop string whose last character takes
+    several byte tokens must fire on the token that completes it, and on no earlier one."""
+    ids = byte_tokenizer.encode(TEXT)
+    params = SamplingParams(stop=(stop,), max_new_tokens=len(ids))
+    check = FinishChecker(set(), 10_000, byte_tokenizer.decode)
+    req = Req("r", [0], params, seed=0)
+    for token in ids:
+        req.output_ids.append(token)
+        if (finish := check(req)) is not None:
+            break
+    assert finish == {"type": "stop", "matched": stop}
+    assert stop in byte_tokenizer.decode(req.output_ids)
+    assert stop not in byte_tokenizer.decode(req.output_ids[:-1])
+
+
+def test_stream_decoder_keeps_the_min_new_tokens_boundary_inside_one_push(byte_tokenizer):
+    ids = [byte_tokenizer.convert_tokens_to_ids(c) for c in "xbxxxxxx"]  # one token each
+    one_by_one = StreamDecoder(byte_tokenizer, True, ("b",), min_new_tokens=6)
+    text = "".join(one_by_one.push([t], final=i == 7) for i, t in enumerate(ids))
+    at_once = StreamDecoder(byte_tokenizer, True, ("b",), min_new_tokens=6)
+    assert at_once.push(ids, final=True) == text == "xbxxxxxx"  # the only "b" came too early

@@ -10,6 +10,8 @@ import torch
 
 from checkpoints import hf_greedy, make_checkpoint
 from pipeserve import Engine
+from pipeserve.engine.engine import RequestState
+from pipeserve.engine.sampling_params import SamplingParams
 
 NEW_TOKENS = 32
 GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
@@ -200,6 +202,8 @@ def test_bad_prompts_are_refused_up_front_naming_the_prompt_and_the_engine_lives
     cases = [
         ([[5, 6], [5, "x"]], "prompt 1: token ids must be integers"),
         ([[5, 6], [5, 6.7]], "prompt 1: token ids must be integers"),
+        ([5.0, 6], "prompt 0: token ids must be integers"),
+        ([[5, 6], 7], "prompt 1 must be a string or a list of token ids"),
         ([[5, 6], [5] * 512], "prompt 1 has 512 tokens; the context length is 512"),
         ([[5, 6], []], "prompt 1 has no tokens"),
     ]
@@ -266,8 +270,15 @@ def test_kv_exhaustion_preempts_and_every_request_completes(llama_path):
         assert small.stats["num_preemptions"] > 0
         assert small.stats["free_slots"] == small.stats["num_slots"]
     assert got == want
-    with pytest.raises(RuntimeError, match="the engine is shut down"):
-        small.generate(input_ids=batch[0], sampling_params=GREEDY)
+    state = RequestState("r", SamplingParams())
+    for call in (
+        lambda: small.generate(input_ids=batch[0], sampling_params=GREEDY),
+        lambda: small.wait([state]),
+        lambda: small.poll(0.1),
+        lambda: small.abort(state),
+    ):
+        with pytest.raises(RuntimeError, match="the engine is shut down"):
+            call()
 
 
 def test_tensor_parallel_equals_single_rank(tmp_path):

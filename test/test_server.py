@@ -458,6 +458,10 @@ def test_port_check_counts_a_port_in_time_wait_as_free_and_takes_ipv6():
     except OSError:
         pytest.skip("no IPv6 loopback here")
     _check_port_free("::1", free_port())
+    with socket.socket() as ipv4_only:  # as uvicorn, an IPv6 listener on "::" is IPv6-only
+        ipv4_only.bind(("0.0.0.0", 0))
+        ipv4_only.listen()
+        _check_port_free("::", ipv4_only.getsockname()[1])
 
 
 def test_ranks_not_ready_in_time_is_one_clear_error_and_nothing_is_left(model_path):

@@ -40,15 +40,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fails before any rank starts if the HTTP port is taken. Binds as uvicorn will (any address
-    family, SO_REUSEADDR), so that a port in TIME-WAIT from a previous run counts as free."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(addr)
-    except OSError as e:
-        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    """Fails before any rank starts if the HTTP port is taken. Binds as uvicorn's asyncio server
+    will: every address `host` resolves to, SO_REUSEADDR (a port in TIME-WAIT from a previous run
+    counts as free), IPv6 sockets IPv6-only."""
+    with contextlib.ExitStack() as sockets:
+        try:
+            for family, kind, proto, _, addr in set(
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            ):
+                s = sockets.enter_context(socket.socket(family, kind, proto))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(addr)
+        except OSError as e:
+            raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _start_ranks(engine: EngineConfig, ipc: IpcAddresses) -> RankGroup:

@@ -29,7 +29,7 @@ from pipeserve.engine.ipc import (
 )
 from pipeserve.engine.processes import RankFailure, RankGroup
 from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.tokenizer import load_tokenizer, trim_at_stop
+from pipeserve.engine.tokenizer import decoded_len, load_tokenizer, trim_at_stop
 
 logger = logging.getLogger("pipeserve.engine")
 
@@ -69,7 +69,7 @@ def output_text(tokenizer: Any, s: RequestState) -> str:
     if not isinstance((s.finish_reason or {}).get("matched"), str) or p.no_stop_trim:
         return text
     early = s.output_ids[: max(0, p.min_new_tokens - 1)]  # may not end in a stop string
-    after = len(tokenizer.decode(early, skip_special_tokens=p.skip_special_tokens))
+    after = decoded_len(tokenizer.decode(early, skip_special_tokens=p.skip_special_tokens))
     return trim_at_stop(text, p.stop, after)
 
 
@@ -154,10 +154,14 @@ class Engine:
     def _normalize(self, prompt: Any) -> tuple[list[list[int]], bool]:
         if prompt is None:
             raise ValueError("generate() needs a prompt or input_ids")
+        # one prompt: a string, or a list of scalars (checked as token ids later)
         single = isinstance(prompt, str) or (
-            isinstance(prompt, list) and prompt and isinstance(prompt[0], int)
+            isinstance(prompt, list) and prompt and not isinstance(prompt[0], list | tuple | str)
         )
         items = [prompt] if single else list(prompt)
+        for i, p in enumerate(items):
+            if not isinstance(p, str | list | tuple):
+                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {p!r}")
         return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items], single
 
     def submit(
@@ -210,6 +214,8 @@ class Engine:
             raise
 
     def _send(self, msg: Any) -> None:
+        if self.closed:
+            raise RuntimeError("the engine is shut down")
         try:
             self.sockets.send(msg)
         except zmq.Again:  # stage 0 stopped reading: a dead rank says why, else say what failed
@@ -241,6 +247,8 @@ class Engine:
 
     def poll(self, timeout_s: float) -> None:
         """Applies the next batch of outputs, waiting up to `timeout_s`; checks the ranks if none."""
+        if self.closed:
+            raise RuntimeError("the engine is shut down")
         msg = self.sockets.recv(timeout_s)
         if msg is None:
             self.ranks.check_alive()

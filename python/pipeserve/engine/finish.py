@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeserve.engine.req import Req
-from pipeserve.engine.tokenizer import find_stop
+from pipeserve.engine.tokenizer import decoded_len, find_stop
 
 STOP_WINDOW_EXTRA = 4  # tokens decoded beyond the longest stop string, for multi-token characters
 
@@ -41,7 +41,9 @@ class FinishChecker:
         window = req.output_ids[-(max(len(s) for s in stops) + STOP_WINDOW_EXTRA) :]
         skip = req.params.skip_special_tokens
         tail = self.decode(window, skip_special_tokens=skip)
-        start = find_stop(tail, stops, len(self.decode(window[:-1], skip_special_tokens=skip)))
+        start = find_stop(
+            tail, stops, decoded_len(self.decode(window[:-1], skip_special_tokens=skip))
+        )
         if start is None:
             return None
         return next(s for s in stops if tail.startswith(s, start))

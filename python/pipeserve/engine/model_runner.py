@@ -45,7 +45,9 @@ class ModelRunner:
         self.eos_ids: torch.Tensor | None = None  # last stage: EOS ids, for min_new_tokens
         if ctx.is_last_stage:
             tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
-            eos = sorted(eos_token_ids(cfg.model_path, tokenizer))
+            eos = sorted(
+                e for e in eos_token_ids(cfg.model_path, tokenizer) if e < model_cfg.vocab_size
+            )
             self.eos_ids = torch.tensor(eos, dtype=torch.int64, device=device)
 
     # ---- KV sizing ---------------------------------------------------------------------------------

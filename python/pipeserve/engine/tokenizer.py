@@ -58,6 +58,12 @@ def trim_at_stop(text: str, stops: tuple[str, ...], after: int = 0) -> str:
     return text[: find_stop(text, stops, after)]
 
 
+def decoded_len(text: str) -> int:
+    """Length of the complete characters of `text`: a decode that ends inside a multi-byte
+    character ends in replacement characters, which the next token turns into that character."""
+    return len(text.rstrip("\ufffd"))
+
+
 def find_stop(text: str, stops: tuple[str, ...], after: int = 0) -> int | None:
     """Where the first stop string that ends beyond `text[:after]` begins, or None."""
     found = [i for s in stops if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
@@ -85,10 +91,11 @@ class StreamDecoder:
         self.free_from = 0  # text length before the token that may first end in a stop
 
     def push(self, token_ids: list[int], final: bool = False) -> str:
-        self.text += self.detok.add(token_ids)
-        self.tokens += len(token_ids)
-        if self.tokens < self.min_new_tokens:
-            self.free_from = len(self.text)
+        for token in token_ids:  # one by one: the min_new_tokens boundary may fall inside a push
+            self.text += self.detok.add([token])
+            self.tokens += 1
+            if self.tokens < self.min_new_tokens:
+                self.free_from = len(self.text)
         if self.stopped:
             return ""
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
