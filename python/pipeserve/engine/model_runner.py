@@ -11,7 +11,6 @@ from pipeserve.config import EngineConfig
 from pipeserve.engine.batch import FLOAT_COL, INT_COL, BatchDescriptor
 from pipeserve.engine.kv_cache import KVPool, ReqToToken
 from pipeserve.engine.sampler import SamplingBatch, TokenHistory, sample
-from pipeserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from pipeserve.model.attention import build_attention_batch
 from pipeserve.model.config import ModelConfig, parse_dtype
 from pipeserve.model.loader import load_weights
@@ -27,6 +26,7 @@ class ModelRunner:
         ctx: ParallelContext,
         device: torch.device,
         progress: Callable[[str], None] | None = None,
+        eos_ids: set[int] | None = None,  # needed on the last stage
     ) -> None:
         self.cfg, self.model_cfg, self.ctx, self.device = cfg, model_cfg, ctx, device
         self.dtype = parse_dtype(cfg.dtype)
@@ -43,11 +43,8 @@ class ModelRunner:
         )
         self.busy_s = 0.0  # wall time spent in forward passes
         self.eos_ids: torch.Tensor | None = None  # last stage: EOS ids, for min_new_tokens
-        if ctx.is_last_stage:
-            tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
-            eos = sorted(
-                e for e in eos_token_ids(cfg.model_path, tokenizer) if e < model_cfg.vocab_size
-            )
+        if ctx.is_last_stage and eos_ids:
+            eos = sorted(e for e in eos_ids if e < model_cfg.vocab_size)
             self.eos_ids = torch.tensor(eos, dtype=torch.int64, device=device)
 
     # ---- KV sizing ---------------------------------------------------------------------------------

@@ -136,18 +136,20 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     device = torch.device("cuda", spec.local_rank) if cfg.device == "cuda" else torch.device("cpu")
     model_cfg = ModelConfig.from_dir(cfg.model_path)
     ctx = ParallelContext(dcfg.tp_rank, cfg.tp_size, dcfg.pp_rank, cfg.pp_size, get_tp_group())
+    # stage 0's scheduler checks for EOS; the last stage bans it before min_new_tokens
+    tokenizer = eos = None
+    if spec.rank == 0 or ctx.is_last_stage:
+        tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+        eos = eos_token_ids(cfg.model_path, tokenizer)
     runner = ModelRunner(
-        cfg, model_cfg, ctx, device, progress=lambda m: report.put(("progress", spec.rank, m))
+        cfg, model_cfg, ctx, device, lambda m: report.put(("progress", spec.rank, m)), eos
     )
     slots = torch.tensor([runner.affordable_slots()], dtype=torch.int64)
     get_world_group().all_reduce(slots, op=dist.ReduceOp.MIN)  # one KV geometry on every stage
     runner.allocate_kv(int(slots))
     scheduler = sockets = None
     if spec.rank == 0:
-        tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
-        finish = FinishChecker(
-            eos_token_ids(cfg.model_path, tokenizer), runner.context_length, tokenizer.decode
-        )
+        finish = FinishChecker(eos, runner.context_length, tokenizer.decode)
         scheduler = Scheduler(cfg, int(slots), runner.context_length, finish, model_cfg.vocab_size)
         sockets = SchedulerSockets(spec.ipc)
     return StageWorker(cfg, ctx, get_pp_group(), get_tp_group(), runner, scheduler, sockets)
