@@ -131,7 +131,8 @@ class Engine:
         params = [SamplingParams.from_dict(p) for p in raw]
         prompts = [self._check_prompt(ids, f"prompt {i}") for i, ids in enumerate(prompts)]
         items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
-        states = self.submit_many(items, return_logprob, top_logprobs_num)
+        self._check_open()
+        states = self._submit(items, return_logprob, top_logprobs_num)
         self.wait(states)
         results = [self.result(s) for s in states]
         return results[0] if single and len(results) == 1 else results
@@ -184,13 +185,22 @@ class Engine:
         if not items:
             return []
         self._check_open()
-        items = [
+        checked = [
             (
                 self._check_prompt(list(ids), f"request {i}"),
                 SamplingParams.from_dict(p) if isinstance(p, dict) else p,
             )
             for i, (ids, p) in enumerate(items)
         ]
+        return self._submit(checked, return_logprob, top_logprobs_num)
+
+    def _submit(
+        self,
+        items: list[tuple[list[int], SamplingParams]],
+        return_logprob: bool,
+        top_logprobs_num: int,
+    ) -> list[RequestState]:
+        """Sends checked (ids, params) pairs as one message."""
         reqs, states = [], []
         for ids, params in items:
             rid = uuid.uuid4().hex
@@ -204,9 +214,13 @@ class Engine:
         self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
         return states
 
-    def _check_open(self) -> None:
+    def _check_not_closed(self) -> None:
         if self.closed:
             raise RuntimeError("the engine is shut down")
+
+    def _check_open(self) -> None:
+        """Not shut down, and every rank alive (a dead one shuts the engine down)."""
+        self._check_not_closed()
         try:
             self.ranks.check_alive()
         except RankFailure:
@@ -214,8 +228,7 @@ class Engine:
             raise
 
     def _send(self, msg: Any) -> None:
-        if self.closed:
-            raise RuntimeError("the engine is shut down")
+        self._check_not_closed()
         try:
             self.sockets.send(msg)
         except zmq.Again:  # stage 0 stopped reading: a dead rank says why, else say what failed
@@ -247,8 +260,7 @@ class Engine:
 
     def poll(self, timeout_s: float) -> None:
         """Applies the next batch of outputs, waiting up to `timeout_s`; checks the ranks if none."""
-        if self.closed:
-            raise RuntimeError("the engine is shut down")
+        self._check_not_closed()
         msg = self.sockets.recv(timeout_s)
         if msg is None:
             self.ranks.check_alive()

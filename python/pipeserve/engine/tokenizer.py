@@ -91,9 +91,12 @@ class StreamDecoder:
         self.free_from = 0  # text length before the token that may first end in a stop
 
     def push(self, token_ids: list[int], final: bool = False) -> str:
-        for token in token_ids:  # one by one: the min_new_tokens boundary may fall inside a push
-            self.text += self.detok.add([token])
-            self.tokens += 1
+        # the tokens before the min_new_tokens boundary apart: their text cannot end in a stop
+        early = max(0, self.min_new_tokens - 1 - self.tokens)
+        for part in (token_ids[:early], token_ids[early:]):
+            if part:
+                self.text += self.detok.add(part)
+                self.tokens += len(part)
             if self.tokens < self.min_new_tokens:
                 self.free_from = len(self.text)
         if self.stopped:
