@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
+TRACE_ENV = "PIPESERVE_TRACE"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class EngineConfig:
     pp_max_micro_batch_size: int | None = None  # requests per microbatch; None: max_running // pp
     pp_comm_mode: str = "async"  # "async", or "sync": the tensor-by-tensor baseline for benchmarks
     pp_layer_partition: str | None = None  # "a,b,...": layers per stage
+    attention_backend: str = "auto"  # "torch", "triton" or "auto" (triton on CUDA, torch on CPU)
+    cuda_graph_max_bs: int = 256  # decode microbatches up to this size replay CUDA graphs
+    disable_cuda_graph: bool = False
+    pp_trace: str | None = None  # write a Chrome/Perfetto trace of the pipeline to this path
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # "host:port" of rank 0; None: a free port on 127.0.0.1
@@ -65,6 +70,8 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     unknown = set(kwargs) - {f.name for f in dataclasses.fields(EngineConfig)}
     if unknown:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+    if kwargs.get("pp_trace") is None:
+        kwargs["pp_trace"] = os.environ.get(TRACE_ENV) or None
     cfg = EngineConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "model_path"})
     if cfg.model_path is None:
         cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
@@ -105,6 +112,11 @@ def _validate(cfg: EngineConfig) -> None:
             "max_total_tokens must be >= 2",
         ),
         (cfg.p2p_timeout_s > 0 and cfg.keepalive_s > 0, "timeouts must be positive"),
+        (
+            cfg.attention_backend in ("auto", "torch", "triton"),
+            f"attention_backend must be 'auto', 'torch' or 'triton', got {cfg.attention_backend!r}",
+        ),
+        (cfg.cuda_graph_max_bs >= 1, "cuda_graph_max_bs must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

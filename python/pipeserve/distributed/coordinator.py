@@ -77,6 +77,7 @@ class GroupCoordinator:
         device: torch.device,
         name: str,
         timeout_s: float = DEFAULT_P2P_TIMEOUT_S,
+        compute_group: Any = None,
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     ) -> None:
         self.ranks = list(ranks)
@@ -85,6 +86,7 @@ class GroupCoordinator:
         self.world_size = len(self.ranks)
         self.cpu_group = cpu_group
         self.device_groups = device_groups or {}
+        self.compute_group = compute_group or cpu_group  # the forward's CPU collectives
         self.device = device
         self.name = name
         self.timeout_s = timeout_s  # default bound of every consumer wait
@@ -315,7 +317,7 @@ class GroupCoordinator:
 
     # ---- collectives used by TP layers and postprocess ----------------------------------------------
     def _collective_group(self, tensor: torch.Tensor) -> Any:
-        return self.cpu_group if tensor.device.type == "cpu" else self.device_group()
+        return self.compute_group if tensor.device.type == "cpu" else self.device_group()
 
     def all_reduce(
         self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM

@@ -28,6 +28,7 @@ class GenerateReq:
     seed: int
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    priority: int = 0  # lower is admitted first
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pipeserve.distributed import (
     get_world_group,
     init_distributed,
 )
+from pipeserve.distributed.liveness import Liveness
 from pipeserve.engine.finish import FinishChecker
 from pipeserve.engine.ipc import IpcAddresses, SchedulerSockets
 from pipeserve.engine.model_runner import ModelRunner
@@ -100,6 +101,7 @@ def _run_loop(worker: StageWorker, rank: int) -> None:
 
 
 def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
+    set_process_title(f"pipeserve-rank{spec.rank}")
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format=f"[rank {spec.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -147,9 +149,27 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     slots = torch.tensor([runner.affordable_slots()], dtype=torch.int64)
     get_world_group().all_reduce(slots, op=dist.ReduceOp.MIN)  # one KV geometry on every stage
     runner.allocate_kv(int(slots))
+    runner.capture_graphs()
+    liveness = Liveness(dist.distributed_c10d._get_default_store(), spec.rank, cfg.p2p_timeout_s)
     scheduler = sockets = None
     if spec.rank == 0:
         finish = FinishChecker(eos, runner.context_length, tokenizer.decode)
         scheduler = Scheduler(cfg, int(slots), runner.context_length, finish, model_cfg.vocab_size)
         sockets = SchedulerSockets(spec.ipc)
-    return StageWorker(cfg, ctx, get_pp_group(), get_tp_group(), runner, scheduler, sockets)
+    return StageWorker(
+        cfg, ctx, get_pp_group(), get_tp_group(), runner, liveness, scheduler, sockets
+    )
+
+
+def set_process_title(title: str) -> None:
+    """What `ps` shows for this process: the whole title where setproctitle is installed, else
+    the kernel's 15-character name (`ps -o comm`, `top`, `pgrep`)."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME

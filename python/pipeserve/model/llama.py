@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeserve.model.attention import AttentionBatch, paged_attention
+from pipeserve.model.attention import AttentionBackend
 from pipeserve.model.config import ModelConfig
+from pipeserve.model.forward_batch import ForwardBatch
 from pipeserve.model.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -51,8 +52,9 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        batch: AttentionBatch,
+        batch: ForwardBatch,
         kv: tuple[torch.Tensor, torch.Tensor],
+        backend: AttentionBackend,
     ) -> torch.Tensor:
         n, D, H = x.shape[0], self.head_dim, self.heads
         qkv = self.qkv_proj(x)
@@ -64,7 +66,7 @@ class Attention(nn.Module):
             k = self.k_norm(qkv[:, H * D : (H + self.kv_heads) * D].view(n, self.kv_heads, D))
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         v = qkv[:, (H + self.kv_heads) * D :].view(n, self.kv_heads, D)
-        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
+        out = backend.forward(q, k, v, kv, batch, self.scale)
         return self.o_proj(out.reshape(n, H * D))
 
 
@@ -91,10 +93,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, ctx)
 
-    def forward(self, hidden, residual, rope, batch, kv):
+    def forward(self, hidden, residual, rope, batch, kv, backend):
         """(hidden, residual) -> (mlp output, residual); the residual add is fused into the next norm."""
         residual = hidden if residual is None else hidden + residual
-        hidden = self.self_attn(self.input_layernorm(residual), rope, batch, kv)
+        hidden = self.self_attn(self.input_layernorm(residual), rope, batch, kv, backend)
         residual = hidden + residual
         return self.mlp(self.post_attention_layernorm(residual)), residual
 
@@ -139,8 +141,9 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(
         self,
-        batch: AttentionBatch,
+        batch: ForwardBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        backend: AttentionBackend,
         input_ids: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
@@ -151,7 +154,7 @@ class DecoderForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(batch.positions, hidden.dtype)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, rope, batch, kv)
+            hidden, residual = layer(hidden, residual, rope, batch, kv, backend)
         return hidden, residual
 
     def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
