@@ -205,6 +205,12 @@ class GroupCoordinator:
         `inline=False` sends every tensor separately (the synchronous baseline's wire)."""
         dst = self.next_rank if dst is None else dst
         plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors, inline)
+        device_keys = [key for key, flat in plan.out_of_line if not flat.is_cpu]
+        if device_keys and channel not in self.device_groups:
+            raise TypeError(
+                f"tensor {device_keys[0]!r} is on {self.device}, but channel {channel.name} has no "
+                f"device (NCCL) group; device tensors travel on {', '.join(c.name for c in self.device_groups) or 'no channel of this group'}"
+            )
         works = self.post_header(
             dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries), plan.inline
         )

@@ -124,7 +124,8 @@ class StageWorker(SchedulerPPMixin):
                 outputs.append(self._token_out(req, s))
                 if req.finished:
                     self.reqs.pop(req.rid, None)
-        self._send(outputs)
+        idle = not self.scheduler.running and not self.scheduler.waiting
+        self._send(outputs, force=idle)  # an idle engine's stats show every slot free again
 
     def _token_out(self, req: Req, s: SampledToken) -> TokenOut:
         return TokenOut(
@@ -146,8 +147,8 @@ class StageWorker(SchedulerPPMixin):
             completion_tokens=len(req.output_ids),
         )
 
-    def _send(self, outputs: list[TokenOut]) -> None:
-        if outputs:
+    def _send(self, outputs: list[TokenOut], force: bool = False) -> None:
+        if outputs or force:
             logger.debug("sending %d outputs", len(outputs))
             self.sockets.send(StepOut(outputs, self.stats()))
 

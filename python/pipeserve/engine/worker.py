@@ -150,6 +150,7 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     get_world_group().all_reduce(slots, op=dist.ReduceOp.MIN)  # one KV geometry on every stage
     runner.allocate_kv(int(slots))
     runner.capture_graphs()
+    _slow_down_for_tests(runner, spec.rank)
     liveness = Liveness(dist.distributed_c10d._get_default_store(), spec.rank, cfg.p2p_timeout_s)
     scheduler = sockets = None
     if spec.rank == 0:
@@ -159,6 +160,28 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     return StageWorker(
         cfg, ctx, get_pp_group(), get_tp_group(), runner, liveness, scheduler, sockets
     )
+
+
+SLOW_ENV = "PIPESERVE_DEBUG_SLOW_FORWARD"
+
+
+def _slow_down_for_tests(runner: ModelRunner, rank: int) -> None:
+    """PIPESERVE_DEBUG_SLOW_FORWARD="<rank>:<seconds>:<count>": that rank's first <count> forwards
+    each take <seconds> longer, to show that a slow but live stage is not a dead one."""
+    spec = os.environ.get(SLOW_ENV)
+    if not spec or int(spec.split(":")[0]) != rank:
+        return
+    _, seconds, count = spec.split(":")
+    left = [int(count)]
+    forward = runner.forward
+
+    def slow(*args: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            time.sleep(float(seconds))
+        return forward(*args)
+
+    runner.forward = slow
 
 
 def set_process_title(title: str) -> None:
