@@ -209,7 +209,9 @@ def main() -> None:
         os.makedirs(args.trace, exist_ok=True)
     if cuda:
         import torch
-        from bench_offline import SHAPES, make_model as make_cuda_model
+
+        from bench_offline import SHAPES
+        from bench_offline import make_model as make_cuda_model
 
         model = args.model_path or make_cuda_model(
             tempfile.mkdtemp(prefix="bench-pp-"), SHAPES[args.shape], torch.bfloat16, "cuda"

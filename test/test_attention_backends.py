@@ -80,7 +80,7 @@ def test_triton_decode_split_count_is_a_function_of_batch_size():
     assert num_splits(1, HKV, cpu) == num_splits(1, HKV, cpu)
     spec = BackendSpec(H, HKV, D, max_batch=ROWS, device=cpu)
     backend = create_backend("triton", spec, torch.zeros(ROWS + 1, CTX, dtype=torch.int32))
-    table, fb = _batch(cpu, [3, 4], [1, 1], [0, 1], np.random.default_rng(1))
+    _, fb = _batch(cpu, [3, 4], [1, 1], [0, 1], np.random.default_rng(1))
     backend.init_capture(ROWS)
     backend.prepare_capture(fb)
     part_out, part_lse = fb.attn

@@ -130,8 +130,13 @@ def test_triton_kernels_match_the_torch_backend_on_device():
 
 @cuda
 def test_device_tensor_on_a_channel_without_device_group_is_a_type_error():
-    from pipeserve.distributed import Channel, DistConfig, destroy_distributed, get_pp_group
-    from pipeserve.distributed import init_distributed
+    from pipeserve.distributed import (
+        Channel,
+        DistConfig,
+        destroy_distributed,
+        get_pp_group,
+        init_distributed,
+    )
     from pipeserve.utils import free_port
 
     init_distributed(

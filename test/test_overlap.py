@@ -139,7 +139,6 @@ def _scheduler(slots: int = 64, max_running: int = 8) -> Scheduler:
     stop_on_7 = lambda r: (
         {"type": "stop", "matched": 7}
         if r.output_ids[-1] == 7
-        # noqa: E731
         else ({"type": "length"} if len(r.output_ids) >= r.params.max_new_tokens else None)
     )
     return Scheduler(cfg, slots, 128, stop_on_7, vocab_size=100)
@@ -233,7 +232,7 @@ def test_descriptor_packs_for_tp_peers_and_carries_no_step_tokens():
     again = BatchDescriptor.unpack(*desc.pack())
     for a, b in zip(desc.to_dict().values(), again.to_dict().values(), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    rows, lens, ids = desc.fill_parts()
+    rows, _, ids = desc.fill_parts()
     assert rows.tolist() == [reqs[0].req_pool_idx] and ids.tolist() == [10, 11, 12, 13]
     assert set(desc.to_dict()) == {"kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills"}
 
