@@ -93,7 +93,7 @@ def test_token_ids_in_token_ids_out(server, expected):
     [
         ("/v1/completions", {"prompt": "hello"}, None),
         ("/v1/completions", {"prompt": ["a", "b"]}, None),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, None),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "messages"),
         ("/generate", {"text": "hello"}, None),
         ("/v1/completions", {"prompt": [5, 6], "stop": "x"}, "stop"),
         ("/v1/completions", {"prompt": [5, 6], "stop": "x", "stream": True}, "stop"),

@@ -133,15 +133,21 @@ SKIP_TOKENIZER = "--skip-tokenizer-init"
 
 
 class NoTokenizer:
-    """Stands in for the tokenizer when the server runs with --skip-tokenizer-init: whatever needs
-    one (a text prompt, a chat, stop strings) is a 400 naming the flag."""
+    """Stands in for the tokenizer when the server runs with --skip-tokenizer-init: using it for
+    text (a text prompt, a chat) is a 400 naming the flag; it has no other attribute."""
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
+    @property
+    def chat_template(self) -> str:
+        raise ApiError(
+            f"chats need a tokenizer; this server runs with {SKIP_TOKENIZER}", "messages"
+        )
+
+    def encode(self, *args: Any, **kwargs: Any) -> list[int]:
         raise ApiError(
             f"this server runs with {SKIP_TOKENIZER} (no tokenizer): prompts must be token ids"
         )
+
+    apply_chat_template = encode
 
 
 def has_text(m: ModelInfo) -> bool:
