@@ -114,6 +114,21 @@ def test_clean_up_rewrite_streams_the_decoded_text():
     assert len(pieces) > 3  # released as it went, not all at the end
 
 
+def test_clean_up_rewrite_on_random_text_dense_in_its_patterns():
+    """Spaces, quotes and punctuation in every arrangement, one character per token (transformers'
+    clean-up chains its rewrites: "a  ' s" becomes "a 's", then "a's")."""
+    tok = byte_level_tokenizer(cleanup=True)
+    rng = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rng.choice("  'ntsmvre.,?!x") for _ in range(rng.randrange(1, 30)))
+        ids = tok.encode(text)
+        pieces, final, _, _ = run(tok, ids)
+        assert "".join(pieces) == final == tok.decode(ids), text
+    ids = tok.encode("a" + " " * 3000 + "b n't")
+    pieces, final, _, _ = run(tok, ids)
+    assert "".join(pieces) == final == "a" + " " * 3000 + "bn't"
+
+
 def test_stop_strings_match_the_cleaned_text():
     tok = byte_level_tokenizer(cleanup=True)
     ids = tok.encode("I do n't go . It 's ok")

@@ -241,16 +241,20 @@ class _Cleaner:
             return raw
         if self.rewrite is _UNKNOWN_REWRITE:
             return ""
+        checked = len(self.tail)  # no split up to here is safe, whatever follows
         self.tail += raw
-        end = _safe_end(self.tail)
+        end = _safe_end(self.tail, checked)
         done, self.tail = self.tail[:end], self.tail[end:]
         return self.rewrite(done) if done else ""
 
 
-def _safe_end(text: str) -> int:
-    """The largest end of a prefix of `text` that the clean-up rewrites independently of what
-    follows: the text after its last space cannot grow into a pattern."""
+def _safe_end(text: str, checked: int) -> int:
+    """The largest end beyond `checked` of a prefix of `text` that the clean-up rewrites
+    independently of what follows (the text after its last space cannot grow into a pattern, and
+    appending never makes an unsafe end safe), or 0."""
     end = len(text)
-    while (space := text.rfind(" ", 0, end)) >= 0 and text[space + 1 : end] in _UNSAFE_TAILS:
+    while end > checked and (space := text.rfind(" ", 0, end)) >= 0:
+        if text[space + 1 : end] not in _UNSAFE_TAILS:
+            break
         end = space
-    return end
+    return end if end > checked else 0
