@@ -64,7 +64,11 @@ class RequestState:
         self.top_logprobs.extend((out.top_logprobs or [])[:taken])
         stopped = self._stopped()
         self.ended_here = stopped and out.finish_reason is None
-        if self.stream is not None and self.error is None and (stopped or out.finish_reason):
+        if (
+            self.stream is not None
+            and self.error is None
+            and (stopped or out.finish_reason is not None)
+        ):
             self.stream.finish()  # may find a stop string in the text that was not stable yet
         if self._stopped():
             self.finish_reason = {"type": "stop", "matched": self.stream.matched}
