@@ -17,7 +17,6 @@ import zmq
 import zmq.asyncio
 
 from pipeserve.engine.detokenizer import Detokenizer
-from pipeserve.engine.engine import RequestState
 from pipeserve.engine.ipc import (
     AbortReq,
     GenerateReq,
@@ -28,6 +27,7 @@ from pipeserve.engine.ipc import (
     encode,
 )
 from pipeserve.engine.processes import RankFailure, RankGroup
+from pipeserve.engine.request_state import RequestState
 from pipeserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("pipeserve.server")

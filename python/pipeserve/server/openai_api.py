@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.engine.engine import RequestState
+from pipeserve.engine.request_state import RequestState
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.protocol import (
     ApiError,
