@@ -15,6 +15,7 @@ TRACE_ENV = "PIPESERVE_TRACE"
 class EngineConfig:
     model_path: str = DEFAULT_MODEL_DIR
     tokenizer_path: str | None = None  # None: the model directory
+    skip_tokenizer_init: bool = False  # no tokenizer: token ids in, token ids out
     tp_size: int = 1
     pp_size: int = 1
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pipeserve.config import EngineConfig
 from pipeserve.engine.ipc import IpcAddresses
 from pipeserve.engine.processes import RankFailure, RankGroup
+from pipeserve.engine.tokenizer import TokenizerNotFound
 from pipeserve.server.args import ServerConfig, parse_args
 
 logger = logging.getLogger("pipeserve.launcher")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker_node(cfg.engine)
         _check_port_free(cfg.host, cfg.port)
         return serve(cfg)
-    except RankFailure as e:  # while starting; later failures are handled where they happen
+    except (RankFailure, TokenizerNotFound) as e:  # while starting; later ones are handled apart
         logger.error("pipeserve could not start: %s", e)
         return 1
 
@@ -119,25 +120,29 @@ def _uvicorn_server_class() -> type:
 def serve(cfg: ServerConfig) -> int:
     import uvicorn
 
+    from pipeserve.engine.detokenizer import Detokenizer
     from pipeserve.engine.tokenizer import load_tokenizer
     from pipeserve.model.config import ModelConfig
     from pipeserve.server.app import build_app
     from pipeserve.server.frontend import Frontend
-    from pipeserve.server.openai_api import ModelInfo
+    from pipeserve.server.openai_api import ModelInfo, NoTokenizer
 
     engine = cfg.engine
-    tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
+    tokenizer = detokenizer = None
+    if not engine.skip_tokenizer_init:
+        tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
+        detokenizer = Detokenizer(tokenizer)
     ipc = IpcAddresses.fresh()
     ranks = _start_ranks(engine, ipc)
     info = ModelInfo(
-        tokenizer,
+        tokenizer or NoTokenizer(),
         {cfg.model_name, engine.model_path},
         cfg.model_name,
         ModelConfig.from_dir(engine.model_path).vocab_size,
         ranks.info["context_length"],
     )
     server: uvicorn.Server | None = None
-    frontend = Frontend(ranks, ipc, cfg.max_queued_requests)
+    frontend = Frontend(ranks, ipc, cfg.max_queued_requests, detokenizer)
 
     async def on_shutdown() -> None:
         await frontend.shutdown()

@@ -31,7 +31,7 @@ from pipeserve.engine.ipc import IpcAddresses, SchedulerSockets
 from pipeserve.engine.model_runner import ModelRunner
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stage_worker import StageWorker
-from pipeserve.engine.tokenizer import eos_token_ids, load_tokenizer
+from pipeserve.engine.tokenizer import eos_token_ids
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.parallel import ParallelContext
 
@@ -139,10 +139,9 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     model_cfg = ModelConfig.from_dir(cfg.model_path)
     ctx = ParallelContext(dcfg.tp_rank, cfg.tp_size, dcfg.pp_rank, cfg.pp_size, get_tp_group())
     # stage 0's scheduler checks for EOS; the last stage bans it before min_new_tokens
-    tokenizer = eos = None
+    eos = None
     if spec.rank == 0 or ctx.is_last_stage:
-        tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
-        eos = eos_token_ids(cfg.model_path, tokenizer)
+        eos = eos_token_ids(cfg.model_path, cfg.tokenizer_path)
     runner = ModelRunner(
         cfg, model_cfg, ctx, device, lambda m: report.put(("progress", spec.rank, m)), eos
     )
@@ -154,7 +153,7 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     liveness = Liveness(dist.distributed_c10d._get_default_store(), spec.rank, cfg.p2p_timeout_s)
     scheduler = sockets = None
     if spec.rank == 0:
-        finish = FinishChecker(eos, runner.context_length, tokenizer.decode)
+        finish = FinishChecker(eos, runner.context_length)
         scheduler = Scheduler(cfg, int(slots), runner.context_length, finish, model_cfg.vocab_size)
         sockets = SchedulerSockets(spec.ipc)
     return StageWorker(

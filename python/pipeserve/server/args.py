@@ -107,6 +107,7 @@ _ENGINE_FLAGS = [
         "seconds the ranks may take to load the model and report ready",
     ),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
+    ("--skip-tokenizer-init", "skip_tokenizer_init", bool, "no tokenizer: token ids in and out"),
 ]
 _SERVER_FLAGS = [
     ("--host", "host", str, "address to listen on"),
@@ -128,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_defaults, server_defaults = EngineConfig(), ServerConfig()
     for flag, name, typ, text in _ENGINE_FLAGS:
         default = getattr(engine_defaults, name)
+        kind = {"action": "store_true"} if typ is bool else {"type": typ}
         parser.add_argument(
-            flag, dest=name, type=typ, default=None, help=f"{text} [default: {default}]"
+            flag, dest=name, default=None, help=f"{text} [default: {default}]", **kind
         )
     for flag, name, typ, text in _SERVER_FLAGS:
         parser.add_argument(

@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from pipeserve.engine.engine import RequestState
+from pipeserve.engine.detokenizer import Detokenizer
 from pipeserve.engine.ipc import (
     AbortReq,
     GenerateReq,
@@ -27,6 +27,7 @@ from pipeserve.engine.ipc import (
     encode,
 )
 from pipeserve.engine.processes import RankFailure, RankGroup
+from pipeserve.engine.request_state import RequestState
 from pipeserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("pipeserve.server")
@@ -53,8 +54,15 @@ class Counters:
 
 
 class Frontend:
-    def __init__(self, ranks: RankGroup, ipc: IpcAddresses, max_queued: int | None) -> None:
+    def __init__(
+        self,
+        ranks: RankGroup,
+        ipc: IpcAddresses,
+        max_queued: int | None,
+        detokenizer: Detokenizer | None = None,  # None: no tokenizer, token ids only
+    ) -> None:
         self.ranks = ranks
+        self.detokenizer = detokenizer
         ctx = zmq.asyncio.Context.instance()
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
@@ -111,10 +119,11 @@ class Frontend:
     ) -> AsyncIterator[RequestState]:
         """Yields the request's state after every delta; the last one has finished. `rid` comes
         from `admitted`. Aborts the request if the consumer goes away (a client disconnect cancels
-        the consumer)."""
+        the consumer), or once a stop string has ended it here."""
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         queue = self.queues[rid]
-        state = RequestState(rid, params, prompt_tokens=len(ids))
+        text = None if self.detokenizer is None else self.detokenizer.stream(params)
+        state = RequestState(rid, params, text, prompt_tokens=len(ids))
         self.counters.prompt_tokens += len(ids)
         try:
             await self.push.send(
@@ -128,6 +137,8 @@ class Frontend:
                     raise item
                 state.apply(item)
                 self.counters.generation_tokens += len(item.token_ids)
+                if state.ended_here:
+                    await self.push.send(encode(AbortReq(rid)))
                 yield state
             self.counters.requests["error" if state.error else "ok"] += 1
         finally:

@@ -6,10 +6,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.engine.engine import format_result
+from pipeserve.engine.request_state import format_result
 from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.server.jobs import run_all, run_streaming
-from pipeserve.server.openai_api import ModelInfo
+from pipeserve.server.openai_api import ModelInfo, check_text_free
 from pipeserve.server.protocol import ApiError, Job, check_context, get, token_lists
 
 
@@ -46,12 +46,20 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
 
 
 async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:
-    answers = [format_result(m.tokenizer, s) for s in await run_all(frontend, job)]
+    check_text_free(job, m)
+    answers = [format_result(s) for s in await run_all(frontend, job)]
     return answers if batch or job.n > 1 else answers[0]
 
 
 async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[str]:
-    """Like SGLang: every event carries the text so far, with an `index` for batches."""
+    """Like SGLang: every event carries the text so far (what the request's TextStream has
+    released; the last event's is the final text), with an `index` for batches."""
+    check_text_free(job, m)
+    finished: set[int] = set()
     async for i, s in run_streaming(frontend, job):
-        yield f"data: {json.dumps({**format_result(m.tokenizer, s), 'index': i})}\n\n"
+        if i in finished:
+            continue  # a state queued again after it finished: its last event is out
+        if s.finished:
+            finished.add(i)
+        yield f"data: {json.dumps({**format_result(s), 'index': i})}\n\n"
     yield "data: [DONE]\n\n"

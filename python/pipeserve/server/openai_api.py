@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.engine.engine import RequestState, output_text
-from pipeserve.engine.tokenizer import StreamDecoder
+from pipeserve.engine.request_state import RequestState
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.protocol import (
     ApiError,
@@ -130,6 +129,46 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
 
 
 # ---- answering ----------------------------------------------------------------------------------------
+SKIP_TOKENIZER = "--skip-tokenizer-init"
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer when the server runs with --skip-tokenizer-init: using it for
+    text (a text prompt, a chat) is a 400 naming the flag; it has no other attribute."""
+
+    @property
+    def chat_template(self) -> str:
+        raise ApiError(
+            f"chats need a tokenizer; this server runs with {SKIP_TOKENIZER}", "messages"
+        )
+
+    def encode(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise ApiError(
+            f"this server runs with {SKIP_TOKENIZER} (no tokenizer): prompts must be token ids"
+        )
+
+    apply_chat_template = encode
+
+
+def has_text(m: ModelInfo) -> bool:
+    return not isinstance(m.tokenizer, NoTokenizer)
+
+
+def check_text_free(job: Job, m: ModelInfo) -> None:
+    """Without a tokenizer there is no text to match stop strings against."""
+    if job.params.stop and not has_text(m):
+        raise ApiError(
+            f"stop strings need a tokenizer; this server runs with {SKIP_TOKENIZER} "
+            "(use stop_token_ids)",
+            "stop",
+        )
+
+
+def token_text(m: ModelInfo, token: int) -> str:
+    """One token's text, for logprobs; `token_id:N` without a tokenizer."""
+    return m.tokenizer.decode([int(token)]) if has_text(m) else f"token_id:{token}"
+
+
 def _finish(state: RequestState) -> str:
     reason = (state.finish_reason or {}).get("type", "stop")
     return "length" if reason == "length" else "stop"
@@ -148,12 +187,12 @@ def _usage(states: list[RequestState], prompts: list[list[int]]) -> dict:
 
 def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0, offset: int = 0) -> dict:
     """Tokens from `start` on; `offset`: where token `start` begins in the completion's text."""
-    tokens = [m.tokenizer.decode([t]) for t in s.output_ids[start:]]
+    tokens = [token_text(m, t) for t in s.output_ids[start:]]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    tops = [{m.tokenizer.decode([int(t)]): lp for t, lp in step} for step in s.top_logprobs[start:]]
+    tops = [{token_text(m, t): lp for t, lp in step} for step in s.top_logprobs[start:]]
     return {
         "tokens": tokens,
         "token_logprobs": s.logprobs[start:],
@@ -164,7 +203,7 @@ def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0, offset: i
 
 def chat_logprobs(m: ModelInfo, s: RequestState, start: int = 0) -> dict:
     def entry(token: int, logprob: float) -> dict:
-        text = m.tokenizer.decode([int(token)])
+        text = token_text(m, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = []
@@ -176,17 +215,25 @@ def chat_logprobs(m: ModelInfo, s: RequestState, start: int = 0) -> dict:
     return {"content": content}
 
 
+def _text_fields(s: RequestState, chat: bool, text: str, start: int) -> dict:
+    """A choice's text (`message` or `delta` for chat); without a tokenizer, its token ids."""
+    if chat:
+        return {"content": text}
+    if s.stream is None:
+        return {"text": "", "token_ids": s.output_ids[start:]}
+    return {"text": text}
+
+
 async def complete(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> dict:
+    check_text_free(job, m)
     states = await run_all(frontend, job)
     out = []
     for i, s in enumerate(states):
         choice: dict[str, Any] = {"index": i, "finish_reason": _finish(s), "logprobs": None}
         if job.logprobs is not None:
             choice["logprobs"] = chat_logprobs(m, s) if chat else completion_logprobs(m, s)
-        if chat:
-            choice["message"] = {"role": "assistant", "content": output_text(m.tokenizer, s)}
-        else:
-            choice["text"] = output_text(m.tokenizer, s)
+        fields = _text_fields(s, chat, s.text or "", 0)
+        choice.update({"message": {"role": "assistant", **fields}} if chat else fields)
         out.append(choice)
     kind = "chat.completion" if chat else "text_completion"
     return {
@@ -206,11 +253,13 @@ def _id(chat: bool) -> str:
 async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per choice per step (for chat, led by one chunk that gives
     every choice its role), a usage chunk if asked for, then [DONE]. The first event waits for the
-    first token, so that a refused request is still a plain HTTP error."""
+    first token, so that a refused request is still a plain HTTP error. A choice's text deltas are
+    the pieces its TextStream releases, so that they add up to the non-streamed text."""
+    check_text_free(job, m)
     rid, created = _id(chat), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
-    decoders: dict[int, StreamDecoder] = {}
-    seen: dict[int, int] = {}
+    cursors: dict[int, int] = {}  # per choice: TextStream pieces sent
+    seen: dict[int, int] = {}  # per choice: tokens sent
     text_offsets: dict[int, int] = {}  # per choice: where its next token's logprob text starts
     finals: dict[int, RequestState] = {}
 
@@ -229,17 +278,12 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
         if chat and roles:
             yield chunk(roles)
             roles = []
-        dec = decoders.setdefault(
-            i,
-            StreamDecoder(
-                m.tokenizer,
-                s.params.skip_special_tokens,
-                () if s.params.no_stop_trim else s.params.stop,
-                s.params.min_new_tokens,
-            ),
-        )
+        if i in finals:
+            continue  # a state queued again after it finished: everything has been sent
+        text = ""
+        if s.stream is not None:
+            text, cursors[i] = s.stream.since(cursors.get(i, 0))
         start = seen.get(i, 0)
-        text = dec.push(s.output_ids[start:], final=s.finished)
         seen[i] = len(s.output_ids)
         choice: dict[str, Any] = {
             "index": i,
@@ -252,7 +296,8 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             offset = text_offsets.get(i, 0)
             choice["logprobs"] = completion_logprobs(m, s, start, offset)
             text_offsets[i] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
-        choice.update({"delta": {"content": text}} if chat else {"text": text})
+        fields = _text_fields(s, chat, text, start)
+        choice.update({"delta": fields} if chat else fields)
         if s.finished:
             finals[i] = s
         yield chunk([choice])
