@@ -134,14 +134,16 @@ def test_a_frozen_stage_is_detected_by_its_missing_heartbeat(model_path):
 
 
 # ---- the scheduler on its own ---------------------------------------------------------------------
+def _finish(req: Req) -> dict | None:
+    """Token 7 stops a request; max_new_tokens ends it."""
+    if req.output_ids[-1] == 7:
+        return {"type": "stop", "matched": 7}
+    return {"type": "length"} if len(req.output_ids) >= req.params.max_new_tokens else None
+
+
 def _scheduler(slots: int = 64, max_running: int = 8) -> Scheduler:
     cfg = resolve_config(device="cpu", max_running_requests=max_running)
-    stop_on_7 = lambda r: (
-        {"type": "stop", "matched": 7}
-        if r.output_ids[-1] == 7
-        else ({"type": "length"} if len(r.output_ids) >= r.params.max_new_tokens else None)
-    )
-    return Scheduler(cfg, slots, 128, stop_on_7, vocab_size=100)
+    return Scheduler(cfg, slots, 128, _finish, vocab_size=100)
 
 
 def _req(rid: str, n: int = 5, max_new: int = 10) -> Req:
