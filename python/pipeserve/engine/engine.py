@@ -131,6 +131,7 @@ class Engine:
         params = [SamplingParams.from_dict(p) for p in raw]
         prompts = [self._check_prompt(ids, f"prompt {i}") for i, ids in enumerate(prompts)]
         items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
+        self._check_fits(items)
         self._check_open()
         states = self._submit(items, return_logprob, top_logprobs_num)
         self.wait(states)
@@ -192,7 +193,18 @@ class Engine:
             )
             for i, (ids, p) in enumerate(items)
         ]
+        self._check_fits(checked)
         return self._submit(checked, return_logprob, top_logprobs_num)
+
+    def _check_fits(self, items: list[tuple[list[int], SamplingParams]]) -> None:
+        """Refuses a request the KV pool cannot hold whole: it would end short of max_new_tokens."""
+        slots = self.info["num_slots"]
+        for i, (ids, p) in enumerate(items):
+            if len(ids) + p.max_new_tokens > slots:
+                raise ValueError(
+                    f"request {i}: {len(ids)} prompt tokens + max_new_tokens {p.max_new_tokens} "
+                    f"exceed the KV cache pool of {slots} tokens"
+                )
 
     def _submit(
         self,
