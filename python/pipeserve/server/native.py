@@ -47,7 +47,8 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
     check_stop_ids(params, m.vocab_size, "sampling_params.stop_token_ids")
     for p in prompts:
         too_long = len(p) >= m.capacity.max_sequence
-        param = ("text" if text is not None else "input_ids") if too_long else "sampling_params"
+        prompt_param = "text" if text is not None else "input_ids"
+        param = prompt_param if too_long else "sampling_params.max_new_tokens"
         m.capacity.check(len(p), params.max_new_tokens, param)
     top = logprobs_count(body, "top_logprobs_num", 0)
     logprobs = top if get(body, "return_logprob", bool, False) else None
