@@ -23,6 +23,7 @@ from pipeserve.engine.processes import RankFailure, RankGroup
 from pipeserve.server.args import ServerConfig, parse_args
 
 logger = logging.getLogger("pipeserve.launcher")
+DEAD_LINGER_S = 1.0  # after a rank died: seconds of 503 engine_dead answers before the exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +161,9 @@ def serve(cfg: ServerConfig) -> int:
         await asyncio.to_thread(ranks.stop)
 
     def on_dead(reason: str) -> None:
-        server.should_exit = True
+        # keep answering 503 engine_dead for a moment: a client racing the death gets a reason,
+        # not a refused connection
+        asyncio.get_running_loop().call_later(DEAD_LINGER_S, setattr, server, "should_exit", True)
 
     async def drain() -> None:
         logger.info("draining: up to %gs for unfinished requests", cfg.shutdown_timeout_s)
