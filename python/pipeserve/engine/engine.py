@@ -27,6 +27,7 @@ from pipeserve.engine.ipc import (
     ShutdownReq,
     TokenOut,
 )
+from pipeserve.engine.main_guard import check_main_guard
 from pipeserve.engine.processes import RankFailure, RankGroup
 from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.engine.tokenizer import decoded_len, load_tokenizer, trim_at_stop
@@ -93,6 +94,7 @@ def format_result(tokenizer: Any, s: RequestState) -> dict:
 
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        check_main_guard()  # before anything is bound or spawned
         self.config: EngineConfig = resolve_config(model_path=model_path, **kwargs)
         self.tokenizer = load_tokenizer(self.config.tokenizer_path or self.config.model_path)
         self.ipc = IpcAddresses.fresh()

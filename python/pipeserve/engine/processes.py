@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.engine.ipc import IpcAddresses
+from pipeserve.engine.main_guard import check_main_guard, spawnable_main
 from pipeserve.engine.worker import RankSpec, run_rank
 from pipeserve.utils import free_port, usable_cores
 
@@ -28,6 +29,7 @@ class RankFailure(RuntimeError):
 
 class RankGroup:
     def __init__(self, cfg: EngineConfig, ipc: IpcAddresses) -> None:
+        check_main_guard()
         self.cfg = cfg
         self.ipc = ipc
         ctx = mp.get_context("spawn")
@@ -48,7 +50,8 @@ class RankGroup:
                 name=f"pipeserve-rank{spec.rank}",
                 daemon=True,
             )
-            proc.start()
+            with spawnable_main():
+                proc.start()
             self.procs[spec.rank] = proc
         self.info: dict[str, Any] = {}
         self.exits: dict[int, tuple[float, int | None]] = {}  # rank: (when seen, exit code)
