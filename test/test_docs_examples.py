@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeserve
 from server_harness import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,8 @@ def server():
 
 
 def run_script(code: str, *, stdin: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), *sys.path])}
+    package_root = Path(pipeserve.__file__).resolve().parents[1]  # the pipeserve under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), *sys.path])}
     if stdin:
         cmd, kwargs = [sys.executable, "-"], {"input": code}
     else:
