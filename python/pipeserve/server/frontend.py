@@ -107,6 +107,8 @@ class Frontend:
             raise EngineDead(self.dead)
 
     def _unwatch(self) -> None:
+        if self.loop is None:
+            return
         for proc in self.ranks.procs.values():
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(proc.sentinel)
