@@ -77,6 +77,7 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     if cfg.model_path is None:
         cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
     _validate(cfg)
+    _validate_model(cfg)
     device = _resolve_device(cfg.device)
     chunk = cfg.chunked_prefill_size or (8192 if device == "cuda" else 1024)
     return cfg.replace(device=device, dtype=_resolve_dtype(cfg), chunked_prefill_size=chunk)
@@ -124,6 +125,27 @@ def _validate(cfg: EngineConfig) -> None:
             raise ValueError(message)
     if not os.path.isdir(cfg.model_path):
         raise FileNotFoundError(f"model path {cfg.model_path!r} is not a directory")
+
+
+def _validate_model(cfg: EngineConfig) -> None:
+    """The model against the parallel sizes, checked before any rank starts (a rank would find a
+    mismatch only after start-up): tensor parallelism splits the attention heads, the KV heads and
+    the MLP's intermediate size (the vocabulary is padded); every stage needs a layer."""
+    from pipeserve.model.config import ModelConfig
+    from pipeserve.model.registry import partition_layers
+
+    model = ModelConfig.from_dir(cfg.model_path)
+    for what, size in (
+        ("num_attention_heads", model.num_heads),
+        ("num_key_value_heads", model.num_kv_heads),
+        ("intermediate_size", model.intermediate_size),
+    ):
+        if size % cfg.tp_size:
+            raise ValueError(
+                f"tp_size {cfg.tp_size} does not divide the model's {what} ({size}); "
+                "choose a tp_size that divides it"
+            )
+    partition_layers(model.num_layers, cfg.pp_size, cfg.pp_layer_partition)
 
 
 def _resolve_device(device: str) -> str:

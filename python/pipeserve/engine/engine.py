@@ -26,6 +26,7 @@ from pipeserve.engine.ipc import (
     IpcAddresses,
     ShutdownReq,
 )
+from pipeserve.engine.main_guard import check_main_guard
 from pipeserve.engine.processes import RankFailure, RankGroup
 from pipeserve.engine.request_state import RequestState, format_result
 from pipeserve.engine.sampling_params import SamplingParams
@@ -38,6 +39,7 @@ Prompt = str | list[int]
 
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        check_main_guard()  # before anything is bound or spawned
         self.config: EngineConfig = resolve_config(model_path=model_path, **kwargs)
         cfg = self.config
         self.tokenizer = (
@@ -82,6 +84,7 @@ class Engine:
         params = [SamplingParams.from_dict(p) for p in raw]
         prompts = [self._check_prompt(ids, f"prompt {i}") for i, ids in enumerate(prompts)]
         items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
+        self._check_fits(items)
         self._check_open()
         states = self._submit(items, return_logprob, top_logprobs_num)
         self.wait(states)
@@ -153,7 +156,18 @@ class Engine:
             )
             for i, (ids, p) in enumerate(items)
         ]
+        self._check_fits(checked)
         return self._submit(checked, return_logprob, top_logprobs_num)
+
+    def _check_fits(self, items: list[tuple[list[int], SamplingParams]]) -> None:
+        """Refuses a request the KV pool cannot hold whole: it would end short of max_new_tokens."""
+        slots = self.info["num_slots"]
+        for i, (ids, p) in enumerate(items):
+            if len(ids) + p.max_new_tokens > slots:
+                raise ValueError(
+                    f"request {i}: {len(ids)} prompt tokens + max_new_tokens {p.max_new_tokens} "
+                    f"exceed the KV cache pool of {slots} tokens"
+                )
 
     def _submit(
         self,

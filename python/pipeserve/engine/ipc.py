@@ -61,6 +61,7 @@ class TokenOut:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    queue_time_s: float | None = None  # on a request's first token: seconds it waited at stage 0
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeserve.engine.request_state import RequestState
+from pipeserve.engine.sampling_params import INT32_MAX
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.protocol import (
+    CHAT_ROLES,
     ApiError,
+    Capacity,
     Job,
-    check_context,
     check_model,
+    check_prompt_count,
     choices,
     get,
+    int_in,
+    logprobs_count,
     sampling_params,
     stream_flags,
     token_lists,
@@ -31,16 +36,50 @@ class ModelInfo:
     name: str
     vocab_size: int
     context_length: int
+    kv_slots: int = 2**62  # the KV pool's size in tokens (RankGroup.info["num_slots"])
+    max_prompt_chars: int | None = None  # longer texts cannot fit (server.limits); None: unknown
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.context_length, self.kv_slots)
 
 
 # ---- parsing ------------------------------------------------------------------------------------------
+def encode(m: ModelInfo, text: str, param: str, **kwargs: Any) -> list[int]:
+    """Token ids of `text`; a text too long to fit even at the longest token is refused untokenized."""
+    check_chars(m, len(text), param)
+    return m.tokenizer.encode(text, **kwargs)
+
+
+def check_chars(m: ModelInfo, chars: int, param: str) -> None:
+    if m.max_prompt_chars is not None and chars > m.max_prompt_chars:
+        raise ApiError(
+            f"'{param}' has {chars} characters, more than any prompt that fits "
+            f"{m.capacity.max_sequence} tokens can have ({m.max_prompt_chars})",
+            param,
+            code="context_length_exceeded",
+        )
+
+
+def prompt_texts(value: Any, param: str) -> list[str] | None:
+    """`value` as a list of prompt texts (a string or a non-empty list of strings); None if it is
+    something else (token ids, say)."""
+    if isinstance(value, str):
+        value = [value]
+    elif not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return None
+    check_prompt_count(value, param)
+    if not all(value):
+        raise ApiError(f"'{param}' must not be empty, nor hold an empty string", param)
+    return value
+
+
 def parse_completion(body: dict, m: ModelInfo) -> Job:
     check_model(body, m.names, m.name)
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [m.tokenizer.encode(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [m.tokenizer.encode(p) for p in prompt]
+    texts = prompt_texts(prompt, "prompt")
+    if texts is not None:
+        prompts = [encode(m, t, "prompt") for t in texts]
     elif isinstance(prompt, list) and prompt:
         prompts = token_lists(prompt, "prompt", m.vocab_size)
     else:
@@ -49,19 +88,14 @@ def parse_completion(body: dict, m: ModelInfo) -> Job:
         )
     if any(not p for p in prompts):
         raise ApiError("'prompt' encodes to no tokens", "prompt")
-    max_tokens = get(body, "max_tokens", int, 16)
+    max_tokens = int_in(body, "max_tokens", 1, INT32_MAX, 16)
     for p in prompts:
-        check_context(
-            len(p),
-            max_tokens,
-            m.context_length,
-            "max_tokens" if len(p) < m.context_length else "prompt",
-        )
-    logprobs = get(body, "logprobs", int, None)
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise ApiError(f"'logprobs' must be between 0 and 20, got {logprobs}", "logprobs")
+        too_long = len(p) >= m.capacity.max_sequence
+        m.capacity.check(len(p), max_tokens, "prompt" if too_long else "max_tokens")
+    logprobs = logprobs_count(body, "logprobs", None)
     stream, usage = stream_flags(body)
-    return Job(prompts, sampling_params(body, max_tokens), choices(body), stream, logprobs, usage)
+    params = sampling_params(body, max_tokens, m.vocab_size)
+    return Job(prompts, params, choices(body), stream, logprobs, usage)
 
 
 def chat_prompt(body: dict, m: ModelInfo) -> list[int]:
@@ -71,13 +105,19 @@ def chat_prompt(body: dict, m: ModelInfo) -> list[int]:
     plain = [_message(i, msg) for i, msg in enumerate(messages)]
     if not getattr(m.tokenizer, "chat_template", None):
         raise ApiError("this model has no chat template; use /v1/completions", "messages")
+    check_chars(m, sum(len(msg["content"]) for msg in plain), "messages")  # the template adds more
     text = m.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-    return m.tokenizer.encode(text, add_special_tokens=False)
+    return encode(m, text, "messages", add_special_tokens=False)
 
 
 def _message(i: int, msg: Any) -> dict:
     if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
         raise ApiError(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+    if msg["role"] not in CHAT_ROLES:
+        raise ApiError(
+            f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {msg['role'][:100]!r}",
+            f"messages[{i}].role",
+        )
     content = msg.get("content")
     if isinstance(content, list):
         parts = []
@@ -106,26 +146,21 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
     check_model(body, m.names, m.name)
     fmt = get(body, "response_format", dict, {"type": "text"})
     if fmt.get("type", "text") != "text":
-        raise ApiError(f"response_format {fmt.get('type')!r} is not supported", "response_format")
+        raise ApiError(
+            f"response_format {str(fmt.get('type'))[:100]!r} is not supported", "response_format"
+        )
+    stream, usage = stream_flags(body)
     ids = chat_prompt(body, m)
-    max_tokens = get(body, "max_completion_tokens", int, None)
-    if max_tokens is None:  # absent: the rest of the context, and at least one token
-        max_tokens = get(body, "max_tokens", int, max(1, m.context_length - len(ids)))
-    check_context(
-        len(ids),
-        max_tokens,
-        m.context_length,
-        "messages" if len(ids) >= m.context_length else "max_tokens",
-    )
+    limit = m.capacity.max_sequence
+    max_tokens = int_in(body, "max_completion_tokens", 1, INT32_MAX, None)
+    if max_tokens is None:  # absent: the rest of the context (and of the KV pool), at least one
+        max_tokens = int_in(body, "max_tokens", 1, INT32_MAX, max(1, limit - len(ids)))
+    m.capacity.check(len(ids), max_tokens, "messages" if len(ids) >= limit else "max_tokens")
     logprobs = None
     if get(body, "logprobs", bool, False):
-        logprobs = get(body, "top_logprobs", int, 0)
-        if not 0 <= logprobs <= 20:
-            raise ApiError(
-                f"'top_logprobs' must be between 0 and 20, got {logprobs}", "top_logprobs"
-            )
-    stream, usage = stream_flags(body)
-    return Job([ids], sampling_params(body, max_tokens), choices(body), stream, logprobs, usage)
+        logprobs = logprobs_count(body, "top_logprobs", 0)
+    params = sampling_params(body, max_tokens, m.vocab_size)
+    return Job([ids], params, choices(body), stream, logprobs, usage)
 
 
 # ---- answering ----------------------------------------------------------------------------------------
