@@ -68,6 +68,7 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> dict | list[dict]:
         """One dict per prompt and choice: text, output_ids and meta_info (token counts, finish
         reason, and logprobs when asked). With `n` > 1 in a prompt's sampling params its n choices
@@ -86,7 +87,7 @@ class Engine:
         items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
         self._check_fits(items)
         self._check_open()
-        states = self._submit(items, return_logprob, top_logprobs_num)
+        states = self._submit(items, return_logprob, top_logprobs_num, priority)
         self.wait(states)
         results = [self.result(s) for s in states]
         return results[0] if single and len(results) == 1 else results
@@ -135,17 +136,20 @@ class Engine:
         params: SamplingParams | dict,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> RequestState:
-        return self.submit_many([(ids, params)], return_logprob, top_logprobs_num)[0]
+        return self.submit_many([(ids, params)], return_logprob, top_logprobs_num, priority)[0]
 
     def submit_many(
         self,
         items: list[tuple[list[int], SamplingParams]],
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> list[RequestState]:
         """Queues (prompt ids, params) pairs in one message, so that they are scheduled together.
-        Params may be dicts; each pair is one request (`n` is expanded by `generate`)."""
+        Params may be dicts; each pair is one request (`n` is expanded by `generate`). Stage 0
+        admits waiting requests by (priority, arrival): lower priority values first."""
         if not items:
             return []
         self._check_open()
@@ -157,7 +161,7 @@ class Engine:
             for i, (ids, p) in enumerate(items)
         ]
         self._check_fits(checked)
-        return self._submit(checked, return_logprob, top_logprobs_num)
+        return self._submit(checked, return_logprob, top_logprobs_num, priority)
 
     def _check_fits(self, items: list[tuple[list[int], SamplingParams]]) -> None:
         """Refuses a request the KV pool cannot hold whole: it would end short of max_new_tokens."""
@@ -174,6 +178,7 @@ class Engine:
         items: list[tuple[list[int], SamplingParams]],
         return_logprob: bool,
         top_logprobs_num: int,
+        priority: int = 0,
     ) -> list[RequestState]:
         """Sends checked (ids, params) pairs as one message."""
         if self.detokenizer is None and any(params.stop for _, params in items):
@@ -186,7 +191,9 @@ class Engine:
             rid = uuid.uuid4().hex
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             reqs.append(
-                GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
+                GenerateReq(
+                    rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num, priority
+                )
             )
             stream = None if self.detokenizer is None else self.detokenizer.stream(params)
             states.append(RequestState(rid, params, stream, prompt_tokens=len(ids)))

@@ -117,6 +117,9 @@ class SchedulerPPMixin:
         if self.ctx.tp_size > 1:
             send_descriptor(self.tp, desc, self.arrived_since_launch)
             self.arrived_since_launch = 0
+        now = time.monotonic()
+        for req in reqs:
+            req.started_at = req.started_at or now
         rec = InFlight(desc, reqs, self.executor.submit(self._forward_and_send, desc))
         if self.ctx.pp_size > 1:  # NOTE: the tokens' receive is claimed before anything else
             rec.expected = self.transport.expect(Channel.TOKENS, src=self.ctx.pp_size - 1)

@@ -30,6 +30,8 @@ class Req:
     finish_reason: dict | None = None
     num_preemptions: int = 0
     float_row: Any = None  # its sampling floats as the descriptor carries them (set at admission)
+    added_at: float = 0.0  # monotonic seconds: arrival at stage 0, then its first launch,
+    started_at: float | None = None  # for the queue-time metric only, never for a decision
 
     @property
     def seq_len(self) -> int:

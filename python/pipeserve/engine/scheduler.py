@@ -71,8 +71,8 @@ class Scheduler:
             return f"a sampling parameter cannot be used: {e}"
         if not 0 <= req.top_logprobs_num <= self.vocab_size:
             return f"top_logprobs_num {req.top_logprobs_num} is outside [0, {self.vocab_size}]"
-        need = min(req.seq_len + req.params.max_new_tokens - 1, self.context_length)
-        if need > self.slots.size:
+        need = min(req.seq_len + req.params.max_new_tokens, self.context_length)
+        if need > self.slots.size:  # the front ends refuse it first, by the same rule
             return (
                 f"prompt ({req.seq_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) "
                 f"needs {need} KV slots; the KV cache holds {self.slots.size}"

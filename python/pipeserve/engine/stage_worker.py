@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pipeserve.config import EngineConfig
@@ -78,6 +79,7 @@ class StageWorker(SchedulerPPMixin):
         except (ValueError, TypeError, OverflowError) as e:
             return [self._error(msg.rid, len(msg.input_ids), str(e))]
         params = req.params
+        req.added_at = time.monotonic()
         if params.max_new_tokens == 0:
             return [
                 TokenOut(
@@ -136,7 +138,15 @@ class StageWorker(SchedulerPPMixin):
             finish_reason=req.finish_reason,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            queue_time_s=self._queue_time(req),
         )
+
+    @staticmethod
+    def _queue_time(req: Req) -> float | None:
+        """Seconds from arrival at stage 0 to its first launch, with its first token only."""
+        if len(req.output_ids) != 1 or req.started_at is None:
+            return None
+        return req.started_at - req.added_at
 
     def _final(self, req: Req) -> TokenOut:
         return TokenOut(

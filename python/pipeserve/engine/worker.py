@@ -108,7 +108,10 @@ def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
         force=True,
     )
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and shuts ranks down
+    # the launcher owns Ctrl-C and SIGTERM (also when a whole process group gets them): it drains,
+    # then shuts the ranks down, killing what is left
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
 
 

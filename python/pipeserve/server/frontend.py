@@ -171,6 +171,7 @@ class Frontend:
         params: SamplingParams,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> AsyncIterator[RequestState]:
         """Yields the request's state after every delta; the last one has finished. `rid` comes
         from `admitted`. Aborts the request if the consumer goes away (a client disconnect cancels
@@ -182,7 +183,9 @@ class Frontend:
         track = self.metrics.track(len(ids))
         try:
             await self._send(
-                GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
+                GenerateReq(
+                    rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num, priority
+                )
             )
             while not state.finished:
                 item = await queue.get()

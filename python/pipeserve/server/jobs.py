@@ -29,7 +29,9 @@ async def _run_one(
 ) -> RequestState:
     last = None
     wants_logprobs = job.logprobs is not None
-    async for state in frontend.generate(rid, ids, params, wants_logprobs, job.logprobs or 0):
+    async for state in frontend.generate(
+        rid, ids, params, wants_logprobs, job.logprobs or 0, job.priority
+    ):
         if state.error is not None:
             raise ApiError(state.error, "prompt")
         last = state

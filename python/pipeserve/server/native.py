@@ -16,6 +16,7 @@ from pipeserve.server.protocol import (
     checked_params,
     get,
     logprobs_count,
+    priority,
     token_lists,
 )
 
@@ -52,7 +53,8 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
         m.capacity.check(len(p), params.max_new_tokens, param)
     top = logprobs_count(body, "top_logprobs_num", 0)
     logprobs = top if get(body, "return_logprob", bool, False) else None
-    return Job(prompts, params, params.n, get(body, "stream", bool, False), logprobs), batch
+    stream = get(body, "stream", bool, False)
+    return Job(prompts, params, params.n, stream, logprobs, priority=priority(body)), batch
 
 
 async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:

@@ -23,6 +23,7 @@ from pipeserve.server.protocol import (
     get,
     int_in,
     logprobs_count,
+    priority,
     sampling_params,
     stream_flags,
     token_lists,
@@ -95,7 +96,7 @@ def parse_completion(body: dict, m: ModelInfo) -> Job:
     logprobs = logprobs_count(body, "logprobs", None)
     stream, usage = stream_flags(body)
     params = sampling_params(body, max_tokens, m.vocab_size)
-    return Job(prompts, params, choices(body), stream, logprobs, usage)
+    return Job(prompts, params, choices(body), stream, logprobs, usage, priority(body))
 
 
 def chat_prompt(body: dict, m: ModelInfo) -> list[int]:
@@ -160,7 +161,7 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
     if get(body, "logprobs", bool, False):
         logprobs = logprobs_count(body, "top_logprobs", 0)
     params = sampling_params(body, max_tokens, m.vocab_size)
-    return Job([ids], params, choices(body), stream, logprobs, usage)
+    return Job([ids], params, choices(body), stream, logprobs, usage, priority(body))
 
 
 # ---- answering ----------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ class Job:
     stream: bool = False
     logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
     include_usage: bool = False  # streaming: a last chunk with usage (OpenAI's stream_options)
+    priority: int = 0  # lower is admitted first (SGLang's and vLLM's `priority` field)
 
     @property
     def num_requests(self) -> int:
@@ -139,6 +140,14 @@ def int_in(body: dict, name: str, lo: int, hi: int, default: int | None) -> Any:
     if value is not None and not lo <= value <= hi:
         raise ApiError(f"'{name}' must be between {lo} and {hi}, got {show(value)}", name)
     return value
+
+
+PRIORITY_BOUND = 2**31 - 1
+
+
+def priority(body: dict) -> int:
+    """The request's `priority`: lower is admitted first, ties in arrival order."""
+    return int_in(body, "priority", -PRIORITY_BOUND, PRIORITY_BOUND, 0)
 
 
 def check_model(body: dict, served: set[str], name: str) -> None:
