@@ -178,6 +178,29 @@ def measure(
     return rows
 
 
+def long_check(engine: Engine, length: int, vocab: int) -> dict:
+    """One request of `length` prompt tokens decoded beside 127 short ones: it must complete (no
+    dense per-layer K/V copies: the paged kernels read the pool in place)."""
+    from pipeserve.engine.sampling_params import SamplingParams
+
+    long_prompt = prompts(1, length, vocab, seed=3)[0]
+    short = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
+    items = [(long_prompt, SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True))]
+    items += [(p, short) for p in prompts(127, 128, vocab, seed=4)]
+    start = time.perf_counter()
+    states = engine.submit_many(items)
+    engine.wait(states)
+    row = {
+        "engine": "pipeserve",
+        "what": "long-beside-short",
+        "long_prompt_tokens": length,
+        "completed": all(len(s.output_ids) == s.params.max_new_tokens for s in states),
+        "wall_s": time.perf_counter() - start,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def kv_bytes_per_token(shape: dict, dtype: torch.dtype) -> int:
     d = shape["hidden"] // shape["heads"]
     return 2 * shape["layers"] * shape["kv"] * d * torch.tensor([], dtype=dtype).element_size()
@@ -236,14 +259,22 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default="pipeserve,pipeserve-eager,transformers")
+    parser.add_argument(
+        "--long",
+        type=int,
+        default=0,
+        help="also decode one request of this many prompt tokens beside 127 short ones",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     shape = dict(SHAPES[args.shape])
     start = time.perf_counter()
-    path = args.model_path or make_model(
-        tempfile.mkdtemp(prefix="bench-offline-"), shape, dtype, args.device
-    )
+    path = args.model_path or tempfile.mkdtemp(prefix="bench-offline-")
+    if not os.path.isfile(os.path.join(path, "config.json")):  # a new directory: fill it
+        make_model(path, shape, dtype, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     print(f"checkpoint ready in {time.perf_counter() - start:.1f}s: {path}", flush=True)
     shape["vocab"] = ModelConfig.from_dir(path).vocab_size
     cuda = args.device == "cuda"
@@ -259,6 +290,8 @@ def main() -> None:
         with Engine(**cfg) as engine:
             ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up
             rows += measure(name, lambda b, n, e=engine: ours(e, b, n), args, shape, sync)
+            if args.long and name == "pipeserve":
+                rows.append(long_check(engine, args.long, shape["vocab"]))
     if "transformers" in engines:
         from transformers import AutoModelForCausalLM
 
