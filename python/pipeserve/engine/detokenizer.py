@@ -48,8 +48,10 @@ class Detokenizer:
         added = getattr(tokenizer, "added_tokens_decoder", {})
         self.special_ids = frozenset(i for i, t in added.items() if getattr(t, "special", False))
 
-    def stream(self, params: SamplingParams) -> TextStream:
-        return TextStream(self, params)
+    def stream(self, params: SamplingParams, incremental: bool = True) -> TextStream:
+        """`incremental=False`: nobody reads the text before the end, so without stop strings
+        the tokens are only kept, and decoded once by `finish`."""
+        return TextStream(self, params, incremental)
 
     def decode(self, ids: list[int], skip_special_tokens: bool, raw: bool = False) -> str:
         """The tokenizer's decode; `raw`: without its clean-up rewrite."""
@@ -81,8 +83,11 @@ class TextStream:
     `pieces` (join them for the text so far); `matched` is the stop string that ended the
     request, if one did; `text` is the final text once finished."""
 
-    def __init__(self, detok: Detokenizer, params: SamplingParams) -> None:
+    def __init__(
+        self, detok: Detokenizer, params: SamplingParams, incremental: bool = True
+    ) -> None:
         self.detok = detok
+        self.lazy = not incremental and not params.stop
         self.skip_special_tokens = params.skip_special_tokens
         self.stops = params.stop
         self.trim = not params.no_stop_trim
@@ -107,6 +112,8 @@ class TextStream:
     def push(self, token_id: int) -> bool:
         """Adds one output token; True once a stop string has completed (push no more)."""
         self.ids.append(token_id)
+        if self.lazy:
+            return False
         self.byte_run = self._byte_run(token_id)
         raw = self.window.advance(self.ids, len(self.ids) - self.byte_run)
         new = self.cleaner.feed(raw)

@@ -195,7 +195,7 @@ class Engine:
                     rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num, priority
                 )
             )
-            stream = None if self.detokenizer is None else self.detokenizer.stream(params)
+            stream = None if self.detokenizer is None else self.detokenizer.stream(params, False)
             states.append(RequestState(rid, params, stream, prompt_tokens=len(ids)))
         for state in states:
             self.outstanding[state.rid] = state

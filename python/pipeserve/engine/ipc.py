@@ -89,6 +89,8 @@ def _to_plain(obj: Any) -> Any:
     if names is not None:
         return ("@" + cls.__name__, [_to_plain(getattr(obj, n)) for n in names])
     if isinstance(obj, (list, tuple)):
+        if all(type(x) in _SCALARS for x in obj):  # token ids, logprobs: no walk needed
+            return obj if cls is list else list(obj)
         return [_to_plain(x) for x in obj]
     return obj
 
@@ -100,6 +102,8 @@ def _from_plain(obj: Any) -> Any:
     if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
         return MESSAGES[obj[0][1:]](*[_from_plain(x) for x in obj[1]])
     if cls is list:
+        if all(type(x) in _SCALARS for x in obj):
+            return obj
         return [_from_plain(x) for x in obj]
     return obj
 

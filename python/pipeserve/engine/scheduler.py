@@ -226,6 +226,7 @@ class Scheduler:
         """Applies a returned microbatch: appends its sampled tokens (dropping those past a
         request's end), finishes requests and frees those no launched microbatch holds."""
         sampled = desc.sampled().tolist()
+        tokens = {k: v.tolist() for k, v in tokens.items()}  # one conversion, not one per row
         out, i = [], 0
         for req, s in zip(reqs, sampled, strict=True):
             req.holders -= 1
@@ -239,19 +240,13 @@ class Scheduler:
         return out
 
     def _append(self, req: Req, tokens: dict, i: int) -> SampledToken:
-        token = int(tokens["next_token_ids"][i])
-        logprob = (
-            float(tokens["logprobs"][i]) if req.return_logprob and "logprobs" in tokens else None
-        )
+        token = tokens["next_token_ids"][i]
+        logprob = tokens["logprobs"][i] if req.return_logprob and "logprobs" in tokens else None
         top = None
         if req.top_logprobs_num and "top_logprob_ids" in tokens:
             k = req.top_logprobs_num
             top = list(
-                zip(
-                    tokens["top_logprob_ids"][i, :k].tolist(),
-                    tokens["top_logprobs"][i, :k].tolist(),
-                    strict=True,
-                )
+                zip(tokens["top_logprob_ids"][i][:k], tokens["top_logprobs"][i][:k], strict=True)
             )
         req.output_ids.append(token)
         req.finish_reason = self.finish_check(req)

@@ -172,13 +172,14 @@ class Frontend:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         priority: int = 0,
+        streamed: bool = True,
     ) -> AsyncIterator[RequestState]:
         """Yields the request's state after every delta; the last one has finished. `rid` comes
         from `admitted`. Aborts the request if the consumer goes away (a client disconnect cancels
         the consumer), or once a stop string has ended it here."""
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         queue = self.queues[rid]
-        text = None if self.detokenizer is None else self.detokenizer.stream(params)
+        text = None if self.detokenizer is None else self.detokenizer.stream(params, streamed)
         state = RequestState(rid, params, text, prompt_tokens=len(ids))
         track = self.metrics.track(len(ids))
         try:

@@ -30,7 +30,7 @@ async def _run_one(
     last = None
     wants_logprobs = job.logprobs is not None
     async for state in frontend.generate(
-        rid, ids, params, wants_logprobs, job.logprobs or 0, job.priority
+        rid, ids, params, wants_logprobs, job.logprobs or 0, job.priority, job.stream
     ):
         if state.error is not None:
             raise ApiError(state.error, "prompt")

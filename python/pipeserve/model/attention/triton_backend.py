@@ -8,6 +8,7 @@ import torch
 from pipeserve.model.attention import triton_kernels as kernels
 from pipeserve.model.attention.base import AttentionBackend, BackendSpec, register
 from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.model.fused import store_kv
 
 MAX_SPLITS = 16
 
@@ -50,8 +51,7 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv, batch, scale):
         k_cache, v_cache = kv
-        k_cache.index_copy_(0, batch.out_slots, k)
-        v_cache.index_copy_(0, batch.out_slots, v)
+        store_kv(k, v, k_cache, v_cache, batch.out_slots)
         out = torch.empty_like(q)
         if batch.is_decode:
             part_out, part_lse = batch.attn
