@@ -9,6 +9,8 @@ extend_start (first row of the request's new tokens in q). New tokens' K/V are i
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -121,7 +123,7 @@ def _extend_kernel(
     stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_on, stride_oh,
     stride_row, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, LENGTH_CLASS,
 ):  # fmt: skip
     """One program per (request, query head, block of new tokens): causal attention over the
     request's cached prefix and its new tokens, all read from the pool."""
@@ -233,6 +235,27 @@ def decode_scratch(
     return part_out, part_lse
 
 
+def _extend_configs() -> list:
+    """Tile shapes tried once per (group, head dim, length class) on a GPU: prefill is bound by
+    the matrix units, where the tile shape decides the rate. The length class is a plain argument,
+    so a new class re-tunes without compiling anything new."""
+    shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in shapes
+    ]
+
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_extend_tuned = (
+    None
+    if _INTERPRETED
+    else triton.autotune(_extend_configs(), key=["GROUP", "HEAD_DIM", "LENGTH_CLASS", "IEEE"])(
+        _extend_kernel
+    )
+)
+
+
 def extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -249,13 +272,21 @@ def extend_attention(
     """q, out: (N, H, D) for the new tokens of every request."""
     _, H, D = q.shape
     hkv = k_cache.shape[1]
-    block_m = 64 if max_extend_len > 32 else 16
-    grid = (req_pool_idx.shape[0], H, triton.cdiv(max_extend_len, block_m))
-    _extend_kernel[grid](
+    args = (
         q, k_cache, v_cache, out, req_to_token, req_pool_idx, prefix_lens, extend_lens,
         extend_start, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
         req_to_token.stride(0), scale,
-        GROUP=H // hkv, HEAD_DIM=D, DIM_PAD=_pow2(D), BLOCK_M=block_m,
-        BLOCK_N=64 if D <= 128 else 32, IEEE=q.dtype == torch.float32,
     )  # fmt: skip
+    consts = dict(
+        GROUP=H // hkv, HEAD_DIM=D, DIM_PAD=_pow2(D), IEEE=q.dtype == torch.float32,
+        LENGTH_CLASS=0 if max_extend_len <= 16 else 1 if max_extend_len <= 128 else 2,
+    )  # fmt: skip
+    b = req_pool_idx.shape[0]
+    if _extend_tuned is None:  # the interpreter: one fixed tile
+        block_m = 64 if max_extend_len > 32 else 16
+        grid = (b, H, triton.cdiv(max_extend_len, block_m))
+        _extend_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=32)
+        return
+    grid = lambda meta: (b, H, triton.cdiv(max_extend_len, meta["BLOCK_M"]))  # noqa: E731
+    _extend_tuned[grid](*args, **consts)
