@@ -4,6 +4,8 @@ hooks."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,10 @@ from pipeserve.model.attention import BackendSpec, create_backend
 from pipeserve.model.forward_batch import ForwardBatch
 
 triton = pytest.importorskip("triton")  # on CPU, conftest.py sets TRITON_INTERPRET=1
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tensors in Triton kernels need its interpreter (the CUDA tests cover the GPU)",
+)
 
 H, HKV, D, SLOTS, ROWS, CTX = 8, 2, 16, 256, 7, 96
 
@@ -65,6 +71,7 @@ def compare_backends(device: torch.device, dtype: torch.dtype, atol: float) -> N
             torch.testing.assert_close(ours[:real].float(), ref[:real].float(), atol=atol, rtol=0)
 
 
+@interpreted
 def test_triton_kernels_match_torch_on_cpu():
     compare_backends(torch.device("cpu"), torch.float32, atol=1e-5)
 
@@ -106,6 +113,7 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
         resolve_backend_name("flash", "cpu")
 
 
+@interpreted
 def test_engine_with_triton_backend_equals_torch_backend(tmp_path):
     from checkpoints import make_checkpoint
     from pipeserve import Engine
@@ -122,6 +130,7 @@ def test_engine_with_triton_backend_equals_torch_backend(tmp_path):
     assert outs["torch"] == outs["triton"]
 
 
+@interpreted
 def test_fused_layer_kernels_match_their_torch_versions(monkeypatch):
     """Under Triton's interpreter on CPU (compiled on CUDA, see test_cuda_graphs)."""
     check_fused_kernels(torch.device("cpu"), torch.float32, monkeypatch)

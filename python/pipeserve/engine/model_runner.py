@@ -47,6 +47,8 @@ class ModelRunner:
         self.context_length = cfg.context_length or model_cfg.max_position_embeddings
         self.model = build_stage_model(model_cfg, ctx, self.dtype, device, cfg.pp_layer_partition)
         load_weights(self.model, cfg.model_path, progress)
+        if device.type == "cuda":
+            self.model.rotary.build_table(self.context_length + 1, self.dtype)
         self.kv: KVPool | None = None
         self.table = ReqToToken(cfg.max_running_requests, self.context_length, device)
         needs_tokens = ctx.is_first_stage or ctx.is_last_stage

@@ -11,7 +11,13 @@ import numpy as np
 import torch
 
 from pipeserve.engine.batch import FLOAT_COL, INT_COL, BatchDescriptor
-from pipeserve.engine.sampler import SamplingBatch, SamplingFlags, TokenHistory, sample
+from pipeserve.engine.sampler import (
+    SampleOutput,
+    SamplingBatch,
+    SamplingFlags,
+    TokenHistory,
+    sample,
+)
 from pipeserve.model.forward_batch import ForwardBatch, to_device
 
 if TYPE_CHECKING:
@@ -52,11 +58,15 @@ def sample_step(
 ) -> SampledTokens:
     picked = desc.sampled()
     ints, floats = desc.req_ints[picked], desc.req_floats[picked]
-    batch = sampling_batch(ints, floats, runner.device)
-    batch.eos_ids = runner.eos_ids
-    if batch.flags.any_penalties:
-        batch.history = token_history(runner, ints)
-    result = sample(logits, batch)
+    flags = sampling_flags(ints, floats)
+    if flags == PLAIN_GREEDY:  # the argmax alone: no columns to upload, no other kernel
+        result = SampleOutput(logits.argmax(dim=-1), None, None, None)
+    else:
+        batch = sampling_batch(ints, floats, flags, runner.device)
+        batch.eos_ids = runner.eos_ids
+        if flags.any_penalties:
+            batch.history = token_history(runner, ints)
+        result = sample(logits, batch)
     tokens = {"next_token_ids": result.next_token_ids}
     if result.logprobs is not None:
         tokens["logprobs"] = result.logprobs
@@ -71,16 +81,18 @@ def sample_step(
     return SampledTokens.of(tokens)
 
 
-def sampling_batch(ints: np.ndarray, floats: np.ndarray, device: torch.device) -> SamplingBatch:
-    """The sampled rows' per-request columns (see batch.REQ_*_COLUMNS) as a SamplingBatch, with
-    the flags that steer the sampler computed from the host copies."""
+PLAIN_GREEDY = SamplingFlags()
+
+
+def sampling_flags(ints: np.ndarray, floats: np.ndarray) -> SamplingFlags:
+    """What the sampled rows need, from the host copies of their columns."""
     i, f = (lambda name: ints[:, INT_COL[name]]), (lambda name: floats[:, FLOAT_COL[name]])
     penalties = (
         (f("repetition_penalty") != 1)
         | (f("frequency_penalty") != 0)
         | (f("presence_penalty") != 0)
     )
-    flags = SamplingFlags.from_columns(
+    return SamplingFlags.from_columns(
         f("temperature"),
         f("top_p"),
         f("top_k"),
@@ -89,6 +101,12 @@ def sampling_batch(ints: np.ndarray, floats: np.ndarray, device: torch.device) -
         i("return_logprob").astype(bool),
         i("top_logprobs_num"),
     )
+
+
+def sampling_batch(
+    ints: np.ndarray, floats: np.ndarray, flags: SamplingFlags, device: torch.device
+) -> SamplingBatch:
+    """The sampled rows' per-request columns (see batch.REQ_*_COLUMNS) as a SamplingBatch."""
     dev_ints, dev_floats = to_device(ints, device), to_device(floats, device)
     fd = {name: dev_floats[:, c] for name, c in FLOAT_COL.items()}
     return SamplingBatch(

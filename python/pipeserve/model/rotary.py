@@ -36,11 +36,20 @@ def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 class RotaryEmbedding:
     def __init__(self, head_dim: int, rope: RopeConfig, device: torch.device) -> None:
         self.inv_freq = inverse_frequencies(head_dim, rope).to(device)
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of every position
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) positions -> cos, sin of shape (N, head_dim), computed in fp32, cast to `dtype`."""
+        """(N,) positions -> cos, sin of shape (N, head_dim), computed in fp32, cast to `dtype`;
+        read from the table when `build_table` made one (the same values: two gathers instead of
+        seven kernels per forward)."""
+        if self.table is not None and self.table[0].dtype == dtype:
+            return self.table[0][positions], self.table[1][positions]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def build_table(self, num_positions: int, dtype: torch.dtype) -> None:
+        positions = torch.arange(num_positions, device=self.inv_freq.device)
+        self.table = self.cos_sin(positions, dtype)
