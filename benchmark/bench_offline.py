@@ -102,6 +102,8 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 def timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    """Median seconds of `repeats` runs after one untimed warm-up run."""
+    fn()
     times = []
     for _ in range(repeats):
         sync()

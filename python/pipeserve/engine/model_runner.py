@@ -104,6 +104,23 @@ class ModelRunner:
         )
         self.backend = create_backend(self.backend_name, spec, self.table.slots)
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """CUDA: one prefill per length class on the pad row (it writes only the pad slot), so
+        that Triton compiles and tunes its kernels at start-up, not inside the first requests."""
+        if self.device.type != "cuda":
+            return
+        for n in (8, 100, 600):
+            n = min(n, self.context_length - 1)
+            fb = ForwardBatch.build([self.table.pad_row], [0], [n], [0] * n, self.device)
+            hidden = None
+            if not self.ctx.is_first_stage:
+                hidden = torch.zeros(
+                    n, self.model_cfg.hidden_size, dtype=self.dtype, device=self.device
+                )
+            self.run_model(fb, hidden, None if hidden is None else torch.zeros_like(hidden))
+        torch.cuda.synchronize(self.device)
+
     def capture_graphs(self) -> None:
         """CUDA graphs of decode microbatches, when the device, backend and config allow them."""
         if self.device.type != "cuda" or self.cfg.disable_cuda_graph:

@@ -151,6 +151,7 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     slots = torch.tensor([runner.affordable_slots()], dtype=torch.int64)
     get_world_group().all_reduce(slots, op=dist.ReduceOp.MIN)  # one KV geometry on every stage
     runner.allocate_kv(int(slots))
+    runner.warm_up()
     runner.capture_graphs()
     _slow_down_for_tests(runner, spec.rank)
     liveness = Liveness(dist.distributed_c10d._get_default_store(), spec.rank, cfg.p2p_timeout_s)
