@@ -52,7 +52,7 @@ class Frontier:
             c.name: c.endpoint if isinstance(c, LLMColumn) else PYTHON_LANE for c in job.columns
         }
         self._queues: dict[str, list[tuple[int, int, int]]] = {
-            lane: [] for lane in {*self._lane.values(), PYTHON_LANE}
+            lane: [] for lane in (*(e.name for e in job.endpoints), PYTHON_LANE)
         }
         self._records: dict[int, _RecordState] = {}
         self._open_records = 0
@@ -116,6 +116,9 @@ class Frontier:
             state.errors[cell.column] = error
         self.resolved.append((cell, error is None))
         state.open_cells -= 1
+        if state.open_cells == 0:  # only the record's last cell gets here (dependents are open)
+            self._open_records -= 1
+            self.completed.append(cell.record)
         ready: list[Cell] = []
         for name in self._graph.dependents[cell.column]:
             if name not in state.waiting:
@@ -123,9 +126,6 @@ class Frontier:
             state.waiting[name] -= 1
             if state.waiting[name] == 0:
                 ready.extend(self._release(Cell(cell.record, name), state))
-        if state.open_cells == 0:
-            self._open_records -= 1
-            self.completed.append(cell.record)
         return ready
 
     def _release(self, cell: Cell, state: _RecordState) -> list[Cell]:
