@@ -154,3 +154,16 @@ def test_the_last_line_of_a_record_wins_and_compact_keeps_input_order(tmp_path):
     assert compact_output(path, [{"id": "x"}, {"id": "y"}, {"id": "z"}]) == 2
     with open(path) as f:
         assert [json.loads(line)["id"] for line in f] == ["x", "y"]
+
+
+def test_example_yaml_and_python_api_describe_the_same_job():
+    example = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pipeline"
+    )
+    sys.path.insert(0, example)
+    try:
+        import job_api
+
+        assert load_job(os.path.join(example, "job.yaml")) == job_api.JOB
+    finally:
+        sys.path.remove(example)
