@@ -7,8 +7,8 @@ server B, a Python `verified`) over N records, in three modes against the same t
             blocking on the endpoint's semaphore, so cells that become ready meanwhile wait until
             the snapshot is exhausted.
 
-All three share the frontier (dependency tracking), the HTTP client and the per-endpoint limits;
-only the dispatch order differs. It reports wall time, the share of generator requests finished
+All three share the frontier (dependency tracking), the HTTP client, the per-endpoint limits and
+the prompts per request (`max_batch_size`, cut the same way); only the dispatch order differs. It reports wall time, the share of generator requests finished
 when the first judge request started, records finished over time; prints a table, writes JSON
 (and a PNG when matplotlib is installed).
 
@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,26 +69,40 @@ class Baseline:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    async def run_cell(self, cell: Cell) -> None:
-        """Sends one LLM cell (its endpoint slot already held), resolves it, releases the slot."""
-        column = self.job.column(cell.column)
+    async def run_cells(self, cells: list[Cell]) -> None:
+        """Sends cells of one LLM column in one request (its endpoint slot already held),
+        resolves them, releases the slot."""
+        column = self.job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
-        prompt = render(column.prompt, self.frontier.row(cell))
-        start, value, error = self.now(), None, None
+        prompts = [render(column.prompt, self.frontier.row(c)) for c in cells]
+        start = self.now()
         try:
-            out = await self.clients[column.endpoint].generate(
-                column, prompt, self.job.graph.priority[column.name]
+            answer = await self.clients[column.endpoint].generate(
+                column, prompts, self.job.graph.priority[column.name]
             )
-            value = out.text
-        except CellError as e:
-            error = str(e)
         finally:
             self.limits[column.endpoint].release()
-        self.spans.append(
-            RequestSpan(column.name, column.endpoint, cell.record, start, self.now(), not error)
-        )
-        self.frontier.resolve(cell, value, error)
+        for cell, text in zip(cells, answer.texts, strict=True):
+            ok = not isinstance(text, CellError)
+            self.spans.append(
+                RequestSpan(column.name, column.endpoint, cell.record, start, self.now(), ok)
+            )
+            self.frontier.resolve(cell, text if ok else None, None if ok else str(text))
         self.settle()
+
+    def batches(self, cells: list[Cell]) -> list[list[Cell]]:
+        """Consecutive cells of one column, cut at the endpoint's max_batch_size (as the runner
+        sends them)."""
+        out: list[list[Cell]] = []
+        for cell in cells:
+            column = self.job.column(cell.column)
+            assert isinstance(column, LLMColumn)
+            limit = self.job.endpoint(column.endpoint).max_batch_size
+            if out and out[-1][0].column == cell.column and len(out[-1]) < limit:
+                out[-1].append(cell)
+            else:
+                out.append([cell])
+        return out
 
     def settle(self) -> None:
         while (cell := self.frontier.pop(PYTHON_LANE)) is not None:
@@ -118,9 +133,9 @@ async def column_by_column(base: Baseline) -> None:
         if not isinstance(column, LLMColumn):
             continue
         tasks = []
-        for cell in base.pop_all([column.endpoint]):
+        for cells in base.batches(base.pop_all([column.endpoint])):
             await base.limits[column.endpoint].acquire()
-            tasks.append(asyncio.create_task(base.run_cell(cell)))
+            tasks.append(asyncio.create_task(base.run_cells(cells)))
         await asyncio.gather(*tasks)
 
 
@@ -132,9 +147,9 @@ async def snapshot_dispatch(base: Baseline) -> None:
     while not base.frontier.done:
         base.changed.clear()
         snapshot = base.pop_all(lanes)
-        for cell in snapshot:
-            await base.limits[base.frontier.lane_of(cell.column)].acquire()
-            tasks.append(asyncio.create_task(base.run_cell(cell)))
+        for cells in base.batches(snapshot):
+            await base.limits[base.frontier.lane_of(cells[0].column)].acquire()
+            tasks.append(asyncio.create_task(base.run_cells(cells)))
         if not snapshot:
             await base.changed.wait()
     await asyncio.gather(*tasks)
@@ -178,25 +193,55 @@ def measure(
     }
 
 
-def launch(flags: str) -> tuple[subprocess.Popen, str]:
-    from pipeserve.utils import free_port
+class LaunchedServer:
+    """`python -m pipeserve.launch_server` on a free port, optionally pinned with taskset; its
+    process group's CPU time can be read, so that each mode's server work is measured."""
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "pipeserve.launch_server", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, *shlex.split(flags)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server '{flags}' exited with {proc.returncode}")
+    def __init__(self, flags: str, cpus: str | None) -> None:
+        from pipeserve.utils import free_port
+
+        port = free_port()
+        cmd = [sys.executable, "-m", "pipeserve.launch_server", "--port", str(port)]
+        pin = ["taskset", "-c", cpus] if cpus else []
+        self.proc = subprocess.Popen(
+            [*pin, *cmd, *shlex.split(flags)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server '{flags}' exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"server '{flags}' not ready in 300 s")
+
+    def cpu_s(self) -> float:
+        """User + system seconds of every live process in the server's process group."""
+        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
+        total = 0.0
+        for pid in pids.stdout.split():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, f"{url}/v1"
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server '{flags}' not ready in 300 s")
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -207,6 +252,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in rows:
+        if row["run"] != 0:
+            continue
         ends = row["record_end_s"]
         ax.step([0, *ends], range(len(ends) + 1), where="post", label=row["mode"])
     ax.set_xlabel("seconds since start")
@@ -218,65 +265,119 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    column = next(r for r in rows if r["mode"] == "column")["wall_s"]
+    """One line per run, then the median of each mode; speed-up against column's median."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    medians = [median_row(m, [r for r in rows if r["mode"] == m]) for m in modes]
+    column = next((r["wall_s"] for r in medians if r["mode"] == "column"), None)
     lines = [
-        "| mode | wall (s) | vs column | gen done at 1st judge | 1st record (s) | half records (s) | verified |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | run | wall (s) | column / wall | gen done at 1st judge | 1st record (s) "
+        "| half the records (s) | server CPU (s) A / B | load avg | verified |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in [*rows, *medians]:
+        speed = f"{column / r['wall_s']:.2f}x" if column else "-"
+        cpu = r.get("server_cpu_s") or {}
+        cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) or "-"
         lines.append(
-            f"| {r['mode']} | {r['wall_s']:.1f} | {column / r['wall_s']:.2f}x "
+            f"| {r['mode']} | {r['run']} | {r['wall_s']:.1f} | {speed} "
             f"| {r['gen_done_at_first_judge']:.1%} | {r['first_record_s']:.2f} "
-            f"| {r['half_records_s']:.1f} | {r['verified']}/{r['records']} |"
+            f"| {r['half_records_s']:.1f} | {cpu_text} | {r.get('load', '-')} "
+            f"| {r['verified']}/{r['records']} |"
         )
     return "\n".join(lines)
 
 
+def median_row(mode: str, runs: list[dict]) -> dict:
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    keys = ("wall_s", "gen_done_at_first_judge", "first_record_s", "half_records_s")
+    row = {"mode": mode, "run": "median", **{k: med(k) for k in keys}}
+    row["server_cpu_s"] = {
+        name: statistics.median(r["server_cpu_s"][name] for r in runs)
+        for name in runs[0].get("server_cpu_s") or {}
+    }
+    row["verified"], row["records"] = runs[0]["verified"], runs[0]["records"]
+    return row
+
+
+def run_all(args: argparse.Namespace, job: Job, servers: dict[str, LaunchedServer]) -> list[dict]:
+    records = make_records(args.records, seed=0)
+    asyncio.run(run_mode("runner", job, records[:64]))  # warm-up
+    rows = []
+    for run in range(args.repeats):
+        for mode in args.modes.split(","):
+            cpu0 = {n: s.cpu_s() for n, s in servers.items()}
+            load0 = os.getloadavg()[0]
+            row = asyncio.run(run_mode(mode, job, records))
+            row["run"] = run
+            row["server_cpu_s"] = {n: s.cpu_s() - cpu0[n] for n, s in servers.items()}
+            row["load"] = f"{load0:.1f}-{os.getloadavg()[0]:.1f}"
+            rows.append(row)
+            print(f"{mode} run {run}: {row['wall_s']:.1f} s", flush=True)
+    return rows
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--records", type=int, default=2000)
     p.add_argument("--url-a", help="server A (generator) base URL, .../v1; default: start one")
     p.add_argument("--url-b", help="server B (judge) base URL, .../v1; default: start one")
-    p.add_argument("--flags-a", default="--device cpu", help="flags when starting server A")
-    p.add_argument("--flags-b", default="--device cpu --pp-size 2", help="flags for server B")
+    p.add_argument("--flags-a", default="--device cpu --cpu-threads 1", help="server A's flags")
+    p.add_argument("--flags-b", default="--device cpu --pp-size 2", help="server B's flags")
+    p.add_argument("--cpus-a", help="pin server A to these CPUs (taskset -c), e.g. 0")
+    p.add_argument("--cpus-b", help="pin server B to these CPUs, e.g. 1")
     p.add_argument("--concurrency", type=int, default=None, help="per endpoint (default: job's)")
+    p.add_argument("--batch", type=int, default=None, help="max_batch_size (default: job's)")
     p.add_argument("--modes", default="runner,column,snapshot")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every mode, interleaved")
     p.add_argument("--json", help="write results here")
     p.add_argument("--plot", help="PNG of records finished over time (needs matplotlib)")
     args = p.parse_args()
-    procs = []
+    servers: dict[str, LaunchedServer] = {}
     try:
-        urls = {}
-        for name, url, flags in (("adder", args.url_a, args.flags_a), ("checker", args.url_b, args.flags_b)):
-            if url is None:
-                proc, url = launch(flags)
-                procs.append(proc)
-            urls[name] = url
-        job = load_job(os.path.join(ROOT, "examples", "pipeline", "job.yaml")).with_endpoint_urls(urls)
-        if args.concurrency:
-            endpoints = tuple(replace(e, max_concurrency=args.concurrency) for e in job.endpoints)
-            job = Job(endpoints, job.columns, job.retry, job.fields)
-        records = make_records(args.records, seed=0)
-        asyncio.run(run_mode("runner", job, records[:64]))  # warm-up
-        rows = []
-        for mode in args.modes.split(","):
-            rows.append(asyncio.run(run_mode(mode, job, records)))
-            print(f"{mode}: {rows[-1]['wall_s']:.1f} s", flush=True)
+        urls = {"adder": args.url_a, "checker": args.url_b}
+        for name, flags, cpus in (
+            ("adder", args.flags_a, args.cpus_a),
+            ("checker", args.flags_b, args.cpus_b),
+        ):
+            if urls[name] is None:
+                servers[name] = LaunchedServer(flags, cpus)
+                urls[name] = servers[name].url + "/v1"
+        job = load_job(os.path.join(ROOT, "examples", "pipeline", "job.yaml"))
+        job = job.with_endpoint_urls(urls)
+        for key, value in (("max_concurrency", args.concurrency), ("max_batch_size", args.batch)):
+            if value:
+                endpoints = tuple(replace(e, **{key: value}) for e in job.endpoints)
+                job = Job(endpoints, job.columns, job.retry, job.fields)
+        rows = run_all(args, job, servers)
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(60)
+        for server in servers.values():
+            server.stop()
     print(table(rows))
+    write_results(args, job, rows)
+
+
+def write_results(args: argparse.Namespace, job: Job, rows: list[dict]) -> None:
+    git = ["git", "rev-parse", "--short", "HEAD"]
     meta = {
-        "command": " ".join(sys.argv),
+        "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-        "concurrency": {e.name: e.max_concurrency for e in job.endpoints},
-        "server_flags": {"adder": args.flags_a if args.url_a is None else args.url_a, "checker": args.flags_b if args.url_b is None else args.url_b},
+        "commit": subprocess.run(git, capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        "endpoints": {
+            e.name: {"max_concurrency": e.max_concurrency, "max_batch_size": e.max_batch_size}
+            for e in job.endpoints
+        },
+        "servers": {
+            "adder": args.url_a or f"{args.flags_a} cpus={args.cpus_a}",
+            "checker": args.url_b or f"{args.flags_b} cpus={args.cpus_b}",
+        },
     }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**meta, "rows": rows}, f, indent=1)
+            json.dump({**meta, "table": table(rows), "rows": rows}, f, indent=1)
     if args.plot:
         try:
             plot(rows, args.plot)

@@ -33,13 +33,18 @@ def server() -> Iterator[tuple[str, Script]]:
             script.bodies.append(body)
             script.paths.append(self.path)
             status = script.statuses.pop(0) if script.statuses else 200
+            prompts = body.get("prompt") or body["messages"][0]["content"]
+            prompts = prompts if isinstance(prompts, list) else [prompts]
+            if any("bad" in p for p in prompts):
+                status = 400
             if status == 200:
-                text = f"<{body.get('prompt') or body['messages'][0]['content']}>"
-                choice = {"text": text} if "prompt" in body else {"message": {"content": text}}
-                payload = {
-                    "choices": [choice],
-                    "usage": {"prompt_tokens": 2, "completion_tokens": 1},
-                }
+                key = "text" if "prompt" in body else "message"
+                choices = [
+                    {"index": i, key: f"<{p}>" if key == "text" else {"content": f"<{p}>"}}
+                    for i, p in enumerate(prompts)
+                ][::-1]  # out of order: the client must sort by index
+                usage = {"prompt_tokens": 2 * len(prompts), "completion_tokens": len(prompts)}
+                payload = {"choices": choices, "usage": usage}
             else:
                 payload = {"error": {"message": f"status {status} on purpose"}}
             data = json.dumps(payload).encode()
@@ -61,9 +66,9 @@ def server() -> Iterator[tuple[str, Script]]:
     httpd.server_close()
 
 
-def job(url: str, api: str = "completions", attempts: int = 3) -> Job:
+def job(url: str, api: str = "completions", attempts: int = 3, batch: int = 1) -> Job:
     return Job(
-        (Endpoint("e", url, model="m", max_concurrency=1),),
+        (Endpoint("e", url, model="m", max_concurrency=1, max_batch_size=batch),),
         (LLMColumn("echo", "e", "say {w}", api=api, params={"max_tokens": 4}),),
         RetryPolicy(max_attempts=attempts, backoff_s=0.01, max_backoff_s=0.05),
     )
@@ -123,3 +128,34 @@ def test_connection_refused_is_retried_then_recorded(tmp_path):
     assert summary.cells_failed == 1
     error = rows(tmp_path / "o.jsonl")[0]["_errors"]["echo"]
     assert error.startswith("ConnectError") and error.endswith("(after 2 attempts)")
+
+
+def test_a_batch_goes_in_one_request_and_answers_map_back_by_index(server, tmp_path):
+    url, script = server
+    words = [{"w": w} for w in "abcde"]
+    summary = run_job(job(url, batch=3), words, str(tmp_path / "o.jsonl"))
+    assert [b["prompt"] for b in script.bodies] == [["say a", "say b", "say c"], ["say d", "say e"]]
+    assert {r["w"]: r["echo"] for r in rows(tmp_path / "o.jsonl")} == {
+        w: f"<say {w}>" for w in "abcde"
+    }
+    assert summary.columns["echo"].requests == 2 and summary.columns["echo"].prompt_tokens == 10
+
+
+def test_a_refused_batch_is_resent_prompt_by_prompt_so_only_the_bad_cell_fails(server, tmp_path):
+    url, script = server
+    words = [{"w": "ok1"}, {"w": "bad"}, {"w": "ok2"}]
+    summary = run_job(job(url, batch=3), words, str(tmp_path / "o.jsonl"))
+    assert [b["prompt"] for b in script.bodies] == [
+        ["say ok1", "say bad", "say ok2"], "say ok1", "say bad", "say ok2"
+    ]  # fmt: skip
+    by_word = {r["w"]: r for r in rows(tmp_path / "o.jsonl")}
+    assert by_word["ok1"]["echo"] == "<say ok1>" and by_word["ok2"]["echo"] == "<say ok2>"
+    assert by_word["bad"]["_errors"] == {"echo": "HTTP 400: status 400 on purpose"}
+    assert summary.cells_failed == 1
+
+
+def test_a_batch_out_of_attempts_fails_every_cell_in_it(server, tmp_path):
+    url, script = server
+    script.statuses = [503, 503]
+    summary = run_job(job(url, attempts=2, batch=2), [{"w": "x"}, {"w": "y"}], str(tmp_path / "o"))
+    assert summary.cells_failed == 2 and len(script.bodies) == 2

@@ -66,7 +66,7 @@ def small_job(tmp_path, concurrency: int) -> str:
     with open(os.path.join(EXAMPLE, "job.yaml")) as f:
         spec = yaml.safe_load(f)
     for endpoint in spec["endpoints"].values():
-        endpoint["max_concurrency"] = concurrency
+        endpoint.update(max_concurrency=concurrency, max_batch_size=1)
     spec["retry"] = {"max_attempts": 2, "backoff_s": 0.05, "max_backoff_s": 0.1}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))

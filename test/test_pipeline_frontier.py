@@ -9,15 +9,18 @@ import asyncio
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, PythonColumn
-from pipeserve.pipeline.client import CellError, Completion
+from pipeserve.pipeline.client import Answer, CellError
 from pipeserve.pipeline.dispatch import Dispatcher
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
 from pipeserve.pipeline.io import plan_records
 from pipeserve.pipeline.stats import RunStats
 
 
-def arith_job(gen: str = "a", judge: str = "b", limit: int = 2) -> Job:
-    endpoints = {n: Endpoint(n, f"http://127.0.0.1:1/{n}", max_concurrency=limit) for n in "ab"}
+def arith_job(gen: str = "a", judge: str = "b", limit: int = 2, batch: int = 1) -> Job:
+    endpoints = {
+        n: Endpoint(n, f"http://127.0.0.1:1/{n}", max_concurrency=limit, max_batch_size=batch)
+        for n in "ab"
+    }
     return Job(
         tuple(endpoints.values()),
         (
@@ -135,22 +138,26 @@ class FakeEndpoint:
     ) -> None:
         self.delay_s, self.fail = delay_s, fail
         self.log = [] if log is None else log  # ("start" | "end", column), maybe shared
-        self.calls: list[tuple[str, str, int]] = []
+        self.calls: list[tuple[str, str, int]] = []  # one per prompt
+        self.requests: list[int] = []  # prompts per request
         self.in_flight = self.most_in_flight = 0
 
-    async def __call__(self, column: LLMColumn, prompt: str, priority: int) -> Completion:
-        self.calls.append((column.name, prompt, priority))
+    async def __call__(self, column: LLMColumn, prompts: list[str], priority: int) -> Answer:
+        self.calls.extend((column.name, p, priority) for p in prompts)
+        self.requests.append(len(prompts))
         self.log.append(("start", column.name))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         await asyncio.sleep(self.delay_s)
         self.in_flight -= 1
-        self.log.append(("end", column.name))
+        self.log.extend(("end", column.name) for _ in prompts)
+        return Answer([self.answer(p) for p in prompts], 3 * len(prompts), len(prompts))
+
+    def answer(self, prompt: str) -> str | CellError:
         if prompt in self.fail:
-            raise CellError("HTTP 500: injected")
+            return CellError("HTTP 500: injected")
         left, op, right = prompt.rstrip("=").partition("+" if "+" in prompt else "-")
-        value = int(left) + int(right) if op == "+" else int(left) - int(right)
-        return Completion(str(value), 3, 1, 1)
+        return str(int(left) + int(right) if op == "+" else int(left) - int(right))
 
 
 def dispatch(job: Job, n: int, endpoints: dict[str, FakeEndpoint]) -> dict[int, tuple]:
@@ -221,3 +228,28 @@ def test_a_job_of_only_python_columns_runs_without_workers(n):
     job = Job((), (PythonColumn("double", lambda row: 2 * row["x"]),))
     out = dispatch(job, n, {})
     assert {r: v[0]["double"] for r, v in out.items()} == {i: 2 * i for i in range(n)}
+
+
+def test_pop_batch_takes_ready_cells_of_one_column_in_lane_order():
+    f = frontier(arith_job(gen="a", judge="a"), 6)
+    assert f.pop_batch("a", {"sum": 2, "check": 4}) == [Cell(0, "sum"), Cell(1, "sum")]
+    for record in (1, 0):
+        f.resolve(Cell(record, "sum"), str(11 * record))
+    # Both ready judges come first; the batch stops where the column changes.
+    assert f.pop_batch("a", {"sum": 2, "check": 4}) == [Cell(0, "check"), Cell(1, "check")]
+    assert f.pop_batch("a", {"sum": 3, "check": 4}) == [
+        Cell(2, "sum"),
+        Cell(3, "sum"),
+        Cell(4, "sum"),
+    ]
+    assert f.pop_batch("b", {"sum": 3, "check": 4}) == []
+
+
+def test_batched_dispatch_sends_several_prompts_per_request_within_the_limits():
+    a, b = FakeEndpoint(), FakeEndpoint()
+    out = dispatch(arith_job(limit=2, batch=4), 30, {"a": a, "b": b})
+    assert sorted(out) == list(range(30))
+    assert all(values["ok"] is True and not errors for values, errors in out.values())
+    assert max(a.requests) == 4 and a.requests[:2] == [4, 4] and sum(a.requests) == 30
+    assert max(b.requests) <= 4 and sum(b.requests) == 30
+    assert a.most_in_flight == 2 and b.most_in_flight == 2

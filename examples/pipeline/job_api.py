@@ -17,8 +17,8 @@ PARAMS = {"max_tokens": 8, "temperature": 0, "stop": ["\n"]}
 
 JOB = Job(
     endpoints=(
-        Endpoint("adder", "http://127.0.0.1:30001/v1", "pipeserve-default", max_concurrency=16),
-        Endpoint("checker", "http://127.0.0.1:30002/v1", "pipeserve-default", max_concurrency=16),
+        Endpoint("adder", "http://127.0.0.1:30001/v1", "pipeserve-default", 8, max_batch_size=8),
+        Endpoint("checker", "http://127.0.0.1:30002/v1", "pipeserve-default", 8, max_batch_size=8),
     ),
     columns=(
         LLMColumn("sum", "adder", "{a}+{b}=", params=PARAMS),

@@ -32,6 +32,7 @@ class Endpoint:
     base_url: str
     model: str | None = None
     max_concurrency: int = 16  # requests in flight to this endpoint at most
+    max_batch_size: int = 1  # prompts of one column per completions request (chat: always 1)
     api_key: str | None = None
     timeout_s: float = 300.0  # one attempt of one request
 
@@ -39,8 +40,10 @@ class Endpoint:
         _check_name(self.name, "endpoint")
         if not self.base_url.startswith(("http://", "https://")):
             raise JobError(f"endpoint {self.name!r}: base_url must start with http:// or https://")
-        if self.max_concurrency < 1:
-            raise JobError(f"endpoint {self.name!r}: max_concurrency must be at least 1")
+        if self.max_concurrency < 1 or self.max_batch_size < 1:
+            raise JobError(
+                f"endpoint {self.name!r}: max_concurrency and max_batch_size must be at least 1"
+            )
         if self.timeout_s <= 0:
             raise JobError(f"endpoint {self.name!r}: timeout_s must be positive")
 

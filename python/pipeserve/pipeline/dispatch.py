@@ -1,8 +1,9 @@
 """Event-driven dispatch: `max_concurrency` workers per endpoint take cells from the frontier.
 
-A worker that frees up takes the best ready cell of its lane at that moment; when its lane is
-empty it sleeps on the lane's event, which `_settle` sets as soon as a completion makes a cell of
-that lane ready. No loop walks a list of ready cells while waiting for a slot, so a judge cell
+A worker that frees up takes the best ready cell of its lane at that moment (with, for a
+completions column, up to `max_batch_size - 1` more ready cells of the same column, sent in the
+same request); when its lane is empty it sleeps on the lane's event, which `_resolve` sets as
+soon as a completion makes a cell of that lane ready. No loop walks a list of ready cells while waiting for a slot, so a judge cell
 that becomes ready is taken by the next free judge worker, whatever else is queued. Python cells
 run inline as soon as they are ready.
 """
@@ -15,14 +16,14 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pipeserve.pipeline.client import CellError, Completion
+from pipeserve.pipeline.client import Answer, CellError
 from pipeserve.pipeline.config import Job, LLMColumn, PythonColumn
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
 from pipeserve.pipeline.stats import RequestSpan, RunStats
 from pipeserve.pipeline.template import render
 
-# (column, prompt, priority) -> the completion, or CellError once it has failed for good
-Generate = Callable[[LLMColumn, str, int], Awaitable[Completion]]
+# (column, prompts, priority) -> a text or a CellError per prompt (see client.EndpointClient)
+Generate = Callable[[LLMColumn, list[str], int], Awaitable[Answer]]
 
 
 class Dispatcher:
@@ -42,6 +43,11 @@ class Dispatcher:
         self._wake = {lane: asyncio.Event() for lane in frontier.lanes}
         self._finished = asyncio.Event()
         self._failure: BaseException | None = None
+        self._batch_limit = {
+            c.name: job.endpoint(c.endpoint).max_batch_size if c.api == "completions" else 1
+            for c in job.columns
+            if isinstance(c, LLMColumn)
+        }
 
     async def run(self) -> None:
         self._run_python()
@@ -65,44 +71,41 @@ class Dispatcher:
     async def _worker(self, lane: str) -> None:
         try:
             while not self._frontier.done:
-                cell = self._frontier.pop(lane)
-                if cell is None:
+                cells = self._frontier.pop_batch(lane, self._batch_limit)
+                if not cells:
                     self._wake[lane].clear()
                     await self._wake[lane].wait()
                     continue
-                value, error = await self._call(cell)
-                self._settle(cell, value, error)
+                outcomes = await self._call(cells)
+                for cell, outcome in zip(cells, outcomes, strict=True):
+                    self._resolve(cell, *outcome)
+                self._settle()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug in the runner or a callback: stop the run, loudly
             self._failure = e
             self._finished.set()
 
-    async def _call(self, cell: Cell) -> tuple[Any, str | None]:
-        column = self._job.column(cell.column)
+    async def _call(self, cells: list[Cell]) -> list[tuple[Any, str | None]]:
+        """One request for cells of one LLM column: (value, error) per cell."""
+        column = self._job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
         priority = self._job.graph.priority[column.name]
-        prompt = render(column.prompt, self._frontier.row(cell))
+        prompts = [render(column.prompt, self._frontier.row(c)) for c in cells]
         start = self._stats.now()
-        try:
-            out = await self._generate[column.endpoint](column, prompt, priority)
-        except CellError as e:
-            self._trace(cell, column, start, ok=False)
-            return None, str(e)
-        self._trace(cell, column, start, ok=True, out=out)
-        return out.text, None
+        answer = await self._generate[column.endpoint](column, prompts, priority)
+        end = self._stats.now()
+        outcomes = [(None, str(t)) if isinstance(t, CellError) else (t, None) for t in answer.texts]
+        spans = [
+            RequestSpan(column.name, column.endpoint, c.record, start, end, error is None)
+            for c, (_, error) in zip(cells, outcomes, strict=True)
+        ]
+        self._stats.request(spans, answer.prompt_tokens, answer.completion_tokens)
+        return outcomes
 
-    def _trace(
-        self, cell: Cell, column: LLMColumn, start: float, ok: bool, out: Completion | None = None
-    ) -> None:
-        span = RequestSpan(column.name, column.endpoint, cell.record, start, self._stats.now(), ok)
-        tokens = (out.prompt_tokens, out.completion_tokens) if out else (0, 0)
-        self._stats.request(span, *tokens)
-
-    def _settle(self, cell: Cell, value: Any, error: str | None) -> None:
-        """Resolves a cell, wakes the lanes that gained cells, runs Python cells, and hands out
-        the records that finished."""
-        self._resolve(cell, value, error)
+    def _settle(self) -> None:
+        """After cells resolved: runs the Python cells that became ready, hands out the records
+        that finished, and ends the run when nothing is left."""
         self._run_python()
         self._drain()
         if self._frontier.done:

@@ -11,7 +11,7 @@ depends only on the job and the input, so ties are broken the same way on every 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -94,6 +94,18 @@ class Frontier:
             return None
         _, record, column = heapq.heappop(queue)
         return Cell(record, self._columns[column])
+
+    def pop_batch(self, lane: str, limit: Mapping[str, int]) -> list[Cell]:
+        """The first ready cell of `lane` and, behind it in lane order, more cells of the same
+        column, up to `limit[column]` cells in all (what is ready now: it never waits)."""
+        first = self.pop(lane)
+        if first is None:
+            return []
+        batch, queue = [first], self._queues[lane]
+        position = self._graph.position[first.column]
+        while len(batch) < limit[first.column] and queue and queue[0][2] == position:
+            batch.append(self.pop(lane))
+        return batch
 
     def lane_of(self, column: str) -> str:
         return self._lane[column]

@@ -17,6 +17,7 @@ class ColumnStats:
     kept: int  # cells finished by an earlier run and kept
     done: int = 0
     failed: int = 0
+    requests: int = 0  # HTTP requests that carried this column's cells (retries not counted)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_start_s: float | None = None  # since the run started, LLM columns only
@@ -25,7 +26,8 @@ class ColumnStats:
 
 @dataclass(frozen=True)
 class RequestSpan:
-    """One request of one cell, retries included; times in seconds since the run started."""
+    """One cell's request, retries included (cells sent together share it); seconds since the
+    run started."""
 
     column: str
     endpoint: str
@@ -89,13 +91,15 @@ class RunStats:
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
-    def request(self, span: RequestSpan, prompt_tokens: int, completion_tokens: int) -> None:
-        c = self.columns[span.column]
+    def request(self, spans: list[RequestSpan], prompt_tokens: int, completion_tokens: int) -> None:
+        """One request: a span per cell it carried, and its token usage."""
+        c = self.columns[spans[0].column]
+        c.requests += 1
         c.prompt_tokens += prompt_tokens
         c.completion_tokens += completion_tokens
-        c.first_start_s = min(span.start_s, c.first_start_s or span.start_s)
-        c.last_end_s = max(span.end_s, c.last_end_s or 0.0)
-        self._requests.append(span)
+        c.first_start_s = min(spans[0].start_s, c.first_start_s or spans[0].start_s)
+        c.last_end_s = max(spans[0].end_s, c.last_end_s or 0.0)
+        self._requests.extend(spans)
 
     def cell(self, column: str, ok: bool) -> None:
         c = self.columns[column]
