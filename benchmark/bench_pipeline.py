@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -271,13 +272,13 @@ def table(rows: list[dict]) -> str:
     column = next((r["wall_s"] for r in medians if r["mode"] == "column"), None)
     lines = [
         "| mode | run | wall (s) | column / wall | gen done at 1st judge | 1st record (s) "
-        "| half the records (s) | server CPU (s) A / B | load avg | verified |",
+        "| half the records (s) | CPU (s) A / B / client | load avg | verified |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [*rows, *medians]:
         speed = f"{column / r['wall_s']:.2f}x" if column else "-"
-        cpu = r.get("server_cpu_s") or {}
-        cpu_text = " / ".join(f"{v:.1f}" for v in cpu.values()) or "-"
+        cpu = [*(r.get("server_cpu_s") or {}).values(), r["client_cpu_s"]]
+        cpu_text = " / ".join(f"{v:.1f}" for v in cpu)
         lines.append(
             f"| {r['mode']} | {r['run']} | {r['wall_s']:.1f} | {speed} "
             f"| {r['gen_done_at_first_judge']:.1%} | {r['first_record_s']:.2f} "
@@ -287,11 +288,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def client_cpu_s() -> float:
+    """User + system seconds of this process (the client of every mode)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def median_row(mode: str, runs: list[dict]) -> dict:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    keys = ("wall_s", "gen_done_at_first_judge", "first_record_s", "half_records_s")
+    keys = ("wall_s", "gen_done_at_first_judge", "first_record_s", "half_records_s", "client_cpu_s")
     row = {"mode": mode, "run": "median", **{k: med(k) for k in keys}}
     row["server_cpu_s"] = {
         name: statistics.median(r["server_cpu_s"][name] for r in runs)
@@ -308,10 +315,11 @@ def run_all(args: argparse.Namespace, job: Job, servers: dict[str, LaunchedServe
     for run in range(args.repeats):
         for mode in args.modes.split(","):
             cpu0 = {n: s.cpu_s() for n, s in servers.items()}
-            load0 = os.getloadavg()[0]
+            client0, load0 = client_cpu_s(), os.getloadavg()[0]
             row = asyncio.run(run_mode(mode, job, records))
             row["run"] = run
             row["server_cpu_s"] = {n: s.cpu_s() - cpu0[n] for n, s in servers.items()}
+            row["client_cpu_s"] = client_cpu_s() - client0
             row["load"] = f"{load0:.1f}-{os.getloadavg()[0]:.1f}"
             rows.append(row)
             print(f"{mode} run {run}: {row['wall_s']:.1f} s", flush=True)
