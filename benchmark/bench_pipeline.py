@@ -8,9 +8,10 @@ server B, a Python `verified`) over N records, in three modes against the same t
             the snapshot is exhausted.
 
 All three share the frontier (dependency tracking), the HTTP client, the per-endpoint limits and
-the prompts per request (`max_batch_size`, cut the same way); only the dispatch order differs. It reports wall time, the share of generator requests finished
-when the first judge request started, records finished over time; prints a table, writes JSON
-(and a PNG when matplotlib is installed).
+the prompts per request (`max_batch_size`, cut the same way); only the dispatch order differs.
+It reports wall time, the share of generator requests finished when the first judge request
+started, records finished over time and the CPU time of each server and of the client; prints a
+table, writes JSON (and a PNG when matplotlib is installed).
 
     python benchmark/bench_pipeline.py --records 2000 --json docs/results/pipeline_cpu.json \\
         --plot docs/results/pipeline_cpu.png
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -212,29 +214,22 @@ class LaunchedServer:
         )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server '{flags}' exited with {self.proc.returncode}")
-            try:
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
             time.sleep(0.5)
         self.stop()
-        raise SystemExit(f"server '{flags}' not ready in 300 s")
+        raise SystemExit(f"server '{flags}' did not become ready (exit status {self.proc.poll()})")
 
     def cpu_s(self) -> float:
         """User + system seconds of every live process in the server's process group."""
         pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
         total = 0.0
         for pid in pids.stdout.split():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # utime, stime: fields 14, 15
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
     def stop(self) -> None:
@@ -332,6 +327,14 @@ def run_all(args: argparse.Namespace, job: Job, servers: dict[str, LaunchedServe
     return rows
 
 
+def example_job(urls: dict[str, str], args: argparse.Namespace) -> Job:
+    job = load_job(os.path.join(ROOT, "examples", "pipeline", "job.yaml")).with_endpoint_urls(urls)
+    limits = {"max_concurrency": args.concurrency, "max_batch_size": args.batch}
+    limits = {k: v for k, v in limits.items() if v}
+    endpoints = tuple(replace(e, **limits) for e in job.endpoints)
+    return Job(endpoints, job.columns, job.retry, job.fields)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -353,20 +356,11 @@ def main() -> None:
     servers: dict[str, LaunchedServer] = {}
     try:
         urls = {"adder": args.url_a, "checker": args.url_b}
-        for name, flags, cpus in (
-            ("adder", args.flags_a, args.cpus_a),
-            ("checker", args.flags_b, args.cpus_b),
-        ):
-            if urls[name] is None:
-                servers[name] = LaunchedServer(flags, cpus)
-                urls[name] = servers[name].url + "/v1"
-        job = load_job(os.path.join(ROOT, "examples", "pipeline", "job.yaml"))
-        job = job.with_endpoint_urls(urls)
-        for key, value in (("max_concurrency", args.concurrency), ("max_batch_size", args.batch)):
-            if value:
-                endpoints = tuple(replace(e, **{key: value}) for e in job.endpoints)
-                job = Job(endpoints, job.columns, job.retry, job.fields)
-        rows = run_all(args, job, servers)
+        launch = {"adder": (args.flags_a, args.cpus_a), "checker": (args.flags_b, args.cpus_b)}
+        for name in [n for n, url in urls.items() if url is None]:
+            servers[name] = LaunchedServer(*launch[name])
+            urls[name] = servers[name].url + "/v1"
+        rows = run_all(args, job := example_job(urls, args), servers)
     finally:
         for server in servers.values():
             server.stop()

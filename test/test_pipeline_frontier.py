@@ -253,3 +253,20 @@ def test_batched_dispatch_sends_several_prompts_per_request_within_the_limits():
     assert max(a.requests) == 4 and a.requests[:2] == [4, 4] and sum(a.requests) == 30
     assert max(b.requests) <= 4 and sum(b.requests) == 30
     assert a.most_in_flight == 2 and b.most_in_flight == 2
+
+
+def test_a_prompt_that_cannot_be_rendered_fails_its_cell_only():
+    job = Job(
+        (Endpoint("a", "http://127.0.0.1:1", max_batch_size=4),),
+        (LLMColumn("sum", "a", "{x:d}+{y}="),),
+    )
+    ep = FakeEndpoint()
+    f = Frontier(job, plan_records(job, [{"x": 1, "y": 2}, {"x": "one", "y": 2}], {}))
+    stats = RunStats({"sum": 2}, {"sum": 0}, False)
+    written: dict[int, tuple] = {}
+    asyncio.run(
+        Dispatcher(job, f, {"a": ep}, stats, lambda r: written.update({r: f.result(r)})).run()
+    )
+    assert written[0] == ({"x": 1, "y": 2, "sum": "3"}, {})
+    assert written[1][1]["sum"].startswith("cannot render the prompt: ValueError")
+    assert [p for _, p, _ in ep.calls] == ["1+2="]

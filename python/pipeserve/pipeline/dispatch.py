@@ -3,9 +3,9 @@
 A worker that frees up takes the best ready cell of its lane at that moment (with, for a
 completions column, up to `max_batch_size - 1` more ready cells of the same column, sent in the
 same request); when its lane is empty it sleeps on the lane's event, which `_resolve` sets as
-soon as a completion makes a cell of that lane ready. No loop walks a list of ready cells while waiting for a slot, so a judge cell
-that becomes ready is taken by the next free judge worker, whatever else is queued. Python cells
-run inline as soon as they are ready.
+soon as a completion makes a cell of that lane ready. No loop walks a list of ready cells while
+waiting for a slot, so a judge cell that becomes ready is taken by the next free judge worker,
+whatever else is queued. Python cells run inline as soon as they are ready.
 """
 
 from __future__ import annotations
@@ -90,15 +90,28 @@ class Dispatcher:
         """One request for cells of one LLM column: (value, error) per cell."""
         column = self._job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
-        priority = self._job.graph.priority[column.name]
-        prompts = [render(column.prompt, self._frontier.row(c)) for c in cells]
+        outcomes: list[tuple[Any, str | None]] = []
+        prompts: dict[int, str] = {}  # by position in `cells`
+        for i, cell in enumerate(cells):
+            try:
+                prompts[i] = render(column.prompt, self._frontier.row(cell))
+                outcomes.append((None, None))
+            except (ValueError, TypeError) as e:  # a format spec that does not fit the value
+                outcomes.append((None, f"cannot render the prompt: {type(e).__name__}: {e}"))
+        if not prompts:
+            return outcomes
         start = self._stats.now()
-        answer = await self._generate[column.endpoint](column, prompts, priority)
+        answer = await self._generate[column.endpoint](
+            column, list(prompts.values()), self._job.graph.priority[column.name]
+        )
         end = self._stats.now()
-        outcomes = [(None, str(t)) if isinstance(t, CellError) else (t, None) for t in answer.texts]
+        for i, text in zip(prompts, answer.texts, strict=True):
+            outcomes[i] = (None, str(text)) if isinstance(text, CellError) else (text, None)
         spans = [
-            RequestSpan(column.name, column.endpoint, c.record, start, end, error is None)
-            for c, (_, error) in zip(cells, outcomes, strict=True)
+            RequestSpan(
+                column.name, column.endpoint, cells[i].record, start, end, outcomes[i][1] is None
+            )
+            for i in prompts
         ]
         self._stats.request(spans, answer.prompt_tokens, answer.completion_tokens)
         return outcomes
@@ -136,6 +149,8 @@ def _call_python(column: PythonColumn, row: dict[str, Any]) -> tuple[Any, str | 
     try:
         value = column.function(row)
         if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()  # never awaited: close it so that it does not warn
             raise TypeError("a Python column's function must return a value, not an awaitable")
         json.dumps(value)
     except Exception as e:  # the user's function: its failure is this cell's error
