@@ -105,6 +105,17 @@ def test_cli_reports_a_malformed_job_on_stderr_with_exit_status_2(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_reports_a_missing_input_file(tmp_path):
+    path = write_job(tmp_path, GOOD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "pipeserve.pipeline", "run", path, "--input", "/nonexistent.jsonl"]
+    out = subprocess.run(
+        [*cmd, "--output", str(tmp_path / "o")], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: /nonexistent.jsonl: No such file or directory"
+
+
 def test_a_record_missing_a_template_field_is_named():
     job = Job((Endpoint("e", "http://x"),), (LLMColumn("sum", "e", "{a}+{b}="),))
     with pytest.raises(JobError, match=r"column 'sum': its prompt uses \{b\}, which is neither a "

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an input that cannot be read, an output that cannot be written
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(summary.format())
     if args.summary_json:
         with open(args.summary_json, "w") as f:
