@@ -1,12 +1,15 @@
-"""Offline throughput: pipeserve's Engine against `transformers` generate on the same checkpoint, in
-the same run, at batch sizes 1, 8, 32 and 128.
+"""Offline speed: pipeserve's Engine (CUDA graphs on and off) against `transformers.generate` on the
+same random-weight checkpoint, in the same run.
 
-Prefill tokens/s: B prompts of --prompt-len tokens, one new token each. Decode tokens/s: from the
-difference between runs of --new-tokens and of one new token (same prompts). On a GPU it also
-reports the batch-1 decode step against the memory-bandwidth floor (weight bytes / measured copy
-bandwidth) for the model used (by default a random-weight Llama shape of about 1B parameters).
+Per shape it reports
+- batch-1 latency: one --prompt-len prompt, --new-tokens new tokens, greedy, ignore_eos; wall time
+  over tokens, beside the floor (weight bytes / measured device copy bandwidth, read + write);
+- throughput at each --batches size (same prompt and output lengths): output tokens/s, and the
+  decode step (difference between --new-tokens and one new token, over the extra steps), with the
+  bandwidth bound of that step (weights + the KV cache read per step) for pipeserve;
+- prefill: --prefill-batch prompts of --prefill-len tokens, one new token each: prompt tokens/s.
 
-    python benchmark/bench_offline.py [--device cpu|cuda] [--model-path DIR] [--json PATH]
+    python benchmark/bench_offline.py --shape 1b|8b|cpu [--model-path DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,37 +30,74 @@ from pipeserve.model.config import ModelConfig
 
 SHAPES = {
     "cpu": dict(hidden=512, layers=8, inter=1536, heads=8, kv=4, vocab=4096),
-    "cuda": dict(
-        hidden=2048, layers=16, inter=8192, heads=32, kv=8, vocab=32000
-    ),  # ~1.1B parameters
+    "1b": dict(hidden=2048, layers=16, inter=8192, heads=32, kv=8, vocab=32000),
+    "8b": dict(hidden=4096, layers=32, inter=14336, heads=32, kv=8, vocab=128256),
 }
 
 
-def make_model(path: str, shape: dict, dtype: torch.dtype) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_model(path: str, shape: dict, dtype: torch.dtype, device: str) -> str:
+    """A Llama-shaped HF checkpoint of random weights, drawn on `device` and written straight to
+    safetensors (seconds for 8B on a GPU; `transformers`' own init takes minutes)."""
+    from safetensors.torch import save_file
 
     from pipeserve.utils import write_char_tokenizer
 
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["inter"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv"],
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        torch_dtype=str(dtype).removeprefix("torch."),
+    h, inter, heads, kv, layers = (shape[k] for k in ("hidden", "inter", "heads", "kv", "layers"))
+    d = h // heads
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device) * 0.02).to(dtype)
+
+    tensors = {
+        "model.embed_tokens.weight": rand(shape["vocab"], h),
+        "lm_head.weight": rand(shape["vocab"], h),
+    }
+    tensors["model.norm.weight"] = torch.ones(h, dtype=dtype, device=device)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update(
+            {
+                p + "self_attn.q_proj.weight": rand(heads * d, h),
+                p + "self_attn.k_proj.weight": rand(kv * d, h),
+                p + "self_attn.v_proj.weight": rand(kv * d, h),
+                p + "self_attn.o_proj.weight": rand(h, heads * d),
+                p + "mlp.gate_proj.weight": rand(inter, h),
+                p + "mlp.up_proj.weight": rand(inter, h),
+                p + "mlp.down_proj.weight": rand(h, inter),
+                p + "input_layernorm.weight": torch.ones(h, dtype=dtype, device=device),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype, device=device),
+            }
+        )
+    os.makedirs(path, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors")
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(dtype).save_pretrained(path, safe_serialization=True)
-    write_char_tokenizer(path, cfg.vocab_size)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": shape["vocab"],
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    write_char_tokenizer(path, shape["vocab"])
     return path
 
 
-def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
-    rng = random.Random(batch)
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed * 1000 + batch)
     return [[rng.randrange(4, vocab) for _ in range(length)] for _ in range(batch)]
 
 
@@ -77,17 +117,14 @@ def ours(engine: Engine, batch: list[list[int]], new: int) -> Callable[[], objec
     return lambda: engine.generate(input_ids=batch, sampling_params=params)
 
 
-def theirs(
-    model: torch.nn.Module, batch: list[list[int]], new: int, device: str
-) -> Callable[[], object]:
-    ids = torch.tensor(batch, device=device)
-    mask = torch.ones_like(ids)
+def theirs(model: torch.nn.Module, batch: list[list[int]], new: int) -> Callable[[], object]:
+    ids = torch.tensor(batch, device=model.device)
 
     def go() -> object:
         with torch.no_grad():
             return model.generate(
                 ids,
-                attention_mask=mask,
+                attention_mask=torch.ones_like(ids),
                 max_new_tokens=new,
                 min_new_tokens=new,
                 do_sample=False,
@@ -97,113 +134,181 @@ def theirs(
     return go
 
 
-def rates(
-    fn_one: Callable,
-    fn_many: Callable,
-    batch: int,
-    prompt_len: int,
-    new: int,
-    sync: Callable,
-    repeats: int,
-) -> tuple[float, float, float]:
-    t1 = timed(fn_one, sync, repeats)
-    tn = timed(fn_many, sync, repeats)
-    decode_step = max(tn - t1, 1e-9) / (new - 1)
-    return batch * prompt_len / t1, batch / decode_step, decode_step
-
-
-def bandwidth_floor_ms(model_path: str, device: str) -> float:
-    """Weight bytes over the measured device-to-device copy bandwidth (bytes read plus written)."""
-    from pipeserve.model.loader import safetensors_files
-
-    weight_bytes = sum(os.path.getsize(f) for f in safetensors_files(model_path))
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bytes per second, counting bytes read plus written."""
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     out = torch.empty_like(buf)
-    sync = torch.cuda.synchronize
-    t = timed(lambda: out.copy_(buf), sync, 20)
-    return weight_bytes / (2 * buf.numel() / t) * 1e3
+    t = timed(lambda: out.copy_(buf), torch.cuda.synchronize, 20)
+    return 2 * buf.numel() / t
+
+
+def measure(
+    name: str, run: Callable, args: argparse.Namespace, shape: dict, sync: Callable
+) -> list:
+    """Latency, throughput and prefill rows of one engine; `run(batch, new)` makes a callable."""
+    rows = []
+    one = prompts(1, args.prompt_len, shape["vocab"])
+    t = timed(run(one, args.new_tokens), sync, args.repeats)
+    rows.append({"engine": name, "what": "batch1", "ms_per_token": t / args.new_tokens * 1e3})
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        batch = prompts(b, args.prompt_len, shape["vocab"], seed=1)
+        t_many = timed(run(batch, args.new_tokens), sync, args.repeats)
+        t_one = timed(run(batch, 1), sync, args.repeats)
+        step = max(t_many - t_one, 1e-9) / (args.new_tokens - 1)
+        rows.append(
+            {
+                "engine": name,
+                "what": "throughput",
+                "batch": b,
+                "tok_s": b * args.new_tokens / t_many,
+                "decode_step_ms": step * 1e3,
+            }
+        )
+    batch = prompts(args.prefill_batch, args.prefill_len, shape["vocab"], seed=2)
+    t = timed(run(batch, 1), sync, args.repeats)
+    rows.append(
+        {
+            "engine": name,
+            "what": "prefill",
+            "prefill_tok_s": args.prefill_batch * args.prefill_len / t,
+        }
+    )
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
+def long_check(engine: Engine, length: int, vocab: int) -> dict:
+    """One request of `length` prompt tokens decoded beside 127 short ones: it must complete (no
+    dense per-layer K/V copies: the paged kernels read the pool in place)."""
+    from pipeserve.engine.sampling_params import SamplingParams
+
+    long_prompt = prompts(1, length, vocab, seed=3)[0]
+    short = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
+    items = [(long_prompt, SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True))]
+    items += [(p, short) for p in prompts(127, 128, vocab, seed=4)]
+    start = time.perf_counter()
+    states = engine.submit_many(items)
+    engine.wait(states)
+    row = {
+        "engine": "pipeserve",
+        "what": "long-beside-short",
+        "long_prompt_tokens": length,
+        "completed": all(len(s.output_ids) == s.params.max_new_tokens for s in states),
+        "wall_s": time.perf_counter() - start,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def kv_bytes_per_token(shape: dict, dtype: torch.dtype) -> int:
+    d = shape["hidden"] // shape["heads"]
+    return 2 * shape["layers"] * shape["kv"] * d * torch.tensor([], dtype=dtype).element_size()
+
+
+def summarize(
+    rows: list, args: argparse.Namespace, shape: dict, weight_bytes: int, bw: float, dtype
+) -> list:
+    by = {(r["engine"], r["what"], r.get("batch")): r for r in rows}
+    out = []
+    floor_ms = weight_bytes / bw * 1e3 if bw else None
+    for name in ("pipeserve", "pipeserve-eager", "transformers"):
+        lat = by.get((name, "batch1", None))
+        if lat and floor_ms:
+            out.append({"engine": name, "batch1_ms": lat["ms_per_token"], "floor_ms": floor_ms,
+                        "over_floor": lat["ms_per_token"] / floor_ms})  # fmt: skip
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        ours_row, hf = (
+            by.get(("pipeserve", "throughput", b)),
+            by.get(("transformers", "throughput", b)),
+        )
+        row = {"batch": b}
+        if ours_row and hf:
+            row["vs_transformers"] = ours_row["tok_s"] / hf["tok_s"]
+        if ours_row and bw:
+            mean_len = args.prompt_len + args.new_tokens / 2
+            step_bytes = weight_bytes + b * mean_len * kv_bytes_per_token(shape, dtype)
+            row["bandwidth_bound_ms"] = step_bytes / bw * 1e3
+            row["of_bandwidth_bound"] = row["bandwidth_bound_ms"] / ours_row["decode_step_ms"]
+        out.append(row)
+    pre_ours, pre_hf = (
+        by.get(("pipeserve", "prefill", None)),
+        by.get(("transformers", "prefill", None)),
+    )
+    if pre_ours and pre_hf:
+        out.append({"prefill_vs_transformers": pre_ours["prefill_tok_s"] / pre_hf["prefill_tok_s"]})
+    for r in out:
+        print("SUMMARY", json.dumps(r), flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--shape", default="1b" if torch.cuda.is_available() else "cpu", choices=SHAPES
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-path", default=None)
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--batches", default="1,8,32,128")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", default="32,256")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-batch", type=int, default=32)
+    parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default="pipeserve,pipeserve-eager,transformers")
+    parser.add_argument(
+        "--long",
+        type=int,
+        default=0,
+        help="also decode one request of this many prompt tokens beside 127 short ones",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
-    shape = dict(SHAPES[args.device])
-    path = args.model_path or make_model(tempfile.mkdtemp(prefix="bench-offline-"), shape, dtype)
+    shape = dict(SHAPES[args.shape])
+    start = time.perf_counter()
+    path = args.model_path or tempfile.mkdtemp(prefix="bench-offline-")
+    if not os.path.isfile(os.path.join(path, "config.json")):  # a new directory: fill it
+        make_model(path, shape, dtype, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"checkpoint ready in {time.perf_counter() - start:.1f}s: {path}", flush=True)
     shape["vocab"] = ModelConfig.from_dir(path).vocab_size
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    from transformers import AutoModelForCausalLM
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows: list = []
+    engines = args.engines.split(",")
+    for name in ("pipeserve", "pipeserve-eager"):
+        if name not in engines:
+            continue
+        cfg = dict(model_path=path, device=args.device, dtype=str(dtype).removeprefix("torch."),
+                   max_running_requests=max(256, *[int(b) for b in args.batches.split(",") if b]),
+                   disable_cuda_graph=name.endswith("eager"))  # fmt: skip
+        with Engine(**cfg) as engine:
+            ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up
+            rows += measure(name, lambda b, n, e=engine: ours(e, b, n), args, shape, sync)
+            if args.long and name == "pipeserve":
+                rows.append(long_check(engine, args.long, shape["vocab"]))
+    if "transformers" in engines:
+        from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-    hf.generation_config.eos_token_id = None
-    rows = []
-    print(f"{'batch':>5} {'engine':>12} {'prefill tok/s':>14} {'decode tok/s':>13} {'step ms':>8}")
-    with Engine(
-        model_path=path,
-        device=args.device,
-        dtype=str(dtype).removeprefix("torch."),
-        max_running_requests=256,
-    ) as engine:
-        ours(engine, prompts(2, 8, shape["vocab"]), 2)()  # warm-up
-        for b in [int(x) for x in args.batches.split(",")]:
-            batch = prompts(b, args.prompt_len, shape["vocab"])
-            for name, make in (
-                ("pipeserve", lambda n, batch=batch: ours(engine, batch, n)),
-                ("transformers", lambda n, batch=batch: theirs(hf, batch, n, args.device)),
-            ):
-                pre, dec, step = rates(
-                    make(1),
-                    make(args.new_tokens),
-                    b,
-                    args.prompt_len,
-                    args.new_tokens,
-                    sync,
-                    args.repeats,
-                )
-                rows.append(
-                    {
-                        "device": args.device,
-                        "batch": b,
-                        "engine": name,
-                        "prefill_tok_s": pre,
-                        "decode_tok_s": dec,
-                        "decode_step_ms": step * 1e3,
-                    }
-                )
-                print(f"{b:>5} {name:>12} {pre:>14.1f} {dec:>13.1f} {step * 1e3:>8.2f}", flush=True)
-            ours_row, hf_row = rows[-2], rows[-1]
-            print(
-                f"      ratio: prefill {ours_row['prefill_tok_s'] / hf_row['prefill_tok_s']:.2f}x, decode {ours_row['decode_tok_s'] / hf_row['decode_tok_s']:.2f}x"
-            )
-    step1 = next(
-        (r["decode_step_ms"] for r in rows if r["engine"] == "pipeserve" and r["batch"] == 1), None
-    )
-    if args.device == "cuda" and step1 is not None:
-        floor = bandwidth_floor_ms(path, args.device)
-        rows.append(
-            {
-                "device": args.device,
-                "bandwidth_floor_ms": floor,
-                "batch1_step_ms": step1,
-                "over_floor": step1 / floor,
-            }
-        )
-        print(
-            f"batch-1 decode step {step1:.2f} ms; bandwidth floor {floor:.2f} ms; {step1 / floor:.2f}x the floor"
-        )
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        hf.generation_config.eos_token_id = None
+        rows += measure("transformers", lambda b, n: theirs(hf, b, n), args, shape, sync)
+        del hf
+    from pipeserve.model.loader import safetensors_files
+
+    weight_bytes = sum(os.path.getsize(f) for f in safetensors_files(path))
+    bw = copy_bandwidth(args.device) if cuda else 0.0
+    summary = summarize(rows, args, shape, weight_bytes, bw, dtype)
     if args.json:
+        meta = {"shape": args.shape, "device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None,
+                "copy_bandwidth": bw, "weight_bytes": weight_bytes, "args": vars(args)}  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "summary": summary}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ Per configuration and workload: tokens/s, each stage's busy fraction (forward ti
 bubble (1 - mean busy) beside the (P-1)/(M+P-1) bound of a pipeline with M microbatches.
 
     python benchmark/bench_pp.py [--model-path DIR] [--quick] [--json PATH] [--pp-sizes 2,4]
-        [--partition 5,4 ...] [--threads N]
+        [--partition 5,4 ...] [--threads N] [--trace DIR]
+    python benchmark/bench_pp.py --device cuda --shape 8b [--trace DIR]
+
+On CUDA, pp=1 runs on one GPU and pp=P on P GPUs, on the 1B or 8B shape of bench_offline.py, with
+256 and 1024 concurrent requests (128 prompt tokens, 128 new) and one request alone. `--trace DIR`
+saves each configuration's pipeline trace (Chrome/Perfetto JSON) and a bubble plot PNG.
 
 `--partition` adds sync and async runs with that layer split, e.g. to move a layer off the last
 stage, which also carries the LM head and sampling.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -32,6 +38,11 @@ WORKLOADS = {
     "prefill-heavy": (32, 384, 4),
 }
 QUICK = {"decode-heavy": (32, 16, 48), "prefill-heavy": (16, 192, 4)}
+CUDA_WORKLOADS = {
+    "one-request": (1, 128, 128),
+    "256-concurrent": (256, 128, 128),
+    "1024-concurrent": (1024, 128, 128),
+}
 
 
 def make_model(path: str, hidden: int, layers: int) -> str:
@@ -58,7 +69,7 @@ def make_model(path: str, hidden: int, layers: int) -> str:
 
 
 def requests(
-    workload: tuple[int, int, int], vocab: int = 4096
+    workload: tuple[int, int, int], vocab: int = 4000
 ) -> list[tuple[list[int], SamplingParams]]:
     n, prompt_len, new = workload
     rng = random.Random(0)
@@ -66,45 +77,60 @@ def requests(
     return [([rng.randrange(4, vocab) for _ in range(prompt_len)], params) for _ in range(n)]
 
 
-def run(engine: Engine, reqs: list[tuple[list[int], SamplingParams]]) -> tuple[float, list[float]]:
-    """(wall seconds, per-stage busy seconds during the run)."""
+def run(
+    engine: Engine, reqs: list[tuple[list[int], SamplingParams]]
+) -> tuple[float, list[float], tuple[float, float]]:
+    """(wall seconds, per-stage busy seconds during the run, the run's (start, end) epoch time)."""
     engine.generate(input_ids=[reqs[0][0]], sampling_params={"max_new_tokens": 2})  # refresh stats
     busy0 = list(engine.stats["stage_busy_s"])
-    start = time.perf_counter()
-    states = [engine.submit(ids, p) for ids, p in reqs]
+    start, epoch = time.perf_counter(), time.time()
+    states = engine.submit_many(reqs)
     engine.wait(states)
     wall = time.perf_counter() - start
+    engine.generate(input_ids=[reqs[0][0]], sampling_params={"max_new_tokens": 2})  # busy to date
     busy = [b - a for a, b in zip(busy0, engine.stats["stage_busy_s"], strict=True)]
-    return wall, busy
+    return wall, busy, (epoch, epoch + wall)
 
 
 def bench(
     model: str,
     pp: int,
     mode: str,
-    threads: int,
+    threads: int | None,
     workloads: dict,
     repeats: int,
     partition: str | None = None,
+    device: str = "cpu",
+    trace_dir: str | None = None,
 ) -> list[dict]:
     rows = []
+    trace = None
+    if trace_dir:
+        trace = os.path.join(
+            trace_dir, f"trace_pp{pp}_{mode}{'_' + partition if partition else ''}.json"
+        )
+    cuda = device == "cuda"
     with Engine(
         model_path=model,
-        device="cpu",
+        device=device,
+        dtype="bfloat16" if cuda else "float32",
         pp_size=pp,
         pp_comm_mode=mode,
         cpu_threads=threads,
-        max_running_requests=256,
+        max_running_requests=1024 if cuda else 256,
         pp_layer_partition=partition,
+        pp_trace=trace,
     ) as engine:
         run(engine, requests((8, 16, 8)))  # warm-up
         m = engine.config.num_microbatches
+        windows = {}
         for name, wl in workloads.items():
             reqs = requests(wl)
             tokens = wl[0] * wl[2]
             results = [run(engine, reqs) for _ in range(repeats)]
             wall = statistics.median(r[0] for r in results)
             busy = [statistics.median(r[1][i] for r in results) / wall for i in range(pp)]
+            windows[name] = results[-1][2]
             rows.append(
                 {
                     "pp_size": pp,
@@ -119,9 +145,20 @@ def bench(
                     "microbatches": m,
                     "partition": partition,
                     "threads": threads,
+                    "device": device,
+                    "ms_per_token": wall / wl[2] * 1e3 if wl[0] == 1 else None,
                 }
             )
             print_row(rows[-1])
+    if trace:
+        from pp_trace_plot import plot_trace
+
+        for row in rows:
+            if row["pp_size"] == pp and row["mode"] == mode and row["partition"] == partition:
+                png = trace.removesuffix(".json") + f"_{row['workload']}.png"
+                row["trace_busy"] = plot_trace(
+                    trace, windows[row["workload"]], png, row["workload"]
+                )
     return rows
 
 
@@ -162,15 +199,34 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per stage (default: cores // pp)"
     )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--shape", default="8b", help="CUDA: bench_offline.py's 1b or 8b shape")
+    parser.add_argument("--trace", default=None, metavar="DIR", help="save traces and bubble plots")
     args = parser.parse_args()
     cores = usable_cores()
-    model = args.model_path or make_model(
-        tempfile.mkdtemp(prefix="bench-pp-"), args.hidden, args.layers
-    )
-    workloads = QUICK if args.quick else WORKLOADS
+    cuda = args.device == "cuda"
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
+    if cuda:
+        import torch
+
+        from bench_offline import SHAPES
+        from bench_offline import make_model as make_cuda_model
+
+        model = args.model_path or make_cuda_model(
+            tempfile.mkdtemp(prefix="bench-pp-"), SHAPES[args.shape], torch.bfloat16, "cuda"
+        )
+        torch.cuda.empty_cache()
+    else:
+        model = args.model_path or make_model(
+            tempfile.mkdtemp(prefix="bench-pp-"), args.hidden, args.layers
+        )
+    workloads = CUDA_WORKLOADS if cuda else QUICK if args.quick else WORKLOADS
     sizes = (
         [int(x) for x in args.pp_sizes.split(",")]
         if args.pp_sizes
+        else [2]
+        if cuda
         else [2] + ([4] if cores >= 4 else [])
     )
     configs = [(1, "async", None)]
@@ -182,8 +238,10 @@ def main() -> None:
     ]
     rows = []
     for pp, mode, split in configs:
-        threads = args.threads or max(1, cores // pp)
-        rows += bench(model, pp, mode, threads, workloads, args.repeats, split)
+        threads = None if cuda else args.threads or max(1, cores // pp)
+        rows += bench(
+            model, pp, mode, threads, workloads, args.repeats, split, args.device, args.trace
+        )
     print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -203,6 +261,8 @@ def print_ratios(rows: list[dict]) -> None:
             if a and s:
                 label = f"pp={pp}" + (f" [{split}]" if split else "")
                 print(f"{wl}: {label} async/sync = {a / s:.3f}x, async/pp1 = {a / one:.3f}x")
+                if wl == "one-request":
+                    print(f"{wl}: {label} latency async/pp1 = {one / a:.3f}x")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ FULL_SIZES = [(64, 1024), (256, 2048), (1024, 4096), (2048, 8192), (4096, 8192)]
 QUICK_SIZES = [(64, 1024), (256, 2048), (1024, 4096)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RAW_TAG = 1000
-SYNC_CHANNEL = Channel.CONTROL  # the baseline never shares a channel with the asynchronous inbox
+# the baseline never shares a channel with the asynchronous inbox (PROXY), and needs one with a
+# device group on CUDA
+SYNC_CHANNEL = Channel.TOKENS
 
 
 def _sync(device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -61,6 +62,7 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cache = _cache_name(model)
     outs = []
     with torch.no_grad():
         for ids in prompts:
@@ -70,8 +72,14 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
                 new.append(int(out.logits[0, -1].argmax()))
                 if len(new) == max_new_tokens:
                     break
-                out = model(
-                    torch.tensor([[new[-1]]]), past_key_values=out.past_key_values, use_cache=True
-                )
+                past = {cache: getattr(out, cache)}
+                out = model(torch.tensor([[new[-1]]]), use_cache=True, **past)
             outs.append(new)
     return outs
+
+
+def _cache_name(model: object) -> str:
+    """The KV cache's name, as argument and output: `cache` in transformers 5 (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -10,7 +10,7 @@ import torch
 
 from checkpoints import hf_greedy, make_checkpoint
 from pipeserve import Engine
-from pipeserve.engine.engine import RequestState
+from pipeserve.engine.request_state import RequestState
 from pipeserve.engine.sampling_params import SamplingParams
 
 NEW_TOKENS = 32

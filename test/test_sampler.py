@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -350,6 +351,7 @@ def test_eos_is_banned_only_in_the_rows_that_have_not_reached_min_new_tokens():
     batch = make_batch([SamplingParams(temperature=0)] * 3, return_logprob=[True] * 3)
     batch.eos_ids = torch.tensor([2, 7])
     batch.ban_eos = torch.tensor([True, False, True])
+    batch.flags = dataclasses.replace(batch.flags, any_ban_eos=True)  # decided on the host
     out = sample(logits, batch)
     assert out.next_token_ids.tolist() == [5, 2, 5]
     assert out.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], -1)[2]))

@@ -3,15 +3,15 @@ the finish checker."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from checkpoints import make_checkpoint
 from pipeserve.engine.finish import FinishChecker
 from pipeserve.engine.ipc import GenerateBatch, GenerateReq, StepOut, TokenOut, decode, encode
 from pipeserve.engine.kv_cache import IndexAllocator
 from pipeserve.engine.req import Req
 from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.tokenizer import load_tokenizer
 
 
 def test_allocator_hands_out_lowest_first_and_reuses_freed_in_order():
@@ -43,19 +43,19 @@ def test_message_codec_round_trips_batches_and_outputs():
     assert decode(encode(out)) == out
 
 
-@pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_stop_strings_match_the_text_the_request_returns(tmp_path, skip_special_tokens):
-    """A special token sampled inside a stop string hides from the returned text when special
-    tokens are skipped; the stop must then fire, as the text shows the stop string whole."""
-    tok = load_tokenizer(make_checkpoint(str(tmp_path), "llama", layers=1, heads=2, kv_heads=2))
-    ids = [tok.convert_tokens_to_ids(c) for c in "2"] + [tok.eos_token_id]
-    ids += [tok.convert_tokens_to_ids(c) for c in "-5"]
-    params = SamplingParams(
-        stop=("2-5",), ignore_eos=True, max_new_tokens=99, skip_special_tokens=skip_special_tokens
-    )
-    req = Req("r", [5, 6], params, seed=0, output_ids=ids)
-    finish = FinishChecker({tok.eos_token_id}, 512, tok.decode)(req)
-    if skip_special_tokens:
-        assert finish == {"type": "stop", "matched": "2-5"}
-    else:
-        assert finish is None  # the text holds "2</s>-5", which does not contain "2-5"
+def test_finish_checker_ends_on_tokens_only():
+    """EOS (unless ignored, and not before min_new_tokens), stop token ids, max_new_tokens and the
+    context length end a request on stage 0; stop strings are the front end's (no tokenizer here)."""
+    check = FinishChecker({2}, context_length=8)
+    params = SamplingParams(stop=("a",), stop_token_ids=(7,), max_new_tokens=4, min_new_tokens=2)
+
+    def finish(ids: list[int], **changes) -> dict | None:
+        return check(Req("r", [5, 6], dataclasses.replace(params, **changes), 0, output_ids=ids))
+
+    assert finish([2]) is None  # before min_new_tokens
+    assert finish([9, 2]) == {"type": "stop", "matched": 2}
+    assert finish([9, 2], ignore_eos=True) is None
+    assert finish([9, 7]) == {"type": "stop", "matched": 7}
+    assert finish([9, 9]) is None  # whatever text these tokens are
+    assert finish([9, 9, 9, 9]) == {"type": "length", "matched": None}
+    assert finish([9] * 6, max_new_tokens=10) == {"type": "length", "matched": None}  # 2 + 6 = 8

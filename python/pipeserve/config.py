@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
+TRACE_ENV = "PIPESERVE_TRACE"
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str = DEFAULT_MODEL_DIR
     tokenizer_path: str | None = None  # None: the model directory
+    skip_tokenizer_init: bool = False  # no tokenizer: token ids in, token ids out
     tp_size: int = 1
     pp_size: int = 1
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
@@ -29,6 +31,10 @@ class EngineConfig:
     pp_max_micro_batch_size: int | None = None  # requests per microbatch; None: max_running // pp
     pp_comm_mode: str = "async"  # "async", or "sync": the tensor-by-tensor baseline for benchmarks
     pp_layer_partition: str | None = None  # "a,b,...": layers per stage
+    attention_backend: str = "auto"  # "torch", "triton" or "auto" (triton on CUDA, torch on CPU)
+    cuda_graph_max_bs: int = 256  # decode microbatches up to this size replay CUDA graphs
+    disable_cuda_graph: bool = False
+    pp_trace: str | None = None  # write a Chrome/Perfetto trace of the pipeline to this path
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None  # "host:port" of rank 0; None: a free port on 127.0.0.1
@@ -65,10 +71,13 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     unknown = set(kwargs) - {f.name for f in dataclasses.fields(EngineConfig)}
     if unknown:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+    if kwargs.get("pp_trace") is None:
+        kwargs["pp_trace"] = os.environ.get(TRACE_ENV) or None
     cfg = EngineConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "model_path"})
     if cfg.model_path is None:
         cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
     _validate(cfg)
+    _validate_model(cfg)
     device = _resolve_device(cfg.device)
     chunk = cfg.chunked_prefill_size or (8192 if device == "cuda" else 1024)
     return cfg.replace(device=device, dtype=_resolve_dtype(cfg), chunked_prefill_size=chunk)
@@ -105,12 +114,38 @@ def _validate(cfg: EngineConfig) -> None:
             "max_total_tokens must be >= 2",
         ),
         (cfg.p2p_timeout_s > 0 and cfg.keepalive_s > 0, "timeouts must be positive"),
+        (
+            cfg.attention_backend in ("auto", "torch", "triton"),
+            f"attention_backend must be 'auto', 'torch' or 'triton', got {cfg.attention_backend!r}",
+        ),
+        (cfg.cuda_graph_max_bs >= 1, "cuda_graph_max_bs must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     if not os.path.isdir(cfg.model_path):
         raise FileNotFoundError(f"model path {cfg.model_path!r} is not a directory")
+
+
+def _validate_model(cfg: EngineConfig) -> None:
+    """The model against the parallel sizes, checked before any rank starts (a rank would find a
+    mismatch only after start-up): tensor parallelism splits the attention heads, the KV heads and
+    the MLP's intermediate size (the vocabulary is padded); every stage needs a layer."""
+    from pipeserve.model.config import ModelConfig
+    from pipeserve.model.registry import partition_layers
+
+    model = ModelConfig.from_dir(cfg.model_path)
+    for what, size in (
+        ("num_attention_heads", model.num_heads),
+        ("num_key_value_heads", model.num_kv_heads),
+        ("intermediate_size", model.intermediate_size),
+    ):
+        if size % cfg.tp_size:
+            raise ValueError(
+                f"tp_size {cfg.tp_size} does not divide the model's {what} ({size}); "
+                "choose a tp_size that divides it"
+            )
+    partition_layers(model.num_layers, cfg.pp_size, cfg.pp_layer_partition)
 
 
 def _resolve_device(device: str) -> str:

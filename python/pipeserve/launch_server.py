@@ -14,14 +14,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.engine.ipc import IpcAddresses
 from pipeserve.engine.processes import RankFailure, RankGroup
+from pipeserve.engine.tokenizer import TokenizerNotFound
 from pipeserve.server.args import ServerConfig, parse_args
 
 logger = logging.getLogger("pipeserve.launcher")
+DEAD_LINGER_S = 1.0  # after a rank died: seconds of 503 engine_dead answers before the exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker_node(cfg.engine)
         _check_port_free(cfg.host, cfg.port)
         return serve(cfg)
-    except RankFailure as e:  # while starting; later failures are handled where they happen
+    except (RankFailure, TokenizerNotFound) as e:  # while starting; later ones are handled apart
         logger.error("pipeserve could not start: %s", e)
         return 1
 
@@ -102,9 +105,13 @@ def _uvicorn_server_class() -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
+        """On the first SIGINT/SIGTERM calls `on_signal` (the drain) instead of stopping; a second
+        one stops at once (uvicorn's own handling). Exits normally (uvicorn would re-raise them)."""
+
+        on_signal: Callable[[], None] | None = None
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            """Graceful stop on SIGINT/SIGTERM, then a normal exit (uvicorn would re-raise them)."""
             sigs = (signal.SIGINT, signal.SIGTERM)
             previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
             try:
@@ -113,41 +120,69 @@ def _uvicorn_server_class() -> type:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_signal, self.on_signal = self.on_signal, None
+            if on_signal is None:
+                super().handle_exit(sig, frame)
+            else:
+                on_signal()
+
     return Server
 
 
 def serve(cfg: ServerConfig) -> int:
     import uvicorn
 
+    from pipeserve.engine.detokenizer import Detokenizer
     from pipeserve.engine.tokenizer import load_tokenizer
     from pipeserve.model.config import ModelConfig
     from pipeserve.server.app import build_app
     from pipeserve.server.frontend import Frontend
-    from pipeserve.server.openai_api import ModelInfo
+    from pipeserve.server.limits import max_prompt_chars
+    from pipeserve.server.openai_api import ModelInfo, NoTokenizer
 
     engine = cfg.engine
-    tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
+    tokenizer = detokenizer = None
+    if not engine.skip_tokenizer_init:
+        tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
+        detokenizer = Detokenizer(tokenizer)
     ipc = IpcAddresses.fresh()
     ranks = _start_ranks(engine, ipc)
+    context, slots = ranks.info["context_length"], ranks.info["num_slots"]
     info = ModelInfo(
-        tokenizer,
+        tokenizer or NoTokenizer(),
         {cfg.model_name, engine.model_path},
         cfg.model_name,
         ModelConfig.from_dir(engine.model_path).vocab_size,
-        ranks.info["context_length"],
+        context,
+        slots,
+        max_prompt_chars(tokenizer, min(context, slots)),
     )
     server: uvicorn.Server | None = None
-    frontend = Frontend(ranks, ipc, cfg.max_queued_requests)
+    frontend = Frontend(ranks, ipc, cfg.max_queued_requests, detokenizer)
 
     async def on_shutdown() -> None:
         await frontend.shutdown()
         await asyncio.to_thread(ranks.stop)
 
     def on_dead(reason: str) -> None:
+        # keep answering 503 engine_dead for a moment: a client racing the death gets a reason,
+        # not a refused connection
+        asyncio.get_running_loop().call_later(DEAD_LINGER_S, setattr, server, "should_exit", True)
+
+    async def drain() -> None:
+        logger.info("draining: up to %gs for unfinished requests", cfg.shutdown_timeout_s)
+        await frontend.drain(cfg.shutdown_timeout_s)
         server.should_exit = True
 
+    def on_signal() -> None:  # in the signal handler: hand the drain to the event loop
+        if frontend.loop is None:  # not serving yet: stop at once
+            server.should_exit = True
+        else:
+            frontend.loop.call_soon_threadsafe(frontend.spawn, drain())
+
     frontend.on_dead = on_dead
-    app = build_app(frontend, info, on_shutdown)
+    app = build_app(frontend, info, on_shutdown, cfg.max_request_body_bytes)
     server = _uvicorn_server_class()(
         uvicorn.Config(
             app,
@@ -155,9 +190,10 @@ def serve(cfg: ServerConfig) -> int:
             port=cfg.port,
             log_level=engine.log_level,
             access_log=False,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=5,  # after the drain: for the last answers to go out
         )
     )
+    server.on_signal = on_signal
     logger.info(
         "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s)",
         cfg.model_name,

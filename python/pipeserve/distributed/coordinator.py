@@ -77,6 +77,7 @@ class GroupCoordinator:
         device: torch.device,
         name: str,
         timeout_s: float = DEFAULT_P2P_TIMEOUT_S,
+        compute_group: Any = None,
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     ) -> None:
         self.ranks = list(ranks)
@@ -85,6 +86,7 @@ class GroupCoordinator:
         self.world_size = len(self.ranks)
         self.cpu_group = cpu_group
         self.device_groups = device_groups or {}
+        self.compute_group = compute_group or cpu_group  # the forward's CPU collectives
         self.device = device
         self.name = name
         self.timeout_s = timeout_s  # default bound of every consumer wait
@@ -203,6 +205,12 @@ class GroupCoordinator:
         `inline=False` sends every tensor separately (the synchronous baseline's wire)."""
         dst = self.next_rank if dst is None else dst
         plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors, inline)
+        device_keys = [key for key, flat in plan.out_of_line if not flat.is_cpu]
+        if device_keys and channel not in self.device_groups:
+            raise TypeError(
+                f"tensor {device_keys[0]!r} is on {self.device}, but channel {channel.name} has no "
+                f"device (NCCL) group; device tensors travel on {', '.join(c.name for c in self.device_groups) or 'no channel of this group'}"
+            )
         works = self.post_header(
             dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries), plan.inline
         )
@@ -315,7 +323,7 @@ class GroupCoordinator:
 
     # ---- collectives used by TP layers and postprocess ----------------------------------------------
     def _collective_group(self, tensor: torch.Tensor) -> Any:
-        return self.cpu_group if tensor.device.type == "cpu" else self.device_group()
+        return self.compute_group if tensor.device.type == "cpu" else self.device_group()
 
     def all_reduce(
         self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM

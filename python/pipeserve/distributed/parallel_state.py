@@ -12,11 +12,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeserve.distributed.coordinator import DEFAULT_P2P_TIMEOUT_S, GroupCoordinator
+from pipeserve.distributed.coordinator import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_P2P_TIMEOUT_S,
+    GroupCoordinator,
+)
 from pipeserve.distributed.wire import Channel
 
 # Channels that carry device tensors between stages; each gets its own NCCL communicator on CUDA.
 DEVICE_CHANNELS = (Channel.PROXY, Channel.TOKENS)
+GLOO_TIMEOUT = datetime.timedelta(seconds=DEFAULT_HEADER_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,24 @@ def _make_coordinator(
     creates every group, in the same order) and returns the coordinator of the one holding this rank."""
     mine = None
     for ranks in all_ranks:
-        cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
+        # NOTE: gloo waits are bounded by heartbeats (liveness.py) and closed connections, not by
+        # a deadline that a long but live compute could outlast
+        cpu_group = dist.new_group(ranks, backend="gloo", timeout=GLOO_TIMEOUT)
         device_groups = {}
         if cfg.device == "cuda":
             device_groups = {
                 ch: dist.new_group(ranks, backend="nccl", timeout=timeout) for ch in channels
             }
+        # NOTE: on CPU the forward's collectives get a gloo group of their own: the forward may
+        # run on a worker thread while the loop broadcasts on cpu_group, and two threads must
+        # never interleave collectives on one group
+        compute_group = None
+        if cfg.device == "cpu" and len(ranks) > 1:
+            compute_group = dist.new_group(ranks, backend="gloo", timeout=GLOO_TIMEOUT)
         if cfg.rank in ranks:
-            mine = GroupCoordinator(ranks, cpu_group, device_groups, device, name, cfg.timeout_s)
+            mine = GroupCoordinator(
+                ranks, cpu_group, device_groups, device, name, cfg.timeout_s, compute_group
+            )
     assert mine is not None
     return mine
 

@@ -1,15 +1,23 @@
 """The batch descriptor: what stage 0 decided for one microbatch, carried to every later stage
-inside the same tensor dict as the proxy tensors, so that no later stage ever decides anything."""
+inside the same tensor dict as the proxy tensors, so that no later stage ever decides anything.
+
+It carries indices only (request pool rows, positions, KV slots) and per-request sampling columns,
+never the tokens a step reads: stage 0 reads those from its token pool. The one exception is a
+request's own tokens when it is (re)admitted (`fill_*`): stage 0 and its TP peers put them in their
+token pools, and the last stage gets them only for requests with penalties, which need the history.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Descriptor keys are never TP-split: every TP rank of the next stage needs all of it.
-DESCRIPTOR_KEYS = ("kind", "mb_id", "req_ints", "req_floats", "token_ints")
+DESCRIPTOR_KEYS = ("kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills")
 NO_SPLIT = {k: False for k in DESCRIPTOR_KEYS}
+KINDS = ("batch", "keepalive", "shutdown")
 
 # Columns of the per-request tensors.
 REQ_INT_COLUMNS = (
@@ -39,20 +47,22 @@ FLOAT_COL = {name: i for i, name in enumerate(REQ_FLOAT_COLUMNS)}
 
 @dataclass
 class BatchDescriptor:
-    kind: str  # "batch", "keepalive" or "shutdown"
+    kind: str  # "batch", "keepalive" (an idle ring refreshing its waits) or "shutdown"
     mb_id: int
-    req_ints: torch.Tensor  # (B, len(REQ_INT_COLUMNS)) int64
-    req_floats: torch.Tensor  # (B, len(REQ_FLOAT_COLUMNS)) float32
-    token_ints: torch.Tensor  # (N, 2) int64: input id, KV slot of each new token
+    req_ints: np.ndarray  # (B, len(REQ_INT_COLUMNS)) int64
+    req_floats: np.ndarray  # (B, len(REQ_FLOAT_COLUMNS)) float32
+    out_slots: np.ndarray  # (N,) int64 KV slot of each new token
+    fills: np.ndarray  # (1 + 2F + T,) int64: F, F rows, F lengths, then their T tokens; or empty
 
     @classmethod
     def control(cls, kind: str, mb_id: int) -> BatchDescriptor:
         return cls(
             kind,
             mb_id,
-            torch.zeros(0, len(REQ_INT_COLUMNS), dtype=torch.int64),
-            torch.zeros(0, len(REQ_FLOAT_COLUMNS)),
-            torch.zeros(0, 2, dtype=torch.int64),
+            np.zeros((0, len(REQ_INT_COLUMNS)), np.int64),
+            np.zeros((0, len(REQ_FLOAT_COLUMNS)), np.float32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
         )
 
     @property
@@ -61,36 +71,91 @@ class BatchDescriptor:
 
     @property
     def num_tokens(self) -> int:
-        return self.token_ints.shape[0]
+        return self.out_slots.shape[0]
 
-    def ints(self, name: str) -> torch.Tensor:
+    def ints(self, name: str) -> np.ndarray:
         return self.req_ints[:, INT_COL[name]]
 
-    def floats(self, name: str) -> torch.Tensor:
+    def floats(self, name: str) -> np.ndarray:
         return self.req_floats[:, FLOAT_COL[name]]
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.token_ints[:, 0]
+    def sampled(self) -> np.ndarray:
+        """bool (B,): the requests that sample a token this step."""
+        return self.ints("sample").astype(bool)
 
-    @property
-    def out_slots(self) -> torch.Tensor:
-        return self.token_ints[:, 1]
-
-    def sample_rows(self) -> torch.Tensor:
+    def sample_rows(self) -> np.ndarray:
         """Row (token index) of each sampled request's last new token, in request order."""
-        ends = torch.cumsum(self.ints("extend_len"), 0) - 1
-        return ends[self.ints("sample").bool()]
+        ends = np.cumsum(self.ints("extend_len")) - 1
+        return ends[self.sampled()]
+
+    def fill_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, lengths, tokens) of the requests whose tokens enter the token pools now."""
+        f = int(self.fills[0]) if len(self.fills) else 0
+        return self.fills[1 : 1 + f], self.fills[1 + f : 1 + 2 * f], self.fills[1 + 2 * f :]
+
+    def with_fills(self, keep: np.ndarray) -> BatchDescriptor:
+        """A copy whose fills are only the rows in `keep`."""
+        rows, lens, ids = self.fill_parts()
+        starts = np.cumsum(lens) - lens
+        chosen = np.isin(rows, keep)
+        tokens = [ids[s : s + n] for s, n, c in zip(starts, lens, chosen, strict=True) if c]
+        fills = pack_fills(rows[chosen], lens[chosen], tokens)
+        return BatchDescriptor(
+            self.kind, self.mb_id, self.req_ints, self.req_floats, self.out_slots, fills
+        )
 
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
             "mb_id": self.mb_id,
-            "req_ints": self.req_ints,
-            "req_floats": self.req_floats,
-            "token_ints": self.token_ints,
+            "req_ints": torch.from_numpy(self.req_ints),
+            "req_floats": torch.from_numpy(self.req_floats),
+            "out_slots": torch.from_numpy(self.out_slots),
+            "fills": torch.from_numpy(self.fills),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> BatchDescriptor:
-        return cls(d["kind"], d["mb_id"], d["req_ints"], d["req_floats"], d["token_ints"])
+        return cls(
+            d["kind"],
+            d["mb_id"],
+            d["req_ints"].numpy(),
+            d["req_floats"].numpy(),
+            d["out_slots"].numpy(),
+            d["fills"].numpy(),
+        )
+
+    # ---- as tensors, for stage 0's TP peers (no pickle on the hot path) ---------------------------
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 tensor, float32 tensor) holding everything; `unpack` reverses it."""
+        head = np.array(
+            [KINDS.index(self.kind), self.mb_id, self.num_reqs, self.num_tokens, len(self.fills)],
+            np.int64,
+        )
+        ints = np.concatenate([head, self.req_ints.reshape(-1), self.out_slots, self.fills])
+        return torch.from_numpy(ints), torch.from_numpy(self.req_floats.reshape(-1).copy())
+
+    @classmethod
+    def unpack(cls, ints: torch.Tensor, floats: torch.Tensor) -> BatchDescriptor:
+        a = ints.numpy()
+        kind, mb_id, b, n, f = (int(x) for x in a[:5])
+        c = len(REQ_INT_COLUMNS)
+        req_ints = a[5 : 5 + b * c].reshape(b, c)
+        out_slots = a[5 + b * c : 5 + b * c + n]
+        fills = a[5 + b * c + n : 5 + b * c + n + f]
+        req_floats = floats.numpy()[: b * len(REQ_FLOAT_COLUMNS)].reshape(b, len(REQ_FLOAT_COLUMNS))
+        return cls(KINDS[kind], mb_id, req_ints, req_floats, out_slots, fills)
+
+    def packed_sizes(self) -> tuple[int, int]:
+        return 5 + self.req_ints.size + self.num_tokens + len(self.fills), self.req_floats.size
+
+
+def pack_fills(rows: np.ndarray, lens: np.ndarray, tokens: list) -> np.ndarray:
+    if not len(rows):
+        return np.zeros(0, np.int64)
+    parts = [
+        np.array([len(rows)], np.int64),
+        np.asarray(rows, np.int64),
+        np.asarray(lens, np.int64),
+    ]
+    return np.concatenate([*parts, *(np.asarray(t, np.int64) for t in tokens)])

@@ -11,13 +11,13 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
 
 import zmq
 
 from pipeserve.config import EngineConfig, resolve_config
+from pipeserve.engine.detokenizer import Detokenizer
 from pipeserve.engine.ipc import (
     AbortReq,
     FrontendSockets,
@@ -25,76 +25,29 @@ from pipeserve.engine.ipc import (
     GenerateReq,
     IpcAddresses,
     ShutdownReq,
-    TokenOut,
 )
+from pipeserve.engine.main_guard import check_main_guard
 from pipeserve.engine.processes import RankFailure, RankGroup
+from pipeserve.engine.request_state import RequestState, format_result
 from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.tokenizer import decoded_len, load_tokenizer, trim_at_stop
+from pipeserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pipeserve.engine")
 
 Prompt = str | list[int]
 
 
-@dataclass
-class RequestState:
-    """What a front end has gathered of one request."""
-
-    rid: str
-    params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[list[float]]] = field(default_factory=list)
-    finish_reason: dict | None = None
-    prompt_tokens: int = 0
-    error: str | None = None
-
-    def apply(self, out: TokenOut) -> None:
-        self.output_ids.extend(out.token_ids)
-        self.logprobs.extend(out.logprobs or [])
-        self.top_logprobs.extend(out.top_logprobs or [])
-        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
-        self.finish_reason = out.finish_reason
-        self.error = out.error
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-def output_text(tokenizer: Any, s: RequestState) -> str:
-    """The text a request returns: cut before the stop string that ended it, if one did."""
-    p = s.params
-    text = tokenizer.decode(s.output_ids, skip_special_tokens=p.skip_special_tokens)
-    if not isinstance((s.finish_reason or {}).get("matched"), str) or p.no_stop_trim:
-        return text
-    early = s.output_ids[: max(0, p.min_new_tokens - 1)]  # may not end in a stop string
-    after = decoded_len(tokenizer.decode(early, skip_special_tokens=p.skip_special_tokens))
-    return trim_at_stop(text, p.stop, after)
-
-
-def format_result(tokenizer: Any, s: RequestState) -> dict:
-    """SGLang's result shape: text (cut before a stop string), output ids and meta_info."""
-    text = output_text(tokenizer, s)
-    meta: dict[str, Any] = {
-        "id": s.rid,
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": len(s.output_ids),
-        "finish_reason": s.finish_reason,
-    }
-    if s.logprobs:
-        meta["output_token_logprobs"] = [
-            (lp, t) for lp, t in zip(s.logprobs, s.output_ids, strict=False)
-        ]
-    if s.top_logprobs:
-        meta["output_top_logprobs"] = [[tuple(p) for p in step] for step in s.top_logprobs]
-    return {"text": text, "output_ids": list(s.output_ids), "meta_info": meta}
-
-
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        check_main_guard()  # before anything is bound or spawned
         self.config: EngineConfig = resolve_config(model_path=model_path, **kwargs)
-        self.tokenizer = load_tokenizer(self.config.tokenizer_path or self.config.model_path)
+        cfg = self.config
+        self.tokenizer = (
+            None
+            if cfg.skip_tokenizer_init
+            else load_tokenizer(cfg.tokenizer_path or cfg.model_path)
+        )
+        self.detokenizer = None if self.tokenizer is None else Detokenizer(self.tokenizer)
         self.ipc = IpcAddresses.fresh()
         self.sockets = FrontendSockets(self.ipc)
         self.ranks = RankGroup(self.config, self.ipc)
@@ -115,6 +68,7 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> dict | list[dict]:
         """One dict per prompt and choice: text, output_ids and meta_info (token counts, finish
         reason, and logprobs when asked). With `n` > 1 in a prompt's sampling params its n choices
@@ -131,8 +85,9 @@ class Engine:
         params = [SamplingParams.from_dict(p) for p in raw]
         prompts = [self._check_prompt(ids, f"prompt {i}") for i, ids in enumerate(prompts)]
         items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
+        self._check_fits(items)
         self._check_open()
-        states = self._submit(items, return_logprob, top_logprobs_num)
+        states = self._submit(items, return_logprob, top_logprobs_num, priority)
         self.wait(states)
         results = [self.result(s) for s in states]
         return results[0] if single and len(results) == 1 else results
@@ -163,7 +118,17 @@ class Engine:
         for i, p in enumerate(items):
             if not isinstance(p, str | list | tuple):
                 raise ValueError(f"prompt {i} must be a string or a list of token ids, got {p!r}")
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items], single
+        return [
+            self._encode(p, i) if isinstance(p, str) else list(p) for i, p in enumerate(items)
+        ], single
+
+    def _encode(self, text: str, index: int) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"prompt {index} is text, but the engine runs with skip_tokenizer_init=True "
+                "(no tokenizer): give token ids"
+            )
+        return self.tokenizer.encode(text)
 
     def submit(
         self,
@@ -171,17 +136,20 @@ class Engine:
         params: SamplingParams | dict,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> RequestState:
-        return self.submit_many([(ids, params)], return_logprob, top_logprobs_num)[0]
+        return self.submit_many([(ids, params)], return_logprob, top_logprobs_num, priority)[0]
 
     def submit_many(
         self,
         items: list[tuple[list[int], SamplingParams]],
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        priority: int = 0,
     ) -> list[RequestState]:
         """Queues (prompt ids, params) pairs in one message, so that they are scheduled together.
-        Params may be dicts; each pair is one request (`n` is expanded by `generate`)."""
+        Params may be dicts; each pair is one request (`n` is expanded by `generate`). Stage 0
+        admits waiting requests by (priority, arrival): lower priority values first."""
         if not items:
             return []
         self._check_open()
@@ -192,23 +160,43 @@ class Engine:
             )
             for i, (ids, p) in enumerate(items)
         ]
-        return self._submit(checked, return_logprob, top_logprobs_num)
+        self._check_fits(checked)
+        return self._submit(checked, return_logprob, top_logprobs_num, priority)
+
+    def _check_fits(self, items: list[tuple[list[int], SamplingParams]]) -> None:
+        """Refuses a request the KV pool cannot hold whole: it would end short of max_new_tokens."""
+        slots = self.info["num_slots"]
+        for i, (ids, p) in enumerate(items):
+            if len(ids) + p.max_new_tokens > slots:
+                raise ValueError(
+                    f"request {i}: {len(ids)} prompt tokens + max_new_tokens {p.max_new_tokens} "
+                    f"exceed the KV cache pool of {slots} tokens"
+                )
 
     def _submit(
         self,
         items: list[tuple[list[int], SamplingParams]],
         return_logprob: bool,
         top_logprobs_num: int,
+        priority: int = 0,
     ) -> list[RequestState]:
         """Sends checked (ids, params) pairs as one message."""
+        if self.detokenizer is None and any(params.stop for _, params in items):
+            raise ValueError(
+                "stop strings need a tokenizer, and the engine runs with skip_tokenizer_init=True: "
+                "use stop_token_ids"
+            )
         reqs, states = [], []
         for ids, params in items:
             rid = uuid.uuid4().hex
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             reqs.append(
-                GenerateReq(rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num)
+                GenerateReq(
+                    rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num, priority
+                )
             )
-            states.append(RequestState(rid, params, prompt_tokens=len(ids)))
+            stream = None if self.detokenizer is None else self.detokenizer.stream(params, False)
+            states.append(RequestState(rid, params, stream, prompt_tokens=len(ids)))
         for state in states:
             self.outstanding[state.rid] = state
         self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
@@ -271,6 +259,8 @@ class Engine:
                 state.apply(out)
                 if state.finished:
                     del self.outstanding[out.rid]
+                if state.ended_here:  # a stop string: stage 0 still runs it
+                    self._send(AbortReq(out.rid))
 
     def abort(self, state: RequestState) -> None:
         """Asks stage 0 to drop the request; `wait` then sees it finish with reason abort."""
@@ -279,7 +269,7 @@ class Engine:
     def result(self, s: RequestState) -> dict:
         if s.error is not None:
             raise ValueError(s.error)
-        return format_result(self.tokenizer, s)
+        return format_result(s)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -28,6 +28,7 @@ class GenerateReq:
     seed: int
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    priority: int = 0  # lower is admitted first
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TokenOut:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    queue_time_s: float | None = None  # on a request's first token: seconds it waited at stage 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ def _to_plain(obj: Any) -> Any:
     if names is not None:
         return ("@" + cls.__name__, [_to_plain(getattr(obj, n)) for n in names])
     if isinstance(obj, (list, tuple)):
+        if all(type(x) in _SCALARS for x in obj):  # token ids, logprobs: no walk needed
+            return obj if cls is list else list(obj)
         return [_to_plain(x) for x in obj]
     return obj
 
@@ -98,6 +102,8 @@ def _from_plain(obj: Any) -> Any:
     if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
         return MESSAGES[obj[0][1:]](*[_from_plain(x) for x in obj[1]])
     if cls is list:
+        if all(type(x) in _SCALARS for x in obj):
+            return obj
         return [_from_plain(x) for x in obj]
     return obj
 

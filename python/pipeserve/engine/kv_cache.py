@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeserve.model.forward_batch import ForwardBatch, to_device
+
 
 class IndexAllocator:
     """Hands out integers of [first, first + size); the same calls always give the same answers.
@@ -70,33 +72,37 @@ class KVPool:
 
 
 class ReqToToken:
-    """Per request pool index, the KV slot (and token id) of every position; written from the batch
-    descriptor on every stage, so no stage keeps request state of its own."""
+    """Per request pool row, the KV slot of every position: written from the batch descriptor on
+    every stage, so no stage keeps request state of its own. The last row is the pad row of
+    CUDA-graph padding: it maps every position to the pad slot 0."""
 
-    def __init__(
-        self, max_reqs: int, context_length: int, device: torch.device, keep_token_ids: bool
-    ) -> None:
-        self.slots = torch.zeros(max_reqs, context_length, dtype=torch.int64, device=device)
-        self.token_ids = (
-            torch.zeros(max_reqs, context_length, dtype=torch.int64) if keep_token_ids else None
-        )
+    def __init__(self, max_reqs: int, context_length: int, device: torch.device) -> None:
+        self.slots = torch.zeros(max_reqs + 1, context_length + 1, dtype=torch.int32, device=device)
+        self.pad_row = max_reqs
 
-    def write(
-        self,
-        req_pool_idx: list[int],
-        prefix_lens: list[int],
-        extend_lens: list[int],
-        out_slots: torch.Tensor,
-        input_ids: torch.Tensor,
-    ) -> None:
-        # numpy: these index vectors are small, and torch's CPU ops cost more per call than numpy's
-        lens = np.asarray(extend_lens, dtype=np.int64)
-        rows = torch.from_numpy(np.repeat(np.asarray(req_pool_idx, dtype=np.int64), lens))
-        # column of each new token: its request's prefix plus its offset among the request's tokens
-        offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        cols = torch.from_numpy(np.repeat(np.asarray(prefix_lens, dtype=np.int64), lens) + offsets)
-        self.slots[rows.to(self.slots.device), cols.to(self.slots.device)] = out_slots.to(
-            self.slots.device, torch.int64
-        )
-        if self.token_ids is not None:
-            self.token_ids[rows, cols] = input_ids.to(torch.int64).cpu()
+    def write(self, batch: ForwardBatch) -> None:
+        self.slots[batch.token_rows, batch.positions] = batch.out_slots.to(torch.int32)
+
+
+class TokenPool:
+    """Per request pool row, the token id at every position, on the device: stage 0 reads its input
+    ids here (so no descriptor carries a token value), the last stage its penalty history. Written
+    when a request is (re)admitted (`fill`) and when a sampled token comes back (`write`)."""
+
+    def __init__(self, max_reqs: int, context_length: int, device: torch.device) -> None:
+        self.ids = torch.zeros(max_reqs + 1, context_length + 2, dtype=torch.int32, device=device)
+
+    def fill(self, rows: np.ndarray, lens: np.ndarray, ids: np.ndarray) -> None:
+        """Row rows[i] gets its first lens[i] tokens from `ids` (concatenated)."""
+        if not len(rows):
+            return
+        cols = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        packed = to_device(np.concatenate([np.repeat(rows, lens), cols, ids]), self.ids.device)
+        r, c, v = packed.view(3, -1)
+        self.ids[r, c] = v.to(torch.int32)
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.ids[rows, positions] = tokens.to(torch.int32)
+
+    def read(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.ids[rows, positions].to(torch.int64)

@@ -1,21 +1,31 @@
-"""One rank's share of the model and its KV cache: runs a microbatch given its descriptor."""
+"""One rank's share of the model and its KV cache: runs a microbatch given its descriptor.
+
+`forward` never waits on the host: inputs cross in one non-blocking copy, busy time is measured
+with CUDA events read later, and the last stage's tokens leave as device tensors plus pinned host
+copies with an event that says when those are filled.
+"""
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Callable
 
 import torch
 
 from pipeserve.config import EngineConfig
-from pipeserve.engine.batch import FLOAT_COL, INT_COL, BatchDescriptor
-from pipeserve.engine.kv_cache import KVPool, ReqToToken
-from pipeserve.engine.sampler import SamplingBatch, TokenHistory, sample
-from pipeserve.model.attention import build_attention_batch
+from pipeserve.engine.batch import BatchDescriptor
+from pipeserve.engine.busy import BusyClock
+from pipeserve.engine.kv_cache import KVPool, ReqToToken, TokenPool
+from pipeserve.engine.memory import reserved_bytes
+from pipeserve.engine.sampling import SampledTokens, sample_step
+from pipeserve.model.attention import BackendSpec, create_backend, resolve_backend_name
 from pipeserve.model.config import ModelConfig, parse_dtype
+from pipeserve.model.forward_batch import ForwardBatch, to_device
 from pipeserve.model.loader import load_weights
 from pipeserve.model.parallel import ParallelContext
 from pipeserve.model.registry import build_stage_model
+
+logger = logging.getLogger("pipeserve.runner")
 
 
 class ModelRunner:
@@ -38,10 +48,17 @@ class ModelRunner:
         self.model = build_stage_model(model_cfg, ctx, self.dtype, device, cfg.pp_layer_partition)
         load_weights(self.model, cfg.model_path, progress)
         self.kv: KVPool | None = None
-        self.table = ReqToToken(
-            cfg.max_running_requests, self.context_length, device, keep_token_ids=ctx.is_last_stage
+        self.table = ReqToToken(cfg.max_running_requests, self.context_length, device)
+        needs_tokens = ctx.is_first_stage or ctx.is_last_stage
+        self.tokens = (
+            TokenPool(cfg.max_running_requests, self.context_length, device)
+            if needs_tokens
+            else None
         )
-        self.busy_s = 0.0  # wall time spent in forward passes
+        self.backend_name = resolve_backend_name(cfg.attention_backend, device.type)
+        self.backend = None
+        self.graphs = None
+        self.busy = BusyClock(device)
         self.eos_ids: torch.Tensor | None = None  # last stage: EOS ids, for min_new_tokens
         if ctx.is_last_stage and eos_ids:
             eos = sorted(e for e in eos_ids if e < model_cfg.vocab_size)
@@ -56,12 +73,20 @@ class ModelRunner:
         )
 
     def affordable_slots(self) -> int:
-        """KV slots this rank can hold within its budget (the world then agrees on the minimum)."""
+        """KV slots this rank can hold within its budget (the world then agrees on the minimum).
+        On CUDA the budget leaves room for activations, sampling and CUDA graphs."""
         if self.cfg.max_total_tokens is not None:
             return self.cfg.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1.0 - self.cfg.mem_fraction_static)
+            reserve = reserved_bytes(self.cfg, self.model_cfg, self.ctx, self.dtype)
+            budget = min(free - total * (1.0 - self.cfg.mem_fraction_static), free - reserve)
+            logger.info(
+                "KV budget %.2f GiB (free %.2f GiB, %.2f GiB kept for activations and graphs)",
+                budget / 2**30,
+                free / 2**30,
+                max(reserve, total * (1.0 - self.cfg.mem_fraction_static)) / 2**30,
+            )
         else:
             budget = self.cfg.kv_cache_bytes
         ceiling = self.cfg.max_running_requests * self.context_length
@@ -72,89 +97,76 @@ class ModelRunner:
         self.kv = KVPool(
             len(self.model.layers), num_slots, attn.kv_heads, attn.head_dim, self.dtype, self.device
         )
+        spec = BackendSpec(
+            attn.heads, attn.kv_heads, attn.head_dim, self.cfg.micro_batch_cap, self.device
+        )
+        self.backend = create_backend(self.backend_name, spec, self.table.slots)
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs of decode microbatches, when the device, backend and config allow them."""
+        if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
+            return
+        if not self.backend.supports_cuda_graph:
+            logger.info(
+                "CUDA graphs off: the %s attention backend cannot run in them", self.backend_name
+            )
+            return
+        from pipeserve.engine.cuda_graphs import CudaGraphRunner
+
+        max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.micro_batch_cap)
+        self.graphs = CudaGraphRunner(self, max_bs)
+        self.graphs.capture()
 
     # ---- forward -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, desc: BatchDescriptor, proxy: dict | None) -> dict:
+    def forward(self, desc: BatchDescriptor, proxy: dict | None) -> dict | SampledTokens:
         """First and middle stages return {"hidden_states", "residual"}; the last stage returns the
-        sampled tokens ({"next_token_ids", ...}) of the requests that sample this step."""
-        start = time.perf_counter()
-        out = self._forward(desc, proxy)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self.busy_s += time.perf_counter() - start
-        return out
+        tokens sampled by the requests that sample this step."""
+        with self.busy.measure():
+            return self._forward(desc, proxy)
 
-    def _forward(self, desc: BatchDescriptor, proxy: dict | None) -> dict:
-        pool_idx = desc.ints("req_pool_idx").tolist()
-        prefix, extend = desc.ints("prefix_len").tolist(), desc.ints("extend_len").tolist()
-        self.table.write(pool_idx, prefix, extend, desc.out_slots, desc.input_ids)
-        attn = build_attention_batch(
-            self.table.slots, pool_idx, prefix, extend, desc.out_slots, self.device
-        )
-        if self.ctx.is_first_stage:
-            hidden, residual = self.model(
-                attn, self.kv.layers, input_ids=desc.input_ids.to(self.device)
-            )
+    def _forward(self, desc: BatchDescriptor, proxy: dict | None) -> dict | SampledTokens:
+        if self.tokens is not None:
+            self.tokens.fill(*desc.fill_parts())
+        hidden_in = residual_in = None
+        if proxy is not None:
+            hidden_in, residual_in = proxy["hidden_states"], proxy["residual"]
+        args = (desc.ints("req_pool_idx"), desc.ints("prefix_len"), desc.ints("extend_len"))
+        if self.graphs is not None and self.graphs.can_run(desc):
+            fb, out = self.graphs.replay(desc, hidden_in, residual_in)
         else:
-            hidden, residual = self.model(
-                attn, self.kv.layers, hidden=proxy["hidden_states"], residual=proxy["residual"]
-            )
+            fb = ForwardBatch.build(*args, desc.out_slots, self.device)
+            rows = None  # every row samples: a decode batch whose requests all sample
+            if self.ctx.is_last_stage and not (fb.is_decode and desc.sampled().all()):
+                rows = to_device(desc.sample_rows(), self.device)
+            out = self.run_model(fb, hidden_in, residual_in, rows)
         if not self.ctx.is_last_stage:
+            hidden, residual = out
             return {"hidden_states": hidden, "residual": residual}
-        rows = desc.sample_rows().to(self.device)
-        logits = self.model.compute_logits(hidden[rows], residual[rows])
-        return self._sample(desc, logits)
+        logits = out[: int(desc.sampled().sum())]
+        return sample_step(self, desc, fb, logits)
 
-    def _sample(self, desc: BatchDescriptor, logits: torch.Tensor) -> dict:
-        picked = desc.ints("sample").bool()
-        ints = desc.req_ints[picked]
-        floats = desc.req_floats[picked]
-        batch = sampling_batch(ints, floats, self.device)
-        batch.eos_ids = self.eos_ids
-        if bool(
-            (batch.repetition_penalty != 1).any()
-            or (batch.frequency_penalty != 0).any()
-            or (batch.presence_penalty != 0).any()
-        ):
-            batch.history = self._history(ints)
-        result = sample(logits, batch)
-        tokens = {"next_token_ids": result.next_token_ids.cpu()}
-        if result.logprobs is not None:
-            tokens["logprobs"] = result.logprobs.cpu()
-        if result.top_logprob_ids is not None:
-            tokens["top_logprob_ids"] = result.top_logprob_ids.cpu()
-            tokens["top_logprobs"] = result.top_logprobs.cpu()
-        return tokens
-
-    def _history(self, ints: torch.Tensor) -> TokenHistory:
-        """Every token of the sampled requests so far, from the last stage's token-id table."""
-        ids, rows, is_out = [], [], []
-        cols = [INT_COL[c] for c in ("req_pool_idx", "prefix_len", "extend_len", "prompt_len")]
-        for i, (req, prefix, n, prompt_len) in enumerate(ints[:, cols].tolist()):
-            seq = self.table.token_ids[req, : prefix + n]
-            ids.append(seq)
-            rows.append(torch.full_like(seq, i))
-            is_out.append(torch.arange(prefix + n) >= prompt_len)
-        cat = lambda xs: torch.cat(xs).to(self.device)  # noqa: E731
-        return TokenHistory(cat(ids), cat(rows), cat(is_out))
-
-
-def sampling_batch(ints: torch.Tensor, floats: torch.Tensor, device: torch.device) -> SamplingBatch:
-    """The sampled rows' per-request columns (see batch.REQ_*_COLUMNS) as a SamplingBatch."""
-    ints, floats = ints.to(device), floats.to(device)
-    f = {name: floats[:, i] for name, i in FLOAT_COL.items()}
-    return SamplingBatch(
-        temperature=f["temperature"],
-        top_p=f["top_p"],
-        top_k=f["top_k"].to(torch.int64),
-        min_p=f["min_p"],
-        repetition_penalty=f["repetition_penalty"],
-        frequency_penalty=f["frequency_penalty"],
-        presence_penalty=f["presence_penalty"],
-        seed=ints[:, INT_COL["seed"]],
-        step=ints[:, INT_COL["step"]],
-        top_logprobs_num=ints[:, INT_COL["top_logprobs_num"]],
-        return_logprob=ints[:, INT_COL["return_logprob"]].bool(),
-        ban_eos=ints[:, INT_COL["ban_eos"]].bool(),
-    )
+    def run_model(
+        self,
+        fb: ForwardBatch,
+        hidden: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        sample_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """The stage's layers on one batch (the body CUDA graphs capture): the slot table update,
+        stage 0's input ids from the token pool, the layers, and on the last stage the logits of
+        `sample_rows` (None: every row)."""
+        self.table.write(fb)
+        if fb.attn is None:
+            self.backend.prepare_metadata(fb)
+        input_ids = None
+        if self.ctx.is_first_stage:
+            input_ids = self.tokens.read(fb.token_rows, fb.positions)
+        hidden, residual = self.model(
+            fb, self.kv.layers, self.backend, input_ids=input_ids, hidden=hidden, residual=residual
+        )
+        if not self.ctx.is_last_stage:
+            return hidden, residual
+        if sample_rows is not None:
+            hidden, residual = hidden[sample_rows], residual[sample_rows]
+        return self.model.compute_logits(hidden, residual)

@@ -1,13 +1,15 @@
 """SchedulerPPMixin: the pipeline-parallel event loops, one small loop per role.
 
 Stage 0's TP rank 0 decides every microbatch; its descriptor travels with the proxy tensors, so
-later stages only follow. `M = pp_size + pp_async_batch_depth` microbatches are in flight at most,
-and a request sits in at most one of them. Every receive a loop will need is posted before it
-launches compute; handles are waited on only where their data is used.
+later stages only follow. Stage 0's loop passes state: each step launches what it can (at most
+`M = pp_size + pp_async_batch_depth` microbatches whose tokens have not come back), *then*
+post-processes the oldest microbatch whose tokens are in, *then* waits for the next tokens to
+arrive. A request whose tokens have arrived may be launched again at once: its next input is read
+from the token pool on the device, so the host's look at the tokens overlaps the next forward.
 
 Hosts provide: `cfg`, `ctx` (ParallelContext), `pp`, `tp` (GroupCoordinators), `runner`
-(ModelRunner) and, on stage 0's TP rank 0, `accept_requests(timeout_s) -> bool` (False to stop)
-and `apply_result(rec, tokens)`, plus `scheduler`.
+(ModelRunner), `liveness` and, on stage 0's TP rank 0, `accept_requests(timeout_s) -> bool` (False
+to stop) and `apply_result(rec, tokens)`, plus `scheduler`.
 """
 
 from __future__ import annotations
@@ -17,125 +19,254 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
 from pipeserve.distributed import Channel
-from pipeserve.engine.batch import NO_SPLIT, BatchDescriptor
+from pipeserve.distributed.liveness import wait_live
+from pipeserve.engine.batch import FLOAT_COL, INT_COL, NO_SPLIT, BatchDescriptor
+from pipeserve.engine.descriptor_broadcast import receive_descriptor, send_descriptor
+from pipeserve.engine.executor import Executor
 from pipeserve.engine.pp_transport import TRANSPORTS, Expected
 from pipeserve.engine.req import Req
+from pipeserve.engine.sampling import SampledTokens
+from pipeserve.engine.trace import NullTracer, Tracer, merge_traces
+from pipeserve.model.forward_batch import to_device
+
+WAIT_SLICE_S = 1.0  # between liveness checks while a receive is outstanding
 
 
 @dataclass
 class InFlight:
     desc: BatchDescriptor
     reqs: list[Req]
-    sends: list[Any] = field(default_factory=list)
-    expected: Expected | None = None
-    result: dict | None = None  # set at launch when this rank is also the last stage
+    job: Any = None  # the forward's handle: the tokens (pp = 1) or the proxy's sends
+    expected: Expected | None = None  # the tokens' receive (pp > 1)
+    tokens: SampledTokens | None = None  # set once they have arrived
+
+
+@dataclass
+class LoopState:
+    mb_id: int = 0
+    running: bool = True
+    last_launch: float = field(default_factory=time.monotonic)
+    in_pipe: deque[InFlight] = field(default_factory=deque)  # launched, tokens not arrived
+    ready: deque[InFlight] = field(default_factory=deque)  # tokens arrived, not post-processed
 
 
 class SchedulerPPMixin:
     def event_loop_pp(self) -> None:
         self.transport = TRANSPORTS[self.cfg.pp_comm_mode](self.pp)
         self.gather_group = self.tp if self.ctx.tp_size > 1 else None
+        self.executor = Executor(self.runner.device)
         self.stage_busy: list[float] = []
-        if not self.ctx.is_first_stage:
-            self._later_stage_loop()
-        elif self.ctx.tp_rank == 0:
-            self._first_stage_loop()
-        else:
-            self._first_stage_follower_loop()
+        self.arrived_since_launch = 0  # token messages stage 0 took in since its last broadcast
+        self.tracer = NullTracer()
+        if self.cfg.pp_trace:
+            rank = self.ctx.pp_rank * self.ctx.tp_size + self.ctx.tp_rank
+            self.tracer = Tracer(
+                self.cfg.pp_trace, rank, self.ctx.pp_rank, self.ctx.tp_rank, self.runner.device
+            )
+        try:
+            if not self.ctx.is_first_stage:
+                self._later_stage_loop()
+            elif self.ctx.tp_rank == 0:
+                self._first_stage_loop()
+            else:
+                self._first_stage_follower_loop()
+        finally:
+            self.executor.shutdown()
+            self.tracer.write()
+        if self.cfg.pp_trace and self.ctx.is_first_stage and self.ctx.tp_rank == 0:
+            merge_traces(self.cfg.pp_trace, self.cfg.world_size)
 
     # ---- stage 0, TP rank 0: decides --------------------------------------------------------------
     def _first_stage_loop(self) -> None:
-        inflight: deque[InFlight] = deque()
-        mb_id, idle_since = 0, time.monotonic()
-        running = True
-        while running or inflight:
-            idle = not inflight and not self.scheduler.has_work
-            running = running and self.accept_requests(self.cfg.keepalive_s if idle else 0.0)
-            while running and len(inflight) < self.cfg.num_microbatches:
-                built = self.scheduler.next_microbatch(mb_id)
-                if built is None:
-                    break
-                inflight.append(self._launch(*built))
-                mb_id, idle_since = mb_id + 1, time.monotonic()
-            if running and not inflight and time.monotonic() - idle_since >= self.cfg.keepalive_s:
-                inflight.append(self._launch(BatchDescriptor.control("keepalive", mb_id), []))
-                mb_id, idle_since = mb_id + 1, time.monotonic()
-            if inflight:
-                self._complete(inflight.popleft())
-        self._complete(self._launch(BatchDescriptor.control("shutdown", mb_id), []))
+        s = LoopState()
+        while s.running or s.in_pipe or s.ready:
+            self._first_stage_step(s)
+        rec = self._launch(BatchDescriptor.control("shutdown", s.mb_id), [])
+        if self.ctx.pp_size > 1:
+            self._receive_tokens(rec)
+        self._wait_job(rec)
+
+    def _first_stage_step(self, s: LoopState) -> None:
+        busy = s.in_pipe or s.ready or self.scheduler.has_work
+        s.running = s.running and self.accept_requests(0.0 if busy else self.cfg.keepalive_s)
+        while s.running and len(s.in_pipe) < self.cfg.num_microbatches:
+            with self.tracer.span("schedule", s.mb_id):
+                built = self.scheduler.next_microbatch(s.mb_id)
+            if built is None:
+                break
+            self._launch_next(s, *built)
+        idle_s = time.monotonic() - s.last_launch
+        if s.running and not busy and idle_s >= self.cfg.keepalive_s:
+            # NOTE: an idle ring still refreshes every wait (TP broadcasts, header frames)
+            self._launch_next(s, BatchDescriptor.control("keepalive", s.mb_id), [])
+        if s.ready:  # overlaps the forwards just launched
+            self._post_process(s.ready.popleft())
+        if s.in_pipe:
+            s.ready.append(self._arrive(s.in_pipe.popleft()))
+
+    def _launch_next(self, s: LoopState, desc: BatchDescriptor, reqs: list[Req]) -> None:
+        s.in_pipe.append(self._launch(desc, reqs))
+        s.mb_id += 1
+        s.last_launch = time.monotonic()
 
     def _launch(self, desc: BatchDescriptor, reqs: list[Req]) -> InFlight:
         if self.ctx.tp_size > 1:
-            self.tp.broadcast_object(desc.to_dict(), src=0)
-        out = self.runner.forward(desc, None) if desc.kind == "batch" else {}
-        if self.ctx.pp_size == 1:
-            return InFlight(desc, reqs, result=out)
-        # NOTE: the tokens' receive is posted now, before this rank computes anything else.
-        sends = self._send_forward(desc, out, [self.runner.busy_s])
-        expected = self.transport.expect(Channel.TOKENS, src=self.ctx.pp_size - 1)
-        return InFlight(desc, reqs, sends, expected)
+            send_descriptor(self.tp, desc, self.arrived_since_launch)
+            self.arrived_since_launch = 0
+        now = time.monotonic()
+        for req in reqs:
+            req.started_at = req.started_at or now
+        rec = InFlight(desc, reqs, self.executor.submit(self._forward_and_send, desc))
+        if self.ctx.pp_size > 1:  # NOTE: the tokens' receive is claimed before anything else
+            rec.expected = self.transport.expect(Channel.TOKENS, src=self.ctx.pp_size - 1)
+        return rec
 
-    def _complete(self, rec: InFlight) -> None:
-        tokens = rec.result
-        if tokens is None:
-            tokens = self.transport.complete(rec.expected, self.cfg.p2p_timeout_s)
-            if tokens["mb_id"] != rec.desc.mb_id:
-                raise RuntimeError(
-                    f"tokens of microbatch {tokens['mb_id']} arrived; expected {rec.desc.mb_id}"
-                )
-            self.stage_busy = tokens["busy"]
-        else:
-            self.stage_busy = [self.runner.busy_s]
-        for w in rec.sends:
-            w.wait()
+    def _forward_and_send(self, desc: BatchDescriptor) -> Any:
+        """Stage 0's job: the forward, then (pp > 1) the proxy on to stage 1."""
+        out = self.runner.forward(desc, None) if desc.kind == "batch" else {}
+        if desc.kind == "batch":
+            self.tracer.device_span("forward", desc.mb_id, *self.runner.busy.last)
+        if self.ctx.pp_size == 1:
+            return out
+        with self.tracer.span("send", desc.mb_id):
+            return self._send_forward(_for_later_stages(desc), out)
+
+    def _arrive(self, rec: InFlight) -> InFlight:
+        """Makes the microbatch's tokens the next inputs of its requests (pp = 1: they are, by
+        launch order); from here its requests may be launched again."""
+        if self.ctx.pp_size > 1:
+            self._receive_tokens(rec)
+            self.arrived_since_launch += 1
+        self.scheduler.arrived(rec.reqs)
+        return rec
+
+    def _receive_tokens(self, rec: InFlight) -> None:
+        with self.tracer.span("receive-wait", rec.desc.mb_id):
+            data = self._complete(rec.expected)
+        if data["mb_id"] != rec.desc.mb_id:
+            raise RuntimeError(
+                f"tokens of microbatch {data['mb_id']} arrived; expected {rec.desc.mb_id}"
+            )
+        self.stage_busy = list(data["busy"])
         if rec.desc.kind == "batch":
-            self.apply_result(rec, tokens)
+            rec.tokens = self._store_tokens(rec.desc, data)
+
+    def _store_tokens(self, desc: BatchDescriptor, data: dict) -> SampledTokens:
+        """Sampled tokens into this rank's token pool, ordered with the forwards that read them,
+        and (on CUDA, started here) a host copy for the scheduler."""
+        tokens = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        ints = desc.req_ints[desc.sampled()]
+        where = np.stack(
+            [
+                ints[:, INT_COL["req_pool_idx"]],
+                ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]],
+            ]
+        )
+        self.executor.submit(self._write_tokens, where, tokens["next_token_ids"])
+        return SampledTokens.of(tokens)
+
+    def _write_tokens(self, where: np.ndarray, next_token_ids: torch.Tensor) -> None:
+        rows, positions = to_device(where, self.runner.device)
+        self.runner.tokens.write(rows, positions, next_token_ids)
+
+    def _post_process(self, rec: InFlight) -> None:
+        with self.tracer.span("post-process", rec.desc.mb_id):
+            if self.ctx.pp_size == 1:
+                rec.tokens = rec.job.result()
+                self.stage_busy = [self.runner.busy.seconds()]
+            self._wait_job(rec)
+            if rec.desc.kind == "batch":
+                self.apply_result(rec, rec.tokens.wait())
+
+    def _wait_job(self, rec: InFlight) -> None:
+        out = rec.job.result()
+        if self.ctx.pp_size > 1:
+            self._wait_all(out)
 
     # ---- stage 0, TP ranks > 0: follow rank 0's broadcasts ------------------------------------------
     def _first_stage_follower_loop(self) -> None:
-        sends: list[Any] = []
+        awaited: deque[tuple[Expected, BatchDescriptor]] = deque()  # launched, tokens not taken
+        job = None
         while True:
-            desc = BatchDescriptor.from_dict(self.tp.broadcast_object(None, src=0))
-            out = self.runner.forward(desc, None) if desc.kind == "batch" else {}
-            if self.ctx.pp_size > 1:
-                self._wait_all(sends)
-                sends = self._send_forward(desc, out, [self.runner.busy_s])
+            desc, arrived = receive_descriptor(self.tp)
+            for _ in range(arrived):  # tokens rank 0 took in before deciding this microbatch
+                expected, launched = awaited.popleft()
+                self._store_tokens(launched, self._complete(expected))
+            if job is not None:
+                self._wait_job(job)
+            job = InFlight(desc, [], self.executor.submit(self._forward_and_send, desc))
+            if self.ctx.pp_size > 1 and desc.kind == "batch":
+                src = self.ctx.pp_size - 1
+                awaited.append((self.transport.expect(Channel.TOKENS, src=src), desc))
             if desc.kind == "shutdown":
-                self._wait_all(sends)
+                self._wait_job(job)
                 return
 
     # ---- stages > 0 ----------------------------------------------------------------------------------
     def _later_stage_loop(self) -> None:
-        idle_timeout = 2 * self.cfg.keepalive_s + self.cfg.p2p_timeout_s
-        expected = self._expect_proxy()
+        # M proxies claimed ahead: their receives are posted as they arrive, so stage 0's sends
+        # complete whatever this stage is computing
+        expected = deque(self._expect_proxy() for _ in range(self.cfg.num_microbatches))
         sends: list[Any] = []
         while True:
-            data = self.transport.complete(expected, idle_timeout)
+            data = self._complete(expected.popleft())
             desc = BatchDescriptor.from_dict(data)
             if desc.kind != "shutdown":
-                expected = self._expect_proxy()  # posted before this microbatch's compute
+                expected.append(self._expect_proxy())
             out = self.runner.forward(desc, data) if desc.kind == "batch" else {}
-            busy = [*data["busy"], self.runner.busy_s]
+            if desc.kind == "batch":
+                self.tracer.device_span("forward", desc.mb_id, *self.runner.busy.last)
+            busy = [*data["busy"], self.runner.busy.seconds()]
             self._wait_all(sends)
-            if not self.ctx.is_last_stage:
-                sends = self._send_forward(desc, out, busy)
-            elif self.ctx.tp_rank == 0:
-                reply = {"kind": desc.kind, "mb_id": desc.mb_id, "busy": busy, **out}
-                sends = self.transport.send(reply, Channel.TOKENS, dst=0)
+            with self.tracer.span("send", desc.mb_id):
+                sends = self._send_on(desc, out, busy)
             if desc.kind == "shutdown":
                 self._wait_all(sends)
                 return
 
+    def _send_on(self, desc: BatchDescriptor, out: Any, busy: list[float]) -> list[Any]:
+        if not self.ctx.is_last_stage:
+            return self._send_forward(desc, out, busy)
+        tokens = out.device if isinstance(out, SampledTokens) else {}
+        reply = {"kind": desc.kind, "mb_id": desc.mb_id, "busy": busy, **tokens}
+        return self.transport.send(reply, Channel.TOKENS, dst=0)
+
     def _expect_proxy(self) -> Expected:
         return self.transport.expect(Channel.PROXY, self.pp.prev_rank, self.gather_group, NO_SPLIT)
 
-    def _send_forward(self, desc: BatchDescriptor, proxy: dict, busy: list[float]) -> list[Any]:
+    def _send_forward(
+        self, desc: BatchDescriptor, proxy: dict, busy: list[float] | None = None
+    ) -> list[Any]:
+        busy = [self.runner.busy.seconds()] if busy is None else busy
         payload = {**desc.to_dict(), "busy": busy, **proxy}
         return self.transport.send(
             payload, Channel.PROXY, self.pp.next_rank, self.gather_group, NO_SPLIT
         )
 
+    def _complete(self, expected: Expected) -> dict:
+        """The expected message, waited for as long as every rank is alive."""
+        peers = range(self.cfg.world_size)
+        return wait_live(
+            lambda t: self.transport.complete(expected, t), self.liveness, peers, WAIT_SLICE_S
+        )
+
     def _wait_all(self, works: list[Any]) -> None:
         for w in works:
             w.wait(self.cfg.p2p_timeout_s)
+
+
+def _for_later_stages(desc: BatchDescriptor) -> BatchDescriptor:
+    """Only the last stage reads fills (penalty history); only for rows with penalties."""
+    if not len(desc.fills):
+        return desc
+    f = desc.req_floats
+    penalised = (
+        (f[:, FLOAT_COL["repetition_penalty"]] != 1)
+        | (f[:, FLOAT_COL["frequency_penalty"]] != 0)
+        | (f[:, FLOAT_COL["presence_penalty"]] != 0)
+    )
+    return desc.with_fills(desc.ints("req_pool_idx")[penalised])

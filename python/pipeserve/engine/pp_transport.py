@@ -66,13 +66,16 @@ class SyncTransport(AsyncTransport):
         return Expected(channel, src, gather_group, gather_keys)
 
     def complete(self, expected: Expected, timeout_s: float) -> dict:
+        # NOTE: a gloo wait that runs out closes its connection, so the baseline cannot wait in
+        # slices between liveness checks; it waits as long as the header frames do, and a dead
+        # peer still ends the wait when its connection closes.
         return recv_tensor_dict_sync(
             self.pp,
             expected.src,
             expected.gather_group,
             expected.gather_keys,
             expected.channel,
-            timeout_s,
+            self.pp.header_timeout_s,
         )
 
     def send(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import time
 from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.engine.ipc import IpcAddresses
+from pipeserve.engine.main_guard import check_main_guard, spawnable_main
 from pipeserve.engine.worker import RankSpec, run_rank
 from pipeserve.utils import free_port, usable_cores
 
@@ -27,6 +29,7 @@ class RankFailure(RuntimeError):
 
 class RankGroup:
     def __init__(self, cfg: EngineConfig, ipc: IpcAddresses) -> None:
+        check_main_guard()
         self.cfg = cfg
         self.ipc = ipc
         ctx = mp.get_context("spawn")
@@ -47,9 +50,12 @@ class RankGroup:
                 name=f"pipeserve-rank{spec.rank}",
                 daemon=True,
             )
-            proc.start()
+            with spawnable_main():
+                proc.start()
             self.procs[spec.rank] = proc
         self.info: dict[str, Any] = {}
+        self.exits: dict[int, tuple[float, int | None]] = {}  # rank: (when seen, exit code)
+        self.errors: dict[int, str] = {}  # rank: the traceback it reported
 
     def wait_ready(self) -> dict[str, Any]:
         """Blocks until every local rank reports ready (at most `ready_timeout_s`), logging their
@@ -80,20 +86,44 @@ class RankGroup:
                     ) from None
 
     def check_alive(self) -> None:
+        """Raises RankFailure if any local rank has exited: its first line names the rank that
+        died first (the others often die of it: a peer's P2P error), then every dead rank with
+        its exit code; the ranks' reported tracebacks follow."""
+        now = time.monotonic()
         for rank, proc in self.procs.items():
-            if not proc.is_alive():
-                raise RankFailure(
-                    f"rank {rank} ({proc.name}) exited with code {proc.exitcode}{self._reported_error()}"
-                )
+            if rank not in self.exits and not proc.is_alive():
+                self.exits[rank] = (now, proc.exitcode)
+        if self.exits:
+            self._collect_errors()
+            raise RankFailure(self.describe_failure())
 
-    def _reported_error(self) -> str:
+    def describe_failure(self) -> str:
+        # first seen first; among those seen together, one killed by a signal before one that
+        # exited on its own (of the peer's death), then by rank
+        order = sorted(self.exits, key=lambda r: (self.exits[r][0], self.exits[r][1] >= 0, r))
+        parts = [self._describe_exit(rank) for rank in order]
+        line = parts[0] + (f"; then {', '.join(parts[1:])}" if parts[1:] else "")
+        tracebacks = [f"rank {r} reported:\n{self.errors[r]}" for r in order if r in self.errors]
+        return "\n".join([line, *tracebacks])
+
+    def _describe_exit(self, rank: int) -> str:
+        code = self.exits[rank][1]
+        if code is not None and code < 0:
+            how = f"was killed by {_signal_name(-code)}"
+        else:
+            how = f"exited with code {code}"
+        error = self.errors.get(rank, "").strip().splitlines()
+        return f"rank {rank} ({self.procs[rank].name}) {how}" + (f" ({error[-1]})" if error else "")
+
+    def _collect_errors(self) -> None:
+        """Takes the ranks' error reports off the queue (a rank reports before it exits)."""
         try:
             while True:
-                kind, _rank, payload = self.report.get_nowait()
-                if kind == "error":
-                    return f"; it reported:\n{payload}"
-        except queue.Empty:
-            return ""
+                kind, rank, payload = self.report.get_nowait()
+                if kind == "error" and payload:
+                    self.errors.setdefault(rank, str(payload))
+        except (queue.Empty, OSError, ValueError):  # ValueError: the queue is closed
+            return
 
     def stop(self, grace_s: float = 10.0) -> None:
         deadline = time.monotonic() + grace_s
@@ -110,3 +140,10 @@ class RankGroup:
         self.ipc.cleanup()
         self.report.close()
         self.report.join_thread()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeserve.engine.sampling_params import SamplingParams
 
@@ -15,29 +16,40 @@ class Req:
     seed: int
     return_logprob: bool = False
     top_logprobs_num: int = 0
-    output_ids: list[int] = field(default_factory=list)
+    priority: int = 0  # lower is admitted first
+    arrival: int = 0  # order of arrival at stage 0
+    output_ids: list[int] = field(default_factory=list)  # tokens applied on the host
     # KV state: slots owned (one per cached or scheduled position) and the pool row
     req_pool_idx: int | None = None
     slots: list[int] = field(default_factory=list)
     kv_len: int = 0  # positions whose KV is written, or scheduled to be, on every stage
-    in_flight: bool = False
+    pending: int = 0  # tokens scheduled to be sampled whose result the host has not applied
+    holders: int = 0  # launched microbatches holding it that are not yet post-processed
+    in_pipe: bool = False  # in a launched microbatch whose tokens have not reached stage 0
     aborted: bool = False
     finish_reason: dict | None = None
     num_preemptions: int = 0
+    float_row: Any = None  # its sampling floats as the descriptor carries them (set at admission)
+    added_at: float = 0.0  # monotonic seconds: arrival at stage 0, then its first launch,
+    started_at: float | None = None  # for the queue-time metric only, never for a decision
 
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def num_uncached(self) -> int:
-        return self.seq_len - self.kv_len
+    def future_len(self) -> int:
+        """Tokens once every scheduled sample is in: what the token pool will hold."""
+        return self.seq_len + self.pending
 
-    def uncached_ids(self, n: int) -> list[int]:
-        """Token ids of positions [kv_len, kv_len + n)."""
-        start, end, p = self.kv_len, self.kv_len + n, len(self.prompt_ids)
-        return self.prompt_ids[start:end] + self.output_ids[max(start - p, 0) : max(end - p, 0)]
+    @property
+    def num_uncached(self) -> int:
+        return self.future_len - self.kv_len
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def done(self) -> bool:
+        return self.finished or self.aborted

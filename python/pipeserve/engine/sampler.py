@@ -8,8 +8,9 @@ its own logits and parameters, never on its neighbours, the batch size or torch'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeserve.engine.sampling_params import SamplingParams
@@ -25,11 +26,46 @@ _SALT_B = 0x68E31DA4
 
 @dataclass
 class TokenHistory:
-    """Tokens seen so far by the rows that have penalties, flattened."""
+    """Tokens seen so far by each row, padded to the longest row (rows without penalties may be
+    empty): every op on it is a fixed-shape scatter, with no host sync."""
 
-    token_ids: torch.Tensor  # int64 [T]
-    row: torch.Tensor  # int64 [T]  row index in the batch of each token
-    is_output: torch.Tensor  # bool [T]   True for generated tokens, False for prompt tokens
+    token_ids: torch.Tensor  # int64 [B, L]
+    valid: torch.Tensor  # bool [B, L]  False on padding
+    is_output: torch.Tensor  # bool [B, L]  True for generated tokens, False for prompt tokens
+
+
+@dataclass(frozen=True)
+class SamplingFlags:
+    """What a batch needs, decided on the host from its parameter columns, so that the sampler
+    never asks the device (no `bool(t.any())` syncs)."""
+
+    any_penalties: bool = False
+    all_greedy: bool = True
+    needs_sort: bool = False  # some sampled row has top-k or top-p
+    any_ban_eos: bool = False
+    want_logprob: bool = False
+    num_top_logprobs: int = 0
+
+    @classmethod
+    def from_columns(
+        cls,
+        temperature: np.ndarray,
+        top_p: np.ndarray,
+        top_k: np.ndarray,
+        penalties: np.ndarray,
+        ban_eos: np.ndarray,
+        return_logprob: np.ndarray,
+        top_logprobs_num: np.ndarray,
+    ) -> SamplingFlags:
+        greedy = (temperature == 0) | (top_k == 1)
+        return cls(
+            any_penalties=bool(penalties.any()),
+            all_greedy=bool(greedy.all()),
+            needs_sort=bool((~greedy & ((top_k > 0) | (top_p < 1.0))).any()),
+            any_ban_eos=bool(ban_eos.any()),
+            want_logprob=bool(return_logprob.any()),
+            num_top_logprobs=int(top_logprobs_num.max()) if len(top_logprobs_num) else 0,
+        )
 
 
 @dataclass
@@ -50,6 +86,7 @@ class SamplingBatch:
     history: TokenHistory | None = None  # needed only when some row has a penalty
     ban_eos: torch.Tensor | None = None  # bool [B]: rows that may not sample EOS (min_new_tokens)
     eos_ids: torch.Tensor | None = None  # int64 [E]: the model's EOS ids
+    flags: SamplingFlags = field(default_factory=SamplingFlags)
 
     @property
     def has_penalties(self) -> torch.Tensor:
@@ -92,9 +129,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens (HF style); frequency and presence
     penalties over output tokens only (OpenAI style). Rows without penalties are returned as is."""
-    has_penalties = batch.has_penalties
-    if batch.history is None or not bool(has_penalties.any()):
+    if batch.history is None or not batch.flags.any_penalties:
         return logits
+    has_penalties = batch.has_penalties
     seen, output_counts = _history_counts(batch.history, logits.shape)
     rep = batch.repetition_penalty[:, None]
     penalised = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
@@ -105,30 +142,31 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def ban_eos(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """EOS made impossible (-inf) in the rows that have not reached min_new_tokens."""
-    if batch.ban_eos is None or batch.eos_ids is None or not bool(batch.ban_eos.any()):
+    if batch.ban_eos is None or batch.eos_ids is None or not batch.flags.any_ban_eos:
         return logits
-    rows = batch.ban_eos.nonzero().squeeze(1)
     logits = logits.clone()
-    logits[rows[:, None], batch.eos_ids[None, :]] = float("-inf")
+    eos = logits[:, batch.eos_ids]  # (B, E)
+    logits[:, batch.eos_ids] = eos.masked_fill(batch.ban_eos[:, None], float("-inf"))
     return logits
 
 
 def _history_counts(history: TokenHistory, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [B, V] token seen anywhere, float32 [B, V] number of times generated."""
-    index = (history.row, history.token_ids)
-    device = history.token_ids.device
-    seen = torch.zeros(shape, dtype=torch.bool, device=device)
-    seen.index_put_(index, torch.ones_like(history.is_output))
-    counts = torch.zeros(shape, dtype=torch.float32, device=device)
-    counts.index_put_(index, history.is_output.float(), accumulate=True)
-    return seen, counts
+    """bool [B, V] token seen anywhere, float32 [B, V] number of times generated. Padding lands in
+    an extra column that is cut off."""
+    vocab = shape[-1]
+    index = torch.where(history.valid, history.token_ids, vocab)
+    seen = torch.zeros(shape[0], vocab + 1, dtype=torch.bool, device=index.device)
+    seen.scatter_(1, index, True)
+    counts = torch.zeros(shape[0], vocab + 1, dtype=torch.float32, device=index.device)
+    counts.scatter_add_(1, index, (history.is_output & history.valid).float())
+    return seen[:, :vocab], counts[:, :vocab]
 
 
 def _choose_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    greedy = batch.is_greedy
     greedy_ids = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if batch.flags.all_greedy:
         return greedy_ids
+    greedy = batch.is_greedy
     return torch.where(greedy, greedy_ids, _sample_tokens(logits, batch, greedy))
 
 
@@ -139,8 +177,7 @@ def _sample_tokens(
     temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
     scaled = logits / temperature[:, None]
     keep = _min_p_keep(scaled, batch.min_p)
-    needs_sort = ~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0))
-    if bool(needs_sort.any()):
+    if batch.flags.needs_sort:
         keep &= _top_k_top_p_keep(scaled, batch.top_k, batch.top_p)
     # float64 so that ties between (logit + noise) of different tokens are practically impossible
     scores = scaled.double().masked_fill(~keep, float("-inf"))
@@ -204,9 +241,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def _logprob_outputs(
     logits: torch.Tensor, next_token_ids: torch.Tensor, batch: SamplingBatch
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    want_logprob = bool(batch.return_logprob.any())
-    num_top = int(batch.top_logprobs_num.max()) if batch.top_logprobs_num.numel() else 0
-    num_top = min(num_top, logits.shape[-1])
+    want_logprob = batch.flags.want_logprob
+    num_top = min(batch.flags.num_top_logprobs, logits.shape[-1])
     if not want_logprob and num_top <= 0:
         return None, None, None
     logprobs = logits.log_softmax(dim=-1)
@@ -233,6 +269,15 @@ def make_sampling_batch(
     def column(values: Sequence[float | int | bool], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(list(values), dtype=dtype, device=device)
 
+    flags = SamplingFlags.from_columns(
+        np.array([p.temperature for p in params]),
+        np.array([p.top_p for p in params]),
+        np.array([p.top_k for p in params]),
+        np.array([p.has_penalties for p in params], dtype=bool),
+        np.zeros(len(params), dtype=bool),
+        np.array(list(return_logprob), dtype=bool),
+        np.array(list(top_logprobs_num), dtype=np.int64),
+    )
     return SamplingBatch(
         temperature=column([p.temperature for p in params], torch.float32),
         top_p=column([p.top_p for p in params], torch.float32),
@@ -245,6 +290,7 @@ def make_sampling_batch(
         step=column(steps, torch.int64),
         top_logprobs_num=column(top_logprobs_num, torch.int64),
         return_logprob=column(return_logprob, torch.bool),
+        flags=flags,
     )
 
 
@@ -258,18 +304,16 @@ def make_token_history(
     output_ids: Sequence[Sequence[int]],
     device: torch.device | str,
 ) -> TokenHistory:
-    """Flatten per-row token lists (empty for rows without penalties) into a TokenHistory."""
+    """Per-row token lists (empty for rows without penalties) as a padded TokenHistory."""
     if len(prompt_ids) != len(output_ids):
         raise ValueError(f"{len(prompt_ids)} prompt rows but {len(output_ids)} output rows")
-    token_ids: list[int] = []
-    rows: list[int] = []
-    is_output: list[bool] = []
+    width = max([len(p) + len(o) for p, o in zip(prompt_ids, output_ids, strict=True)] + [1])
+    ids = torch.zeros(len(prompt_ids), width, dtype=torch.int64)
+    valid = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
+    is_output = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
     for row, (prompt, output) in enumerate(zip(prompt_ids, output_ids, strict=True)):
-        token_ids += [*prompt, *output]
-        rows += [row] * (len(prompt) + len(output))
-        is_output += [False] * len(prompt) + [True] * len(output)
-    return TokenHistory(
-        token_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        row=torch.tensor(rows, dtype=torch.int64, device=device),
-        is_output=torch.tensor(is_output, dtype=torch.bool, device=device),
-    )
+        n, p = len(prompt) + len(output), len(prompt)
+        ids[row, :n] = torch.tensor([*prompt, *output], dtype=torch.int64)
+        valid[row, :n] = True
+        is_output[row, p:n] = True
+    return TokenHistory(ids.to(device), valid.to(device), is_output.to(device))

@@ -25,19 +25,36 @@ _BOOL_FIELDS = (
     "no_stop_trim",
 )
 
-# (field, predicate, allowed range as written in the error message)
+MAX_N = 16  # choices per request
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 256
+INT32_MAX = 2**31 - 1  # bound of the token counts, top_k and token ids
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as vLLM and torch generators take it
+
+# (field, predicate, allowed range as written in the error message). Every field is bounded: the
+# ranks put these values into int64 / float32 tensors, where an unbounded value overflows.
 _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("max_new_tokens", lambda v: v >= 0, ">= 0"),
-    ("temperature", lambda v: v >= 0, ">= 0 (0 means greedy)"),
+    ("max_new_tokens", lambda v: 0 <= v <= INT32_MAX, f"in [0, {INT32_MAX}]"),
+    # bounded: float32 turns a huge temperature into inf, and -inf logits / inf into NaN
+    ("temperature", lambda v: 0 <= v <= 100, "in [0, 100] (0 means greedy)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("top_k", lambda v: v >= -1, "-1 or 0 (disabled) or >= 1"),
+    ("top_k", lambda v: -1 <= v <= INT32_MAX, f"-1 or 0 (disabled) or in [1, {INT32_MAX}]"),
     ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
     # bounded away from 0: dividing logits by a tiny penalty overflows them to inf (NaN logprobs)
     ("repetition_penalty", lambda v: 0.01 <= v <= 100, "in [0.01, 100]"),
     ("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
     ("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
-    ("n", lambda v: v >= 1, ">= 1"),
+    ("n", lambda v: 1 <= v <= MAX_N, f"in [1, {MAX_N}]"),
 )
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter out of its type or range; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,9 @@ class SamplingParams:
         if d is None:
             return cls()
         if not isinstance(d, Mapping):
-            raise ValueError(f"sampling params must be a mapping, got {type(d).__name__}")
+            raise SamplingParamsError(
+                "sampling_params", f"sampling params must be a mapping, got {type(d).__name__}"
+            )
         _check_known_keys(d)
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
@@ -82,7 +101,9 @@ class SamplingParams:
             if value is None:
                 continue
             if name in kwargs:
-                raise ValueError(f"{name} is given twice (directly and through an alias)")
+                raise SamplingParamsError(
+                    name, f"{name} is given twice (directly and through an alias)"
+                )
             kwargs[name] = value
         if "stop" in kwargs:
             kwargs["stop"] = _as_tuple("stop", kwargs["stop"], scalar_type=str)
@@ -99,10 +120,10 @@ class SamplingParams:
 
     def choices(self) -> list[SamplingParams]:
         """One params per choice (n of them, each with n = 1). Choice k of a seeded request
-        samples with seed + k, so that the n choices differ reproducibly."""
+        samples with seed + k (wrapped into int64), so that the n choices differ reproducibly."""
         if self.n == 1:
             return [self]
-        seeds = [None if self.seed is None else self.seed + k for k in range(self.n)]
+        seeds = [None if self.seed is None else wrap_int64(self.seed + k) for k in range(self.n)]
         return [dataclasses.replace(self, n=1, seed=seed) for seed in seeds]
 
     @property
@@ -123,13 +144,29 @@ def accepted_names() -> tuple[str, ...]:
     return tuple(sorted([f.name for f in fields(SamplingParams)] + list(_ALIASES)))
 
 
+def wrap_int64(value: int) -> int:
+    """`value` folded into the int64 range (two's complement)."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
+def show(value: Any) -> str:
+    """`repr(value)` for an error message, short even for an integer of thousands of digits
+    (whose repr would raise past Python's digit limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        sign = "a negative" if value < 0 else "an"
+        return f"{sign} integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _check_known_keys(d: Mapping[Any, Any]) -> None:
     accepted = accepted_names()
     unknown = [key for key in d if key not in accepted]
     if unknown:
-        raise ValueError(
-            f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
-            f"accepted names are: {', '.join(accepted)}"
+        raise SamplingParamsError(
+            str(unknown[0]),
+            f"unknown sampling parameter(s) {', '.join(map(show, unknown))}; "
+            f"accepted names are: {', '.join(accepted)}",
         )
 
 
@@ -138,7 +175,7 @@ def _as_tuple(name: str, value: Any, scalar_type: type | None = None) -> tuple[A
         return (value,)
     if isinstance(value, (list, tuple)):
         return tuple(value)
-    raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    raise SamplingParamsError(name, f"{name} must be a list, got {type(value).__name__}")
 
 
 def _is_int(value: Any) -> bool:
@@ -146,12 +183,19 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _require(ok: bool, name: str, what: str, value: Any) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+        raise SamplingParamsError(
+            name, f"{name} must be {what}, got {show(value)} ({type(value).__name__})"
+        )
 
 
 def _check_types(p: SamplingParams) -> None:
@@ -168,16 +212,39 @@ def _check_types(p: SamplingParams) -> None:
         _require(isinstance(s, str) and s != "", "stop", "a list of non-empty str", s)
     _require(isinstance(p.stop_token_ids, tuple), "stop_token_ids", "a tuple", p.stop_token_ids)
     for t in p.stop_token_ids:
-        _require(_is_int(t) and t >= 0, "stop_token_ids", "a list of non-negative ints", t)
+        _require(_is_int(t), "stop_token_ids", "a list of ints", t)
 
 
 def _check_ranges(p: SamplingParams) -> None:
     for name, predicate, allowed in _RANGES:
         value = getattr(p, name)
         if not predicate(value):
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+            raise SamplingParamsError(name, f"{name} must be {allowed}, got {show(value)}")
     if not 0 <= p.min_new_tokens <= p.max_new_tokens:
-        raise ValueError(
+        raise SamplingParamsError(
+            "min_new_tokens",
             f"min_new_tokens must be in [0, max_new_tokens={p.max_new_tokens}], "
-            f"got {p.min_new_tokens}"
+            f"got {show(p.min_new_tokens)}",
         )
+    lo, hi = SEED_RANGE
+    _require(p.seed is None or lo <= p.seed <= hi, "seed", f"in [{lo}, {hi}]", p.seed)
+    _check_stops(p)
+
+
+def _check_stops(p: SamplingParams) -> None:
+    _require(
+        len(p.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings", len(p.stop)
+    )
+    for s in p.stop:
+        _require(
+            len(s) <= MAX_STOP_CHARS, "stop", f"strings of at most {MAX_STOP_CHARS} characters", s
+        )
+    ids = p.stop_token_ids
+    _require(
+        len(ids) <= MAX_STOP_TOKEN_IDS,
+        "stop_token_ids",
+        f"at most {MAX_STOP_TOKEN_IDS} ids",
+        len(ids),
+    )
+    for t in ids:
+        _require(0 <= t <= INT32_MAX, "stop_token_ids", f"a list of ids in [0, {INT32_MAX}]", t)

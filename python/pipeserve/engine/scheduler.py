@@ -1,20 +1,24 @@
-"""Stage 0's scheduling policy: admission, chunked prefill mixed with decodes, preemption.
+"""Stage 0's scheduling policy: admission by (priority, arrival), chunked prefill mixed with
+decodes, preemption, and future tokens.
 
-Decisions depend only on the order of calls and their inputs (no clock, RNG or set order), so the
-same request stream always yields the same microbatches.
+A request may be scheduled again as soon as the tokens of its previous step have reached stage 0's
+token pool (`arrived`), before the host has looked at them: its next input is read on the device.
+So its end is known one step late; a token sampled past the end is dropped, and its KV is freed
+once no launched microbatch holds it. Decisions depend only on the order of calls and their inputs
+(no clock, RNG or set order), so the same request stream always yields the same microbatches.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from pipeserve.config import EngineConfig
-from pipeserve.engine.batch import REQ_FLOAT_COLUMNS, REQ_INT_COLUMNS, BatchDescriptor
+from pipeserve.engine.batch import REQ_FLOAT_COLUMNS, BatchDescriptor, pack_fills
 from pipeserve.engine.kv_cache import IndexAllocator
 from pipeserve.engine.req import Req
 
@@ -41,12 +45,12 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.slots = IndexAllocator(num_slots, first=1)  # slot 0 is the pad slot
         self.rows = IndexAllocator(cfg.max_running_requests)
-        self.waiting: deque[Req] = deque()
+        self.waiting: list[Req] = []  # sorted by (priority, arrival); preempted ones first
         self.running: list[Req] = []
         self.finish_check = finish_check
         self.num_preemptions = 0
         self.num_microbatches = 0  # microbatches built so far
-        self.ended: list[Req] = []  # requests the scheduler finished on its own; the host drains it
+        self.num_arrived = 0
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, req: Req) -> str | None:
@@ -60,41 +64,64 @@ class Scheduler:
             return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
         if req.seq_len >= self.context_length:
             return f"prompt has {req.seq_len} tokens; the context length is {self.context_length}"
-        if req.seq_len + 1 > self.slots.size:
-            return f"prompt has {req.seq_len} tokens; the KV cache holds {self.slots.size}"
-        self.waiting.append(req)
+        # the last sampled token never needs a slot of its own
+        try:
+            req.float_row = sampling_row(req)
+        except (OverflowError, ValueError, TypeError) as e:
+            return f"a sampling parameter cannot be used: {e}"
+        if not 0 <= req.top_logprobs_num <= self.vocab_size:
+            return f"top_logprobs_num {req.top_logprobs_num} is outside [0, {self.vocab_size}]"
+        need = min(req.seq_len + req.params.max_new_tokens, self.context_length)
+        if need > self.slots.size:  # the front ends refuse it first, by the same rule
+            return (
+                f"prompt ({req.seq_len} tokens) + max_new_tokens ({req.params.max_new_tokens}) "
+                f"needs {need} KV slots; the KV cache holds {self.slots.size}"
+            )
+        req.arrival, self.num_arrived = self.num_arrived, self.num_arrived + 1
+        keys = [(r.priority, r.arrival) for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, (req.priority, req.arrival)), req)
         return None
 
     def abort(self, req: Req) -> bool:
-        """Marks `req` aborted; frees it now unless a microbatch holding it is in flight."""
+        """Marks `req` aborted; frees it now unless a launched microbatch holds it."""
         req.aborted = True
         req.finish_reason = {"type": "abort"}
         if req in self.waiting:
             self.waiting.remove(req)
             return True
-        if not req.in_flight and req in self.running:
+        if req.holders == 0 and req in self.running:
             self._release(req)
-            return True
-        return not req.in_flight
+        return req.holders == 0
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(not r.in_flight for r in self.running)
+        return bool(self.waiting) or any(self._can_step(r) for r in self.running)
 
     # ---- building a microbatch -------------------------------------------------------------------
     def next_microbatch(self, mb_id: int) -> tuple[BatchDescriptor, list[Req]] | None:
         chosen = self._choose()
         if not chosen:
-            self._unstick()
             return None
         self.num_microbatches += 1
         return self._describe(mb_id, chosen), [r for r, _ in chosen]
+
+    def arrived(self, reqs: list[Req]) -> None:
+        """The tokens of a microbatch holding `reqs` are in stage 0's token pool."""
+        for req in reqs:
+            req.in_pipe = False
 
     def _cap(self) -> int:
         """Requests per microbatch: the configured cap, and an even share over the microbatches so
         that every pipeline slot gets work."""
         share = math.ceil((len(self.running) + len(self.waiting)) / self.cfg.num_microbatches)
         return max(1, min(self.cfg.micro_batch_cap, share))
+
+    def _can_step(self, req: Req) -> bool:
+        """Not in the pipe, not ended, and a step would not pass max_new_tokens or the context."""
+        if req.in_pipe or req.done or req.req_pool_idx is None:
+            return False
+        samples_left = len(req.output_ids) + req.pending < req.params.max_new_tokens
+        return req.num_uncached > 1 or (samples_left and req.future_len < self.context_length)
 
     def _choose(self) -> list[tuple[Req, int]]:
         cap, budget = self._cap(), self.cfg.chunked_prefill_size
@@ -103,8 +130,8 @@ class Scheduler:
         for req in list(self.running):
             if len(chosen) >= cap or budget <= 0:
                 return chosen
-            if req.in_flight or req.finished or req.req_pool_idx is None:
-                continue  # req_pool_idx None: preempted earlier in this loop
+            if not self._can_step(req):
+                continue  # also a request preempted earlier in this loop
             n = min(req.num_uncached, budget)
             if not self._make_room(promised + n, chosen, req):
                 break
@@ -116,7 +143,7 @@ class Scheduler:
             n = min(req.num_uncached, budget)
             if not self.rows.can_allocate(1) or self.slots.num_free - n < self._reserve(chosen):
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             req.req_pool_idx = self.rows.allocate(1)[0]
             self.running.append(req)
             chosen.append((req, n))
@@ -129,10 +156,12 @@ class Scheduler:
         return sum(n for _, n in chosen) + len(self.running)
 
     def _make_room(self, n: int, chosen: list[tuple[Req, int]], req: Req) -> bool:
-        """Frees slots by preempting the newest requests that are neither in flight nor chosen."""
+        """Frees slots by preempting the newest requests that no microbatch holds or has chosen."""
         while not self.slots.can_allocate(n):
             protected = {id(r) for r, _ in chosen} | {id(req)}
-            victims = [r for r in self.running if not r.in_flight and id(r) not in protected]
+            victims = [
+                r for r in self.running if r.holders == 0 and not r.done and id(r) not in protected
+            ]
             if not victims:
                 return False
             self.preempt(victims[-1])
@@ -144,98 +173,83 @@ class Scheduler:
         req.kv_len = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
-
-    def _unstick(self) -> None:
-        """A lone request whose KV fills the whole pool cannot grow: it ends with reason length."""
-        if (
-            len(self.running) == 1
-            and not self.running[0].in_flight
-            and not self.slots.can_allocate(1)
-        ):
-            req = self.running[0]
-            req.finish_reason = {"type": "length", "matched": None}
-            self._release(req)
-            self.ended.append(req)
+        self.waiting.insert(0, req)
 
     def _describe(self, mb_id: int, chosen: list[tuple[Req, int]]) -> BatchDescriptor:
-        req_ints, req_floats, token_ints = [], [], []
+        req_ints, req_floats, out_slots = [], [], []
+        fill_rows, fill_lens, fill_ids = [], [], []
         for req, n in chosen:
-            new_slots = self.slots.allocate(n)
-            token_ints.extend(zip(req.uncached_ids(n), new_slots, strict=True))
             prefix = req.kv_len
+            if prefix == 0:  # (re)admitted: its tokens enter the token pools
+                tokens = req.prompt_ids + req.output_ids
+                fill_rows.append(req.req_pool_idx)
+                fill_lens.append(len(tokens))
+                fill_ids.append(tokens)
+            new_slots = self.slots.allocate(n)
+            out_slots.extend(new_slots)
             req.slots.extend(new_slots)
             req.kv_len += n
-            req.in_flight = True
+            step = len(req.output_ids) + req.pending  # output index of the token sampled now
+            sample = req.kv_len == req.future_len
+            req.pending += sample
+            req.holders += 1
+            req.in_pipe = True
             p = req.params
-            sample = int(req.kv_len == req.seq_len)
             req_ints.append(
                 [
                     req.req_pool_idx,
                     prefix,
                     n,
-                    sample,
+                    int(sample),
                     req.seed,
-                    len(req.output_ids),
+                    step,
                     len(req.prompt_ids),
                     req.top_logprobs_num,
                     int(req.return_logprob),
-                    int(not p.ignore_eos and len(req.output_ids) + 1 < p.min_new_tokens),
+                    int(not p.ignore_eos and step + 1 < p.min_new_tokens),
                 ]
             )
-            req_floats.append(
-                [
-                    p.temperature,
-                    p.top_p,
-                    p.top_k,
-                    p.min_p,
-                    p.repetition_penalty,
-                    p.frequency_penalty,
-                    p.presence_penalty,
-                ]
-            )
+            req_floats.append(req.float_row)
         return BatchDescriptor(
             "batch",
             mb_id,
-            torch.tensor(req_ints, dtype=torch.int64).view(-1, len(REQ_INT_COLUMNS)),
-            torch.tensor(req_floats, dtype=torch.float32).view(-1, len(REQ_FLOAT_COLUMNS)),
-            torch.tensor(token_ints, dtype=torch.int64).view(-1, 2),
+            np.array(req_ints, dtype=np.int64).reshape(len(chosen), -1),
+            np.array(req_floats, dtype=np.float32).reshape(len(chosen), len(REQ_FLOAT_COLUMNS)),
+            np.array(out_slots, dtype=np.int64),
+            pack_fills(np.array(fill_rows, np.int64), np.array(fill_lens, np.int64), fill_ids),
         )
 
     # ---- results -----------------------------------------------------------------------------------
     def process_result(
         self, desc: BatchDescriptor, reqs: list[Req], tokens: dict
     ) -> list[SampledToken]:
-        """Applies a returned microbatch: appends sampled tokens, finishes and frees requests."""
-        sampled = desc.ints("sample").tolist()
+        """Applies a returned microbatch: appends its sampled tokens (dropping those past a
+        request's end), finishes requests and frees those no launched microbatch holds."""
+        sampled = desc.sampled().tolist()
+        tokens = {k: v.tolist() for k, v in tokens.items()}  # one conversion, not one per row
         out, i = [], 0
         for req, s in zip(reqs, sampled, strict=True):
-            req.in_flight = False
+            req.holders -= 1
             if s:
-                out.append(self._append(req, tokens, i))
+                req.pending -= 1
+                if not req.done:
+                    out.append(self._append(req, tokens, i))
                 i += 1
-            if req.finished and req in self.running:
+            if req.done and req.holders == 0 and req in self.running:
                 self._release(req)
         return out
 
     def _append(self, req: Req, tokens: dict, i: int) -> SampledToken:
-        token = int(tokens["next_token_ids"][i])
-        logprob = (
-            float(tokens["logprobs"][i]) if req.return_logprob and "logprobs" in tokens else None
-        )
+        token = tokens["next_token_ids"][i]
+        logprob = tokens["logprobs"][i] if req.return_logprob and "logprobs" in tokens else None
         top = None
         if req.top_logprobs_num and "top_logprob_ids" in tokens:
             k = req.top_logprobs_num
             top = list(
-                zip(
-                    tokens["top_logprob_ids"][i, :k].tolist(),
-                    tokens["top_logprobs"][i, :k].tolist(),
-                    strict=True,
-                )
+                zip(tokens["top_logprob_ids"][i][:k], tokens["top_logprobs"][i][:k], strict=True)
             )
-        if not req.aborted:
-            req.output_ids.append(token)
-            req.finish_reason = self.finish_check(req)
+        req.output_ids.append(token)
+        req.finish_reason = self.finish_check(req)
         return SampledToken(req, token, logprob, top)
 
     def _release(self, req: Req) -> None:
@@ -245,3 +259,24 @@ class Scheduler:
             self.rows.free([req.req_pool_idx])
             req.req_pool_idx = None
         self.running.remove(req)
+
+
+def sampling_row(req: Req) -> np.ndarray:
+    """The request's float columns (batch.REQ_FLOAT_COLUMNS), checked once at admission: a value
+    that float32 cannot hold never reaches a descriptor."""
+    p = req.params
+    row = np.array(
+        [
+            p.temperature,
+            p.top_p,
+            p.top_k,
+            p.min_p,
+            p.repetition_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+        ],
+        dtype=np.float64,
+    )
+    if not np.isfinite(row).all() or (np.abs(row) > np.finfo(np.float32).max).any():
+        raise ValueError(f"values {row.tolist()} do not fit float32")
+    return row.astype(np.float32)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.distributed import GroupCoordinator
+from pipeserve.distributed.liveness import Liveness
 from pipeserve.engine.ipc import (
     AbortReq,
     GenerateBatch,
@@ -34,17 +36,19 @@ class StageWorker(SchedulerPPMixin):
         pp: GroupCoordinator,
         tp: GroupCoordinator,
         runner: ModelRunner,
+        liveness: Liveness | None = None,
         scheduler: Scheduler | None = None,
         sockets: SchedulerSockets | None = None,
     ) -> None:
         self.cfg, self.ctx, self.pp, self.tp, self.runner = cfg, ctx, pp, tp, runner
+        self.liveness = liveness
         self.scheduler, self.sockets = scheduler, sockets
         self.reqs: dict[str, Req] = {}
 
     # ---- requests in -------------------------------------------------------------------------------
     def accept_requests(self, timeout_s: float) -> bool:
         """Takes queued front-end messages (waiting up to `timeout_s` for the first); False on shutdown."""
-        outputs = self._sweep_unstuck()
+        outputs: list[TokenOut] = []
         for msg in self.sockets.recv_all(timeout_s):
             logger.debug("front end: %s", type(msg).__name__)
             if isinstance(msg, ShutdownReq):
@@ -61,18 +65,21 @@ class StageWorker(SchedulerPPMixin):
         return True
 
     def _add(self, msg: GenerateReq) -> list[TokenOut]:
+        """Queues a request; whatever is wrong with it becomes its error, never this rank's."""
         try:
-            params = SamplingParams.from_dict(msg.params)
-        except ValueError as e:
+            req = Req(
+                msg.rid,
+                list(msg.input_ids),
+                SamplingParams.from_dict(msg.params),
+                int(msg.seed) % (1 << 63),
+                bool(msg.return_logprob),
+                int(msg.top_logprobs_num),
+                int(msg.priority),
+            )
+        except (ValueError, TypeError, OverflowError) as e:
             return [self._error(msg.rid, len(msg.input_ids), str(e))]
-        req = Req(
-            msg.rid,
-            list(msg.input_ids),
-            params,
-            msg.seed % (1 << 63),
-            msg.return_logprob,
-            msg.top_logprobs_num,
-        )
+        params = req.params
+        req.added_at = time.monotonic()
         if params.max_new_tokens == 0:
             return [
                 TokenOut(
@@ -119,15 +126,8 @@ class StageWorker(SchedulerPPMixin):
                 outputs.append(self._token_out(req, s))
                 if req.finished:
                     self.reqs.pop(req.rid, None)
-        outputs.extend(self._sweep_unstuck())
-        self._send(outputs)
-
-    def _sweep_unstuck(self) -> list[TokenOut]:
-        """Requests the scheduler ended on its own (a lone request that outgrew the KV pool)."""
-        done, self.scheduler.ended = self.scheduler.ended, []
-        for r in done:
-            self.reqs.pop(r.rid, None)
-        return [self._final(r) for r in done]
+        idle = not self.scheduler.running and not self.scheduler.waiting
+        self._send(outputs, force=idle)  # an idle engine's stats show every slot free again
 
     def _token_out(self, req: Req, s: SampledToken) -> TokenOut:
         return TokenOut(
@@ -138,7 +138,15 @@ class StageWorker(SchedulerPPMixin):
             finish_reason=req.finish_reason,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            queue_time_s=self._queue_time(req),
         )
+
+    @staticmethod
+    def _queue_time(req: Req) -> float | None:
+        """Seconds from arrival at stage 0 to its first launch, with its first token only."""
+        if len(req.output_ids) != 1 or req.started_at is None:
+            return None
+        return req.started_at - req.added_at
 
     def _final(self, req: Req) -> TokenOut:
         return TokenOut(
@@ -149,8 +157,8 @@ class StageWorker(SchedulerPPMixin):
             completion_tokens=len(req.output_ids),
         )
 
-    def _send(self, outputs: list[TokenOut]) -> None:
-        if outputs:
+    def _send(self, outputs: list[TokenOut], force: bool = False) -> None:
+        if outputs or force:
             logger.debug("sending %d outputs", len(outputs))
             self.sockets.send(StepOut(outputs, self.stats()))
 

@@ -1,4 +1,4 @@
-"""Tokenizer loading, end-of-sequence ids, and incremental detokenization."""
+"""Tokenizer loading, and the end-of-sequence ids that the ranks need (read without a tokenizer)."""
 
 from __future__ import annotations
 
@@ -6,105 +6,72 @@ import json
 import os
 from typing import Any
 
+# A directory holding none of these has no tokenizer for transformers to load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class TokenizerNotFound(FileNotFoundError):
+    """The tokenizer directory holds no tokenizer."""
+
 
 def load_tokenizer(path: str) -> Any:
-    """A `transformers` fast tokenizer from a local directory (never the network)."""
+    """A `transformers` tokenizer from a local directory (never the network)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise TokenizerNotFound(
+            f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}): give one with "
+            "--tokenizer-path, or serve token ids only with --skip-tokenizer-init "
+            "(skip_tokenizer_init=True offline)"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def eos_token_ids(model_path: str, tokenizer: Any | None = None) -> set[int]:
-    """EOS ids of config.json, generation_config.json and the tokenizer, together."""
+def eos_token_ids(model_path: str, tokenizer_path: str | None = None) -> set[int]:
+    """EOS ids of config.json and generation_config.json, and the tokenizer's EOS token (named in
+    tokenizer_config.json or special_tokens_map.json), all read as JSON: no tokenizer is loaded."""
     ids: set[int] = set()
     for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_path, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                eos = json.load(f).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+        eos = _read_json(model_path, name).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    path = tokenizer_path or model_path
+    token = _eos_token(path)
+    if token is not None and (token_id := _token_id(path, token)) is not None:
+        ids.add(token_id)
     return ids
 
 
-class IncrementalDetokenizer:
-    """Text deltas of a growing token sequence; holds back bytes of an unfinished character."""
-
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def add(self, token_ids: list[int]) -> str:
-        self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete multi-byte character: wait for the rest
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+def _read_json(path: str, name: str) -> dict:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
 
 
-def trim_at_stop(text: str, stops: tuple[str, ...], after: int = 0) -> str:
-    """Cuts `text` before the first stop string that ends beyond its first `after` characters
-    (OpenAI semantics: the stop string is not returned). `after`: the text of the tokens sampled
-    before min_new_tokens allowed a stop."""
-    return text[: find_stop(text, stops, after)]
+def _eos_token(path: str) -> str | None:
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        eos = _read_json(path, name).get("eos_token")
+        if isinstance(eos, dict):  # an AddedToken written out: {"content": ..., ...}
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    return None
 
 
-def decoded_len(text: str) -> int:
-    """Length of the complete characters of `text`: a decode that ends inside a multi-byte
-    character ends in replacement characters, which the next token turns into that character."""
-    return len(text.rstrip("\ufffd"))
-
-
-def find_stop(text: str, stops: tuple[str, ...], after: int = 0) -> int | None:
-    """Where the first stop string that ends beyond `text[:after]` begins, or None."""
-    found = [i for s in stops if (i := text.find(s, max(0, after - len(s) + 1))) >= 0]
-    return min(found, default=None)
-
-
-class StreamDecoder:
-    """Text deltas for streaming: withholds a tail that could still grow into a stop string, and
-    ends the text before a stop string that appears."""
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        skip_special_tokens: bool,
-        stops: tuple[str, ...],
-        min_new_tokens: int = 0,
-    ) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-        self.tokens, self.min_new_tokens = 0, min_new_tokens
-        self.free_from = 0  # text length before the token that may first end in a stop
-
-    def push(self, token_ids: list[int], final: bool = False) -> str:
-        # the tokens before the min_new_tokens boundary apart: their text cannot end in a stop
-        early = max(0, self.min_new_tokens - 1 - self.tokens)
-        for part in (token_ids[:early], token_ids[early:]):
-            if part:
-                self.text += self.detok.add(part)
-                self.tokens += len(part)
-            if self.tokens < self.min_new_tokens:
-                self.free_from = len(self.text)
-        if self.stopped:
-            return ""
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        cut = find_stop(self.text, self.stops, self.free_from)
-        if cut is not None:
-            self.stopped, end = True, cut
-        delta = self.text[self.sent : max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return delta
+def _token_id(path: str, token: str) -> int | None:
+    """The id of `token`: among the added tokens (tokenizer_config.json's, then tokenizer.json's),
+    else in tokenizer.json's vocabulary."""
+    added = _read_json(path, "tokenizer_config.json").get("added_tokens_decoder") or {}
+    for token_id, entry in added.items():
+        if isinstance(entry, dict) and entry.get("content") == token:
+            return int(token_id)
+    spec = _read_json(path, "tokenizer.json")
+    for entry in spec.get("added_tokens") or []:
+        if isinstance(entry, dict) and entry.get("content") == token:
+            return int(entry["id"])
+    vocab = (spec.get("model") or {}).get("vocab")
+    found = vocab.get(token) if isinstance(vocab, dict) else None
+    return found if isinstance(found, int) else None

@@ -25,12 +25,13 @@ from pipeserve.distributed import (
     get_world_group,
     init_distributed,
 )
+from pipeserve.distributed.liveness import Liveness
 from pipeserve.engine.finish import FinishChecker
 from pipeserve.engine.ipc import IpcAddresses, SchedulerSockets
 from pipeserve.engine.model_runner import ModelRunner
 from pipeserve.engine.scheduler import Scheduler
 from pipeserve.engine.stage_worker import StageWorker
-from pipeserve.engine.tokenizer import eos_token_ids, load_tokenizer
+from pipeserve.engine.tokenizer import eos_token_ids
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.parallel import ParallelContext
 
@@ -100,13 +101,17 @@ def _run_loop(worker: StageWorker, rank: int) -> None:
 
 
 def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
+    set_process_title(f"pipeserve-rank{spec.rank}")
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format=f"[rank {spec.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and shuts ranks down
+    # the launcher owns Ctrl-C and SIGTERM (also when a whole process group gets them): it drains,
+    # then shuts the ranks down, killing what is left
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
 
 
@@ -137,19 +142,59 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     model_cfg = ModelConfig.from_dir(cfg.model_path)
     ctx = ParallelContext(dcfg.tp_rank, cfg.tp_size, dcfg.pp_rank, cfg.pp_size, get_tp_group())
     # stage 0's scheduler checks for EOS; the last stage bans it before min_new_tokens
-    tokenizer = eos = None
+    eos = None
     if spec.rank == 0 or ctx.is_last_stage:
-        tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.model_path)
-        eos = eos_token_ids(cfg.model_path, tokenizer)
+        eos = eos_token_ids(cfg.model_path, cfg.tokenizer_path)
     runner = ModelRunner(
         cfg, model_cfg, ctx, device, lambda m: report.put(("progress", spec.rank, m)), eos
     )
     slots = torch.tensor([runner.affordable_slots()], dtype=torch.int64)
     get_world_group().all_reduce(slots, op=dist.ReduceOp.MIN)  # one KV geometry on every stage
     runner.allocate_kv(int(slots))
+    runner.capture_graphs()
+    _slow_down_for_tests(runner, spec.rank)
+    liveness = Liveness(dist.distributed_c10d._get_default_store(), spec.rank, cfg.p2p_timeout_s)
     scheduler = sockets = None
     if spec.rank == 0:
-        finish = FinishChecker(eos, runner.context_length, tokenizer.decode)
+        finish = FinishChecker(eos, runner.context_length)
         scheduler = Scheduler(cfg, int(slots), runner.context_length, finish, model_cfg.vocab_size)
         sockets = SchedulerSockets(spec.ipc)
-    return StageWorker(cfg, ctx, get_pp_group(), get_tp_group(), runner, scheduler, sockets)
+    return StageWorker(
+        cfg, ctx, get_pp_group(), get_tp_group(), runner, liveness, scheduler, sockets
+    )
+
+
+SLOW_ENV = "PIPESERVE_DEBUG_SLOW_FORWARD"
+
+
+def _slow_down_for_tests(runner: ModelRunner, rank: int) -> None:
+    """PIPESERVE_DEBUG_SLOW_FORWARD="<rank>:<seconds>:<count>": that rank's first <count> forwards
+    each take <seconds> longer, to show that a slow but live stage is not a dead one."""
+    spec = os.environ.get(SLOW_ENV)
+    if not spec or int(spec.split(":")[0]) != rank:
+        return
+    _, seconds, count = spec.split(":")
+    left = [int(count)]
+    forward = runner.forward
+
+    def slow(*args: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            time.sleep(float(seconds))
+        return forward(*args)
+
+    runner.forward = slow
+
+
+def set_process_title(title: str) -> None:
+    """What `ps` shows for this process: the whole title where setproctitle is installed, else
+    the kernel's 15-character name (`ps -o comm`, `top`, `pgrep`)."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeserve.model.attention import AttentionBatch, paged_attention
+from pipeserve.model.attention import AttentionBackend
 from pipeserve.model.config import ModelConfig
+from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.model.fused import rotate_, silu_and_mul
 from pipeserve.model.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -19,7 +20,7 @@ from pipeserve.model.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from pipeserve.model.rotary import RotaryEmbedding, apply_rotary
+from pipeserve.model.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -51,20 +52,21 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        batch: AttentionBatch,
+        batch: ForwardBatch,
         kv: tuple[torch.Tensor, torch.Tensor],
+        backend: AttentionBackend,
     ) -> torch.Tensor:
-        n, D, H = x.shape[0], self.head_dim, self.heads
+        n, D, H, Hkv = x.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self.qkv_proj(x)
-        if self.q_norm is None:  # rotate q and k together: half the ops (launches) per layer
-            qk = apply_rotary(qkv[:, : (H + self.kv_heads) * D].view(n, -1, D), *rope)
-            q, k = qk.split([H, self.kv_heads], dim=1)
+        if self.q_norm is None:  # q and k rotated together, in place: one kernel
+            rotate_(qkv[:, : (H + Hkv) * D].view(n, H + Hkv, D), *rope)
+            q = qkv[:, : H * D].view(n, H, D)
+            k = qkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)
         else:
-            q = self.q_norm(qkv[:, : H * D].view(n, H, D))
-            k = self.k_norm(qkv[:, H * D : (H + self.kv_heads) * D].view(n, self.kv_heads, D))
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        v = qkv[:, (H + self.kv_heads) * D :].view(n, self.kv_heads, D)
-        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
+            q = rotate_(self.q_norm(qkv[:, : H * D].view(n, H, D)), *rope)
+            k = rotate_(self.k_norm(qkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)), *rope)
+        v = qkv[:, (H + Hkv) * D :].view(n, Hkv, D)
+        out = backend.forward(q, k, v, kv, batch, self.scale)
         return self.o_proj(out.reshape(n, H * D))
 
 
@@ -79,8 +81,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, ctx, "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter_local, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.inter_local))
 
 
 class DecoderLayer(nn.Module):
@@ -91,12 +92,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, ctx)
 
-    def forward(self, hidden, residual, rope, batch, kv):
+    def forward(self, hidden, residual, rope, batch, kv, backend):
         """(hidden, residual) -> (mlp output, residual); the residual add is fused into the next norm."""
-        residual = hidden if residual is None else hidden + residual
-        hidden = self.self_attn(self.input_layernorm(residual), rope, batch, kv)
-        residual = hidden + residual
-        return self.mlp(self.post_attention_layernorm(residual)), residual
+        normed, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(normed, rope, batch, kv, backend)
+        normed, residual = self.post_attention_layernorm.add_norm(hidden, residual)
+        return self.mlp(normed), residual
 
 
 # HF parameter name -> (our name, shard index) for the projections that are merged here.
@@ -139,8 +140,9 @@ class DecoderForCausalLM(nn.Module):
 
     def forward(
         self,
-        batch: AttentionBatch,
+        batch: ForwardBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        backend: AttentionBackend,
         input_ids: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
@@ -151,13 +153,12 @@ class DecoderForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.cos_sin(batch.positions, hidden.dtype)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, rope, batch, kv)
+            hidden, residual = layer(hidden, residual, rope, batch, kv, backend)
         return hidden, residual
 
     def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head on the rows given (the last stage's sampled rows): (B, V) fp32."""
-        x = hidden if residual is None else hidden + residual
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm.add_norm(hidden, residual)[0]).float()
 
     def weight_targets(self, name: str) -> list[tuple[nn.Module, str, int]]:
         """Where a checkpoint tensor goes on this stage: (module, parameter, shard); [] to skip."""

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeserve.model.fused import add_rmsnorm
+
 if TYPE_CHECKING:
     from pipeserve.distributed import GroupCoordinator
 
@@ -138,7 +140,11 @@ class RMSNorm(nn.Module):
         self.weight.data.copy_(loaded[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: normalise in fp32 and scale after the cast back, as the reference implementation
-        # does; one fused op for x * rsqrt(mean(x^2) + eps) keeps the op count (launches) down.
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        shape = x.shape
+        return add_rmsnorm(x.reshape(-1, shape[-1]), None, self.weight, self.eps)[0].view(shape)
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        return add_rmsnorm(x, residual, self.weight, self.eps)

@@ -33,9 +33,10 @@ def partition_layers(
 ) -> list[tuple[int, int]]:
     """[start, end) per stage. Even split with the remainder on the last stages, or `override`
     ("a,b,..."; also read from PIPESERVE_PP_LAYER_PARTITION)."""
+    source = PARTITION_ENV if override is None else "--pp-layer-partition (pp_layer_partition)"
     override = os.environ.get(PARTITION_ENV) if override is None else override
     if override:
-        counts = _parse_partition(override, num_layers, pp_size)
+        counts = _parse_partition(override, num_layers, pp_size, source)
     else:
         if num_layers < pp_size:
             raise ValueError(f"cannot split {num_layers} layers over pp_size={pp_size} stages")
@@ -48,20 +49,18 @@ def partition_layers(
     return bounds
 
 
-def _parse_partition(text: str, num_layers: int, pp_size: int) -> list[int]:
+def _parse_partition(text: str, num_layers: int, pp_size: int, source: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"{PARTITION_ENV}={text!r}: expected comma-separated integers") from None
+        raise ValueError(f"{source} {text!r}: expected comma-separated integers") from None
     if len(counts) != pp_size:
-        raise ValueError(
-            f"{PARTITION_ENV}={text!r} has {len(counts)} entries; pp_size is {pp_size}"
-        )
+        raise ValueError(f"{source} {text!r} has {len(counts)} entries; pp_size is {pp_size}")
     if any(n < 1 for n in counts):
-        raise ValueError(f"{PARTITION_ENV}={text!r}: every stage needs at least one layer")
+        raise ValueError(f"{source} {text!r}: every stage needs at least one layer")
     if sum(counts) != num_layers:
         raise ValueError(
-            f"{PARTITION_ENV}={text!r} sums to {sum(counts)}; the model has {num_layers} layers"
+            f"{source} {text!r} sums to {sum(counts)}; the model has {num_layers} layers"
         )
     return counts
 

@@ -10,20 +10,23 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeserve.server import native, openai_api
-from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull
-from pipeserve.server.metrics import render_metrics
+from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull, ShuttingDown
+from pipeserve.server.metrics import CONTENT_TYPE
 from pipeserve.server.openai_api import ModelInfo
-from pipeserve.server.protocol import ApiError
+from pipeserve.server.protocol import ApiError, parse_json
 
 logger = logging.getLogger("pipeserve.server")
 
 
 def build_app(
-    frontend: Frontend, model: ModelInfo, on_shutdown: Callable[[], Awaitable[None]]
+    frontend: Frontend,
+    model: ModelInfo,
+    on_shutdown: Callable[[], Awaitable[None]],
+    max_body_bytes: int = 32 << 20,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -44,8 +47,11 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if frontend.dead is not None:
+        """200 while every rank lives (checked now) and the server takes requests; else 503."""
+        if not frontend.is_alive():
             return JSONResponse({"status": "dead", "reason": frontend.dead}, status_code=503)
+        if frontend.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -53,7 +59,7 @@ def build_app(
         card = {
             "id": model.name,
             "object": "model",
-            "created": int(frontend.counters.started),
+            "created": int(frontend.metrics.started),
             "owned_by": "pipeserve",
             "max_model_len": model.context_length,
         }
@@ -61,7 +67,10 @@ def build_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(render_metrics(frontend), media_type="text/plain; version=0.0.4")
+        return Response(frontend.metrics.render(), media_type=CONTENT_TYPE)
+
+    def _serve(request: Request, parse: Callable, run: Callable, stream: Callable) -> Any:
+        return serve_request(frontend, max_body_bytes, request, parse, run, stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -99,12 +108,22 @@ def build_app(
     return app
 
 
-async def _serve(request: Request, parse: Callable, run: Callable, stream: Callable) -> Response:
-    """Parses the body, then answers as JSON or SSE; every failure becomes an OpenAI-style error.
-    A stream's first event is awaited before the response starts, so that a request refused at
-    admission (queue full, engine dead) or failing before its first token gets its own status."""
+async def serve_request(
+    frontend: Frontend,
+    max_body_bytes: int,
+    request: Request,
+    parse: Callable,
+    run: Callable,
+    stream: Callable,
+) -> Response:
+    """Parses the body (off the event loop: tokenizing a long prompt must not stall the others),
+    then answers as JSON or SSE; every failure becomes an OpenAI-style error. A stream's first event
+    is awaited before the response starts, so that a request refused at admission (queue full,
+    engine dead, shutting down) or failing before its first token gets its own status."""
     try:
-        job = parse(await _json_body(request))
+        frontend.check_open()
+        raw = await _read_body(request, max_body_bytes)
+        job = await asyncio.to_thread(lambda: parse(parse_json(raw)))
         if job.stream:
             events = stream(job)
             first = await _unless_disconnected(request, anext(events))
@@ -114,15 +133,24 @@ async def _serve(request: Request, parse: Callable, run: Callable, stream: Calla
         return _error_response(e)
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
-    return body
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes (before reading it, when the client declares
+    its length)."""
+    too_large = ApiError(
+        f"the request body is larger than {limit} bytes (--max-request-body-bytes)",
+        status=413,
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
@@ -159,6 +187,8 @@ def _as_api_error(e: Exception) -> ApiError:
         return ApiError(str(e), "n")
     if isinstance(e, QueueFull):
         return ApiError(str(e), status=503, kind="server_overloaded", code="queue_full")
+    if isinstance(e, ShuttingDown):
+        return ApiError(str(e), status=503, kind="server_error", code="server_shutting_down")
     if isinstance(e, EngineDead):
         return ApiError(
             f"the engine has failed: {e}", status=503, kind="server_error", code="engine_dead"

@@ -19,6 +19,10 @@ class ServerConfig:
     port: int = 30000
     served_model_name: str | None = None  # None: the model directory's name
     max_queued_requests: int | None = None  # None: queue without bound; else 503 beyond it
+    max_request_body_bytes: int = 32 << 20  # larger bodies get 413
+    # SIGTERM/SIGINT: seconds unfinished requests may take before they end with a 503; below
+    # Kubernetes' default 30 s grace, so that they get their answer before a SIGKILL
+    shutdown_timeout_s: float = 25.0
 
     @property
     def model_name(self) -> str:
@@ -107,6 +111,7 @@ _ENGINE_FLAGS = [
         "seconds the ranks may take to load the model and report ready",
     ),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
+    ("--skip-tokenizer-init", "skip_tokenizer_init", bool, "no tokenizer: token ids in and out"),
 ]
 _SERVER_FLAGS = [
     ("--host", "host", str, "address to listen on"),
@@ -118,6 +123,18 @@ _SERVER_FLAGS = [
         int,
         "answer 503 beyond this many unfinished requests",
     ),
+    (
+        "--max-request-body-bytes",
+        "max_request_body_bytes",
+        int,
+        "answer 413 to a larger request body",
+    ),
+    (
+        "--shutdown-timeout",
+        "shutdown_timeout_s",
+        float,
+        "on SIGTERM/SIGINT, seconds unfinished requests may take before they end with a 503",
+    ),
 ]
 
 
@@ -128,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_defaults, server_defaults = EngineConfig(), ServerConfig()
     for flag, name, typ, text in _ENGINE_FLAGS:
         default = getattr(engine_defaults, name)
+        kind = {"action": "store_true"} if typ is bool else {"type": typ}
         parser.add_argument(
-            flag, dest=name, type=typ, default=None, help=f"{text} [default: {default}]"
+            flag, dest=name, default=None, help=f"{text} [default: {default}]", **kind
         )
     for flag, name, typ, text in _SERVER_FLAGS:
         parser.add_argument(
@@ -139,10 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    ns = build_parser().parse_args(argv)
+    """The config of the flags, every value checked (the model against the parallel sizes too)
+    before any process starts; a bad one exits with argparse's one-line error."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     engine_kwargs = {
         name: getattr(ns, name) for _, name, _, _ in _ENGINE_FLAGS if getattr(ns, name) is not None
     }
-    engine = resolve_config(**engine_kwargs)
     server_kwargs = {name: getattr(ns, name) for _, name, _, _ in _SERVER_FLAGS}
-    return dataclasses.replace(ServerConfig(engine=engine), **server_kwargs)
+    try:
+        engine = resolve_config(**engine_kwargs)
+        cfg = dataclasses.replace(ServerConfig(engine=engine), **server_kwargs)
+        _validate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return cfg
+
+
+def _validate(cfg: ServerConfig) -> None:
+    if cfg.max_request_body_bytes < 1:
+        raise ValueError("--max-request-body-bytes must be >= 1")
+    if cfg.shutdown_timeout_s < 0:
+        raise ValueError("--shutdown-timeout must be >= 0")
+    if cfg.max_queued_requests is not None and cfg.max_queued_requests < 1:
+        raise ValueError("--max-queued-requests must be >= 1")

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.engine.engine import RequestState
+from pipeserve.engine.request_state import RequestState
 from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.server.protocol import ApiError, Job
 
@@ -29,7 +29,9 @@ async def _run_one(
 ) -> RequestState:
     last = None
     wants_logprobs = job.logprobs is not None
-    async for state in frontend.generate(rid, ids, params, wants_logprobs, job.logprobs or 0):
+    async for state in frontend.generate(
+        rid, ids, params, wants_logprobs, job.logprobs or 0, job.priority, job.stream
+    ):
         if state.error is not None:
             raise ApiError(state.error, "prompt")
         last = state

@@ -6,24 +6,33 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.engine.engine import format_result
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.engine.request_state import format_result
 from pipeserve.server.jobs import run_all, run_streaming
-from pipeserve.server.openai_api import ModelInfo
-from pipeserve.server.protocol import ApiError, Job, check_context, get, token_lists
+from pipeserve.server.openai_api import ModelInfo, check_text_free, encode, prompt_texts
+from pipeserve.server.protocol import (
+    ApiError,
+    Job,
+    check_stop_ids,
+    checked_params,
+    get,
+    logprobs_count,
+    priority,
+    token_lists,
+)
 
 
 def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
-    """Returns the job and whether the caller sent a batch (then the answer is a list)."""
+    """Returns the job and whether the caller sent a batch (then the answer is a list). The bounds
+    are those of the OpenAI routes (n, stop strings, prompts per request, context and KV pool)."""
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise ApiError("give exactly one of 'text' and 'input_ids'", "text")
     if text is not None:
         batch = isinstance(text, list)
-        texts = text if batch else [text]
-        if not texts or not all(isinstance(t, str) and t for t in texts):
+        texts = prompt_texts(text, "text")
+        if texts is None:
             raise ApiError("'text' must be a non-empty string or a list of them", "text")
-        prompts = [m.tokenizer.encode(t) for t in texts]
+        prompts = [encode(m, t, "text") for t in texts]
     else:
         if not isinstance(ids, list):
             raise ApiError(
@@ -31,27 +40,38 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
             )
         batch = bool(ids) and isinstance(ids[0], list)
         prompts = token_lists(ids, "input_ids", m.vocab_size)
-    raw = get(body, "sampling_params", dict, {})
-    try:
-        params = SamplingParams.from_dict(raw)
-    except ValueError as e:
-        raise ApiError(str(e), "sampling_params") from None
+    params = checked_params(get(body, "sampling_params", dict, {}), {}, "sampling_params.")
+    if params.max_new_tokens < 1:
+        raise ApiError(
+            "sampling_params.max_new_tokens must be >= 1", "sampling_params.max_new_tokens"
+        )
+    check_stop_ids(params, m.vocab_size, "sampling_params.stop_token_ids")
     for p in prompts:
-        check_context(len(p), params.max_new_tokens, m.context_length, "sampling_params")
-    top = get(body, "top_logprobs_num", int, 0)
+        too_long = len(p) >= m.capacity.max_sequence
+        prompt_param = "text" if text is not None else "input_ids"
+        param = prompt_param if too_long else "sampling_params.max_new_tokens"
+        m.capacity.check(len(p), params.max_new_tokens, param)
+    top = logprobs_count(body, "top_logprobs_num", 0)
     logprobs = top if get(body, "return_logprob", bool, False) else None
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise ApiError("'top_logprobs_num' must be between 0 and 20", "top_logprobs_num")
-    return Job(prompts, params, params.n, get(body, "stream", bool, False), logprobs), batch
+    stream = get(body, "stream", bool, False)
+    return Job(prompts, params, params.n, stream, logprobs, priority=priority(body)), batch
 
 
 async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:
-    answers = [format_result(m.tokenizer, s) for s in await run_all(frontend, job)]
+    check_text_free(job, m)
+    answers = [format_result(s) for s in await run_all(frontend, job)]
     return answers if batch or job.n > 1 else answers[0]
 
 
 async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[str]:
-    """Like SGLang: every event carries the text so far, with an `index` for batches."""
+    """Like SGLang: every event carries the text so far (what the request's TextStream has
+    released; the last event's is the final text), with an `index` for batches."""
+    check_text_free(job, m)
+    finished: set[int] = set()
     async for i, s in run_streaming(frontend, job):
-        yield f"data: {json.dumps({**format_result(m.tokenizer, s), 'index': i})}\n\n"
+        if i in finished:
+            continue  # a state queued again after it finished: its last event is out
+        if s.finished:
+            finished.add(i)
+        yield f"data: {json.dumps({**format_result(s), 'index': i})}\n\n"
     yield "data: [DONE]\n\n"

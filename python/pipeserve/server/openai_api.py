@@ -9,16 +9,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.engine.engine import RequestState, output_text
-from pipeserve.engine.tokenizer import StreamDecoder
+from pipeserve.engine.request_state import RequestState
+from pipeserve.engine.sampling_params import INT32_MAX
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.protocol import (
+    CHAT_ROLES,
     ApiError,
+    Capacity,
     Job,
-    check_context,
     check_model,
+    check_prompt_count,
     choices,
     get,
+    int_in,
+    logprobs_count,
+    priority,
     sampling_params,
     stream_flags,
     token_lists,
@@ -32,16 +37,50 @@ class ModelInfo:
     name: str
     vocab_size: int
     context_length: int
+    kv_slots: int = 2**62  # the KV pool's size in tokens (RankGroup.info["num_slots"])
+    max_prompt_chars: int | None = None  # longer texts cannot fit (server.limits); None: unknown
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.context_length, self.kv_slots)
 
 
 # ---- parsing ------------------------------------------------------------------------------------------
+def encode(m: ModelInfo, text: str, param: str, **kwargs: Any) -> list[int]:
+    """Token ids of `text`; a text too long to fit even at the longest token is refused untokenized."""
+    check_chars(m, len(text), param)
+    return m.tokenizer.encode(text, **kwargs)
+
+
+def check_chars(m: ModelInfo, chars: int, param: str) -> None:
+    if m.max_prompt_chars is not None and chars > m.max_prompt_chars:
+        raise ApiError(
+            f"'{param}' has {chars} characters, more than any prompt that fits "
+            f"{m.capacity.max_sequence} tokens can have ({m.max_prompt_chars})",
+            param,
+            code="context_length_exceeded",
+        )
+
+
+def prompt_texts(value: Any, param: str) -> list[str] | None:
+    """`value` as a list of prompt texts (a string or a non-empty list of strings); None if it is
+    something else (token ids, say)."""
+    if isinstance(value, str):
+        value = [value]
+    elif not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return None
+    check_prompt_count(value, param)
+    if not all(value):
+        raise ApiError(f"'{param}' must not be empty, nor hold an empty string", param)
+    return value
+
+
 def parse_completion(body: dict, m: ModelInfo) -> Job:
     check_model(body, m.names, m.name)
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [m.tokenizer.encode(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [m.tokenizer.encode(p) for p in prompt]
+    texts = prompt_texts(prompt, "prompt")
+    if texts is not None:
+        prompts = [encode(m, t, "prompt") for t in texts]
     elif isinstance(prompt, list) and prompt:
         prompts = token_lists(prompt, "prompt", m.vocab_size)
     else:
@@ -50,19 +89,14 @@ def parse_completion(body: dict, m: ModelInfo) -> Job:
         )
     if any(not p for p in prompts):
         raise ApiError("'prompt' encodes to no tokens", "prompt")
-    max_tokens = get(body, "max_tokens", int, 16)
+    max_tokens = int_in(body, "max_tokens", 1, INT32_MAX, 16)
     for p in prompts:
-        check_context(
-            len(p),
-            max_tokens,
-            m.context_length,
-            "max_tokens" if len(p) < m.context_length else "prompt",
-        )
-    logprobs = get(body, "logprobs", int, None)
-    if logprobs is not None and not 0 <= logprobs <= 20:
-        raise ApiError(f"'logprobs' must be between 0 and 20, got {logprobs}", "logprobs")
+        too_long = len(p) >= m.capacity.max_sequence
+        m.capacity.check(len(p), max_tokens, "prompt" if too_long else "max_tokens")
+    logprobs = logprobs_count(body, "logprobs", None)
     stream, usage = stream_flags(body)
-    return Job(prompts, sampling_params(body, max_tokens), choices(body), stream, logprobs, usage)
+    params = sampling_params(body, max_tokens, m.vocab_size)
+    return Job(prompts, params, choices(body), stream, logprobs, usage, priority(body))
 
 
 def chat_prompt(body: dict, m: ModelInfo) -> list[int]:
@@ -72,13 +106,19 @@ def chat_prompt(body: dict, m: ModelInfo) -> list[int]:
     plain = [_message(i, msg) for i, msg in enumerate(messages)]
     if not getattr(m.tokenizer, "chat_template", None):
         raise ApiError("this model has no chat template; use /v1/completions", "messages")
+    check_chars(m, sum(len(msg["content"]) for msg in plain), "messages")  # the template adds more
     text = m.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-    return m.tokenizer.encode(text, add_special_tokens=False)
+    return encode(m, text, "messages", add_special_tokens=False)
 
 
 def _message(i: int, msg: Any) -> dict:
     if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
         raise ApiError(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+    if msg["role"] not in CHAT_ROLES:
+        raise ApiError(
+            f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {msg['role'][:100]!r}",
+            f"messages[{i}].role",
+        )
     content = msg.get("content")
     if isinstance(content, list):
         parts = []
@@ -107,29 +147,64 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
     check_model(body, m.names, m.name)
     fmt = get(body, "response_format", dict, {"type": "text"})
     if fmt.get("type", "text") != "text":
-        raise ApiError(f"response_format {fmt.get('type')!r} is not supported", "response_format")
+        raise ApiError(
+            f"response_format {str(fmt.get('type'))[:100]!r} is not supported", "response_format"
+        )
+    stream, usage = stream_flags(body)
     ids = chat_prompt(body, m)
-    max_tokens = get(body, "max_completion_tokens", int, None)
-    if max_tokens is None:  # absent: the rest of the context, and at least one token
-        max_tokens = get(body, "max_tokens", int, max(1, m.context_length - len(ids)))
-    check_context(
-        len(ids),
-        max_tokens,
-        m.context_length,
-        "messages" if len(ids) >= m.context_length else "max_tokens",
-    )
+    limit = m.capacity.max_sequence
+    max_tokens = int_in(body, "max_completion_tokens", 1, INT32_MAX, None)
+    if max_tokens is None:  # absent: the rest of the context (and of the KV pool), at least one
+        max_tokens = int_in(body, "max_tokens", 1, INT32_MAX, max(1, limit - len(ids)))
+    m.capacity.check(len(ids), max_tokens, "messages" if len(ids) >= limit else "max_tokens")
     logprobs = None
     if get(body, "logprobs", bool, False):
-        logprobs = get(body, "top_logprobs", int, 0)
-        if not 0 <= logprobs <= 20:
-            raise ApiError(
-                f"'top_logprobs' must be between 0 and 20, got {logprobs}", "top_logprobs"
-            )
-    stream, usage = stream_flags(body)
-    return Job([ids], sampling_params(body, max_tokens), choices(body), stream, logprobs, usage)
+        logprobs = logprobs_count(body, "top_logprobs", 0)
+    params = sampling_params(body, max_tokens, m.vocab_size)
+    return Job([ids], params, choices(body), stream, logprobs, usage, priority(body))
 
 
 # ---- answering ----------------------------------------------------------------------------------------
+SKIP_TOKENIZER = "--skip-tokenizer-init"
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer when the server runs with --skip-tokenizer-init: using it for
+    text (a text prompt, a chat) is a 400 naming the flag; it has no other attribute."""
+
+    @property
+    def chat_template(self) -> str:
+        raise ApiError(
+            f"chats need a tokenizer; this server runs with {SKIP_TOKENIZER}", "messages"
+        )
+
+    def encode(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise ApiError(
+            f"this server runs with {SKIP_TOKENIZER} (no tokenizer): prompts must be token ids"
+        )
+
+    apply_chat_template = encode
+
+
+def has_text(m: ModelInfo) -> bool:
+    return not isinstance(m.tokenizer, NoTokenizer)
+
+
+def check_text_free(job: Job, m: ModelInfo) -> None:
+    """Without a tokenizer there is no text to match stop strings against."""
+    if job.params.stop and not has_text(m):
+        raise ApiError(
+            f"stop strings need a tokenizer; this server runs with {SKIP_TOKENIZER} "
+            "(use stop_token_ids)",
+            "stop",
+        )
+
+
+def token_text(m: ModelInfo, token: int) -> str:
+    """One token's text, for logprobs; `token_id:N` without a tokenizer."""
+    return m.tokenizer.decode([int(token)]) if has_text(m) else f"token_id:{token}"
+
+
 def _finish(state: RequestState) -> str:
     reason = (state.finish_reason or {}).get("type", "stop")
     return "length" if reason == "length" else "stop"
@@ -148,12 +223,12 @@ def _usage(states: list[RequestState], prompts: list[list[int]]) -> dict:
 
 def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0, offset: int = 0) -> dict:
     """Tokens from `start` on; `offset`: where token `start` begins in the completion's text."""
-    tokens = [m.tokenizer.decode([t]) for t in s.output_ids[start:]]
+    tokens = [token_text(m, t) for t in s.output_ids[start:]]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    tops = [{m.tokenizer.decode([int(t)]): lp for t, lp in step} for step in s.top_logprobs[start:]]
+    tops = [{token_text(m, t): lp for t, lp in step} for step in s.top_logprobs[start:]]
     return {
         "tokens": tokens,
         "token_logprobs": s.logprobs[start:],
@@ -164,7 +239,7 @@ def completion_logprobs(m: ModelInfo, s: RequestState, start: int = 0, offset: i
 
 def chat_logprobs(m: ModelInfo, s: RequestState, start: int = 0) -> dict:
     def entry(token: int, logprob: float) -> dict:
-        text = m.tokenizer.decode([int(token)])
+        text = token_text(m, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = []
@@ -176,17 +251,25 @@ def chat_logprobs(m: ModelInfo, s: RequestState, start: int = 0) -> dict:
     return {"content": content}
 
 
+def _text_fields(s: RequestState, chat: bool, text: str, start: int) -> dict:
+    """A choice's text (`message` or `delta` for chat); without a tokenizer, its token ids."""
+    if chat:
+        return {"content": text}
+    if s.stream is None:
+        return {"text": "", "token_ids": s.output_ids[start:]}
+    return {"text": text}
+
+
 async def complete(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> dict:
+    check_text_free(job, m)
     states = await run_all(frontend, job)
     out = []
     for i, s in enumerate(states):
         choice: dict[str, Any] = {"index": i, "finish_reason": _finish(s), "logprobs": None}
         if job.logprobs is not None:
             choice["logprobs"] = chat_logprobs(m, s) if chat else completion_logprobs(m, s)
-        if chat:
-            choice["message"] = {"role": "assistant", "content": output_text(m.tokenizer, s)}
-        else:
-            choice["text"] = output_text(m.tokenizer, s)
+        fields = _text_fields(s, chat, s.text or "", 0)
+        choice.update({"message": {"role": "assistant", **fields}} if chat else fields)
         out.append(choice)
     kind = "chat.completion" if chat else "text_completion"
     return {
@@ -206,11 +289,13 @@ def _id(chat: bool) -> str:
 async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per choice per step (for chat, led by one chunk that gives
     every choice its role), a usage chunk if asked for, then [DONE]. The first event waits for the
-    first token, so that a refused request is still a plain HTTP error."""
+    first token, so that a refused request is still a plain HTTP error. A choice's text deltas are
+    the pieces its TextStream releases, so that they add up to the non-streamed text."""
+    check_text_free(job, m)
     rid, created = _id(chat), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
-    decoders: dict[int, StreamDecoder] = {}
-    seen: dict[int, int] = {}
+    cursors: dict[int, int] = {}  # per choice: TextStream pieces sent
+    seen: dict[int, int] = {}  # per choice: tokens sent
     text_offsets: dict[int, int] = {}  # per choice: where its next token's logprob text starts
     finals: dict[int, RequestState] = {}
 
@@ -229,17 +314,12 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
         if chat and roles:
             yield chunk(roles)
             roles = []
-        dec = decoders.setdefault(
-            i,
-            StreamDecoder(
-                m.tokenizer,
-                s.params.skip_special_tokens,
-                () if s.params.no_stop_trim else s.params.stop,
-                s.params.min_new_tokens,
-            ),
-        )
+        if i in finals:
+            continue  # a state queued again after it finished: everything has been sent
+        text = ""
+        if s.stream is not None:
+            text, cursors[i] = s.stream.since(cursors.get(i, 0))
         start = seen.get(i, 0)
-        text = dec.push(s.output_ids[start:], final=s.finished)
         seen[i] = len(s.output_ids)
         choice: dict[str, Any] = {
             "index": i,
@@ -252,7 +332,8 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             offset = text_offsets.get(i, 0)
             choice["logprobs"] = completion_logprobs(m, s, start, offset)
             text_offsets[i] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
-        choice.update({"delta": {"content": text}} if chat else {"text": text})
+        fields = _text_fields(s, chat, text, start)
+        choice.update({"delta": fields} if chat else fields)
         if s.finished:
             finals[i] = s
         yield chunk([choice])

@@ -1,9 +1,10 @@
-"""Attention over a token-slot KV cache, for a batch that mixes decodes with (chunked) prefills.
+"""The `torch` backend: SDPA over K/V gathered from the token-slot pool, for CPU and as a fallback.
 
 Every token of every request owns one slot of the stage's KV pool; `req_to_token[req, pos]` maps a
 request's positions to slots. Decodes (one new token each) are attended as one padded batch;
 extends (several new tokens, possibly after a cached prefix) as another padded batch when the
-padding stays small, else one request at a time.
+padding stays small, else one request at a time. The gathers make this backend copy K/V per layer;
+the `triton` backend reads the pool in place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from pipeserve.model.attention.base import AttentionBackend, register
+from pipeserve.model.forward_batch import ForwardBatch
 
 
 @dataclass
@@ -35,7 +39,6 @@ class PaddedExtend:
 
 @dataclass
 class AttentionBatch:
-    positions: torch.Tensor  # (N,) int64
     out_slots: torch.Tensor  # (N,) int64: where each new token's K/V is written
     decode_rows: torch.Tensor  # (Bd,) rows of the single-token requests
     decode_slots: torch.Tensor  # (Bd, Lmax) int64, padded with slot 0
@@ -44,10 +47,6 @@ class AttentionBatch:
     padded_extend: PaddedExtend | None = None
     # masks as SDPA takes them (additive, query heads grouped), made once per batch, not per layer
     prepared_masks: dict = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.positions.numel()
 
 
 def build_attention_batch(
@@ -59,17 +58,15 @@ def build_attention_batch(
     device: torch.device,
 ) -> AttentionBatch:
     """`req_to_token` must already hold this batch's new slots."""
-    positions, decode, extend = [], [], []
+    decode, extend = [], []
     row = 0
     for req, prefix, n in zip(req_pool_idx, prefix_lens, extend_lens, strict=True):
-        positions.extend(range(prefix, prefix + n))
         (decode if n == 1 else extend).append((row, req, prefix, n))
         row += n
     decode_rows, decode_slots, decode_mask = _decode_part(
         req_to_token, [(r, q, p + 1) for r, q, p, _ in decode], device
     )
     batch = AttentionBatch(
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
         out_slots=out_slots.to(device=device, dtype=torch.int64),
         decode_rows=decode_rows,
         decode_slots=decode_slots,
@@ -244,3 +241,19 @@ def _attend_padded(
     ve = _gather(v_cache, pe.kv_slots).transpose(1, 2)
     oe = _grouped_sdpa(qe, ke, ve, batch, pe.mask, scale).reshape(be * nmax, *q.shape[1:])
     out.index_copy_(0, pe.rows[pe.valid], oe[pe.valid])
+
+
+@register("torch")
+class TorchBackend(AttentionBackend):
+    def prepare_metadata(self, batch: ForwardBatch) -> None:
+        batch.attn = build_attention_batch(
+            self.req_to_token,
+            batch.host_req_pool_idx.tolist(),
+            batch.host_prefix_lens.tolist(),
+            batch.host_extend_lens.tolist(),
+            batch.out_slots,
+            self.spec.device,
+        )
+
+    def forward(self, q, k, v, kv, batch, scale):
+        return paged_attention(q, k, v, kv[0], kv[1], batch.attn, scale)

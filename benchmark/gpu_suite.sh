@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
+#   bash benchmark/gpu_suite.sh tests|offline8b|pp8b|pp1b|serving
+# Needs the wheels of ../shared/gpu/wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
+set -u
+O=${OUT:-/tmp/pipeserve-gpu}
+mkdir -p "$O"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD/python:$PWD/test:$PWD/benchmark PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+LOG=$O/$1.log
+step() {  # step SECONDS CMD...: runs under a timeout, appends to the part's log
+  local t=$1; shift
+  echo "=== $* ($(date +%T))" | tee -a "$LOG"
+  timeout "$t" "$@" >>"$LOG" 2>&1
+  echo "=== rc=$? ($(date +%T))" | tee -a "$LOG"
+}
+git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
+nvidia-smi -L | tee -a "$LOG"
+case $1 in
+tests)
+  step 420 python3 -m pytest -q -x -p no:cacheprovider test/test_cuda.py test/test_cuda_graphs.py \
+    test/test_attention_backends.py
+  step 120 python3 benchmark/p2p_overlap.py --quick --json "$O/p2p_nccl.json"
+  step 300 python3 benchmark/bench_offline.py --shape 1b --json "$O/offline_1b.json"
+  ;;
+offline8b)
+  step 560 python3 benchmark/bench_offline.py --shape 8b --repeats 2 --long 16384 \
+    --model-path /tmp/ckpt-8b --json "$O/offline_8b.json"
+  ;;
+pp8b | pp1b)
+  shape=${1#pp}
+  step 560 python3 benchmark/bench_pp.py --device cuda --shape "$shape" --repeats 2 \
+    --trace "$O/trace_$shape" --json "$O/pp_$shape.json"
+  ;;
+serving)
+  step 560 python3 benchmark/bench_serving.py --device cuda --json "$O/serving_cuda.json"
+  ;;
+esac
+grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40

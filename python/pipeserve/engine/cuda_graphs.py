@@ -1,0 +1,136 @@
+"""CUDA graphs of decode microbatches: one per batch-size bucket, captured at start-up largest
+first in one shared memory pool, replayed with the batch copied into static buffers.
+
+A graph holds the slot-table update, stage 0's token-pool read, every layer (the TP all-reduce
+included, over NCCL) and on the last stage the logits; sampling stays outside. Pad requests sit on
+the pad row and write only the pad slot. Nothing host-side (gloo) is ever captured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeserve.engine.batch import BatchDescriptor
+from pipeserve.model.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from pipeserve.engine.model_runner import ModelRunner
+
+logger = logging.getLogger("pipeserve.graphs")
+
+
+def buckets(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
+    sizes += list(range(160, max_bs + 1, 32))
+    return sorted({b for b in sizes if b < max_bs} | {max_bs})
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: ModelRunner, max_bs: int) -> None:
+        self.runner = runner
+        self.max_bs = max_bs
+        self.sizes = buckets(max_bs)
+        device = runner.device
+        # rows: req_pool_idx, prefix, extend, seq_len, start, position, token row, out slot
+        self.index = torch.zeros(8, max_bs, dtype=torch.int64, device=device)
+        self.index[2:4] = 1
+        self.index[4] = torch.arange(max_bs)
+        self.index[[0, 6]] = runner.table.pad_row
+        hidden = runner.model_cfg.hidden_size
+        self.hidden = torch.zeros(max_bs, hidden, dtype=runner.dtype, device=device)
+        self.residual = torch.zeros_like(self.hidden)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, object] = {}
+
+    def can_run(self, desc: BatchDescriptor) -> bool:
+        ext = desc.ints("extend_len")
+        return (
+            0 < desc.num_reqs <= self.max_bs
+            and bool((ext == 1).all())
+            and (not self.runner.ctx.is_last_stage or bool(desc.sampled().all()))
+        )
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        rows = self.index[:, :bs]  # views of the static rows: what the graph reads
+        return ForwardBatch(
+            num_reqs=bs,
+            num_tokens=bs,
+            max_extend_len=1,
+            is_decode=True,
+            req_pool_idx=rows[0],
+            prefix_lens=rows[1],
+            extend_lens=rows[2],
+            seq_lens=rows[3],
+            extend_start=rows[4],
+            positions=rows[5],
+            token_rows=rows[6],
+            out_slots=rows[7],
+        )
+
+    def _body(self, fb: ForwardBatch, bs: int) -> object:
+        first = self.runner.ctx.is_first_stage
+        hidden = None if first else self.hidden[:bs]
+        residual = None if first else self.residual[:bs]
+        return self.runner.run_model(fb, hidden, residual)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.runner.device)[0]
+        self.runner.backend.init_capture(self.max_bs)
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            fb = self._static_batch(bs)
+            self.runner.backend.prepare_capture(fb)
+            for _ in range(2):  # warm-up: kernel selection, NCCL communicators
+                self._body(fb, bs)
+            torch.cuda.synchronize(self.runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self._body(fb, bs)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.runner.device)
+        used = free_before - torch.cuda.mem_get_info(self.runner.device)[0]
+        logger.info(
+            "captured %d CUDA graphs (batch sizes %s) in %.2fs using %.1f MiB",
+            len(self.sizes),
+            ",".join(map(str, self.sizes)),
+            time.perf_counter() - start,
+            used / 2**20,
+        )
+
+    def replay(
+        self, desc: BatchDescriptor, hidden: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> tuple[ForwardBatch, object]:
+        """Runs `desc` (a decode batch of B requests) through the smallest bucket that holds it;
+        returns the batch and the outputs' first B rows."""
+        b = desc.num_reqs
+        bs = next(s for s in self.sizes if s >= b)
+        fb = ForwardBatch.build(
+            desc.ints("req_pool_idx"),
+            desc.ints("prefix_len"),
+            desc.ints("extend_len"),
+            desc.out_slots,
+            self.runner.device,
+            pad_to=bs,
+            pad_row=self.runner.table.pad_row,
+        )
+        self.index[:, :bs].copy_(_stacked(fb))
+        if hidden is not None:
+            self.hidden[:b].copy_(hidden)
+            self.residual[:b].copy_(residual)
+        self.runner.backend.prepare_replay(self._static_batch(bs))
+        self.graphs[bs].replay()
+        out = self.outputs[bs]
+        if isinstance(out, tuple):
+            return fb, tuple(t[:b] for t in out)
+        return fb, out[:b]
+
+
+def _stacked(fb: ForwardBatch) -> torch.Tensor:
+    """The eight index rows of a decode batch, (8, bs): they are one contiguous packed block."""
+    return fb.req_pool_idx.as_strided((8, fb.req_pool_idx.numel()), (fb.req_pool_idx.numel(), 1))

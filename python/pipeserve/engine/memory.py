@@ -1,0 +1,32 @@
+"""What a CUDA rank keeps out of its KV budget: activations of the largest eager microbatch,
+the sampler's per-row vocabulary temporaries, and the CUDA graphs' buffers."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeserve.config import EngineConfig
+from pipeserve.model.config import ModelConfig
+from pipeserve.model.parallel import ParallelContext
+
+SLACK_BYTES = 1 << 30  # allocator fragmentation, NCCL and Triton workspaces
+
+
+def reserved_bytes(
+    cfg: EngineConfig, model: ModelConfig, ctx: ParallelContext, dtype: torch.dtype
+) -> int:
+    width = torch.tensor([], dtype=dtype).element_size()
+    tp = ctx.tp_size
+    qkv = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim // tp
+    # live tensors of one layer per token: hidden and residual (and their fp32 norm), q/k/v,
+    # attention output, gate-up and the activated product; fp32 where normalised
+    per_token = (
+        6 * model.hidden_size * 4 + 2 * qkv * width + 3 * model.intermediate_size // tp * width
+    )
+    activations = cfg.chunked_prefill_size * per_token
+    sampler = 0
+    if ctx.is_last_stage:
+        # logits (fp32), their filtered and float64 noisy copies, a sort: ~32 bytes per entry
+        sampler = cfg.micro_batch_cap * model.vocab_size * 32
+    graphs = 0 if cfg.disable_cuda_graph else cfg.cuda_graph_max_bs * per_token
+    return activations + sampler + graphs + SLACK_BYTES

@@ -1,0 +1,120 @@
+"""The last stage's sampling step: the sampled rows' columns as a SamplingBatch (branches decided
+on the host), the penalty history from the token pool, and tokens out as device tensors plus
+pinned host copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeserve.engine.batch import FLOAT_COL, INT_COL, BatchDescriptor
+from pipeserve.engine.sampler import SamplingBatch, SamplingFlags, TokenHistory, sample
+from pipeserve.model.forward_batch import ForwardBatch, to_device
+
+if TYPE_CHECKING:
+    from pipeserve.engine.model_runner import ModelRunner
+
+
+@dataclass
+class SampledTokens:
+    """A microbatch's sampled tokens: `device` for the token pools, `host` (pinned) for the
+    scheduler, filled once `ready` (a CUDA event; None on CPU) has passed."""
+
+    device: dict[str, torch.Tensor]
+    host: dict[str, torch.Tensor]
+    ready: Any = None
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host
+
+    @classmethod
+    def of(cls, device_tensors: dict[str, torch.Tensor]) -> SampledTokens:
+        """Starts the copies to the host; never waits."""
+        first = next(iter(device_tensors.values()))
+        if first.device.type == "cpu":
+            return cls(device_tensors, device_tensors)
+        host = {
+            k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+            for k, v in device_tensors.items()
+        }
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(device_tensors, host, ready)
+
+
+def sample_step(
+    runner: ModelRunner, desc: BatchDescriptor, fb: ForwardBatch, logits: torch.Tensor
+) -> SampledTokens:
+    picked = desc.sampled()
+    ints, floats = desc.req_ints[picked], desc.req_floats[picked]
+    batch = sampling_batch(ints, floats, runner.device)
+    batch.eos_ids = runner.eos_ids
+    if batch.flags.any_penalties:
+        batch.history = token_history(runner, ints)
+    result = sample(logits, batch)
+    tokens = {"next_token_ids": result.next_token_ids}
+    if result.logprobs is not None:
+        tokens["logprobs"] = result.logprobs
+    if result.top_logprob_ids is not None:
+        tokens["top_logprob_ids"] = result.top_logprob_ids
+        tokens["top_logprobs"] = result.top_logprobs
+    # the new token's place in the pool: stage 0 reads it as the next input (pp = 1), the last
+    # stage as penalty history
+    seq_lens = ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]]
+    where = to_device(np.stack([ints[:, INT_COL["req_pool_idx"]], seq_lens]), runner.device)
+    runner.tokens.write(where[0], where[1], result.next_token_ids)
+    return SampledTokens.of(tokens)
+
+
+def sampling_batch(ints: np.ndarray, floats: np.ndarray, device: torch.device) -> SamplingBatch:
+    """The sampled rows' per-request columns (see batch.REQ_*_COLUMNS) as a SamplingBatch, with
+    the flags that steer the sampler computed from the host copies."""
+    i, f = (lambda name: ints[:, INT_COL[name]]), (lambda name: floats[:, FLOAT_COL[name]])
+    penalties = (
+        (f("repetition_penalty") != 1)
+        | (f("frequency_penalty") != 0)
+        | (f("presence_penalty") != 0)
+    )
+    flags = SamplingFlags.from_columns(
+        f("temperature"),
+        f("top_p"),
+        f("top_k"),
+        penalties,
+        i("ban_eos").astype(bool),
+        i("return_logprob").astype(bool),
+        i("top_logprobs_num"),
+    )
+    dev_ints, dev_floats = to_device(ints, device), to_device(floats, device)
+    fd = {name: dev_floats[:, c] for name, c in FLOAT_COL.items()}
+    return SamplingBatch(
+        temperature=fd["temperature"],
+        top_p=fd["top_p"],
+        top_k=fd["top_k"].to(torch.int64),
+        min_p=fd["min_p"],
+        repetition_penalty=fd["repetition_penalty"],
+        frequency_penalty=fd["frequency_penalty"],
+        presence_penalty=fd["presence_penalty"],
+        seed=dev_ints[:, INT_COL["seed"]],
+        step=dev_ints[:, INT_COL["step"]],
+        top_logprobs_num=dev_ints[:, INT_COL["top_logprobs_num"]],
+        return_logprob=dev_ints[:, INT_COL["return_logprob"]].bool(),
+        ban_eos=dev_ints[:, INT_COL["ban_eos"]].bool(),
+        flags=flags,
+    )
+
+
+def token_history(runner: ModelRunner, ints: np.ndarray) -> TokenHistory:
+    """Every token of the sampled requests so far, read from the last stage's token pool."""
+    seq_lens = ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]]
+    width = int(seq_lens.max())
+    cols = np.stack([ints[:, INT_COL["req_pool_idx"]], seq_lens, ints[:, INT_COL["prompt_len"]]])
+    rows, lens, prompt_lens = to_device(cols, runner.device)
+    position = torch.arange(width, device=runner.device)[None, :]
+    ids = runner.tokens.ids[rows, :width].to(torch.int64)
+    valid = position < lens[:, None]
+    return TokenHistory(ids, valid, valid & (position >= prompt_lens[:, None]))

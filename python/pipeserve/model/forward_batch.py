@@ -1,0 +1,99 @@
+"""One microbatch as a stage's model sees it: device index tensors, plus the sizes the host knows.
+
+Built from a batch descriptor's index columns with a single host-to-device copy. Nothing here holds
+a token value: stage 0 reads its input ids from the token pool at (token_rows, positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    num_reqs: int  # real requests; the tensors may hold pad requests after them
+    num_tokens: int
+    max_extend_len: int
+    is_decode: bool  # every request has exactly one new token
+    req_pool_idx: torch.Tensor  # (B,) int64 row of each request in req_to_token / the token pool
+    prefix_lens: torch.Tensor  # (B,) int64 positions cached before this step
+    extend_lens: torch.Tensor  # (B,) int64 new tokens
+    seq_lens: torch.Tensor  # (B,) int64 prefix + new: keys attended by the last new token
+    extend_start: torch.Tensor  # (B,) int64 row of each request's first new token
+    positions: torch.Tensor  # (N,) int64
+    token_rows: torch.Tensor  # (N,) int64 request pool row of each new token
+    out_slots: torch.Tensor  # (N,) int64 KV slot each new token writes
+    host_req_pool_idx: np.ndarray | None = None  # (B,) the same columns on the host
+    host_prefix_lens: np.ndarray | None = None
+    host_extend_lens: np.ndarray | None = None
+    attn: Any = None  # the attention backend's metadata, set by prepare_metadata
+
+    @classmethod
+    def build(
+        cls,
+        req_pool_idx: np.ndarray,
+        prefix_lens: np.ndarray,
+        extend_lens: np.ndarray,
+        out_slots: np.ndarray,
+        device: torch.device,
+        pad_to: int = 0,
+        pad_row: int = 0,
+    ) -> ForwardBatch:
+        """From host index columns; every derived column is computed on the host and the lot
+        crosses to the device in one (pinned, non-blocking) copy. `pad_to` adds one-token pad
+        requests on `pad_row`, writing the pad slot 0, up to that many requests (CUDA graphs)."""
+        req_pool_idx, prefix_lens, extend_lens, out_slots = (
+            np.asarray(a, dtype=np.int64)
+            for a in (req_pool_idx, prefix_lens, extend_lens, out_slots)
+        )
+        pad = max(0, pad_to - len(req_pool_idx))
+        if pad:
+            req_pool_idx = np.concatenate([req_pool_idx, np.full(pad, pad_row, np.int64)])
+            prefix_lens = np.concatenate([prefix_lens, np.zeros(pad, np.int64)])
+            extend_lens = np.concatenate([extend_lens, np.ones(pad, np.int64)])
+            out_slots = np.concatenate([out_slots, np.zeros(pad, np.int64)])
+        b, n = len(req_pool_idx), int(extend_lens.sum())
+        starts = np.cumsum(extend_lens) - extend_lens
+        offsets = np.arange(n, dtype=np.int64) - np.repeat(starts, extend_lens)
+        positions = np.repeat(prefix_lens, extend_lens) + offsets
+        token_rows = np.repeat(req_pool_idx, extend_lens)
+        columns = [req_pool_idx, prefix_lens, extend_lens, prefix_lens + extend_lens, starts]
+        packed = to_device(np.concatenate([*columns, positions, token_rows, out_slots]), device)
+        fb = cls.of_packed(packed, b, n, int(extend_lens.max()) if b else 0, b - pad)
+        fb.host_req_pool_idx, fb.host_prefix_lens = req_pool_idx, prefix_lens
+        fb.host_extend_lens = extend_lens
+        return fb
+
+    @classmethod
+    def of_packed(
+        cls, packed: torch.Tensor, b: int, n: int, max_extend_len: int, num_real: int | None = None
+    ) -> ForwardBatch:
+        """Views of a packed index tensor: five (B,) request columns, then three (N,) token ones."""
+        per_req, per_token = packed[: 5 * b].view(5, b), packed[5 * b : 5 * b + 3 * n].view(3, n)
+        return cls(
+            num_reqs=b if num_real is None else num_real,
+            num_tokens=n,
+            max_extend_len=max_extend_len,
+            is_decode=b > 0 and max_extend_len == 1,
+            req_pool_idx=per_req[0],
+            prefix_lens=per_req[1],
+            extend_lens=per_req[2],
+            seq_lens=per_req[3],
+            extend_start=per_req[4],
+            positions=per_token[0],
+            token_rows=per_token[1],
+            out_slots=per_token[2],
+        )
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without blocking the host: pinned staging, non-blocking copy
+    (the caching host allocator keeps the staging block until the copy has run)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,167 @@
+"""Fused elementwise steps of a decoder layer, as one Triton kernel each on CUDA (a decode step is
+hundreds of small kernels, so every launch saved shows), with the plain torch ops elsewhere:
+residual add + RMSNorm, rotary embedding of q and k in place, SiLU(gate) * up, and the KV cache
+store. Each computes what its torch version computes, in the same precision."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch versions below run everywhere
+    triton = None
+
+
+FORCE_TRITON = False  # tests: run the kernels on CPU tensors under Triton's interpreter
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or FORCE_TRITON)
+
+
+# ---- residual add + RMSNorm -----------------------------------------------------------------------
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + residual), x + residual); the norm in fp32, scaled after the cast
+    back, as the reference implementation does. `residual` None: x itself is the residual."""
+    if not _use_triton(x):
+        summed = x if residual is None else x + residual
+        normed = F.rms_norm(summed.float(), weight.shape, eps=eps)
+        return weight * normed.to(x.dtype), summed
+    x = x.contiguous()
+    n, width = x.shape
+    out = torch.empty_like(x)
+    summed = x if residual is None else torch.empty_like(x)
+    _add_rmsnorm_kernel[(n,)](
+        x, x if residual is None else residual, weight, out, summed, width, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width),
+    )  # fmt: skip
+    return out, summed
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x, res, w, out, summed, width, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64) * width
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        v = tl.load(x + row + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            v = v + tl.load(res + row + cols, mask=mask, other=0.0)
+            tl.store(summed + row + cols, v, mask=mask)
+        f = v.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(f * f, 0) / width + eps)
+        normed = (f * rstd).to(v.dtype)
+        weight = tl.load(w + cols, mask=mask, other=0.0)
+        tl.store(out + row + cols, weight * normed, mask=mask)
+
+
+# ---- rotary embedding -------------------------------------------------------------------------------
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, D) rotated in place (rotate-half layout); cos, sin (N, D). Returns x."""
+    if not _use_triton(x) or x.stride(-1) != 1:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x.copy_(x * cos[:, None, :] + rotated * sin[:, None, :])
+        return x
+    n, heads, d = x.shape
+    _rotate_kernel[(n,)](
+        x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), heads,
+        HALF=d // 2, HEADS_PAD=triton.next_power_of_2(heads), HALF_PAD=triton.next_power_of_2(d // 2),
+    )  # fmt: skip
+    return x
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_kernel(x, cos, sin, stride_n, stride_h, stride_c, heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):  # fmt: skip
+        n = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, HEADS_PAD)[:, None]
+        d = tl.arange(0, HALF_PAD)[None, :]
+        mask = (h < heads) & (d < HALF)
+        base = x + n * stride_n + h * stride_h + d
+        lo = tl.load(base, mask=mask, other=0.0)
+        hi = tl.load(base + HALF, mask=mask, other=0.0)
+        c_lo = tl.load(cos + n * stride_c + d, mask=d < HALF, other=0.0)
+        c_hi = tl.load(cos + n * stride_c + HALF + d, mask=d < HALF, other=0.0)
+        s_lo = tl.load(sin + n * stride_c + d, mask=d < HALF, other=0.0)
+        s_hi = tl.load(sin + n * stride_c + HALF + d, mask=d < HALF, other=0.0)
+        # the torch version's rounding: each product in x's dtype, then their sum
+        tl.store(base, lo * c_lo + (-hi) * s_lo, mask=mask)
+        tl.store(base + HALF, hi * c_hi + lo * s_hi, mask=mask)
+
+
+# ---- SiLU(gate) * up ---------------------------------------------------------------------------------
+def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """gate_up (N, 2 * inter) -> silu(gate) * up, (N, inter)."""
+    if not _use_triton(gate_up):
+        gate, up = gate_up.split(inter, dim=-1)
+        return F.silu(gate) * up
+    n = gate_up.shape[0]
+    out = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(n, triton.cdiv(inter, block))](
+        gate_up, out, gate_up.stride(0), inter, BLOCK=block
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu_mul_kernel(gate_up, out, stride, inter, BLOCK: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        g = tl.load(gate_up + n * stride + cols, mask=mask, other=0.0)
+        u = tl.load(gate_up + n * stride + inter + cols, mask=mask, other=0.0)
+        silu = (g.to(tl.float32) / (1.0 + tl.exp(-g.to(tl.float32)))).to(g.dtype)
+        tl.store(out + n * inter + cols, silu * u, mask=mask)
+
+
+# ---- KV cache store ---------------------------------------------------------------------------------
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """k, v (N, Hkv, D) into the caches (slots, Hkv, D) at `slots` (N,)."""
+    if not _use_triton(k):
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
+        return
+    n, heads, d = k.shape
+    _store_kv_kernel[(n,)](
+        k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), heads, D=d,
+        HEADS_PAD=triton.next_power_of_2(heads), D_PAD=triton.next_power_of_2(d),
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k, v, kc, vc, slots, sk_n, sk_h, sv_n, sv_h, sc_s, sc_h, heads, D: tl.constexpr, HEADS_PAD: tl.constexpr, D_PAD: tl.constexpr):  # fmt: skip
+        n = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots + n).to(tl.int64)
+        h = tl.arange(0, HEADS_PAD)[:, None]
+        d = tl.arange(0, D_PAD)[None, :]
+        mask = (h < heads) & (d < D)
+        tl.store(
+            kc + slot * sc_s + h * sc_h + d,
+            tl.load(k + n * sk_n + h * sk_h + d, mask=mask),
+            mask=mask,
+        )
+        tl.store(
+            vc + slot * sc_s + h * sc_h + d,
+            tl.load(v + n * sv_n + h * sv_h + d, mask=mask),
+            mask=mask,
+        )

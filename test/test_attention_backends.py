@@ -1,0 +1,158 @@
+"""The attention backends against each other: Triton's paged kernels (under Triton's interpreter
+on CPU, compiled on CUDA) and the torch SDPA backend, on small ragged batches; and each backend's
+hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeserve.model.attention import BackendSpec, create_backend
+from pipeserve.model.forward_batch import ForwardBatch
+
+triton = pytest.importorskip("triton")  # on CPU, conftest.py sets TRITON_INTERPRET=1
+
+H, HKV, D, SLOTS, ROWS, CTX = 8, 2, 16, 256, 7, 96
+
+
+def _batch(device, prefix, extend, rows, rng, pad_to=0):
+    table = torch.zeros(ROWS + 1, CTX, dtype=torch.int32, device=device)
+    free = rng.permutation(np.arange(1, SLOTS))
+    used = 0
+    out_slots = []
+    for row, p, n in zip(rows, prefix, extend, strict=True):
+        slots = free[used : used + p + n]
+        used += p + n
+        table[row, : p + n] = torch.from_numpy(slots.astype(np.int32))
+        out_slots.extend(slots[p:].tolist())
+    fb = ForwardBatch.build(rows, prefix, extend, out_slots, device, pad_to=pad_to, pad_row=ROWS)
+    return table, fb
+
+
+def _attend(name, device, dtype, table, fb, q, k, v, caches):
+    spec = BackendSpec(H, HKV, D, max_batch=ROWS, device=device)
+    backend = create_backend(name, spec, table)
+    fb.attn = None
+    backend.prepare_metadata(fb)
+    kc, vc = (c.clone() for c in caches)
+    return backend.forward(q, k, v, (kc, vc), fb, D**-0.5), kc
+
+
+CASES = {
+    "decode-gqa-ragged": ([0, 5, 17, 40, 2], [1, 1, 1, 1, 1]),
+    "prefix-and-extend": ([0, 9, 30], [12, 7, 33]),
+    "mixed": ([4, 0, 20, 11], [1, 25, 1, 6]),
+}
+
+
+def compare_backends(device: torch.device, dtype: torch.dtype, atol: float) -> None:
+    rng = np.random.default_rng(0)
+    for prefix, extend in CASES.values():
+        rows = list(rng.permutation(ROWS)[: len(prefix)])
+        for pad_to in (0, len(prefix) + 2):
+            if pad_to and max(extend) > 1:
+                continue  # pad requests ride only decode batches (CUDA graphs)
+            table, fb = _batch(device, prefix, extend, rows, rng, pad_to)
+            n = fb.out_slots.numel()
+            q, k, v = (torch.randn(n, h, D, device=device, dtype=dtype) for h in (H, HKV, HKV))
+            caches = [torch.randn(SLOTS, HKV, D, device=device, dtype=dtype) for _ in range(2)]
+            ours, kc = _attend("triton", device, dtype, table, fb, q, k, v, caches)
+            ref, kc_ref = _attend("torch", device, dtype, table, fb, q, k, v, caches)
+            real = int(fb.extend_lens[: len(prefix)].sum())
+            # pad requests all write the pad slot 0, in any order: compare the real slots
+            assert torch.equal(kc[1:], kc_ref[1:])
+            torch.testing.assert_close(ours[:real].float(), ref[:real].float(), atol=atol, rtol=0)
+
+
+def test_triton_kernels_match_torch_on_cpu():
+    compare_backends(torch.device("cpu"), torch.float32, atol=1e-5)
+
+
+def test_triton_decode_split_count_is_a_function_of_batch_size():
+    from pipeserve.model.attention.triton_backend import num_splits
+
+    cpu = torch.device("cpu")
+    assert num_splits(1, HKV, cpu) == num_splits(1, HKV, cpu)
+    spec = BackendSpec(H, HKV, D, max_batch=ROWS, device=cpu)
+    backend = create_backend("triton", spec, torch.zeros(ROWS + 1, CTX, dtype=torch.int32))
+    _, fb = _batch(cpu, [3, 4], [1, 1], [0, 1], np.random.default_rng(1))
+    backend.init_capture(ROWS)
+    backend.prepare_capture(fb)
+    part_out, part_lse = fb.attn
+    assert part_out.shape[:3] == (2, H, num_splits(2, HKV, cpu)) == part_lse.shape
+    backend.prepare_replay(fb)  # reads lengths from the static buffers: nothing to refresh
+
+
+def test_torch_backend_refuses_cuda_graph_hooks():
+    cpu = torch.device("cpu")
+    spec = BackendSpec(H, HKV, D, max_batch=ROWS, device=cpu)
+    backend = create_backend("torch", spec, torch.zeros(ROWS + 1, CTX, dtype=torch.int32))
+    assert not backend.supports_cuda_graph
+    for hook in (lambda: backend.init_capture(4), lambda: backend.prepare_capture(None)):
+        with pytest.raises(NotImplementedError, match="cannot run inside CUDA graphs"):
+            hook()
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    from pipeserve.model.attention import resolve_backend_name
+
+    assert resolve_backend_name("auto", "cpu") == "torch"
+    assert resolve_backend_name("auto", "cuda") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        resolve_backend_name("triton", "cpu")
+    with pytest.raises(ValueError, match="auto, torch or triton"):
+        resolve_backend_name("flash", "cpu")
+
+
+def test_engine_with_triton_backend_equals_torch_backend(tmp_path):
+    from checkpoints import make_checkpoint
+    from pipeserve import Engine
+
+    path = make_checkpoint(str(tmp_path), "llama", layers=2, heads=4, kv_heads=2, hidden=32)
+    batch = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    params = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+    outs = {}
+    for name in ("torch", "triton"):
+        with Engine(model_path=path, device="cpu", attention_backend=name) as engine:
+            outs[name] = [
+                o["output_ids"] for o in engine.generate(input_ids=batch, sampling_params=params)
+            ]
+    assert outs["torch"] == outs["triton"]
+
+
+def test_fused_layer_kernels_match_their_torch_versions(monkeypatch):
+    """Under Triton's interpreter on CPU (compiled on CUDA, see test_cuda_graphs)."""
+    check_fused_kernels(torch.device("cpu"), torch.float32, monkeypatch)
+
+
+def check_fused_kernels(device: torch.device, dtype: torch.dtype, monkeypatch) -> None:
+    from pipeserve.model import fused
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x, res = (torch.randn(5, 96, device=device, dtype=dtype, generator=g) for _ in range(2))
+    w = torch.randn(96, device=device, dtype=dtype, generator=g)
+    qk = torch.randn(5, 30, device=device, dtype=dtype, generator=g)[:, :24].view(5, 3, 8)
+    cos, sin = (torch.randn(5, 8, device=device, dtype=dtype, generator=g) for _ in range(2))
+    gate_up = torch.randn(5, 2 * 40, device=device, dtype=dtype, generator=g)
+    kv = torch.randn(5, 2, 8, device=device, dtype=dtype, generator=g)
+    slots = torch.tensor([7, 3, 0, 9, 1], device=device)
+
+    def run() -> list[torch.Tensor]:
+        caches = [torch.zeros(12, 2, 8, device=device, dtype=dtype) for _ in range(2)]
+        fused.store_kv(kv, kv * 2, *caches, slots)
+        return [
+            *fused.add_rmsnorm(x, res, w, 1e-6),
+            fused.add_rmsnorm(x, None, w, 1e-6)[0],
+            fused.rotate_(qk.clone(), cos, sin),
+            fused.silu_and_mul(gate_up, 40),
+            *caches,
+        ]
+
+    monkeypatch.setattr(fused, "FORCE_TRITON", False)
+    want = run()
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    got = run()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)

@@ -1,0 +1,59 @@
+"""The model is checked against the parallel sizes before any process starts: one clear line from
+the launcher (argparse's error, exit 2) and a ValueError from the Engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints import make_checkpoint
+from pipeserve import Engine
+from pipeserve.utils import free_port
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    # 4 heads, 2 KV heads, intermediate 96, 3 layers
+    path = str(tmp_path_factory.mktemp("cfg"))
+    return make_checkpoint(path, "llama", layers=3, heads=4, kv_heads=2, intermediate=96)
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeserve.launch_server", "--device", "cpu"]
+    cmd += ["--port", str(free_port()), *args]
+    env = {k: v for k, v in os.environ.items() if k != "PIPESERVE_PP_LAYER_PARTITION"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(
+    ("tp", "what"),
+    [(3, "num_attention_heads (4)"), (4, "num_key_value_heads (2)")],
+)
+def test_tp_size_that_does_not_divide_the_model_is_refused_before_start(model_path, tp, what):
+    message = f"tp_size {tp} does not divide the model's {what}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Engine(model_path=model_path, device="cpu", tp_size=tp)
+    out = launch("--model-path", model_path, "--tp-size", str(tp))
+    assert out.returncode == 2, out.stderr
+    assert f"error: {message}" in out.stderr
+    assert "Traceback" not in out.stderr and "starting" not in out.stderr
+
+
+def test_intermediate_size_is_checked_too(tmp_path):
+    path = make_checkpoint(str(tmp_path), "llama", layers=2, heads=4, kv_heads=4, intermediate=90)
+    with pytest.raises(ValueError, match=r"intermediate_size \(90\)"):
+        Engine(model_path=path, device="cpu", tp_size=4)
+
+
+def test_bad_layer_partition_names_the_flag_not_the_environment_variable(model_path):
+    out = launch("--model-path", model_path, "--pp-size", "2", "--pp-layer-partition", "1,1")
+    assert out.returncode == 2, out.stderr
+    error = out.stderr.strip().splitlines()[-1]
+    assert "--pp-layer-partition" in error and "sums to 2; the model has 3 layers" in error
+    assert "PIPESERVE_PP_LAYER_PARTITION" not in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ValueError, match="pp_layer_partition"):
+        Engine(model_path=model_path, device="cpu", pp_size=2, pp_layer_partition="1,1")

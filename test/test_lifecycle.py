@@ -1,0 +1,138 @@
+"""The server's end, through the real server: SIGTERM drains within --shutdown-timeout and ends the
+rest with a JSON 503 (streams with a final error event); a killed rank fails every request at once
+with a JSON 503 that names it, /health included."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from checkpoints import make_checkpoint
+from server_harness import Server
+
+GRACE_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """~40 ms a token on one CPU thread: a 400-token request outlasts the grace period."""
+    path = str(tmp_path_factory.mktemp("slow"))
+    return make_checkpoint(
+        path, "llama", layers=6, hidden=512, heads=8, kv_heads=4, intermediate=2048
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("tiny")), "llama", layers=4)
+
+
+def running(srv: Server) -> float:
+    for line in httpx.get(f"{srv.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("pipeserve_running_requests "):
+            return float(line.split()[1])
+    raise KeyError("pipeserve_running_requests")
+
+
+def wait_running(srv: Server, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while running(srv) < count:
+        assert time.monotonic() < deadline, "requests did not start"
+        time.sleep(0.05)
+
+
+def read_stream(url: str, body: dict, lines: list[str]) -> int:
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+        return r.status_code
+
+
+def events(lines: list[str]) -> list[dict]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def test_sigterm_drains_within_the_grace_period_then_answers_503(slow_model):
+    srv = Server(
+        "--model-path", slow_model, "--cpu-threads", "1", "--shutdown-timeout", str(GRACE_S)
+    )
+    url = f"{srv.url}/v1/completions"
+    long = {"prompt": "a", "max_tokens": 400, "ignore_eos": True}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            lines: list[str] = []
+            streamed = pool.submit(read_stream, url, long, lines)
+            plain = pool.submit(httpx.post, url, json=long, timeout=120)
+            wait_running(srv, 2)
+            short_lines: list[str] = []
+            body = {"prompt": "b", "max_tokens": 8, "ignore_eos": True}
+            body["stream_options"] = {"include_usage": True}
+            short = pool.submit(read_stream, url, body, short_lines)
+            while not short_lines and not short.done():  # its first token: it is running
+                time.sleep(0.01)
+            srv.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.2)
+            late = httpx.post(url, json={"prompt": "c", "max_tokens": 2}, timeout=10)
+            assert late.status_code == 503, late.text
+            assert late.json()["error"]["code"] == "server_shutting_down"
+            assert time.monotonic() - signalled < GRACE_S
+            health = httpx.get(f"{srv.url}/health", timeout=10)
+            assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+            assert short.result() == 200
+            finished = events(short_lines)
+            assert not [e for e in finished if "error" in e]
+            assert finished[-1]["usage"]["completion_tokens"] == 8
+            cut = plain.result()
+            assert time.monotonic() - signalled >= GRACE_S - 0.1
+            assert cut.status_code == 503, cut.text
+            assert cut.json()["error"]["code"] == "server_shutting_down"
+            assert streamed.result() == 200
+        assert events(lines)[-1]["error"]["code"] == "server_shutting_down"
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+        assert srv.proc.wait(30) == 0
+        assert srv.leftovers() == []
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_killed_rank_fails_requests_at_once_and_is_named(tiny_model):
+    srv = Server("--model-path", tiny_model, "--pp-size", "2", "--cpu-threads", "1")
+    url = f"{srv.url}/v1/completions"
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            lines: list[str] = []
+            body = {"prompt": "a", "max_tokens": 450, "ignore_eos": True}
+            streamed = pool.submit(read_stream, url, body, lines)
+            wait_running(srv, 1)
+            ranks = [p for p in srv.children_alive() if p != srv.proc.pid]
+            os.kill(max(ranks), signal.SIGKILL)  # the last started: rank 1, the last stage
+            killed = time.monotonic()
+            time.sleep(0.05)
+            health = httpx.get(f"{srv.url}/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "dead"
+            assert health.json()["reason"].startswith("rank 1 (pipeserve-rank1) was killed")
+            late = [
+                pool.submit(httpx.post, url, json={"prompt": "b", "max_tokens": 2}, timeout=30)
+                for _ in range(4)
+            ]
+            for r in [f.result() for f in late]:
+                assert r.status_code == 503, r.text
+                error = r.json()["error"]
+                assert error["code"] == "engine_dead"
+                assert "rank 1 (pipeserve-rank1) was killed by SIGKILL" in error["message"]
+                assert not error["message"].rstrip().endswith(":")
+            assert time.monotonic() - killed < 1.0
+            assert streamed.result() == 200
+        assert events(lines)[-1]["error"]["code"] == "engine_dead"
+        assert srv.proc.wait(30) != 0
+        assert srv.leftovers() == []
+        assert "engine failed: rank 1 (pipeserve-rank1) was killed by SIGKILL" in srv.output()
+    finally:
+        srv.stop(signal.SIGKILL)
