@@ -1,0 +1,3 @@
+from pipeserve.pipeline.cli import main
+
+raise SystemExit(main())

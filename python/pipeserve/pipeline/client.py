@@ -1,0 +1,143 @@
+"""One OpenAI-compatible endpoint: builds a column's request, sends it, retries what can pass on
+a second try (429, 5xx, connection errors and timeouts) and parses the answer.
+
+A completions request may carry several prompts of one column (`prompt` as a list, which the
+OpenAI API, vLLM, SGLang and pipeserve accept); the answer's choices come back by `index`. When
+such a request is refused for good with a 4xx, each prompt is sent again alone, so that only the
+cell at fault fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pipeserve.pipeline.config import Endpoint, LLMColumn, RetryPolicy
+
+RETRY_STATUS = frozenset({408, 409, 429})  # and every status >= 500
+
+
+class CellError(Exception):
+    """A request that failed for good: not retryable, or out of attempts."""
+
+
+class _Refused(CellError):
+    """A 4xx that retrying will not change."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outcome of one request: a text or a `CellError` per prompt, in prompt order, and the
+    request's token usage (all prompts together)."""
+
+    texts: list[str | CellError]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EndpointClient:
+    def __init__(self, endpoint: Endpoint, retry: RetryPolicy) -> None:
+        self.endpoint = endpoint
+        self._retry = retry
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=endpoint.base_url.rstrip("/"),
+            headers=headers,
+            timeout=endpoint.timeout_s,
+            limits=httpx.Limits(
+                max_connections=endpoint.max_concurrency,
+                max_keepalive_connections=endpoint.max_concurrency,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def body(self, column: LLMColumn, prompts: list[str], priority: int) -> dict[str, Any]:
+        body: dict[str, Any] = dict(column.params)
+        if self.endpoint.model is not None:
+            body["model"] = self.endpoint.model
+        if column.api == "chat":
+            assert len(prompts) == 1, "a chat request carries one conversation"
+            body["messages"] = [{"role": "user", "content": prompts[0]}]
+        else:
+            body["prompt"] = prompts[0] if len(prompts) == 1 else prompts
+        body["priority"] = priority
+        return body
+
+    async def generate(self, column: LLMColumn, prompts: list[str], priority: int) -> Answer:
+        """Sends the prompts of one column in one request; never raises `CellError`: a prompt that
+        failed for good has its error in place of its text."""
+        try:
+            return await self._post(column, prompts, priority)
+        except _Refused as e:
+            if len(prompts) == 1:
+                return Answer([e])
+        except CellError as e:
+            return Answer([e] * len(prompts))
+        alone = await asyncio.gather(*(self.generate(column, [p], priority) for p in prompts))
+        return Answer(
+            [a.texts[0] for a in alone],
+            sum(a.prompt_tokens for a in alone),
+            sum(a.completion_tokens for a in alone),
+        )
+
+    async def _post(self, column: LLMColumn, prompts: list[str], priority: int) -> Answer:
+        path = "/chat/completions" if column.api == "chat" else "/completions"
+        body = self.body(column, prompts, priority)
+        for attempt in range(1, self._retry.max_attempts + 1):
+            try:
+                response = await self._http.post(path, json=body)
+            except httpx.TransportError as e:
+                problem, wait = f"{type(e).__name__}: {e}".rstrip(": "), None
+            else:
+                if response.status_code == 200:
+                    return _parse(response, column.api, len(prompts))
+                problem = f"HTTP {response.status_code}: {_error_text(response)}"
+                if not _retryable(response.status_code):
+                    raise _Refused(problem)
+                wait = _retry_after(response)
+            if attempt == self._retry.max_attempts:
+                break
+            delay = self._retry.delay_s(attempt)
+            await asyncio.sleep(delay if wait is None else min(wait, self._retry.max_backoff_s))
+        raise CellError(f"{problem} (after {self._retry.max_attempts} attempts)")
+
+
+def _retryable(status: int) -> bool:
+    return status >= 500 or status in RETRY_STATUS
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
+
+
+def _parse(response: httpx.Response, api: str, count: int) -> Answer:
+    try:
+        data = response.json()
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        if len(choices) != count:
+            raise ValueError(f"{len(choices)} choices for {count} prompts")
+        texts = [c["message"]["content"] if api == "chat" else c["text"] for c in choices]
+        usage = data.get("usage") or {}
+        return Answer(
+            [t if t is not None else "" for t in texts],
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        error = CellError(f"malformed response ({type(e).__name__}: {e}): {response.text[:300]}")
+        return Answer([error] * count)

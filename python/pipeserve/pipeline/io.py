@@ -1,0 +1,153 @@
+"""Records in, records out. Input is JSON lines (one object per line). Output is appended one line
+per record as each record finishes, flushed at once: the record's fields, every column's value
+(null where it failed), `_index` (its line in the input) and `_errors` (column -> message) when a
+cell failed. A record is known by its `id` field when it has one, else by `_index`.
+
+Resuming: when the output file exists, the last line of each record counts. A record whose last
+line has no errors is skipped; otherwise the columns that failed (and those that read them) run
+again and the rest keep their values. The new line is appended, so nothing written is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import IO, Any
+
+from pipeserve.pipeline.config import Job, JobError, LLMColumn
+from pipeserve.pipeline.frontier import RecordPlan
+
+RESERVED = ("_index", "_errors")
+Key = tuple[str, Any]
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JobError(f"{path}:{number}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise JobError(f"{path}:{number}: a record must be a JSON object")
+            records.append(record)
+    return records
+
+
+def record_key(record: dict[str, Any], index: int) -> Key:
+    return ("id", record["id"]) if "id" in record else ("index", index)
+
+
+def check_records(job: Job, records: list[dict[str, Any]]) -> None:
+    """Raises `JobError` for the first record the job cannot run on, naming it and the field."""
+    columns = {c.name for c in job.columns}
+    seen: set[Key] = set()
+    for index, record in enumerate(records):
+        clash = sorted((set(record) & columns) | (set(record) & set(RESERVED)))
+        if clash:
+            raise JobError(
+                f"record {index} has the field {clash[0]!r}, which is a column or reserved"
+            )
+        if "id" in record and not isinstance(record["id"], (str, int)):
+            raise JobError(f"record {index}: id must be a string or an integer")
+        key = record_key(record, index)
+        if key in seen:
+            raise JobError(f"record {index}: id {record['id']!r} is used by an earlier record")
+        seen.add(key)
+        for col in job.columns:
+            missing = [f for f in job.graph.field_refs[col.name] if f not in record]
+            if missing and isinstance(col, LLMColumn):
+                raise JobError(
+                    f"column {col.name!r}: its prompt uses {{{missing[0]}}}, which is neither a "
+                    f"column ({', '.join(sorted(columns))}) nor a field of record {index} "
+                    f"({', '.join(record) or 'no fields'})"
+                )
+
+
+def read_output(path: str) -> dict[Key, dict[str, Any]]:
+    """The last line written for each record; a torn last line (a killed run) is ignored."""
+    last: dict[Key, dict[str, Any]] = {}
+    if not os.path.exists(path):
+        return last
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "_index" in row:
+                last[record_key(row, row["_index"])] = row
+    return last
+
+
+def plan_records(
+    job: Job, records: list[dict[str, Any]], finished: dict[Key, dict[str, Any]]
+) -> list[RecordPlan]:
+    """One plan per record that still has cells to compute; finished records get none."""
+    names = [c.name for c in job.columns]
+    plans = []
+    for index, record in enumerate(records):
+        row = finished.get(record_key(record, index))
+        if row is None:
+            plans.append(RecordPlan(index, dict(record), set(names)))
+            continue
+        errors = row.get("_errors") or {}
+        redo = {n for n in names if n in errors or n not in row}
+        run = job.graph.downstream(redo)
+        if run:
+            kept = {n: row[n] for n in names if n not in run}
+            plans.append(RecordPlan(index, {**record, **kept}, run))
+    return plans
+
+
+def output_row(
+    job: Job, index: int, values: dict[str, Any], errors: dict[str, str]
+) -> dict[str, Any]:
+    names = {c.name for c in job.columns}
+    row = {k: v for k, v in values.items() if k not in names}
+    row.update({c.name: values.get(c.name) for c in job.columns})
+    row["_index"] = index
+    if errors:
+        row["_errors"] = dict(sorted(errors.items()))
+    return row
+
+
+class OutputWriter:
+    """Appends one JSON line per record and flushes it, so a killed run keeps every line it wrote."""
+
+    def __init__(self, path: str) -> None:
+        self._file: IO[str] = open(path, "a")  # noqa: SIM115 - closed by close()
+        self._torn = _ends_mid_line(path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        prefix = "\n" if self._torn else ""
+        self._torn = False
+        self._file.write(prefix + json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _ends_mid_line(path: str) -> bool:
+    """True when a killed run left a partial last line; the next line must start on its own."""
+    if os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def compact_output(path: str, records: Iterable[dict[str, Any]]) -> int:
+    """Rewrites the output with one line per record (its last), in input order; atomic."""
+    last = read_output(path)
+    rows = [last[k] for i, r in enumerate(records) if (k := record_key(r, i)) in last]
+    tmp = f"{path}.compact"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+    return len(rows)

@@ -1,0 +1,161 @@
+"""The runner's HTTP client against a real (stdlib) HTTP server on 127.0.0.1 that fails on
+purpose: what it retries, what it does not, and what a cell's error says."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeserve.pipeline import Endpoint, Job, LLMColumn, RetryPolicy, run_job
+from pipeserve.utils import free_port
+
+
+class Script:
+    """Statuses to answer in turn (then 200); records every request body."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.bodies: list[dict] = []
+        self.paths: list[str] = []
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, Script]]:
+    script = Script()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            script.bodies.append(body)
+            script.paths.append(self.path)
+            status = script.statuses.pop(0) if script.statuses else 200
+            prompts = body.get("prompt") or body["messages"][0]["content"]
+            prompts = prompts if isinstance(prompts, list) else [prompts]
+            if any("bad" in p for p in prompts):
+                status = 400
+            if status == 200:
+                key = "text" if "prompt" in body else "message"
+                choices = [
+                    {"index": i, key: f"<{p}>" if key == "text" else {"content": f"<{p}>"}}
+                    for i, p in enumerate(prompts)
+                ][::-1]  # out of order: the client must sort by index
+                usage = {"prompt_tokens": 2 * len(prompts), "completion_tokens": len(prompts)}
+                payload = {"choices": choices, "usage": usage}
+            else:
+                payload = {"error": {"message": f"status {status} on purpose"}}
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            if status == 429:
+                self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", script
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def job(url: str, api: str = "completions", attempts: int = 3, batch: int = 1) -> Job:
+    return Job(
+        (Endpoint("e", url, model="m", max_concurrency=1, max_batch_size=batch),),
+        (LLMColumn("echo", "e", "say {w}", api=api, params={"max_tokens": 4}),),
+        RetryPolicy(max_attempts=attempts, backoff_s=0.01, max_backoff_s=0.05),
+    )
+
+
+def rows(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_request_body_carries_params_model_and_priority(server, tmp_path):
+    url, script = server
+    summary = run_job(job(url, api="chat"), [{"w": "hi"}], str(tmp_path / "o.jsonl"))
+    assert script.paths == ["/v1/chat/completions"]
+    assert script.bodies == [
+        {
+            "max_tokens": 4,
+            "model": "m",
+            "messages": [{"role": "user", "content": "say hi"}],
+            "priority": 0,
+        }
+    ]
+    assert rows(tmp_path / "o.jsonl") == [{"w": "hi", "echo": "<say hi>", "_index": 0}]
+    assert summary.columns["echo"].prompt_tokens == 2
+
+
+def test_429_and_5xx_are_retried_until_an_answer(server, tmp_path):
+    url, script = server
+    script.statuses = [429, 503]
+    summary = run_job(job(url), [{"w": "x"}], str(tmp_path / "o.jsonl"))
+    assert len(script.bodies) == 3 and summary.cells_failed == 0
+    assert rows(tmp_path / "o.jsonl")[0]["echo"] == "<say x>"
+
+
+def test_out_of_attempts_is_a_cell_error_in_the_output(server, tmp_path):
+    url, script = server
+    script.statuses = [500, 502, 500]
+    summary = run_job(job(url), [{"w": "x"}, {"w": "y"}], str(tmp_path / "o.jsonl"))
+    assert summary.cells_failed == 1 and summary.columns["echo"].done == 1
+    by_index = {r["_index"]: r for r in rows(tmp_path / "o.jsonl")}
+    assert by_index[0]["echo"] is None
+    assert by_index[0]["_errors"] == {"echo": "HTTP 500: status 500 on purpose (after 3 attempts)"}
+    assert by_index[1]["echo"] == "<say y>"
+
+
+def test_a_client_error_is_not_retried(server, tmp_path):
+    url, script = server
+    script.statuses = [400]
+    run_job(job(url), [{"w": "x"}], str(tmp_path / "o.jsonl"))
+    assert len(script.bodies) == 1
+    assert rows(tmp_path / "o.jsonl")[0]["_errors"] == {"echo": "HTTP 400: status 400 on purpose"}
+
+
+def test_connection_refused_is_retried_then_recorded(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    summary = run_job(job(url, attempts=2), [{"w": "x"}], str(tmp_path / "o.jsonl"))
+    assert summary.cells_failed == 1
+    error = rows(tmp_path / "o.jsonl")[0]["_errors"]["echo"]
+    assert error.startswith("ConnectError") and error.endswith("(after 2 attempts)")
+
+
+def test_a_batch_goes_in_one_request_and_answers_map_back_by_index(server, tmp_path):
+    url, script = server
+    words = [{"w": w} for w in "abcde"]
+    summary = run_job(job(url, batch=3), words, str(tmp_path / "o.jsonl"))
+    assert [b["prompt"] for b in script.bodies] == [["say a", "say b", "say c"], ["say d", "say e"]]
+    assert {r["w"]: r["echo"] for r in rows(tmp_path / "o.jsonl")} == {
+        w: f"<say {w}>" for w in "abcde"
+    }
+    assert summary.columns["echo"].requests == 2 and summary.columns["echo"].prompt_tokens == 10
+
+
+def test_a_refused_batch_is_resent_prompt_by_prompt_so_only_the_bad_cell_fails(server, tmp_path):
+    url, script = server
+    words = [{"w": "ok1"}, {"w": "bad"}, {"w": "ok2"}]
+    summary = run_job(job(url, batch=3), words, str(tmp_path / "o.jsonl"))
+    assert [b["prompt"] for b in script.bodies] == [
+        ["say ok1", "say bad", "say ok2"], "say ok1", "say bad", "say ok2"
+    ]  # fmt: skip
+    by_word = {r["w"]: r for r in rows(tmp_path / "o.jsonl")}
+    assert by_word["ok1"]["echo"] == "<say ok1>" and by_word["ok2"]["echo"] == "<say ok2>"
+    assert by_word["bad"]["_errors"] == {"echo": "HTTP 400: status 400 on purpose"}
+    assert summary.cells_failed == 1
+
+
+def test_a_batch_out_of_attempts_fails_every_cell_in_it(server, tmp_path):
+    url, script = server
+    script.statuses = [503, 503]
+    summary = run_job(job(url, attempts=2, batch=2), [{"w": "x"}, {"w": "y"}], str(tmp_path / "o"))
+    assert summary.cells_failed == 2 and len(script.bodies) == 2
