@@ -21,10 +21,11 @@ GRACE_S = 5.0
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
-    """~40 ms a token on one CPU thread: a 400-token request outlasts the grace period."""
+    """Tens of ms a token on one CPU thread: a 400-token request outlasts the grace period by
+    several seconds (6 layers did so by a hair once forwards overlapped the host's work)."""
     path = str(tmp_path_factory.mktemp("slow"))
     return make_checkpoint(
-        path, "llama", layers=6, hidden=512, heads=8, kv_heads=4, intermediate=2048
+        path, "llama", layers=16, hidden=512, heads=8, kv_heads=4, intermediate=2048
     )
 
 

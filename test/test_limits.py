@@ -284,3 +284,18 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(server):
         took = time.monotonic() - start
     assert error["code"] == "context_length_exceeded"
     assert len(waits) >= 5 and max(waits) < took / 4, (took, waits)
+
+
+def test_priority_is_taken_on_every_route_and_bounded(server):
+    """Stage 0 admits by (priority, arrival); the ordering itself is tested on the scheduler
+    (test_overlap.py). Here: every route takes the field, and refuses what is not a bounded int."""
+    bodies = {
+        "/v1/completions": {"prompt": "12", "max_tokens": 2},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "1"}], "max_tokens": 2},
+        "/generate": {"text": "12", "sampling_params": {"max_new_tokens": 2}},
+    }
+    for route, body in bodies.items():
+        assert post(server, route, {**body, "priority": -3}).status_code == 200
+        for bad in (2**40, "1", 1.5, True):
+            refused(post(server, route, {**body, "priority": bad}), "priority")
+    assert_serving(server)
