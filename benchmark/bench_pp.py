@@ -159,6 +159,7 @@ def bench(
                 row["trace_busy"] = plot_trace(
                     trace, windows[row["workload"]], png, row["workload"]
                 )
+                row["trace_window"] = windows[row["workload"]]  # epoch seconds, to re-plot
     return rows
 
 

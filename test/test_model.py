@@ -117,3 +117,28 @@ def test_llama3_rope_scaling_matches_transformers():
     raw = {**hf.to_dict(), "architectures": ["LlamaForCausalLM"]}
     got = inverse_frequencies(128, ModelConfig.from_dict(raw).rope)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_merged_parameter_missing_one_shard_is_refused_naming_the_tensor(tmp_path):
+    """q/k/v fill one qkv_proj and gate/up one gate_up_proj: a checkpoint that lacks one of them
+    (or a bias) must not load with uninitialised rows."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(str(tmp_path), "qwen2", layers=2)
+    cfg = ModelConfig.from_dir(path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    for name in (
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.bias",
+        "model.layers.0.mlp.up_proj.weight",
+    ):
+        del tensors[name]
+    save_file(tensors, file)
+    model = build_stage_model(cfg, ParallelContext(), torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="lacks 3 tensor") as err:
+        load_weights(model, path)
+    for name in ("layers.1.self_attn.k_proj.weight", "0.self_attn.v_proj.bias", "0.mlp.up_proj"):
+        assert name in str(err.value)

@@ -160,6 +160,15 @@ class DecoderForCausalLM(nn.Module):
         """Final norm and lm_head on the rows given (the last stage's sampled rows): (B, V) fp32."""
         return self.lm_head(self.norm.add_norm(hidden, residual)[0]).float()
 
+    def checkpoint_name(self, name: str, shard: int) -> str:
+        """The Hugging Face name of shard `shard` of this stage's parameter `name`."""
+        parts = name.split(".")
+        if parts[0] == "layers":
+            parts[1] = str(int(parts[1]) + self.start)
+            merged = [hf for hf, (ours, i) in _MERGED.items() if ours == parts[-2] and i == shard]
+            parts[-2] = merged[0] if merged else parts[-2]
+        return ("" if parts[0] == "lm_head" else "model.") + ".".join(parts)
+
     def weight_targets(self, name: str) -> list[tuple[nn.Module, str, int]]:
         """Where a checkpoint tensor goes on this stage: (module, parameter, shard); [] to skip."""
         parts = name.removeprefix("model.").split(".")

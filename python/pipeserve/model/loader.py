@@ -30,8 +30,9 @@ def safetensors_files(model_path: str) -> list[str]:
 def load_weights(
     model: DecoderForCausalLM, model_path: str, progress: Callable[[str], None] | None = None
 ) -> None:
-    """Fills every parameter of `model`; raises naming any parameter the checkpoint did not provide."""
-    loaded: set[int] = set()
+    """Fills every parameter of `model`; raises naming any tensor the checkpoint did not provide
+    (a merged parameter such as qkv_proj needs every one of its shards)."""
+    loaded: dict[int, set[int]] = {}  # parameter -> shards loaded
     files = safetensors_files(model_path)
     for i, path in enumerate(files):
         if progress is not None:
@@ -44,7 +45,20 @@ def load_weights(
                 lazy = f.get_slice(name)
                 for module, param, shard in targets:
                     module.load(param, lazy, shard)
-                    loaded.add(id(getattr(module, param)))
-    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
+                    loaded.setdefault(id(getattr(module, param)), set()).add(shard)
+    missing = [
+        model.checkpoint_name(f"{prefix}.{param}".lstrip("."), shard)
+        for prefix, module in model.named_modules()
+        for param, p in module.named_parameters(recurse=False)
+        for shard in range(num_shards(module))
+        if shard not in loaded.get(id(p), ())
+    ]
     if missing:
-        raise ValueError(f"checkpoint {model_path!r} lacks weights for: {', '.join(missing[:8])}")
+        raise ValueError(
+            f"checkpoint {model_path!r} lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
+        )
+
+
+def num_shards(module: torch.nn.Module) -> int:
+    """Checkpoint tensors that fill each parameter of `module` (q, k, v into qkv_proj: 3)."""
+    return len(getattr(module, "local_sizes", [0]))
