@@ -56,20 +56,7 @@ class CudaGraphRunner:
 
     def _static_batch(self, bs: int) -> ForwardBatch:
         rows = self.index[:, :bs]  # views of the static rows: what the graph reads
-        return ForwardBatch(
-            num_reqs=bs,
-            num_tokens=bs,
-            max_extend_len=1,
-            is_decode=True,
-            req_pool_idx=rows[0],
-            prefix_lens=rows[1],
-            extend_lens=rows[2],
-            seq_lens=rows[3],
-            extend_start=rows[4],
-            positions=rows[5],
-            token_rows=rows[6],
-            out_slots=rows[7],
-        )
+        return ForwardBatch.of_rows(rows[:5], rows[5:], 1, bs)
 
     def _body(self, fb: ForwardBatch, bs: int) -> object:
         first = self.runner.ctx.is_first_stage

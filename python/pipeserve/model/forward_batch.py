@@ -74,9 +74,18 @@ class ForwardBatch:
     ) -> ForwardBatch:
         """Views of a packed index tensor: five (B,) request columns, then three (N,) token ones."""
         per_req, per_token = packed[: 5 * b].view(5, b), packed[5 * b : 5 * b + 3 * n].view(3, n)
+        return cls.of_rows(per_req, per_token, max_extend_len, b if num_real is None else num_real)
+
+    @classmethod
+    def of_rows(
+        cls, per_req: torch.Tensor, per_token: torch.Tensor, max_extend_len: int, num_real: int
+    ) -> ForwardBatch:
+        """From (5, B) request rows (pool row, prefix, new tokens, sequence length, first token
+        row) and (3, N) token rows (position, pool row, KV slot); views, never copies."""
+        b = per_req.shape[1]
         return cls(
-            num_reqs=b if num_real is None else num_real,
-            num_tokens=n,
+            num_reqs=num_real,
+            num_tokens=per_token.shape[1],
             max_extend_len=max_extend_len,
             is_decode=b > 0 and max_extend_len == 1,
             req_pool_idx=per_req[0],

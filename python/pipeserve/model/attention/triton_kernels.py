@@ -27,6 +27,25 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _attend_block(
+    qv, k_head, v_head, slots, mask_n, visible, offs_d, mask_d, stride_ks, stride_vs, scale,
+    m_i, l_i, acc, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One block of keys in an online softmax: K and V of `slots` gathered from one KV head of the
+    pool, scores masked by `visible` (queries x keys); returns the updated (max, sum, output)."""
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_head + slots[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.where(visible, _dot(qv, tl.trans(k), IEEE) * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(v_head + slots[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q, k_cache, v_cache, req_to_token, req_pool_idx, seq_lens, part_out, part_lse,
     stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_row,
@@ -61,26 +80,11 @@ def _decode_split_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         slots = tl.load(req_to_token + row * stride_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_cache + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        qk = _dot(qv, tl.trans(k), IEEE)
-        qk = tl.where(mask_n[None, :], qk * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp(qk - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(
-            v_cache + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        pv = _dot(p.to(v.dtype), v, IEEE)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            qv, k_cache + kv_head * stride_kh, v_cache + kv_head * stride_vh, slots,
+            mask_n, mask_n[None, :], offs_d, mask_d, stride_ks, stride_vs, scale,
+            m_i, l_i, acc, IEEE,
+        )  # fmt: skip
     has_keys = end > start
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
@@ -156,28 +160,12 @@ def _extend_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < kv_end
         slots = tl.load(req_to_token + row * stride_row + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_cache + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        qk = _dot(qv, tl.trans(k), IEEE)
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(
-            v_cache + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        pv = _dot(p.to(v.dtype), v, IEEE)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            qv, k_cache + kv_head * stride_kh, v_cache + kv_head * stride_vh, slots,
+            mask_n, visible, offs_d, mask_d, stride_ks, stride_vs, scale,
+            m_i, l_i, acc, IEEE,
+        )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         o + q_rows[:, None] * stride_on + h * stride_oh + offs_d[None, :],
