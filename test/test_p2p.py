@@ -280,3 +280,24 @@ def _garbage_header(rank: int) -> str:
 def test_malformed_header_is_an_error_naming_the_peer():
     res = run_ranks(_garbage_header)
     assert "rank 0" in res[1] and "PROXY" in res[1]
+
+
+def _into(rank: int) -> bool:
+    pp = get_pp_group()
+    big = torch.arange(300_000, dtype=torch.float32)  # out of line: larger than a frame's budget
+    if rank == 0:
+        pp.send_tensor_dict({"x": big, "small": torch.ones(3)}, dst=1)
+        pp.isend_tensor_dict({"x": big}, dst=1)  # refused by the receiver: never completes
+        return True
+    buffer = torch.zeros(400_000)
+    got = pp.recv_tensor_dict(src=0, into={"x": buffer, "small": torch.zeros(8)})
+    assert torch.equal(got["x"], big) and got["x"].data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[: big.numel()], big)
+    assert torch.equal(got["small"], torch.ones(3))  # inline: a view of its frame
+    with pytest.raises(P2PError, match="does not fit its receive buffer"):
+        pp.recv_tensor_dict(src=0, into={"x": torch.zeros(10)})
+    return True
+
+
+def test_a_receive_lands_in_the_consumers_buffer_and_a_misfit_is_an_error():
+    assert run_ranks(_into) == {0: True, 1: True}

@@ -270,15 +270,19 @@ class GroupCoordinator:
         all_gather_group: GroupCoordinator | None = None,
         all_gather_tensors: dict[str, bool] | None = None,
         channel: Channel = Channel.PROXY,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> tuple[TensorDict, list[Any], Postprocess]:
         """Claims the next message from `src` and posts every receive it can; blocks on nothing.
 
         The returned dict fills in once the handles have been waited; `postprocess()` then all-gathers
-        the TP-split tensors and returns it.
+        the TP-split tensors and returns it. `into` names preallocated buffers (contiguous, at least
+        as large, same dtype and device) that receive those keys' tensors instead of fresh ones; the
+        tensors returned are views of their fronts. A buffer read on another stream than the
+        receive's needs `record_stream` for that stream, as any received tensor does.
         """
         src = self.prev_rank if src is None else src
         inbox = self._inbox(src, channel)
-        incoming = inbox.claim(all_gather_group, all_gather_tensors)
+        incoming = inbox.claim(all_gather_group, all_gather_tensors, into)
         handles: list[Any] = [MessageWork(inbox, incoming)]
         return incoming.tensor_dict, handles, make_postprocess(incoming)
 

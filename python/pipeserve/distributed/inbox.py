@@ -49,10 +49,12 @@ class Incoming:
         frame_work: P2PWork | None,
         gather_group: GroupCoordinator | None,
         gather_keys: dict[str, bool] | None,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.frame_work = frame_work
         self.gather_group = gather_group
         self.gather_keys = gather_keys or {}
+        self.into = into or {}  # key -> the consumer's buffer that receives that tensor
         self.done = threading.Event()  # set once header and CPU tensors are in (or on error)
         self.error: BaseException | None = None
         self.kind: MessageKind | None = None
@@ -91,9 +93,12 @@ class Inbox:
         )
 
     def claim(
-        self, gather_group: GroupCoordinator | None, gather_keys: dict[str, bool] | None
+        self,
+        gather_group: GroupCoordinator | None,
+        gather_keys: dict[str, bool] | None,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> Incoming:
-        incoming = Incoming(None, gather_group, gather_keys)
+        incoming = Incoming(None, gather_group, gather_keys, into)
         with self.cond:
             if self.error is not None:
                 incoming.error = self.error
@@ -221,9 +226,7 @@ def plan_receive(
                 incoming.tensor_dict[e.key] = view.view(e.meta.shape)
                 continue
         on_cpu = e.meta.device_type == "cpu"
-        full = torch.empty(
-            e.meta.shape, dtype=e.meta.dtype, device="cpu" if on_cpu else coord.device
-        )
+        full = receive_buffer(incoming.into.get(e.key), e, "cpu" if on_cpu else coord.device)
         target = full.view(-1)
         if split:
             target = target.view(group.world_size, -1)[group.rank_in_group]
@@ -234,6 +237,23 @@ def plan_receive(
             targets.append((f"tensor {e.key!r}", target, on_cpu))
         incoming.tensor_dict[e.key] = full
     return targets
+
+
+def receive_buffer(into: torch.Tensor | None, e: HeaderEntry, device: Any) -> torch.Tensor:
+    """Where tensor `e` lands: a fresh buffer, or the front of the consumer's `into` buffer (the
+    consumer keeps it from being reused while a previous message in it is still read)."""
+    if into is None:
+        return torch.empty(e.meta.shape, dtype=e.meta.dtype, device=device)
+    if (
+        into.dtype != e.meta.dtype
+        or into.device != torch.device(device)
+        or into.numel() < e.meta.numel
+    ):
+        raise P2PError(
+            f"tensor {e.key!r} ({e.meta.dtype}, {tuple(e.meta.shape)}) does not fit its receive "
+            f"buffer ({into.dtype}, {tuple(into.shape)} on {into.device})"
+        )
+    return into.view(-1)[: e.meta.numel].view(e.meta.shape)
 
 
 class MessageWork:

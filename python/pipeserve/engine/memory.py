@@ -29,4 +29,9 @@ def reserved_bytes(
         # logits (fp32), their filtered and float64 noisy copies, a sort: ~32 bytes per entry
         sampler = cfg.micro_batch_cap * model.vocab_size * 32
     graphs = 0 if cfg.disable_cuda_graph else cfg.cuda_graph_max_bs * per_token
-    return activations + sampler + graphs + SLACK_BYTES
+    rings = 0  # later stages' preallocated proxy receive buffers (pp_loop.ReceiveRings)
+    if not ctx.is_first_stage:
+        rings = (
+            (cfg.num_microbatches + 2) * cfg.chunked_prefill_size * model.hidden_size * 2 * width
+        )
+    return activations + sampler + graphs + rings + SLACK_BYTES

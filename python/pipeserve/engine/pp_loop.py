@@ -61,6 +61,7 @@ class SchedulerPPMixin:
         self.executor = Executor(self.runner.device)
         self.stage_busy: list[float] = []
         self.arrived_since_launch = 0  # token messages stage 0 took in since its last broadcast
+        self.rings = ReceiveRings(self.cfg, self.ctx, self.runner)
         self.tracer = NullTracer()
         if self.cfg.pp_trace:
             rank = self.ctx.pp_rank * self.ctx.tp_size + self.ctx.tp_rank
@@ -122,7 +123,7 @@ class SchedulerPPMixin:
             req.started_at = req.started_at or now
         rec = InFlight(desc, reqs, self.executor.submit(self._forward_and_send, desc))
         if self.ctx.pp_size > 1:  # NOTE: the tokens' receive is claimed before anything else
-            rec.expected = self.transport.expect(Channel.TOKENS, src=self.ctx.pp_size - 1)
+            rec.expected = self._expect_tokens()
         return rec
 
     def _forward_and_send(self, desc: BatchDescriptor) -> Any:
@@ -200,8 +201,7 @@ class SchedulerPPMixin:
                 self._wait_job(job)
             job = InFlight(desc, [], self.executor.submit(self._forward_and_send, desc))
             if self.ctx.pp_size > 1 and desc.kind == "batch":
-                src = self.ctx.pp_size - 1
-                awaited.append((self.transport.expect(Channel.TOKENS, src=src), desc))
+                awaited.append((self._expect_tokens(), desc))
             if desc.kind == "shutdown":
                 self._wait_job(job)
                 return
@@ -236,7 +236,13 @@ class SchedulerPPMixin:
         return self.transport.send(reply, Channel.TOKENS, dst=0)
 
     def _expect_proxy(self) -> Expected:
-        return self.transport.expect(Channel.PROXY, self.pp.prev_rank, self.gather_group, NO_SPLIT)
+        return self.transport.expect(
+            Channel.PROXY, self.pp.prev_rank, self.gather_group, NO_SPLIT, self.rings.proxy()
+        )
+
+    def _expect_tokens(self) -> Expected:
+        src = self.ctx.pp_size - 1
+        return self.transport.expect(Channel.TOKENS, src, into=self.rings.tokens())
 
     def _send_forward(
         self, desc: BatchDescriptor, proxy: dict, busy: list[float] | None = None
@@ -257,6 +263,48 @@ class SchedulerPPMixin:
     def _wait_all(self, works: list[Any]) -> None:
         for w in works:
             w.wait(self.cfg.p2p_timeout_s)
+
+
+class ReceiveRings:
+    """Preallocated receive buffers, taken in turn: proxies on later stages (the largest a
+    microbatch can send), sampled tokens on stage 0. A ring holds M + 2 sets: M messages claimed
+    ahead, the one being computed, and one whose readers the device may still be running."""
+
+    def __init__(self, cfg: Any, ctx: Any, runner: Any) -> None:
+        size = cfg.num_microbatches + 2
+        self.turn = {"proxy": 0, "tokens": 0}
+        self.sets: dict[str, list[dict]] = {"proxy": [], "tokens": []}
+        if ctx.pp_size == 1:
+            return
+        device, dtype = runner.device, runner.dtype
+        if not ctx.is_first_stage:
+            shape = (cfg.chunked_prefill_size, runner.model_cfg.hidden_size)
+            self.sets["proxy"] = [
+                {k: torch.empty(shape, dtype=dtype, device=device) for k in PROXY_KEYS}
+                for _ in range(size)
+            ]
+        elif runner.tokens is not None:
+            cap = cfg.micro_batch_cap
+            self.sets["tokens"] = [
+                {"next_token_ids": torch.empty(cap, dtype=torch.int64, device=device)}
+                for _ in range(size)
+            ]
+
+    def _next(self, kind: str) -> dict | None:
+        ring = self.sets[kind]
+        if not ring:
+            return None
+        self.turn[kind] += 1
+        return ring[self.turn[kind] % len(ring)]
+
+    def proxy(self) -> dict | None:
+        return self._next("proxy")
+
+    def tokens(self) -> dict | None:
+        return self._next("tokens")
+
+
+PROXY_KEYS = ("hidden_states", "residual")
 
 
 def _for_later_stages(desc: BatchDescriptor) -> BatchDescriptor:

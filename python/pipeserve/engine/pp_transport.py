@@ -35,8 +35,9 @@ class AsyncTransport:
         src: int,
         gather_group: GroupCoordinator | None = None,
         gather_keys: dict[str, bool] | None = None,
+        into: dict | None = None,
     ) -> Expected:
-        _, handles, post = self.pp.irecv_tensor_dict(src, gather_group, gather_keys, channel)
+        _, handles, post = self.pp.irecv_tensor_dict(src, gather_group, gather_keys, channel, into)
         return Expected(channel, src, gather_group, gather_keys, handles, post)
 
     def complete(self, expected: Expected, timeout_s: float) -> dict:
@@ -62,8 +63,9 @@ class SyncTransport(AsyncTransport):
         src: int,
         gather_group: GroupCoordinator | None = None,
         gather_keys: dict[str, bool] | None = None,
+        into: dict | None = None,
     ) -> Expected:
-        return Expected(channel, src, gather_group, gather_keys)
+        return Expected(channel, src, gather_group, gather_keys)  # the baseline allocates
 
     def complete(self, expected: Expected, timeout_s: float) -> dict:
         # NOTE: a gloo wait that runs out closes its connection, so the baseline cannot wait in
