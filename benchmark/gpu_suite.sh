@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|offline8b|pp8b|pp1b|serving
+#   bash benchmark/gpu_suite.sh tests|offline8b|pp|pp8b|pp1b|serving
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -32,6 +32,12 @@ pp8b | pp1b)
   shape=${1#pp}
   step 560 python3 benchmark/bench_pp.py --device cuda --shape "$shape" --repeats 2 \
     --trace "$O/trace_$shape" --json "$O/pp_$shape.json"
+  ;;
+pp)  # what needs two GPUs, in one call: the two-GPU tests, then bench_pp on the 8B shape
+  step 170 python3 -m pytest -q -p no:cacheprovider test/test_cuda_graphs.py -k "pp2_and_tp2" \
+    test/test_cuda.py -k "nccl or pp2 or consumer_stream or pp2_and_tp2"
+  step 380 python3 benchmark/bench_pp.py --device cuda --shape 8b --repeats 1 \
+    --trace "$O/trace_8b" --json "$O/pp_8b.json"
   ;;
 serving)
   step 560 python3 benchmark/bench_serving.py --device cuda --json "$O/serving_cuda.json"
