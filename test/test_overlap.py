@@ -248,3 +248,10 @@ def test_token_pool_fill_write_read():
     pool.write(torch.tensor([1, 3]), torch.tensor([2, 3]), torch.tensor([40, 41]))
     got = pool.read(torch.tensor([1, 1, 1, 3, 3, 3, 3]), torch.tensor([0, 1, 2, 0, 1, 2, 3]))
     assert got.tolist() == [5, 6, 40, 7, 8, 9, 41]
+
+
+def test_rank_processes_carry_their_name_where_ps_shows_it():
+    with Engine(device="cpu", pp_size=2) as engine:
+        for rank, proc in engine.ranks.procs.items():
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                assert f.read().split(b"\0")[0] == f"pipeserve-rank{rank}".encode()
