@@ -78,6 +78,8 @@ def sample_step(
     seq_lens = ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]]
     where = to_device(np.stack([ints[:, INT_COL["req_pool_idx"]], seq_lens]), runner.device)
     runner.tokens.write(where[0], where[1], result.next_token_ids)
+    if not runner.ctx.is_first_stage:  # sent on to stage 0 as device tensors: no host copy here
+        return SampledTokens(tokens, tokens)
     return SampledTokens.of(tokens)
 
 
