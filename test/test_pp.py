@@ -123,3 +123,14 @@ def test_killed_stage_fails_fast_and_every_rank_exits(model_path):
     for p in procs:
         p.join(10)
         assert not p.is_alive()
+
+
+def test_idle_keepalives_keep_stage_0_tp_peers_in_step(model_path, reference):
+    """pp=2 x tp=2 with keepalives while idle: stage 0's TP peer takes every token message rank 0
+    takes, a keepalive's reply included, so the requests after the idle time still come out right."""
+    items = workload()
+    with Engine(model_path=model_path, device="cpu", pp_size=2, tp_size=2, keepalive_s=0.2) as e:
+        first = run_staggered(e, items[:6])
+        time.sleep(1.5)  # several keepalives go around the ring
+        second = run_staggered(e, items[6:])
+    assert first + second == reference

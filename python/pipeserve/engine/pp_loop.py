@@ -194,13 +194,15 @@ class SchedulerPPMixin:
         job = None
         while True:
             desc, arrived = receive_descriptor(self.tp)
-            for _ in range(arrived):  # tokens rank 0 took in before deciding this microbatch
+            for _ in range(arrived):  # token messages rank 0 took in before deciding this one
                 expected, launched = awaited.popleft()
-                self._store_tokens(launched, self._complete(expected))
+                data = self._complete(expected)
+                if launched.kind == "batch":  # a keepalive's reply carries no tokens
+                    self._store_tokens(launched, data)
             if job is not None:
                 self._wait_job(job)
             job = InFlight(desc, [], self.executor.submit(self._forward_and_send, desc))
-            if self.ctx.pp_size > 1 and desc.kind == "batch":
+            if self.ctx.pp_size > 1 and desc.kind != "shutdown":  # every reply, as rank 0 does
                 awaited.append((self._expect_tokens(), desc))
             if desc.kind == "shutdown":
                 self._wait_job(job)
