@@ -49,7 +49,7 @@ class ShutdownReq:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: built hundreds of times a step, where frozen init is slow
 class TokenOut:
     """New tokens of one request since its last TokenOut (all of them once it has finished)."""
 
@@ -78,7 +78,8 @@ MESSAGES = {
 
 # Field names per message type, looked up once: the codec runs for every output of every step.
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
-_SCALARS = (int, float, str, bool, type(None))
+_TAGS = {cls: "@" + cls.__name__ for cls in MESSAGES.values()}
+_SCALARS = frozenset((int, float, str, bool, type(None)))
 
 
 def _to_plain(obj: Any) -> Any:
@@ -86,8 +87,9 @@ def _to_plain(obj: Any) -> Any:
     if cls in _SCALARS:
         return obj
     names = _FIELDS.get(cls)
-    if names is not None:
-        return ("@" + cls.__name__, [_to_plain(getattr(obj, n)) for n in names])
+    if names is not None:  # scalar fields as they are: no call per field (hundreds per step)
+        values = [getattr(obj, n) for n in names]
+        return (_TAGS[cls], [v if type(v) in _SCALARS else _to_plain(v) for v in values])
     if isinstance(obj, (list, tuple)):
         if all(type(x) in _SCALARS for x in obj):  # token ids, logprobs: no walk needed
             return obj if cls is list else list(obj)
@@ -100,7 +102,9 @@ def _from_plain(obj: Any) -> Any:
     if cls in _SCALARS:
         return obj
     if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
-        return MESSAGES[obj[0][1:]](*[_from_plain(x) for x in obj[1]])
+        return MESSAGES[obj[0][1:]](
+            *[x if type(x) in _SCALARS else _from_plain(x) for x in obj[1]]
+        )
     if cls is list:
         if all(type(x) in _SCALARS for x in obj):
             return obj
