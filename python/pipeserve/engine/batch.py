@@ -45,6 +45,27 @@ INT_COL = {name: i for i, name in enumerate(REQ_INT_COLUMNS)}
 FLOAT_COL = {name: i for i, name in enumerate(REQ_FLOAT_COLUMNS)}
 
 
+def penalised(req_floats: np.ndarray) -> np.ndarray:
+    """bool (B,): the rows (of REQ_FLOAT_COLUMNS) with a non-default penalty."""
+    f = {name: req_floats[:, i] for name, i in FLOAT_COL.items()}
+    return (
+        (f["repetition_penalty"] != 1)
+        | (f["frequency_penalty"] != 0)
+        | (f["presence_penalty"] != 0)
+    )
+
+
+def seq_lens(req_ints: np.ndarray) -> np.ndarray:
+    """(B,) tokens of each request once this step's are in: where its sampled token goes."""
+    return req_ints[:, INT_COL["prefix_len"]] + req_ints[:, INT_COL["extend_len"]]
+
+
+def sampled_token_places(desc: BatchDescriptor) -> np.ndarray:
+    """(2, S) token-pool row and position of each sampled token, in request order."""
+    ints = desc.req_ints[desc.sampled()]
+    return np.stack([ints[:, INT_COL["req_pool_idx"]], seq_lens(ints)])
+
+
 @dataclass
 class BatchDescriptor:
     kind: str  # "batch", "keepalive" (an idle ring refreshing its waits) or "shutdown"

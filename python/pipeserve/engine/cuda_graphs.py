@@ -92,9 +92,9 @@ class CudaGraphRunner:
 
     def replay(
         self, desc: BatchDescriptor, hidden: torch.Tensor | None, residual: torch.Tensor | None
-    ) -> tuple[ForwardBatch, object]:
+    ) -> object:
         """Runs `desc` (a decode batch of B requests) through the smallest bucket that holds it;
-        returns the batch and the outputs' first B rows."""
+        returns the outputs' first B rows."""
         b = desc.num_reqs
         bs = next(s for s in self.sizes if s >= b)
         fb = ForwardBatch.build(
@@ -114,8 +114,8 @@ class CudaGraphRunner:
         self.graphs[bs].replay()
         out = self.outputs[bs]
         if isinstance(out, tuple):
-            return fb, tuple(t[:b] for t in out)
-        return fb, out[:b]
+            return tuple(t[:b] for t in out)
+        return out[:b]
 
 
 def _stacked(fb: ForwardBatch) -> torch.Tensor:

@@ -102,9 +102,7 @@ def _from_plain(obj: Any) -> Any:
     if cls in _SCALARS:
         return obj
     if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
-        return MESSAGES[obj[0][1:]](
-            *[x if type(x) in _SCALARS else _from_plain(x) for x in obj[1]]
-        )
+        return MESSAGES[obj[0][1:]](*[x if type(x) in _SCALARS else _from_plain(x) for x in obj[1]])
     if cls is list:
         if all(type(x) in _SCALARS for x in obj):
             return obj

@@ -152,7 +152,7 @@ class ModelRunner:
             hidden_in, residual_in = proxy["hidden_states"], proxy["residual"]
         args = (desc.ints("req_pool_idx"), desc.ints("prefix_len"), desc.ints("extend_len"))
         if self.graphs is not None and self.graphs.can_run(desc):
-            fb, out = self.graphs.replay(desc, hidden_in, residual_in)
+            out = self.graphs.replay(desc, hidden_in, residual_in)
         else:
             fb = ForwardBatch.build(*args, desc.out_slots, self.device)
             rows = None  # every row samples: a decode batch whose requests all sample
@@ -163,7 +163,7 @@ class ModelRunner:
             hidden, residual = out
             return {"hidden_states": hidden, "residual": residual}
         logits = out[: int(desc.sampled().sum())]
-        return sample_step(self, desc, fb, logits)
+        return sample_step(self, desc, logits)
 
     def run_model(
         self,

@@ -24,7 +24,7 @@ import torch
 
 from pipeserve.distributed import Channel
 from pipeserve.distributed.liveness import wait_live
-from pipeserve.engine.batch import FLOAT_COL, INT_COL, NO_SPLIT, BatchDescriptor
+from pipeserve.engine.batch import NO_SPLIT, BatchDescriptor, penalised, sampled_token_places
 from pipeserve.engine.descriptor_broadcast import receive_descriptor, send_descriptor
 from pipeserve.engine.executor import Executor
 from pipeserve.engine.pp_transport import TRANSPORTS, Expected
@@ -160,13 +160,7 @@ class SchedulerPPMixin:
         """Sampled tokens into this rank's token pool, ordered with the forwards that read them,
         and (on CUDA, started here) a host copy for the scheduler."""
         tokens = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-        ints = desc.req_ints[desc.sampled()]
-        where = np.stack(
-            [
-                ints[:, INT_COL["req_pool_idx"]],
-                ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]],
-            ]
-        )
+        where = sampled_token_places(desc)
         self.executor.submit(self._write_tokens, where, tokens["next_token_ids"])
         return SampledTokens.of(tokens)
 
@@ -313,10 +307,4 @@ def _for_later_stages(desc: BatchDescriptor) -> BatchDescriptor:
     """Only the last stage reads fills (penalty history); only for rows with penalties."""
     if not len(desc.fills):
         return desc
-    f = desc.req_floats
-    penalised = (
-        (f[:, FLOAT_COL["repetition_penalty"]] != 1)
-        | (f[:, FLOAT_COL["frequency_penalty"]] != 0)
-        | (f[:, FLOAT_COL["presence_penalty"]] != 0)
-    )
-    return desc.with_fills(desc.ints("req_pool_idx")[penalised])
+    return desc.with_fills(desc.ints("req_pool_idx")[penalised(desc.req_floats)])

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeserve.engine.batch import FLOAT_COL, INT_COL, BatchDescriptor
+from pipeserve.engine.batch import (
+    FLOAT_COL,
+    INT_COL,
+    BatchDescriptor,
+    penalised,
+    sampled_token_places,
+    seq_lens,
+)
 from pipeserve.engine.sampler import (
     SampleOutput,
     SamplingBatch,
@@ -18,7 +25,7 @@ from pipeserve.engine.sampler import (
     TokenHistory,
     sample,
 )
-from pipeserve.model.forward_batch import ForwardBatch, to_device
+from pipeserve.model.forward_batch import to_device
 
 if TYPE_CHECKING:
     from pipeserve.engine.model_runner import ModelRunner
@@ -53,9 +60,7 @@ class SampledTokens:
         return cls(device_tensors, host, ready)
 
 
-def sample_step(
-    runner: ModelRunner, desc: BatchDescriptor, fb: ForwardBatch, logits: torch.Tensor
-) -> SampledTokens:
+def sample_step(runner: ModelRunner, desc: BatchDescriptor, logits: torch.Tensor) -> SampledTokens:
     picked = desc.sampled()
     ints, floats = desc.req_ints[picked], desc.req_floats[picked]
     flags = sampling_flags(ints, floats)
@@ -75,8 +80,7 @@ def sample_step(
         tokens["top_logprobs"] = result.top_logprobs
     # the new token's place in the pool: stage 0 reads it as the next input (pp = 1), the last
     # stage as penalty history
-    seq_lens = ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]]
-    where = to_device(np.stack([ints[:, INT_COL["req_pool_idx"]], seq_lens]), runner.device)
+    where = to_device(sampled_token_places(desc), runner.device)
     runner.tokens.write(where[0], where[1], result.next_token_ids)
     if not runner.ctx.is_first_stage:  # sent on to stage 0 as device tensors: no host copy here
         return SampledTokens(tokens, tokens)
@@ -89,16 +93,11 @@ PLAIN_GREEDY = SamplingFlags()
 def sampling_flags(ints: np.ndarray, floats: np.ndarray) -> SamplingFlags:
     """What the sampled rows need, from the host copies of their columns."""
     i, f = (lambda name: ints[:, INT_COL[name]]), (lambda name: floats[:, FLOAT_COL[name]])
-    penalties = (
-        (f("repetition_penalty") != 1)
-        | (f("frequency_penalty") != 0)
-        | (f("presence_penalty") != 0)
-    )
     return SamplingFlags.from_columns(
         f("temperature"),
         f("top_p"),
         f("top_k"),
-        penalties,
+        penalised(floats),
         i("ban_eos").astype(bool),
         i("return_logprob").astype(bool),
         i("top_logprobs_num"),
@@ -130,9 +129,9 @@ def sampling_batch(
 
 def token_history(runner: ModelRunner, ints: np.ndarray) -> TokenHistory:
     """Every token of the sampled requests so far, read from the last stage's token pool."""
-    seq_lens = ints[:, INT_COL["prefix_len"]] + ints[:, INT_COL["extend_len"]]
-    width = int(seq_lens.max())
-    cols = np.stack([ints[:, INT_COL["req_pool_idx"]], seq_lens, ints[:, INT_COL["prompt_len"]]])
+    lens = seq_lens(ints)
+    width = int(lens.max())
+    cols = np.stack([ints[:, INT_COL["req_pool_idx"]], lens, ints[:, INT_COL["prompt_len"]]])
     rows, lens, prompt_lens = to_device(cols, runner.device)
     position = torch.arange(width, device=runner.device)[None, :]
     ids = runner.tokens.ids[rows, :width].to(torch.int64)
