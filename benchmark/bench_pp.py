@@ -30,6 +30,8 @@ import time
 
 from pipeserve import Engine
 from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.model.config import ModelConfig
+from pipeserve.model.registry import stage_layers
 from pipeserve.utils import usable_cores
 
 WORKLOADS = {
@@ -118,6 +120,7 @@ def bench(
         pp_comm_mode=mode,
         cpu_threads=threads,
         max_running_requests=1024 if cuda else 256,
+        cuda_graph_max_bs=1024,  # every decode microbatch replays a graph, pp=1's 1024 too
         pp_layer_partition=partition,
         pp_trace=trace,
     ) as engine:
@@ -144,6 +147,7 @@ def bench(
                     "bubble_bound": (pp - 1) / (m + pp - 1),
                     "microbatches": m,
                     "partition": partition,
+                    "layers": stage_layers(ModelConfig.from_dir(model), pp, partition),
                     "threads": threads,
                     "device": device,
                     "ms_per_token": wall / wl[2] * 1e3 if wl[0] == 1 else None,

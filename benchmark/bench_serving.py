@@ -19,6 +19,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -181,12 +182,16 @@ def launch(extra: str, model_path: str | None) -> tuple[subprocess.Popen, str]:
     ]
     if model_path:
         cmd += ["--model-path", model_path]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the log stays open (and on disk) for as long as the server runs
+    log = tempfile.NamedTemporaryFile("w+", prefix="bench-serving-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server {cmd} exited with {proc.returncode}")
+            log.seek(0)
+            tail = log.read()[-3000:]
+            raise SystemExit(f"server {cmd} exited with {proc.returncode}; its log ends:\n{tail}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
@@ -206,7 +211,10 @@ def run_target(label: str, url: str, model: str | None, args: argparse.Namespace
         else [(None, r) for r in args.request_rate]
     )
     for c, r in points:
-        row = {"target": label, **asyncio.run(sweep_point(url, model, prompts, c, r, args))}
+        some = prompts
+        if c is not None and args.per_client:  # short runs at low concurrency
+            some = prompts[: max(1, min(len(prompts), args.per_client * c))]
+        row = {"target": label, **asyncio.run(sweep_point(url, model, some, c, r, args))}
         rows.append(row)
         print(
             f"{label:>32} c={c!s:>4} rate={r!s:>5}  {row['req_per_s']:7.2f} req/s {row['output_tok_per_s']:9.1f} tok/s  "
@@ -264,6 +272,12 @@ def main() -> None:
         help="requests/s (Poisson), instead of concurrency",
     )
     parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=None,
+        help="with --concurrency: send min(num-prompts, this x concurrency) requests per point",
+    )
     parser.add_argument("--input-len", type=int, default=32, help="words per prompt")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)

@@ -43,8 +43,13 @@ pp)  # what needs two GPUs, in one call: the two-GPU tests, then bench_pp on the
   gzip -f "$O/trace_8b/trace_pp2_async.json" 2>/dev/null
   rm -f "$O"/trace_8b/*.json
   ;;
-serving)
-  step 560 python3 benchmark/bench_serving.py --device cuda --json "$O/serving_cuda.json"
+serving)  # two GPUs: the HTTP server at pp=1 (one GPU) and pp=2, 8B shape, ~128-token prompts
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
+  flags="--device cuda --max-running-requests 512 --cuda-graph-max-bs 512"
+  step 500 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-8b --launch "$flags --pp-size 1" \
+    --launch "$flags --pp-size 2" --concurrency 1,16,64,256 --per-client 4 --num-prompts 512 \
+    --input-len 32 --output-len 128 --json "$O/serving_cuda.json" --plot "$O/serving_cuda.png"
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40

@@ -9,7 +9,12 @@ from checkpoints import make_checkpoint
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.loader import load_weights
 from pipeserve.model.parallel import ParallelContext
-from pipeserve.model.registry import build_stage_model, partition_layers
+from pipeserve.model.registry import (
+    build_stage_model,
+    head_cost_in_layers,
+    partition_layers,
+    stage_layers,
+)
 from pipeserve.model.rotary import inverse_frequencies
 
 
@@ -68,14 +73,33 @@ def test_stages_build_only_their_layers_and_weights(tied_llama):
     full = _stage(tied_llama, 0, 1)
     first, last = _stage(tied_llama, 0, 2), _stage(tied_llama, 1, 2)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert (first.start, first.end, last.start, last.end) == (0, 2, 2, 5)
+    # the odd layer goes to stage 0: the last stage also runs the lm_head
+    assert head_cost_in_layers(full.cfg) > 0
+    assert (first.start, first.end, last.start, last.end) == (0, 3, 3, 5)
     assert first.lm_head is None and first.norm is None and last.embed_tokens is None
     per_layer = n(full.layers[0])
-    assert n(first) == n(full.embed_tokens) + 2 * per_layer
-    assert n(last) == n(full.lm_head) + n(full.norm) + 3 * per_layer
+    assert n(first) == n(full.embed_tokens) + 3 * per_layer
+    assert n(last) == n(full.lm_head) + n(full.norm) + 2 * per_layer
     # Tied embeddings: the last stage, which has no embedding, loaded the embedding into its lm_head.
     assert torch.equal(last.lm_head.weight, full.embed_tokens.weight)
-    assert torch.equal(last.layers[0].mlp.down_proj.weight, full.layers[2].mlp.down_proj.weight)
+    assert torch.equal(last.layers[0].mlp.down_proj.weight, full.layers[3].mlp.down_proj.weight)
+
+
+def test_default_partition_counts_the_lm_head(tmp_path):
+    """Layers leave the last stage while that lowers the largest share of work (head included)."""
+    assert partition_layers(32, 2, "", head_layers=2.4) == [(0, 17), (17, 32)]
+    assert partition_layers(16, 2, "", head_layers=1.08) == [(0, 9), (9, 16)]
+    assert partition_layers(32, 4, "", head_layers=2.4) == [(0, 9), (9, 18), (18, 26), (26, 32)]
+    assert partition_layers(16, 2, "", head_layers=0.5) == [(0, 8), (8, 16)]  # no gain in moving
+    assert partition_layers(2, 2, "", head_layers=9.0) == [(0, 1), (1, 2)]  # one layer at least
+    assert partition_layers(32, 2, "20,12", head_layers=2.4) == [(0, 20), (20, 32)]  # as asked
+    # the 8B shape of the benchmarks: hidden 4096, 32 heads, 8 KV heads, inter 14336, vocab 128256
+    shape = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8}
+    shape |= {"intermediate_size": 14336, "vocab_size": 128256, "num_hidden_layers": 32}
+    raw = {**ModelConfig.from_dir(make_checkpoint(str(tmp_path), "llama", layers=1)).raw}
+    cfg = ModelConfig.from_dict({**raw, **shape, "head_dim": 128})
+    assert 2.3 < head_cost_in_layers(cfg) < 2.5
+    assert stage_layers(cfg, 2) == [(0, 17), (17, 32)]
 
 
 def test_tp_requires_divisible_heads(tmp_path):

@@ -32,7 +32,7 @@ class EngineConfig:
     pp_comm_mode: str = "async"  # "async", or "sync": the tensor-by-tensor baseline for benchmarks
     pp_layer_partition: str | None = None  # "a,b,...": layers per stage
     attention_backend: str = "auto"  # "torch", "triton" or "auto" (triton on CUDA, torch on CPU)
-    cuda_graph_max_bs: int = 256  # decode microbatches up to this size replay CUDA graphs
+    cuda_graph_max_bs: int = 512  # decode microbatches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
     pp_trace: str | None = None  # write a Chrome/Perfetto trace of the pipeline to this path
     nnodes: int = 1
@@ -132,7 +132,7 @@ def _validate_model(cfg: EngineConfig) -> None:
     mismatch only after start-up): tensor parallelism splits the attention heads, the KV heads and
     the MLP's intermediate size (the vocabulary is padded); every stage needs a layer."""
     from pipeserve.model.config import ModelConfig
-    from pipeserve.model.registry import partition_layers
+    from pipeserve.model.registry import stage_layers
 
     model = ModelConfig.from_dir(cfg.model_path)
     for what, size in (
@@ -145,7 +145,7 @@ def _validate_model(cfg: EngineConfig) -> None:
                 f"tp_size {cfg.tp_size} does not divide the model's {what} ({size}); "
                 "choose a tp_size that divides it"
             )
-    partition_layers(model.num_layers, cfg.pp_size, cfg.pp_layer_partition)
+    stage_layers(model, cfg.pp_size, cfg.pp_layer_partition)
 
 
 def _resolve_device(device: str) -> str:

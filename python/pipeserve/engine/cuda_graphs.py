@@ -24,8 +24,9 @@ logger = logging.getLogger("pipeserve.graphs")
 
 
 def buckets(max_bs: int) -> list[int]:
+    """Graph batch sizes up to `max_bs`: fine steps where padding would cost the most."""
     sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
-    sizes += list(range(160, max_bs + 1, 32))
+    sizes += [*range(160, 257, 32), *range(320, 513, 64), *range(640, max_bs + 1, 128)]
     return sorted({b for b in sizes if b < max_bs} | {max_bs})
 
 

@@ -6,6 +6,8 @@ later stages only follow. Stage 0's loop passes state: each step launches what i
 post-processes the oldest microbatch whose tokens are in, *then* waits for the next tokens to
 arrive. A request whose tokens have arrived may be launched again at once: its next input is read
 from the token pool on the device, so the host's look at the tokens overlaps the next forward.
+With every launch slot taken, the microbatch that the next arrival frees is decided *before* that
+arrival, so at the arrival stage 0 only launches (scheduling stays off the pipeline's path).
 
 Hosts provide: `cfg`, `ctx` (ParallelContext), `pp`, `tp` (GroupCoordinators), `runner`
 (ModelRunner), `liveness` and, on stage 0's TP rank 0, `accept_requests(timeout_s) -> bool` (False
@@ -43,6 +45,7 @@ class InFlight:
     job: Any = None  # the forward's handle: the tokens (pp = 1) or the proxy's sends
     expected: Expected | None = None  # the tokens' receive (pp > 1)
     tokens: SampledTokens | None = None  # set once they have arrived
+    released: bool = False  # its requests may be scheduled again
 
 
 @dataclass
@@ -52,6 +55,7 @@ class LoopState:
     last_launch: float = field(default_factory=time.monotonic)
     in_pipe: deque[InFlight] = field(default_factory=deque)  # launched, tokens not arrived
     ready: deque[InFlight] = field(default_factory=deque)  # tokens arrived, not post-processed
+    prepared: tuple[BatchDescriptor, list[Req]] | None = None  # decided, launched after an arrival
 
 
 class SchedulerPPMixin:
@@ -84,7 +88,7 @@ class SchedulerPPMixin:
     # ---- stage 0, TP rank 0: decides --------------------------------------------------------------
     def _first_stage_loop(self) -> None:
         s = LoopState()
-        while s.running or s.in_pipe or s.ready:
+        while s.running or s.in_pipe or s.ready or s.prepared:
             self._first_stage_step(s)
         rec = self._launch(BatchDescriptor.control("shutdown", s.mb_id), [])
         if self.ctx.pp_size > 1:
@@ -94,9 +98,11 @@ class SchedulerPPMixin:
     def _first_stage_step(self, s: LoopState) -> None:
         busy = s.in_pipe or s.ready or self.scheduler.has_work
         s.running = s.running and self.accept_requests(0.0 if busy else self.cfg.keepalive_s)
-        while s.running and len(s.in_pipe) < self.cfg.num_microbatches:
-            with self.tracer.span("schedule", s.mb_id):
-                built = self.scheduler.next_microbatch(s.mb_id)
+        while len(s.in_pipe) < self.cfg.num_microbatches:
+            built, s.prepared = s.prepared, None  # decided before its inputs arrived
+            if built is None and s.running:
+                with self.tracer.span("schedule", s.mb_id):
+                    built = self.scheduler.next_microbatch(s.mb_id)
             if built is None:
                 break
             self._launch_next(s, *built)
@@ -107,7 +113,25 @@ class SchedulerPPMixin:
         if s.ready:  # overlaps the forwards just launched
             self._post_process(s.ready.popleft())
         if s.in_pipe:
+            self._prepare(s)
             s.ready.append(self._arrive(s.in_pipe.popleft()))
+
+    def _prepare(self, s: LoopState) -> None:
+        """With every launch slot taken, the next launch follows the oldest microbatch's arrival:
+        decide it now, while the pipeline computes, counting that microbatch's requests as
+        arrived. It is launched only after the arrival, so the device reads their tokens in order;
+        the decisions are those the scheduler would make after it (the host learns nothing from an
+        arrival but that the requests may go again)."""
+        if (
+            self.ctx.pp_size == 1
+            or not s.running
+            or s.prepared is not None
+            or len(s.in_pipe) < self.cfg.num_microbatches
+        ):
+            return
+        self._release(s.in_pipe[0])
+        with self.tracer.span("schedule", s.mb_id):
+            s.prepared = self.scheduler.next_microbatch(s.mb_id)
 
     def _launch_next(self, s: LoopState, desc: BatchDescriptor, reqs: list[Req]) -> None:
         s.in_pipe.append(self._launch(desc, reqs))
@@ -142,8 +166,14 @@ class SchedulerPPMixin:
         if self.ctx.pp_size > 1:
             self._receive_tokens(rec)
             self.arrived_since_launch += 1
-        self.scheduler.arrived(rec.reqs)
+        self._release(rec)
         return rec
+
+    def _release(self, rec: InFlight) -> None:
+        """Once per microbatch: a request already chosen again must stay in the pipe."""
+        if not rec.released:
+            rec.released = True
+            self.scheduler.arrived(rec.reqs)
 
     def _receive_tokens(self, rec: InFlight) -> None:
         with self.tracer.span("receive-wait", rec.desc.mb_id):

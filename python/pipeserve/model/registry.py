@@ -29,10 +29,12 @@ def arch_spec(architecture: str) -> ArchSpec:
 
 
 def partition_layers(
-    num_layers: int, pp_size: int, override: str | None = None
+    num_layers: int, pp_size: int, override: str | None = None, head_layers: float = 0.0
 ) -> list[tuple[int, int]]:
-    """[start, end) per stage. Even split with the remainder on the last stages, or `override`
-    ("a,b,..."; also read from PIPESERVE_PP_LAYER_PARTITION)."""
+    """[start, end) per stage, or `override` ("a,b,..."; also read from
+    PIPESERVE_PP_LAYER_PARTITION). By default the stages get equal work: an even split (remainder
+    on the last stages), then layers move off the last stage while that lowers the largest share,
+    counting its lm_head as `head_layers` layers (`head_cost_in_layers`)."""
     source = PARTITION_ENV if override is None else "--pp-layer-partition (pp_layer_partition)"
     override = os.environ.get(PARTITION_ENV) if override is None else override
     if override:
@@ -42,11 +44,42 @@ def partition_layers(
             raise ValueError(f"cannot split {num_layers} layers over pp_size={pp_size} stages")
         base, rem = divmod(num_layers, pp_size)
         counts = [base + (1 if i >= pp_size - rem else 0) for i in range(pp_size)]
+        _balance(counts, head_layers)
     bounds, start = [], 0
     for n in counts:
         bounds.append((start, start + n))
         start += n
     return bounds
+
+
+def _balance(counts: list[int], head_layers: float) -> None:
+    """Moves single layers from the costliest stage to the cheapest while that lowers the maximum
+    (the last stage's cost includes its head); deterministic, ties to the lower stage index."""
+    extra = [0.0] * (len(counts) - 1) + [head_layers]
+    while True:
+        cost = [n + e for n, e in zip(counts, extra, strict=True)]
+        hi, lo = cost.index(max(cost)), cost.index(min(cost))
+        if counts[hi] <= 1 or cost[lo] + 1 >= cost[hi]:
+            return
+        counts[hi] -= 1
+        counts[lo] += 1
+
+
+def head_cost_in_layers(cfg: ModelConfig) -> float:
+    """The last stage's lm_head in decoder layers of work: its weights over one layer's (decode
+    reads every weight once per step, and a batch's matmul work scales the same way). The
+    embedding is a lookup and counts nothing."""
+    d = cfg.head_dim
+    attn = cfg.hidden_size * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.vocab_size * cfg.hidden_size / (attn + mlp)
+
+
+def stage_layers(
+    cfg: ModelConfig, pp_size: int, override: str | None = None
+) -> list[tuple[int, int]]:
+    """The model's layers per stage (`partition_layers` with this model's head cost)."""
+    return partition_layers(cfg.num_layers, pp_size, override, head_cost_in_layers(cfg))
 
 
 def _parse_partition(text: str, num_layers: int, pp_size: int, source: str) -> list[int]:
@@ -74,7 +107,7 @@ def build_stage_model(
 ) -> DecoderForCausalLM:
     """This rank's share of the model, parameters uninitialised (the loader fills them)."""
     spec = arch_spec(cfg.architecture)
-    layers = partition_layers(cfg.num_layers, ctx.pp_size, partition)[ctx.pp_rank]
+    layers = stage_layers(cfg, ctx.pp_size, partition)[ctx.pp_rank]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
