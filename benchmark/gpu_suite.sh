@@ -36,10 +36,10 @@ pp8b | pp1b)
 pp)  # what needs two GPUs, in one call: the two-GPU tests, then bench_pp on the 8B shape
   step 170 python3 -m pytest -q -p no:cacheprovider test/test_cuda_graphs.py -k "pp2_and_tp2" \
     test/test_cuda.py -k "nccl or pp2 or consumer_stream or pp2_and_tp2"
-  step 380 python3 benchmark/bench_pp.py --device cuda --shape 8b --repeats 1 \
+  step 400 python3 benchmark/bench_pp.py --device cuda --shape 8b --repeats 2 --partition 16,16 \
     --trace "$O/trace_8b" --json "$O/pp_8b.json"
   # what comes back is at most 8 files: the 1024-request bubble plots and one trace, compressed
-  rm -f "$O"/trace_8b/*one-request.png "$O"/trace_8b/*256-concurrent.png
+  rm -f "$O"/trace_8b/*one-request.png "$O"/trace_8b/*256-concurrent.png "$O"/trace_8b/*16,16*
   gzip -f "$O/trace_8b/trace_pp2_async.json" 2>/dev/null
   rm -f "$O"/trace_8b/*.json
   ;;
