@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -203,6 +204,8 @@ def serve(cfg: ServerConfig) -> int:
         engine.pp_comm_mode,
     )
     print(f"pipeserve ready at {cfg.url}", flush=True)
+    gc.collect()
+    gc.freeze()  # start-up's objects live on; the collector need not walk them (see worker.py)
     try:
         server.run()
     finally:

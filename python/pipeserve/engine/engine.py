@@ -96,7 +96,8 @@ class Engine:
         """`ids` as plain ints; what stage 0 would refuse is refused here first, naming the prompt."""
         if not ids:
             raise ValueError(f"{name} has no tokens")
-        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)), None)
+        plain = all(type(t) is int for t in ids)  # the usual case: no ABC check per token
+        bad = None if plain else next((t for t in ids if not _is_token_int(t)), None)
         if bad is not None:
             raise ValueError(f"{name}: token ids must be integers, got {bad!r}")
         limit = self.info["context_length"]
@@ -105,7 +106,7 @@ class Engine:
                 f"{name} has {len(ids)} tokens; the context length is {limit} "
                 "(a prompt must leave room for one new token)"
             )
-        return [int(t) for t in ids]
+        return list(ids) if plain else [int(t) for t in ids]
 
     def _normalize(self, prompt: Any) -> tuple[list[list[int]], bool]:
         if prompt is None:
@@ -293,3 +294,8 @@ class Engine:
         if not getattr(self, "closed", True):
             with contextlib.suppress(Exception):
                 self.shutdown()
+
+
+def _is_token_int(t: Any) -> bool:
+    """An integer of any kind (numpy's included), but not a bool."""
+    return isinstance(t, Integral) and not isinstance(t, bool)

@@ -57,10 +57,9 @@ class Scheduler:
         """Queues `req`; returns why it can never run, if so (nothing is queued then)."""
         if not req.prompt_ids:
             return "the prompt has no tokens"
-        bad = next(
-            (t for t in req.prompt_ids if type(t) is not int or not 0 <= t < self.vocab_size), None
-        )
-        if bad is not None:
+        ids = req.prompt_ids
+        if not (all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < self.vocab_size):
+            bad = next(t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size)
             return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
         if req.seq_len >= self.context_length:
             return f"prompt has {req.seq_len} tokens; the context length is {self.context_length}"
@@ -78,8 +77,11 @@ class Scheduler:
                 f"needs {need} KV slots; the KV cache holds {self.slots.size}"
             )
         req.arrival, self.num_arrived = self.num_arrived, self.num_arrived + 1
-        keys = [(r.priority, r.arrival) for r in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, (req.priority, req.arrival)), req)
+        key = (req.priority, req.arrival)
+        if not self.waiting or key >= _queue_key(self.waiting[-1]):  # the usual case: one priority
+            self.waiting.append(req)
+        else:
+            self.waiting.insert(bisect.bisect_right(self.waiting, key, key=_queue_key), req)
         return None
 
     def abort(self, req: Req) -> bool:
@@ -259,6 +261,10 @@ class Scheduler:
             self.rows.free([req.req_pool_idx])
             req.req_pool_idx = None
         self.running.remove(req)
+
+
+def _queue_key(req: Req) -> tuple[int, int]:
+    return (req.priority, req.arrival)
 
 
 def sampling_row(req: Req) -> np.ndarray:

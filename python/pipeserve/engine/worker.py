@@ -82,6 +82,11 @@ PROFILE_ENV = "PIPESERVE_PROFILE_DIR"
 def _run_loop(worker: StageWorker, rank: int) -> None:
     """The PP loop; under cProfile when PIPESERVE_PROFILE_DIR is set (rank<N>.prof and a text
     summary by own time written there when the loop ends)."""
+    # NOTE: what start-up built (torch, the model, Triton) lives as long as the rank; frozen, the
+    # cyclic collector stops walking it (a full pass over it took ~75 ms, a stall of every stage
+    # behind this one, at random steps)
+    gc.collect()
+    gc.freeze()
     out_dir = os.environ.get(PROFILE_ENV)
     if not out_dir:
         worker.event_loop_pp()
