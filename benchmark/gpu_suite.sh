@@ -15,6 +15,11 @@ step() {  # step SECONDS CMD...: runs under a timeout, appends to the part's log
   timeout "$t" "$@" >>"$LOG" 2>&1
   echo "=== rc=$? ($(date +%T))" | tee -a "$LOG"
 }
+trim_traces() {  # what comes back is at most 8 files: the 1024-request plots, one trace gzipped
+  rm -f "$1"/*one-request.png "$1"/*256-concurrent.png "$1"/*16,16*
+  gzip -f "$1/trace_pp2_async.json" 2>/dev/null
+  rm -f "$1"/*.json
+}
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
 nvidia-smi -L | tee -a "$LOG"
 case $1 in
@@ -32,16 +37,14 @@ pp8b | pp1b)
   shape=${1#pp}
   step 560 python3 benchmark/bench_pp.py --device cuda --shape "$shape" --repeats 2 \
     --trace "$O/trace_$shape" --json "$O/pp_$shape.json"
+  trim_traces "$O/trace_$shape"
   ;;
 pp)  # what needs two GPUs, in one call: the two-GPU tests, then bench_pp on the 8B shape
   step 170 python3 -m pytest -q -p no:cacheprovider test/test_cuda_graphs.py -k "pp2_and_tp2" \
     test/test_cuda.py -k "nccl or pp2 or consumer_stream or pp2_and_tp2"
   step 400 python3 benchmark/bench_pp.py --device cuda --shape 8b --repeats 2 --partition 16,16 \
     --trace "$O/trace_8b" --json "$O/pp_8b.json"
-  # what comes back is at most 8 files: the 1024-request bubble plots and one trace, compressed
-  rm -f "$O"/trace_8b/*one-request.png "$O"/trace_8b/*256-concurrent.png "$O"/trace_8b/*16,16*
-  gzip -f "$O/trace_8b/trace_pp2_async.json" 2>/dev/null
-  rm -f "$O"/trace_8b/*.json
+  trim_traces "$O/trace_8b"
   ;;
 serving)  # two GPUs: the HTTP server at pp=1 (one GPU) and pp=2, 8B shape, ~128-token prompts
   step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
