@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|offline8b|pp|pp8b|pp1b|serving
+#   bash benchmark/gpu_suite.sh tests|admission|offline8b|pp|pp8b|pp1b|serving
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -30,6 +30,11 @@ tests)
     step 120 python3 benchmark/p2p_overlap.py --quick --json "$O/p2p_nccl.json"
   fi
   step 300 python3 benchmark/bench_offline.py --shape 1b --json "$O/offline_1b.json"
+  ;;
+admission)  # a 1024-request batch reaching stage 0, with stage 0's loop under cProfile
+  PIPESERVE_PROFILE_DIR=$O/prof step 240 python3 benchmark/bench_admission.py --device cuda \
+    --requests 1024 --prompt-len 128 --json "$O/admission.json"
+  rm -f "$O"/prof/*.prof
   ;;
 offline8b)
   step 560 python3 benchmark/bench_offline.py --shape 8b --repeats 2 --long 16384 \
