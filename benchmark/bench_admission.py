@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--pp-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -50,6 +51,7 @@ def main() -> None:
     rows = []
     with Engine(
         device=args.device,
+        pp_size=args.pp_size,
         max_running_requests=args.requests,
         context_length=args.prompt_len + 8,
         pp_trace=trace,
@@ -77,7 +79,7 @@ def main() -> None:
         row["first_schedule_s"] = first_schedule_after(trace, row.pop("epoch"))
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(
-        f"{args.requests} requests x {args.prompt_len} tokens on {args.device}: "
+        f"{args.requests} requests x {args.prompt_len} tokens on {args.device}, pp={args.pp_size}: "
         f"submit_many {med['submit_s'] * 1e3:.1f} ms, first scheduling decision after "
         f"{med['first_schedule_s'] * 1e3:.1f} ms, all done after {med['wall_s'] * 1e3:.0f} ms "
         f"(medians of {args.repeats})"

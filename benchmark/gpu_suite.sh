@@ -31,10 +31,14 @@ tests)
   fi
   step 300 python3 benchmark/bench_offline.py --shape 1b --json "$O/offline_1b.json"
   ;;
-admission)  # a 1024-request batch reaching stage 0, with stage 0's loop under cProfile
-  PIPESERVE_PROFILE_DIR=$O/prof step 240 python3 benchmark/bench_admission.py --device cuda \
-    --requests 1024 --prompt-len 128 --json "$O/admission.json"
-  rm -f "$O"/prof/*.prof
+admission)  # a 1024-request batch reaching stage 0 (pp=1, and pp=2 where two GPUs are), with
+  # stage 0's loop under cProfile
+  for pp in 1 2; do
+    [ "$pp" -gt "$(nvidia-smi -L | wc -l)" ] && continue
+    PIPESERVE_PROFILE_DIR=$O/prof$pp step 240 python3 benchmark/bench_admission.py --device cuda \
+      --pp-size $pp --requests 1024 --prompt-len 128 --json "$O/admission_pp$pp.json"
+    rm -f "$O"/prof$pp/*.prof "$O"/prof$pp/rank1.txt
+  done
   ;;
 offline8b)
   step 560 python3 benchmark/bench_offline.py --shape 8b --repeats 2 --long 16384 \

@@ -96,7 +96,7 @@ class Engine:
         """`ids` as plain ints; what stage 0 would refuse is refused here first, naming the prompt."""
         if not ids:
             raise ValueError(f"{name} has no tokens")
-        plain = all(type(t) is int for t in ids)  # the usual case: no ABC check per token
+        plain = _INT_ONLY.issuperset(map(type, ids))  # the usual case: checked in C
         bad = None if plain else next((t for t in ids if not _is_token_int(t)), None)
         if bad is not None:
             raise ValueError(f"{name}: token ids must be integers, got {bad!r}")
@@ -294,6 +294,9 @@ class Engine:
         if not getattr(self, "closed", True):
             with contextlib.suppress(Exception):
                 self.shutdown()
+
+
+_INT_ONLY = frozenset((int,))
 
 
 def _is_token_int(t: Any) -> bool:

@@ -91,7 +91,7 @@ def _to_plain(obj: Any) -> Any:
         values = [getattr(obj, n) for n in names]
         return (_TAGS[cls], [v if type(v) in _SCALARS else _to_plain(v) for v in values])
     if isinstance(obj, (list, tuple)):
-        if all(type(x) in _SCALARS for x in obj):  # token ids, logprobs: no walk needed
+        if _SCALARS.issuperset(map(type, obj)):  # token ids, logprobs: no walk (checked in C)
             return obj if cls is list else list(obj)
         return [_to_plain(x) for x in obj]
     return obj
@@ -104,7 +104,7 @@ def _from_plain(obj: Any) -> Any:
     if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
         return MESSAGES[obj[0][1:]](*[x if type(x) in _SCALARS else _from_plain(x) for x in obj[1]])
     if cls is list:
-        if all(type(x) in _SCALARS for x in obj):
+        if _SCALARS.issuperset(map(type, obj)):
             return obj
         return [_from_plain(x) for x in obj]
     return obj
