@@ -12,6 +12,7 @@ import torch
 
 from pipeserve.model.attention import BackendSpec, create_backend
 from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.model.fused import store_kv
 
 triton = pytest.importorskip("triton")  # on CPU, conftest.py sets TRITON_INTERPRET=1
 interpreted = pytest.mark.skipif(
@@ -42,6 +43,7 @@ def _attend(name, device, dtype, table, fb, q, k, v, caches):
     fb.attn = None
     backend.prepare_metadata(fb)
     kc, vc = (c.clone() for c in caches)
+    store_kv(k, v, kc, vc, fb.out_slots)  # the layer's part, before any backend attends
     return backend.forward(q, k, v, (kc, vc), fb, D**-0.5), kc
 
 
@@ -148,15 +150,23 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype, monkeypatch) -
     kv = torch.randn(5, 2, 8, device=device, dtype=dtype, generator=g)
     slots = torch.tensor([7, 3, 0, 9, 1], device=device)
 
+    # q | k | v of a layer with 3 heads and 2 KV heads of 8 (rows padded, as a strided view)
+    qkv = torch.randn(5, 60, device=device, dtype=dtype, generator=g)[:, :56]
+
     def run() -> list[torch.Tensor]:
         caches = [torch.zeros(12, 2, 8, device=device, dtype=dtype) for _ in range(2)]
         fused.store_kv(kv, kv * 2, *caches, slots)
+        fused_caches = [torch.zeros(12, 2, 8, device=device, dtype=dtype) for _ in range(2)]
+        rotated = qkv.clone()
+        fused.rotate_store_kv_(rotated, 3, 2, cos, sin, *fused_caches, slots)
         return [
             *fused.add_rmsnorm(x, res, w, 1e-6),
             fused.add_rmsnorm(x, None, w, 1e-6)[0],
             fused.rotate_(qk.clone(), cos, sin),
             fused.silu_and_mul(gate_up, 40),
             *caches,
+            rotated,
+            *fused_caches,
         ]
 
     monkeypatch.setattr(fused, "FORCE_TRITON", False)

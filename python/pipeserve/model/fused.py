@@ -1,7 +1,7 @@
 """Fused elementwise steps of a decoder layer, as one Triton kernel each on CUDA (a decode step is
 hundreds of small kernels, so every launch saved shows), with the plain torch ops elsewhere:
-residual add + RMSNorm, rotary embedding of q and k in place, SiLU(gate) * up, and the KV cache
-store. Each computes what its torch version computes, in the same precision."""
+residual add + RMSNorm, rotary embedding of q and k in place (alone, or with the KV cache store),
+SiLU(gate) * up, and the KV cache store. Each computes what its torch version computes, in the same precision."""
 
 from __future__ import annotations
 
@@ -95,6 +95,66 @@ if triton is not None:
         # the torch version's rounding: each product in x's dtype, then their sum
         tl.store(base, lo * c_lo + (-hi) * s_lo, mask=mask)
         tl.store(base + HALF, hi * c_hi + lo * s_hi, mask=mask)
+
+
+def rotate_store_kv_(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """qkv (N, (heads + 2 kv_heads) * D), q | k | v: rotates q and k in place and writes k and v
+    into the caches at `slots`; one kernel for what `rotate_` and `store_kv` do in two."""
+    n = qkv.shape[0]
+    d = k_cache.shape[-1]
+    rotated = heads + kv_heads
+    if not _use_triton(qkv) or qkv.stride(-1) != 1:
+        rotate_(qkv[:, : rotated * d].view(n, rotated, d), cos, sin)
+        k = qkv[:, heads * d : rotated * d].view(n, kv_heads, d)
+        store_kv(k, qkv[:, rotated * d :].view(n, kv_heads, d), k_cache, v_cache, slots)
+        return
+    _rotate_store_kernel[(n,)](
+        qkv, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), heads, kv_heads, HALF=d // 2,
+        HEADS_PAD=triton.next_power_of_2(rotated), HALF_PAD=triton.next_power_of_2(d // 2),
+        KV_PAD=triton.next_power_of_2(kv_heads),
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_store_kernel(qkv, cos, sin, kc, vc, slots, stride_n, stride_c, sc_s, sc_h, heads, kv_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, KV_PAD: tl.constexpr):  # fmt: skip
+        n = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots + n).to(tl.int64)
+        h = tl.arange(0, HEADS_PAD)[:, None]
+        d = tl.arange(0, HALF_PAD)[None, :]
+        mask = (h < heads + kv_heads) & (d < HALF)
+        base = qkv + n * stride_n + h * (2 * HALF) + d
+        lo = tl.load(base, mask=mask, other=0.0)
+        hi = tl.load(base + HALF, mask=mask, other=0.0)
+        c_lo = tl.load(cos + n * stride_c + d, mask=d < HALF, other=0.0)
+        c_hi = tl.load(cos + n * stride_c + HALF + d, mask=d < HALF, other=0.0)
+        s_lo = tl.load(sin + n * stride_c + d, mask=d < HALF, other=0.0)
+        s_hi = tl.load(sin + n * stride_c + HALF + d, mask=d < HALF, other=0.0)
+        new_lo = lo * c_lo + (-hi) * s_lo  # as in _rotate_kernel
+        new_hi = hi * c_hi + lo * s_hi
+        tl.store(base, new_lo, mask=mask)
+        tl.store(base + HALF, new_hi, mask=mask)
+        is_k = mask & (h >= heads)  # the k heads, rotated, into the cache as well
+        k_at = kc + slot * sc_s + (h - heads) * sc_h + d
+        tl.store(k_at, new_lo, mask=is_k)
+        tl.store(k_at + HALF, new_hi, mask=is_k)
+        vh = tl.arange(0, KV_PAD)[:, None]
+        vd = tl.arange(0, 2 * HALF_PAD)[None, :]
+        v_mask = (vh < kv_heads) & (vd < 2 * HALF)
+        v_row = qkv + n * stride_n + (heads + kv_heads) * (2 * HALF)
+        v = tl.load(v_row + vh * (2 * HALF) + vd, mask=v_mask)
+        tl.store(vc + slot * sc_s + vh * sc_h + vd, v, mask=v_mask)
 
 
 # ---- SiLU(gate) * up ---------------------------------------------------------------------------------

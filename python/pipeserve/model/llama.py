@@ -11,7 +11,7 @@ from torch import nn
 from pipeserve.model.attention import AttentionBackend
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.forward_batch import ForwardBatch
-from pipeserve.model.fused import rotate_, silu_and_mul
+from pipeserve.model.fused import rotate_, rotate_store_kv_, silu_and_mul, store_kv
 from pipeserve.model.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -58,14 +58,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n, D, H, Hkv = x.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self.qkv_proj(x)
-        if self.q_norm is None:  # q and k rotated together, in place: one kernel
-            rotate_(qkv[:, : (H + Hkv) * D].view(n, H + Hkv, D), *rope)
+        v = qkv[:, (H + Hkv) * D :].view(n, Hkv, D)
+        if self.q_norm is None:  # q and k rotated in place and k, v stored: one kernel
+            rotate_store_kv_(qkv, H, Hkv, *rope, *kv, batch.out_slots)
             q = qkv[:, : H * D].view(n, H, D)
             k = qkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)
         else:
             q = rotate_(self.q_norm(qkv[:, : H * D].view(n, H, D)), *rope)
             k = rotate_(self.k_norm(qkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)), *rope)
-        v = qkv[:, (H + Hkv) * D :].view(n, Hkv, D)
+            store_kv(k, v, *kv, batch.out_slots)
         out = backend.forward(q, k, v, kv, batch, self.scale)
         return self.o_proj(out.reshape(n, H * D))
 

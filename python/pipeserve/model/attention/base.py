@@ -46,8 +46,9 @@ class AttentionBackend(ABC):
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        """q (N, H, D), k and v (N, Hkv, D) of the new tokens: writes k and v into the cache at
-        `batch.out_slots`, returns attention output (N, H, D)."""
+        """q (N, H, D), k and v (N, Hkv, D) of the new tokens, which the layer has already written
+        into the cache at `batch.out_slots` (with the rotary, in one kernel); returns attention
+        output (N, H, D)."""
 
     def init_capture(self, max_batch: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot run inside CUDA graphs")

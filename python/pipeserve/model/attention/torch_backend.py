@@ -154,9 +154,8 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:
-    """q: (N, H, D); k, v: (N, Hkv, D) of the new tokens; caches: (slots, Hkv, D). Returns (N, H, D)."""
-    k_cache.index_copy_(0, batch.out_slots, k)
-    v_cache.index_copy_(0, batch.out_slots, v)
+    """q: (N, H, D); k, v: (N, Hkv, D) of the new tokens, already in the caches (slots, Hkv, D).
+    Returns (N, H, D)."""
     all_decode = not batch.extends and batch.padded_extend is None
     out = q if all_decode else torch.empty_like(q)
     if batch.decode_rows.numel():

@@ -8,7 +8,6 @@ import torch
 from pipeserve.model.attention import triton_kernels as kernels
 from pipeserve.model.attention.base import AttentionBackend, BackendSpec, register
 from pipeserve.model.forward_batch import ForwardBatch
-from pipeserve.model.fused import store_kv
 
 MAX_SPLITS = 16
 
@@ -51,7 +50,6 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv, batch, scale):
         k_cache, v_cache = kv
-        store_kv(k, v, k_cache, v_cache, batch.out_slots)
         out = torch.empty_like(q)
         if batch.is_decode:
             part_out, part_lse = batch.attn
