@@ -46,6 +46,16 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.context_length = cfg.context_length or model_cfg.max_position_embeddings
         self.model = build_stage_model(model_cfg, ctx, self.dtype, device, cfg.pp_layer_partition)
+        if ctx.pp_size > 1 and ctx.tp_rank == 0:
+            logger.info(
+                "stage %d of %d: layers %d-%d of %d%s",
+                ctx.pp_rank,
+                ctx.pp_size,
+                self.model.start,
+                self.model.end - 1,
+                model_cfg.num_layers,
+                " and the lm_head" if ctx.is_last_stage else "",
+            )
         load_weights(self.model, cfg.model_path, progress)
         if device.type == "cuda":
             self.model.rotary.build_table(self.context_length + 1, self.dtype)
