@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,6 +204,7 @@ def test_bad_prompts_are_refused_up_front_naming_the_prompt_and_the_engine_lives
         ([[5, 6], [5, "x"]], "prompt 1: token ids must be integers"),
         ([[5, 6], [5, 6.7]], "prompt 1: token ids must be integers"),
         ([5.0, 6], "prompt 0: token ids must be integers"),
+        ([[5, True]], "prompt 0: token ids must be integers"),
         ([[5, 6], 7], "prompt 1 must be a string or a list of token ids"),
         ([[5, 6], [5] * 512], "prompt 1 has 512 tokens; the context length is 512"),
         ([[5, 6], []], "prompt 1 has no tokens"),
@@ -215,6 +217,12 @@ def test_bad_prompts_are_refused_up_front_naming_the_prompt_and_the_engine_lives
     state = engine.submit([5, 6], {"temperature": 0, "max_new_tokens": 3})  # params as a dict
     engine.wait([state])
     assert len(state.output_ids) == 3
+    # integers of other kinds are taken as the ints they are
+    numpy_ids = engine.generate(input_ids=list(np.array([5, 6])), sampling_params=GREEDY)
+    assert (
+        numpy_ids["output_ids"]
+        == engine.generate(input_ids=[5, 6], sampling_params=GREEDY)["output_ids"]
+    )
 
 
 def test_n_choices_offline_are_adjacent_reproducible_and_distinct(engine):

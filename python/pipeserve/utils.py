@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 import socket
 
+_INT_ONLY = frozenset((int,))
+
+
+def all_plain_ints(values: list) -> bool:
+    """Every value is a plain int (not a bool, not numpy's): checked in C, not per value in Python."""
+    return _INT_ONLY.issuperset(map(type, values))
+
 
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity where the OS reports one (taskset, a

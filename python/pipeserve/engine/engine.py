@@ -31,6 +31,7 @@ from pipeserve.engine.processes import RankFailure, RankGroup
 from pipeserve.engine.request_state import RequestState, format_result
 from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.engine.tokenizer import load_tokenizer
+from pipeserve.utils import all_plain_ints
 
 logger = logging.getLogger("pipeserve.engine")
 
@@ -96,7 +97,7 @@ class Engine:
         """`ids` as plain ints; what stage 0 would refuse is refused here first, naming the prompt."""
         if not ids:
             raise ValueError(f"{name} has no tokens")
-        plain = _INT_ONLY.issuperset(map(type, ids))  # the usual case: checked in C
+        plain = all_plain_ints(ids)  # the usual case, without an ABC check per token
         bad = None if plain else next((t for t in ids if not _is_token_int(t)), None)
         if bad is not None:
             raise ValueError(f"{name}: token ids must be integers, got {bad!r}")
@@ -294,9 +295,6 @@ class Engine:
         if not getattr(self, "closed", True):
             with contextlib.suppress(Exception):
                 self.shutdown()
-
-
-_INT_ONLY = frozenset((int,))
 
 
 def _is_token_int(t: Any) -> bool:

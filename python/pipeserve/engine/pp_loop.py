@@ -119,9 +119,10 @@ class SchedulerPPMixin:
     def _prepare(self, s: LoopState) -> None:
         """With every launch slot taken, the next launch follows the oldest microbatch's arrival:
         decide it now, while the pipeline computes, counting that microbatch's requests as
-        arrived. It is launched only after the arrival, so the device reads their tokens in order;
-        the decisions are those the scheduler would make after it (the host learns nothing from an
-        arrival but that the requests may go again)."""
+        arrived. It is launched only after the arrival, so the device reads their tokens in order.
+        An arrival tells the host nothing but that those requests may go again, so the choice is
+        the one it would make after it, except that requests which reach stage 0 during the wait
+        join the microbatch after this one."""
         if (
             self.ctx.pp_size == 1
             or not s.running

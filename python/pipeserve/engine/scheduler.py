@@ -21,6 +21,7 @@ from pipeserve.config import EngineConfig
 from pipeserve.engine.batch import REQ_FLOAT_COLUMNS, BatchDescriptor, pack_fills
 from pipeserve.engine.kv_cache import IndexAllocator
 from pipeserve.engine.req import Req
+from pipeserve.utils import all_plain_ints
 
 
 @dataclass
@@ -58,9 +59,7 @@ class Scheduler:
         if not req.prompt_ids:
             return "the prompt has no tokens"
         ids = req.prompt_ids
-        if not (
-            _INT_ONLY.issuperset(map(type, ids)) and min(ids) >= 0 and max(ids) < self.vocab_size
-        ):
+        if not (all_plain_ints(ids) and min(ids) >= 0 and max(ids) < self.vocab_size):
             bad = next(t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size)
             return f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})"
         if req.seq_len >= self.context_length:
@@ -263,9 +262,6 @@ class Scheduler:
             self.rows.free([req.req_pool_idx])
             req.req_pool_idx = None
         self.running.remove(req)
-
-
-_INT_ONLY = frozenset((int,))
 
 
 def _queue_key(req: Req) -> tuple[int, int]:
