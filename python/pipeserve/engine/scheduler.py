@@ -179,8 +179,12 @@ class Scheduler:
         self.waiting.insert(0, req)
 
     def _describe(self, mb_id: int, chosen: list[tuple[Req, int]]) -> BatchDescriptor:
-        req_ints, req_floats, out_slots = [], [], []
+        req_ints, req_floats = [], []
         fill_rows, fill_lens, fill_ids = [], [], []
+        # every new slot in one allocation, in the order the requests take them (the same slots as
+        # one allocation per request)
+        out_slots = self.slots.allocate(sum(n for _, n in chosen))
+        taken = 0
         for req, n in chosen:
             prefix = req.kv_len
             if prefix == 0:  # (re)admitted: its tokens enter the token pools
@@ -188,9 +192,8 @@ class Scheduler:
                 fill_rows.append(req.req_pool_idx)
                 fill_lens.append(len(tokens))
                 fill_ids.append(tokens)
-            new_slots = self.slots.allocate(n)
-            out_slots.extend(new_slots)
-            req.slots.extend(new_slots)
+            req.slots.extend(out_slots[taken : taken + n])
+            taken += n
             req.kv_len += n
             step = len(req.output_ids) + req.pending  # output index of the token sampled now
             sample = req.kv_len == req.future_len
