@@ -205,7 +205,7 @@ def serve(cfg: ServerConfig) -> int:
     )
     print(f"pipeserve ready at {cfg.url}", flush=True)
     gc.collect()
-    gc.freeze()  # start-up's objects live on; the collector need not walk them (see worker.py)
+    gc.freeze()  # start-up's objects live on, as in the ranks (worker.run_rank): no collection walks them
     try:
         server.run()
     finally:

@@ -53,7 +53,10 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
     code = 0
     try:
         worker = _build(cfg, spec, report)
-        gc.freeze()  # the model and tables live as long as the process: no collection walks them
+        # the model, tables, torch and Triton live as long as the process: once frozen (start-up's
+        # garbage collected first, not kept), no collection walks them
+        gc.collect()
+        gc.freeze()
         report.put(
             (
                 "ready",
@@ -82,11 +85,6 @@ PROFILE_ENV = "PIPESERVE_PROFILE_DIR"
 def _run_loop(worker: StageWorker, rank: int) -> None:
     """The PP loop; under cProfile when PIPESERVE_PROFILE_DIR is set (rank<N>.prof and a text
     summary by own time written there when the loop ends)."""
-    # NOTE: what start-up built (torch, the model, Triton) lives as long as the rank; frozen, the
-    # cyclic collector stops walking it (a full pass over it took ~75 ms, a stall of every stage
-    # behind this one, at random steps)
-    gc.collect()
-    gc.freeze()
     out_dir = os.environ.get(PROFILE_ENV)
     if not out_dir:
         worker.event_loop_pp()
