@@ -22,50 +22,36 @@ NUMBERS_BAD = [HUGE, "-" + HUGE, HUGER, "-" + HUGER, "NaN", "Infinity", "-Infini
 TYPES_BAD = ['"1"', "[1]", "{}", "true"]
 IDS_BAD = [f"[{v}]" for v in (HUGE, HUGER, "-1", "NaN", "1.5")]
 
-# (field as the route names it, raw JSON values that must all be refused)
+
+def _fields(max_name: str, min_name: str) -> list[tuple[str, list[str]]]:
+    """(field as the route names it, raw JSON values that must all be refused); the routes differ
+    only in what they call the token limits."""
+    numeric = [
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "seed",
+        max_name,
+        min_name,
+        "n",
+    ]
+    return [
+        *((name, NUMBERS_BAD + TYPES_BAD) for name in numeric),
+        ("stop", [*NUMBERS_BAD, "[1]", "{}", "true"]),
+        ("stop_token_ids", [*NUMBERS_BAD, '"1"', "{}", "true", *IDS_BAD]),
+        ("ignore_eos", [*NUMBERS_BAD, '"1"', "[1]", "{}"]),
+    ]
+
+
 OPENAI_FIELDS = [
-    *(
-        (name, NUMBERS_BAD + TYPES_BAD)
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "frequency_penalty",
-            "presence_penalty",
-            "repetition_penalty",
-            "seed",
-            "max_tokens",
-            "min_tokens",
-            "n",
-        )
-    ),
-    ("stop", [*NUMBERS_BAD, "[1]", "{}", "true"]),
-    ("stop_token_ids", [*NUMBERS_BAD, '"1"', "{}", "true", *IDS_BAD]),
-    ("ignore_eos", [*NUMBERS_BAD, '"1"', "[1]", "{}"]),
+    *_fields("max_tokens", "min_tokens"),
     ("stream", [*NUMBERS_BAD, '"1"', "[1]", "{}"]),
 ]
-GENERATE_FIELDS = [
-    *(
-        (name, NUMBERS_BAD + TYPES_BAD)
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "frequency_penalty",
-            "presence_penalty",
-            "repetition_penalty",
-            "seed",
-            "max_new_tokens",
-            "min_new_tokens",
-            "n",
-        )
-    ),
-    ("stop", [*NUMBERS_BAD, "[1]", "{}", "true"]),
-    ("stop_token_ids", [*NUMBERS_BAD, '"1"', "{}", "true", *IDS_BAD]),
-    ("ignore_eos", [*NUMBERS_BAD, '"1"', "[1]", "{}"]),
-]
+GENERATE_FIELDS = _fields("max_new_tokens", "min_new_tokens")
 
 
 @pytest.fixture(scope="module")
