@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|admission|offline8b|pp|pp8b|pp1b|serving
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -30,6 +30,10 @@ tests)
     step 120 python3 benchmark/p2p_overlap.py --quick --json "$O/p2p_nccl.json"
   fi
   step 300 python3 benchmark/bench_offline.py --shape 1b --json "$O/offline_1b.json"
+  ;;
+profile)  # one GPU: graph device time, host share and kernel table of decode steps, 1B and 8B
+  step 200 python3 benchmark/profile_step.py --shape 1b --batches 1,32,256 --json "$O/step_1b.json"
+  step 300 python3 benchmark/profile_step.py --shape 8b --batches 1,32,256 --json "$O/step_8b.json"
   ;;
 admission)  # a 1024-request batch reaching stage 0 (pp=1, and pp=2 where two GPUs are), with
   # stage 0's loop under cProfile
