@@ -32,10 +32,7 @@ tests)
   step 300 python3 benchmark/bench_offline.py --shape 1b --json "$O/offline_1b.json"
   ;;
 profile)  # one GPU: graph device time, host share and kernel table of decode steps, 1B and 8B
-  step 240 python3 benchmark/bench_gemv.py --json "$O/gemv.json"
   step 200 python3 benchmark/profile_step.py --shape 1b --batches 1,32,256 --json "$O/step_1b.json"
-  PIPESERVE_GEMV_MAX_ROWS=0 step 200 python3 benchmark/profile_step.py --shape 1b --batches 1,4 \
-    --top 0 --json "$O/step_1b_cublas.json"
   step 300 python3 benchmark/profile_step.py --shape 8b --batches 1,32,256 --json "$O/step_8b.json"
   ;;
 admission)  # a 1024-request batch reaching stage 0 (pp=1, and pp=2 where two GPUs are), with
