@@ -151,7 +151,16 @@ def measure(
     rows = []
     one = prompts(1, args.prompt_len, shape["vocab"])
     t = timed(run(one, args.new_tokens), sync, args.repeats)
-    rows.append({"engine": name, "what": "batch1", "ms_per_token": t / args.new_tokens * 1e3})
+    t_first = timed(run(one, 1), sync, args.repeats)
+    step = max(t - t_first, 1e-9) / (args.new_tokens - 1)
+    rows.append(
+        {
+            "engine": name,
+            "what": "batch1",
+            "ms_per_token": t / args.new_tokens * 1e3,
+            "decode_step_ms": step * 1e3,  # without the request's prefill and round trip
+        }
+    )
     for b in [int(x) for x in args.batches.split(",") if x]:
         batch = prompts(b, args.prompt_len, shape["vocab"], seed=1)
         t_many = timed(run(batch, args.new_tokens), sync, args.repeats)
@@ -287,7 +296,7 @@ def main() -> None:
         if name not in engines:
             continue
         cfg = dict(model_path=path, device=args.device, dtype=str(dtype).removeprefix("torch."),
-                   max_running_requests=max(256, *[int(b) for b in args.batches.split(",") if b]),
+                   max_running_requests=max([256, *[int(b) for b in args.batches.split(",") if b]]),
                    disable_cuda_graph=name.endswith("eager"))  # fmt: skip
         with Engine(**cfg) as engine:
             ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up

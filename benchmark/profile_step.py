@@ -93,6 +93,21 @@ def host_ms(fn, iters: int) -> float:
     return total / iters * 1e3
 
 
+def host_profile(fn, iters: int, top: int) -> str:
+    """cProfile of `iters` calls of fn (synchronized between calls), by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    for _ in range(iters):
+        profiler.runcall(fn)
+        torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def kernel_table(fn, top: int) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -137,7 +152,10 @@ def main() -> None:
     print(
         f"{args.shape}: weights {weight_bytes / 1e9:.2f} GB, copy {bw / 1e12:.2f} TB/s, floor {floor_ms:.3f} ms"
     )
-    print(f"{'batch':>6} {'graph ms':>9} {'x floor':>8} {'forward ms':>11} {'host ms':>8}")
+    print(
+        f"{'batch':>6} {'graph ms':>9} {'x floor':>8} {'forward ms':>11} {'host ms':>8} "
+        f"{'replay host ms':>14}"
+    )
     for b in batches:
         desc = decode_desc(b, args.seq_len, slots)
         bs = next(s for s in runner.graphs.sizes if s >= b)
@@ -153,14 +171,17 @@ def main() -> None:
             "graph_ms": device_ms(graph.replay, args.iters),
             "forward_ms": device_ms(forward, args.iters),
             "host_ms": host_ms(forward, 50),
+            "replay_host_ms": host_ms(graph.replay, 50),
             "kernels": kernel_table(graph.replay, args.top),
         }
         row["graph_x_floor"] = row["graph_ms"] / floor_ms
         rows.append(row)
         print(
             f"{b:>6} {row['graph_ms']:>9.3f} {row['graph_x_floor']:>8.2f} "
-            f"{row['forward_ms']:>11.3f} {row['host_ms']:>8.3f}"
+            f"{row['forward_ms']:>11.3f} {row['host_ms']:>8.3f} {row['replay_host_ms']:>14.3f}"
         )
+        if b == batches[0]:
+            print(host_profile(forward, 100, 25))
     for row in rows:
         print(f"\nbatch {row['batch']} (graph bucket {row['bucket']}): kernels of one replay")
         for k in row["kernels"]:
