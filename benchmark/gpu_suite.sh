@@ -31,15 +31,16 @@ tests)
   fi
   step 300 python3 benchmark/bench_offline.py --shape 1b --json "$O/offline_1b.json"
   ;;
-profile)  # one GPU, 1B: graph device time, the host's share of a forward (cProfile), then the
-  # engine at batch 1 plain and with its rank under cProfile
-  step 200 python3 benchmark/profile_step.py --shape 1b --batches 1,32,256 --json "$O/step_1b.json"
-  step 200 python3 benchmark/bench_offline.py --shape 1b --engines pipeserve --batches "" \
-    --model-path /tmp/ckpt-1b --json "$O/offline_1b_batch1.json"
-  PIPESERVE_PROFILE_DIR=$O/prof step 200 python3 benchmark/bench_offline.py --shape 1b \
-    --engines pipeserve --batches "" --repeats 1 --model-path /tmp/ckpt-1b
-  cat "$O"/prof/rank0.txt >>"$LOG"
-  rm -rf "$O/prof"
+profile)  # one GPU, 1B: one-row projections (gemv) against cuBLAS, the decode step's device time
+  # and host share with gemv and without, and the engine's batch-1 latency both ways
+  step 200 python3 benchmark/bench_gemv.py --rows 1 --json "$O/gemv.json"
+  step 150 python3 benchmark/profile_step.py --shape 1b --batches 1,32,256 --json "$O/step_1b.json"
+  PIPESERVE_GEMV_MAX_ROWS=0 step 150 python3 benchmark/profile_step.py --shape 1b --batches 1 \
+    --top 0 --json "$O/step_1b_cublas.json"
+  for rows in 1 0; do
+    PIPESERVE_GEMV_MAX_ROWS=$rows step 150 python3 benchmark/bench_offline.py --shape 1b \
+      --engines pipeserve --batches "" --model-path /tmp/ckpt-1b --json "$O/batch1_gemv$rows.json"
+  done
   ;;
 admission)  # a 1024-request batch reaching stage 0 (pp=1, and pp=2 where two GPUs are), with
   # stage 0's loop under cProfile

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeserve.model.attention import BackendSpec, create_backend
 from pipeserve.model.forward_batch import ForwardBatch
@@ -175,3 +176,85 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype, monkeypatch) -
     got = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+@interpreted
+def test_small_batch_gemv_matches_the_unfused_ops(monkeypatch):
+    """Under Triton's interpreter on CPU (compiled on CUDA, see test_cuda_graphs)."""
+    check_gemv_kernels(torch.device("cpu"), torch.float32, monkeypatch)
+
+
+def check_gemv_kernels(device: torch.device, dtype: torch.dtype, monkeypatch) -> None:
+    """gemv's three forms for 1..4 rows against F.linear after the torch norm / SiLU * up, on
+    widths that no block divides."""
+    from pipeserve.model import fused, gemv
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device=device, dtype=dtype, generator=g)
+
+    w, bias, norm_w = rand(40, 96), rand(40), rand(96).abs() + 0.5
+    monkeypatch.setattr(gemv, "MAX_ROWS", 4)  # the kernel takes up to 4 rows; the default is 1
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for rows in (1, 2, 3, 4):
+        x, res, gate_up = rand(rows, 96), rand(rows, 96), rand(rows, 192)
+        monkeypatch.setattr(fused, "FORCE_TRITON", False)
+        want = [
+            F.linear(x, w, bias),
+            F.linear(fused.add_rmsnorm(x, res, norm_w, 1e-6)[0], w, bias),
+            x + res,
+            F.linear(fused.add_rmsnorm(x, None, norm_w, 1e-6)[0], w),
+            x,
+            F.linear(fused.silu_and_mul(gate_up, 96), w),
+        ]
+        monkeypatch.setattr(fused, "FORCE_TRITON", True)
+        assert gemv.fits(x, w) and not gemv.fits(rand(5, 96), w)
+        assert not gemv.fits(x, rand(gemv.MAX_OUT + 1, 96))  # wide outputs stay with cuBLAS
+        got = [
+            gemv.linear(x, w, bias),
+            *gemv.norm_linear(x, res, norm_w, 1e-6, w, bias),
+            *gemv.norm_linear(x, None, norm_w, 1e-6, w),
+            gemv.silu_mul_linear(gate_up, 96, w),
+        ]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=tol * b.abs().max().item(), rtol=0)
+
+
+@interpreted
+def test_decoder_layer_through_gemv_equals_the_unfused_layer(tmp_path, monkeypatch):
+    """A Qwen2 layer (q/k/v biases) on three decodes (gemv taking up to four rows): outputs and
+    the KV it stores agree."""
+    from checkpoints import make_checkpoint
+    from pipeserve.model import fused, gemv
+    from pipeserve.model.config import ModelConfig
+    from pipeserve.model.loader import load_weights
+    from pipeserve.model.parallel import ParallelContext
+    from pipeserve.model.registry import build_stage_model
+
+    path = make_checkpoint(str(tmp_path), "qwen2", layers=1, heads=4, kv_heads=2, hidden=32)
+    cfg = ModelConfig.from_dir(path)
+    model = build_stage_model(cfg, ParallelContext(), torch.float32, torch.device("cpu"))
+    load_weights(model, path)
+    layer, d = model.layers[0], cfg.head_dim
+    table = torch.zeros(4, 16, dtype=torch.int32)
+    table[:3, :8] = torch.arange(1, 25, dtype=torch.int32).view(3, 8)
+    fb = ForwardBatch.build([0, 1, 2], [3, 7, 0], [1, 1, 1], [4, 16, 17], torch.device("cpu"))
+    backend = create_backend("torch", BackendSpec(4, 2, d, 3, torch.device("cpu")), table)
+    backend.prepare_metadata(fb)
+    g = torch.Generator().manual_seed(1)
+    hidden, residual = (torch.randn(3, 32, generator=g) for _ in range(2))
+    caches = [torch.randn(32, 2, d, generator=g) for _ in range(2)]
+    rope = model.rotary.cos_sin(fb.positions, torch.float32)
+
+    def run() -> list[torch.Tensor]:
+        kv = tuple(c.clone() for c in caches)
+        return [*layer(hidden, residual, rope, fb, kv, backend), *kv]
+
+    monkeypatch.setattr(gemv, "MAX_ROWS", 4)
+    monkeypatch.setattr(fused, "FORCE_TRITON", False)
+    want = run()
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    got = run()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -122,12 +122,14 @@ def test_padded_graph_rows_touch_only_the_pad_slot(tmp_path):
 
 @cuda
 def test_triton_kernels_match_the_torch_backend_on_device(monkeypatch):
-    from test_attention_backends import check_fused_kernels, compare_backends
+    from test_attention_backends import check_fused_kernels, check_gemv_kernels, compare_backends
 
     compare_backends(torch.device("cuda"), torch.bfloat16, atol=2e-2)
     compare_backends(torch.device("cuda"), torch.float32, atol=1e-4)
     check_fused_kernels(torch.device("cuda"), torch.float32, monkeypatch)
     check_fused_kernels(torch.device("cuda"), torch.bfloat16, monkeypatch)
+    check_gemv_kernels(torch.device("cuda"), torch.float32, monkeypatch)
+    check_gemv_kernels(torch.device("cuda"), torch.bfloat16, monkeypatch)
 
 
 @cuda

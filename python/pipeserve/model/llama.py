@@ -11,7 +11,7 @@ from torch import nn
 from pipeserve.model.attention import AttentionBackend
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.forward_batch import ForwardBatch
-from pipeserve.model.fused import rotate_, rotate_store_kv_, silu_and_mul, store_kv
+from pipeserve.model.fused import rotate_, rotate_store_kv_, store_kv
 from pipeserve.model.parallel import (
     ColumnParallelLinear,
     ParallelContext,
@@ -50,14 +50,14 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         kv: tuple[torch.Tensor, torch.Tensor],
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        n, D, H, Hkv = x.shape[0], self.head_dim, self.heads, self.kv_heads
-        qkv = self.qkv_proj(x)
+        """Attention of the projected q | k | v (N, (H + 2 Hkv) D), then o_proj."""
+        n, D, H, Hkv = qkv.shape[0], self.head_dim, self.heads, self.kv_heads
         v = qkv[:, (H + Hkv) * D :].view(n, Hkv, D)
         if self.q_norm is None:  # q and k rotated in place and k, v stored: one kernel
             rotate_store_kv_(qkv, H, Hkv, *rope, *kv, batch.out_slots)
@@ -81,8 +81,9 @@ class MLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, ctx, "down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.inter_local))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate) * up) of the projected gate | up (N, 2 * inter)."""
+        return self.down_proj.silu_mul_forward(gate_up, self.inter_local)
 
 
 class DecoderLayer(nn.Module):
@@ -95,10 +96,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden, residual, rope, batch, kv, backend):
         """(hidden, residual) -> (mlp output, residual); the residual add is fused into the next norm."""
-        normed, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(normed, rope, batch, kv, backend)
-        normed, residual = self.post_attention_layernorm.add_norm(hidden, residual)
-        return self.mlp(normed), residual
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = attn.qkv_proj.norm_forward(self.input_layernorm, hidden, residual)
+        hidden = attn(qkv, rope, batch, kv, backend)
+        gate_up, residual = mlp.gate_up_proj.norm_forward(
+            self.post_attention_layernorm, hidden, residual
+        )
+        return mlp(gate_up), residual
 
 
 # HF parameter name -> (our name, shard index) for the projections that are merged here.

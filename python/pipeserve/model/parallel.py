@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeserve.model import gemv
 from pipeserve.model.fused import add_rmsnorm
 
 if TYPE_CHECKING:
@@ -68,7 +69,13 @@ class ColumnParallelLinear(nn.Module):
         getattr(self, param).data[off : off + n].copy_(_rows(loaded, self.ctx.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return gemv.linear(x, self.weight, self.bias)
+
+    def norm_forward(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual); one kernel for a few rows (gemv)."""
+        return gemv.norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -91,7 +98,14 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(loaded[:, start : start + self.in_local])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        return self._reduce(gemv.linear(x, self.weight))
+
+    def silu_mul_forward(self, gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+        """self(silu(gate) * up) for gate_up (N, 2 * inter); one kernel for a few rows (gemv)."""
+        return self._reduce(gemv.silu_mul_linear(gate_up, inter, self.weight))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        y = self.ctx.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
 
