@@ -137,13 +137,15 @@ def theirs(model: torch.nn.Module, batch: list[list[int]], new: int) -> Callable
 
 
 def copy_bandwidth(device: str) -> float:
-    """Device-to-device copy bytes per second, counting bytes read plus written: the best of five
-    timings of ten back-to-back 1 GiB copies on CUDA events (no host round trip inside a timing;
-    a slower timing only means interference, so the best is the device's rate)."""
+    """Device-to-device copy bytes per second, counting bytes read plus written: after half a
+    second of copies, the best of five timings of ten back-to-back 1 GiB copies on CUDA events
+    (no host round trip inside a timing; a slower timing only means interference)."""
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     out = torch.empty_like(buf)
-    out.copy_(buf)
-    torch.cuda.synchronize()
+    warm_until = time.perf_counter() + 0.5  # an idle GPU's clocks take a while to come up
+    while time.perf_counter() < warm_until:
+        out.copy_(buf)
+        torch.cuda.synchronize()
     best = 0.0
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
