@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeserve.engine.batch import BatchDescriptor
-from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.model.forward_batch import ForwardBatch, pinned
 
 if TYPE_CHECKING:
     from pipeserve.engine.model_runner import ModelRunner
@@ -36,11 +36,9 @@ class CudaGraphRunner:
         self.max_bs = max_bs
         self.sizes = buckets(max_bs)
         device = runner.device
-        # rows: req_pool_idx, prefix, extend, seq_len, start, position, token row, out slot
-        self.index = torch.zeros(8, max_bs, dtype=torch.int64, device=device)
-        self.index[2:4] = 1
-        self.index[4] = torch.arange(max_bs)
-        self.index[[0, 6]] = runner.table.pad_row
+        # bucket bs reads index[: 8 * bs] as (8, bs) rows: req_pool_idx, prefix, extend, seq_len,
+        # start, position, token row, out slot; a replay fills it from pinned memory in one copy
+        self.index = torch.zeros(8 * max_bs, dtype=torch.int64, device=device)
         hidden = runner.model_cfg.hidden_size
         self.hidden = torch.zeros(max_bs, hidden, dtype=runner.dtype, device=device)
         self.residual = torch.zeros_like(self.hidden)
@@ -55,9 +53,17 @@ class CudaGraphRunner:
             and (not self.runner.ctx.is_last_stage or bool(desc.sampled().all()))
         )
 
+    def _rows(self, bs: int) -> torch.Tensor:
+        return self.index[: 8 * bs].view(8, bs)
+
     def _static_batch(self, bs: int) -> ForwardBatch:
-        rows = self.index[:, :bs]  # views of the static rows: what the graph reads
+        rows = self._rows(bs)  # views of the static rows: what the graph reads
         return ForwardBatch.of_rows(rows[:5], rows[5:], 1, bs)
+
+    def sample_places(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-pool (row, position) of the sampled tokens of the last replay's B requests."""
+        rows = self._rows(next(s for s in self.sizes if s >= b))
+        return rows[0, :b], rows[3, :b]
 
     def _body(self, fb: ForwardBatch, bs: int) -> object:
         first = self.runner.ctx.is_first_stage
@@ -72,6 +78,8 @@ class CudaGraphRunner:
         self.runner.backend.init_capture(self.max_bs)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
+            pad = ForwardBatch.pack([], [], [], [], pad_to=bs, pad_row=self.runner.table.pad_row)
+            self._rows(bs).view(-1).copy_(torch.from_numpy(pad[0]))
             fb = self._static_batch(bs)
             self.runner.backend.prepare_capture(fb)
             for _ in range(2):  # warm-up: kernel selection, NCCL communicators
@@ -98,16 +106,15 @@ class CudaGraphRunner:
         returns the outputs' first B rows."""
         b = desc.num_reqs
         bs = next(s for s in self.sizes if s >= b)
-        fb = ForwardBatch.build(
+        packed, *_ = ForwardBatch.pack(
             desc.ints("req_pool_idx"),
             desc.ints("prefix_len"),
             desc.ints("extend_len"),
             desc.out_slots,
-            self.runner.device,
             pad_to=bs,
             pad_row=self.runner.table.pad_row,
         )
-        self.index[:, :bs].copy_(_stacked(fb))
+        self.index[: 8 * bs].copy_(pinned(packed), non_blocking=True)
         if hidden is not None:
             self.hidden[:b].copy_(hidden)
             self.residual[:b].copy_(residual)
@@ -117,8 +124,3 @@ class CudaGraphRunner:
         if isinstance(out, tuple):
             return tuple(t[:b] for t in out)
         return out[:b]
-
-
-def _stacked(fb: ForwardBatch) -> torch.Tensor:
-    """The eight index rows of a decode batch, (8, bs): they are one contiguous packed block."""
-    return fb.req_pool_idx.as_strided((8, fb.req_pool_idx.numel()), (fb.req_pool_idx.numel(), 1))

@@ -161,8 +161,10 @@ class ModelRunner:
         if proxy is not None:
             hidden_in, residual_in = proxy["hidden_states"], proxy["residual"]
         args = (desc.ints("req_pool_idx"), desc.ints("prefix_len"), desc.ints("extend_len"))
+        places = None  # (row, position) of the sampled tokens, when already on the device
         if self.graphs is not None and self.graphs.can_run(desc):
             out = self.graphs.replay(desc, hidden_in, residual_in)
+            places = self.graphs.sample_places(desc.num_reqs)
         else:
             fb = ForwardBatch.build(*args, desc.out_slots, self.device)
             rows = None  # every row samples: a decode batch whose requests all sample
@@ -173,7 +175,7 @@ class ModelRunner:
             hidden, residual = out
             return {"hidden_states": hidden, "residual": residual}
         logits = out[: int(desc.sampled().sum())]
-        return sample_step(self, desc, logits)
+        return sample_step(self, desc, logits, places)
 
     def run_model(
         self,

@@ -60,7 +60,14 @@ class SampledTokens:
         return cls(device_tensors, host, ready)
 
 
-def sample_step(runner: ModelRunner, desc: BatchDescriptor, logits: torch.Tensor) -> SampledTokens:
+def sample_step(
+    runner: ModelRunner,
+    desc: BatchDescriptor,
+    logits: torch.Tensor,
+    places: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SampledTokens:
+    """Samples the rows of `logits` and writes the tokens into the token pool at `places`
+    ((row, position) device tensors; None: from the descriptor)."""
     picked = desc.sampled()
     ints, floats = desc.req_ints[picked], desc.req_floats[picked]
     flags = sampling_flags(ints, floats)
@@ -80,8 +87,9 @@ def sample_step(runner: ModelRunner, desc: BatchDescriptor, logits: torch.Tensor
         tokens["top_logprobs"] = result.top_logprobs
     # the new token's place in the pool: stage 0 reads it as the next input (pp = 1), the last
     # stage as penalty history
-    where = to_device(sampled_token_places(desc), runner.device)
-    runner.tokens.write(where[0], where[1], result.next_token_ids)
+    if places is None:
+        places = tuple(to_device(sampled_token_places(desc), runner.device))
+    runner.tokens.write(*places, result.next_token_ids)
     if not runner.ctx.is_first_stage:  # sent on to stage 0 as device tensors: no host copy here
         return SampledTokens(tokens, tokens)
     return SampledTokens.of(tokens)

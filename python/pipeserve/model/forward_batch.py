@@ -46,6 +46,27 @@ class ForwardBatch:
         """From host index columns; every derived column is computed on the host and the lot
         crosses to the device in one (pinned, non-blocking) copy. `pad_to` adds one-token pad
         requests on `pad_row`, writing the pad slot 0, up to that many requests (CUDA graphs)."""
+        packed, columns, max_extend = cls.pack(
+            req_pool_idx, prefix_lens, extend_lens, out_slots, pad_to, pad_row
+        )
+        b = len(columns[0])
+        num_tokens = (len(packed) - 5 * b) // 3
+        num_real = b - max(0, pad_to - len(req_pool_idx))
+        fb = cls.of_packed(to_device(packed, device), b, num_tokens, max_extend, num_real)
+        fb.host_req_pool_idx, fb.host_prefix_lens, fb.host_extend_lens = columns
+        return fb
+
+    @staticmethod
+    def pack(
+        req_pool_idx: np.ndarray,
+        prefix_lens: np.ndarray,
+        extend_lens: np.ndarray,
+        out_slots: np.ndarray,
+        pad_to: int = 0,
+        pad_row: int = 0,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+        """(packed int64 array: five (B,) request columns then three (N,) token columns,
+        the padded (req_pool_idx, prefix_lens, extend_lens), the largest extend length)."""
         req_pool_idx, prefix_lens, extend_lens, out_slots = (
             np.asarray(a, dtype=np.int64)
             for a in (req_pool_idx, prefix_lens, extend_lens, out_slots)
@@ -56,17 +77,15 @@ class ForwardBatch:
             prefix_lens = np.concatenate([prefix_lens, np.zeros(pad, np.int64)])
             extend_lens = np.concatenate([extend_lens, np.ones(pad, np.int64)])
             out_slots = np.concatenate([out_slots, np.zeros(pad, np.int64)])
-        b, n = len(req_pool_idx), int(extend_lens.sum())
+        n = int(extend_lens.sum())
         starts = np.cumsum(extend_lens) - extend_lens
         offsets = np.arange(n, dtype=np.int64) - np.repeat(starts, extend_lens)
         positions = np.repeat(prefix_lens, extend_lens) + offsets
         token_rows = np.repeat(req_pool_idx, extend_lens)
         columns = [req_pool_idx, prefix_lens, extend_lens, prefix_lens + extend_lens, starts]
-        packed = to_device(np.concatenate([*columns, positions, token_rows, out_slots]), device)
-        fb = cls.of_packed(packed, b, n, int(extend_lens.max()) if b else 0, b - pad)
-        fb.host_req_pool_idx, fb.host_prefix_lens = req_pool_idx, prefix_lens
-        fb.host_extend_lens = extend_lens
-        return fb
+        packed = np.concatenate([*columns, positions, token_rows, out_slots])
+        max_extend = int(extend_lens.max()) if len(extend_lens) else 0
+        return packed, (req_pool_idx, prefix_lens, extend_lens), max_extend
 
     @classmethod
     def of_packed(
@@ -102,7 +121,11 @@ class ForwardBatch:
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on `device` without blocking the host: pinned staging, non-blocking copy
     (the caching host allocator keeps the staging block until the copy has run)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return pinned(array).to(device, non_blocking=True)
+
+
+def pinned(array: np.ndarray) -> torch.Tensor:
+    """A pinned host copy of `array`, for a non-blocking copy to the device."""
+    return torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
