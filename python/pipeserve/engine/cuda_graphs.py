@@ -44,6 +44,7 @@ class CudaGraphRunner:
         self.residual = torch.zeros_like(self.hidden)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, object] = {}
+        self.batches: dict[int, ForwardBatch] = {}  # per bucket: views of the static rows
 
     def can_run(self, desc: BatchDescriptor) -> bool:
         ext = desc.ints("extend_len")
@@ -80,7 +81,7 @@ class CudaGraphRunner:
         for bs in reversed(self.sizes):
             pad = ForwardBatch.pack([], [], [], [], pad_to=bs, pad_row=self.runner.table.pad_row)
             self._rows(bs).view(-1).copy_(torch.from_numpy(pad[0]))
-            fb = self._static_batch(bs)
+            fb = self.batches[bs] = self._static_batch(bs)
             self.runner.backend.prepare_capture(fb)
             for _ in range(2):  # warm-up: kernel selection, NCCL communicators
                 self._body(fb, bs)
@@ -118,7 +119,7 @@ class CudaGraphRunner:
         if hidden is not None:
             self.hidden[:b].copy_(hidden)
             self.residual[:b].copy_(residual)
-        self.runner.backend.prepare_replay(self._static_batch(bs))
+        self.runner.backend.prepare_replay(self.batches[bs])
         self.graphs[bs].replay()
         out = self.outputs[bs]
         if isinstance(out, tuple):
