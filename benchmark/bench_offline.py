@@ -163,32 +163,20 @@ def measure(
 ) -> list:
     """Latency, throughput and prefill rows of one engine; `run(batch, new)` makes a callable."""
     rows = []
-    one = prompts(1, args.prompt_len, shape["vocab"])
-    t = timed(run(one, args.new_tokens), sync, args.repeats)
-    t_first = timed(run(one, 1), sync, args.repeats)
-    step = max(t - t_first, 1e-9) / (args.new_tokens - 1)
-    rows.append(
-        {
-            "engine": name,
-            "what": "batch1",
-            "ms_per_token": t / args.new_tokens * 1e3,
-            "decode_step_ms": step * 1e3,  # without the request's prefill and round trip
-        }
-    )
-    for b in [int(x) for x in args.batches.split(",") if x]:
-        batch = prompts(b, args.prompt_len, shape["vocab"], seed=1)
+
+    def decode(batch: list[list[int]]) -> tuple[float, float]:
+        """(seconds for new_tokens tokens, ms per decode step without the prefill and round trip)."""
         t_many = timed(run(batch, args.new_tokens), sync, args.repeats)
         t_one = timed(run(batch, 1), sync, args.repeats)
-        step = max(t_many - t_one, 1e-9) / (args.new_tokens - 1)
-        rows.append(
-            {
-                "engine": name,
-                "what": "throughput",
-                "batch": b,
-                "tok_s": b * args.new_tokens / t_many,
-                "decode_step_ms": step * 1e3,
-            }
-        )
+        return t_many, max(t_many - t_one, 1e-9) / (args.new_tokens - 1) * 1e3
+
+    t, step_ms = decode(prompts(1, args.prompt_len, shape["vocab"]))
+    rows.append({"engine": name, "what": "batch1", "ms_per_token": t / args.new_tokens * 1e3,
+                 "decode_step_ms": step_ms})  # fmt: skip
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        t, step_ms = decode(prompts(b, args.prompt_len, shape["vocab"], seed=1))
+        rows.append({"engine": name, "what": "throughput", "batch": b,
+                     "tok_s": b * args.new_tokens / t, "decode_step_ms": step_ms})  # fmt: skip
     batch = prompts(args.prefill_batch, args.prefill_len, shape["vocab"], seed=2)
     t = timed(run(batch, 1), sync, args.repeats)
     rows.append(
