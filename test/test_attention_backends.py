@@ -258,3 +258,12 @@ def test_decoder_layer_through_gemv_equals_the_unfused_layer(tmp_path, monkeypat
     got = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_gemv_row_limit_from_the_environment_is_checked():
+    from pipeserve.model import gemv
+
+    assert gemv._max_rows("0") == 0 and gemv._max_rows(" 4 ") == 4
+    for bad in ("-1", "two", ""):
+        with pytest.raises(ValueError, match="PIPESERVE_GEMV_MAX_ROWS must be a whole number"):
+            gemv._max_rows(bad)

@@ -25,7 +25,14 @@ from pipeserve.model.fused import add_rmsnorm, silu_and_mul, triton
 if triton is not None:
     import triton.language as tl
 
-MAX_ROWS = int(os.environ.get("PIPESERVE_GEMV_MAX_ROWS", "1"))
+
+def _max_rows(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(f"PIPESERVE_GEMV_MAX_ROWS must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+MAX_ROWS = _max_rows(os.environ.get("PIPESERVE_GEMV_MAX_ROWS", "1"))
 MAX_OUT = 8192  # output features
 NONE, NORM, SILU = 0, 1, 2  # prologues
 
