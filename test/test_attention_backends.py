@@ -264,6 +264,42 @@ def test_gemv_row_limit_from_the_environment_is_checked():
     from pipeserve.model import gemv
 
     assert gemv._max_rows("0") == 0 and gemv._max_rows(" 4 ") == 4
-    for bad in ("-1", "two", ""):
+    for bad in ("-1", "two", "", "5"):
         with pytest.raises(ValueError, match="PIPESERVE_GEMV_MAX_ROWS must be a whole number"):
             gemv._max_rows(bad)
+
+
+@interpreted
+def test_gemv_tails_and_long_rows(monkeypatch):
+    """Blocks that leave an output tail and several passes over K, for each prologue; the long
+    down-projection branch of the block choice; inputs the kernel does not take go to torch."""
+    from pipeserve.model import fused, gemv
+
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)
+    g = torch.Generator().manual_seed(3)
+    w, bias, norm_w = torch.randn(37, 100, generator=g), torch.randn(37), torch.rand(100) + 0.5
+    for rows in (1, 3):
+        x, res, gate_up = (torch.randn(rows, k, generator=g) for k in (100, 100, 200))
+        for blocks in ((8, 32), (4, 64)):
+            summed = torch.empty_like(x)
+            got = [
+                gemv._launch(gemv.NONE, x, w, bias, blocks=blocks),
+                gemv._launch(gemv.NORM, x, w, None, res, norm_w, 1e-6, summed, blocks),
+                gemv._launch(gemv.SILU, gate_up, w, None, blocks=blocks),
+            ]
+            monkeypatch.setattr(fused, "FORCE_TRITON", False)
+            want = [
+                F.linear(x, w, bias),
+                F.linear(fused.add_rmsnorm(x, res, norm_w, 1e-6)[0], w),
+                F.linear(fused.silu_and_mul(gate_up, 100), w),
+            ]
+            monkeypatch.setattr(fused, "FORCE_TRITON", True)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=0)
+            torch.testing.assert_close(summed, x + res)
+    assert gemv.choose_blocks(2048, 8192, 1) == (4, 2048)  # 1B down
+    assert gemv.choose_blocks(4096, 14336, 1) == (8, 1024)  # 8B down
+    assert gemv.choose_blocks(3072, 2048, 1) == (4, 1024)  # 1B qkv
+    one = torch.randn(1, 100, generator=g)
+    assert gemv.fits(one, w) and not gemv.fits(one.double(), w)
+    assert not gemv.fits(torch.randn(1, 99), w) and not gemv.fits(one, w.t().contiguous().t())

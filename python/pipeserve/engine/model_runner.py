@@ -117,10 +117,11 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """CUDA: one prefill per length class on the pad row (it writes only the pad slot), so
-        that Triton compiles and tunes its kernels at start-up, not inside the first requests."""
+        that Triton compiles and tunes its kernels at start-up, not inside the first requests
+        (one token: the one-row projections, which graphs-off decodes use)."""
         if self.device.type != "cuda":
             return
-        for n in (8, 100, 600):
+        for n in (1, 8, 100, 600):
             n = min(n, self.context_length - 1)
             fb = ForwardBatch.build([self.table.pad_row], [0], [n], [0] * n, self.device)
             hidden = None

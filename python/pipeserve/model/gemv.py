@@ -6,10 +6,10 @@ SiLU * up. Here each program reads BLOCK_N whole weight rows and may apply a pro
 input: `norm_linear` computes (x + residual) -> RMSNorm on the fly (the input norm fused into
 qkv), `silu_mul_linear` SiLU(gate) * up (fused into down). The prologues round as
 `fused.add_rmsnorm` and `fused.silu_and_mul` do, so only the sum's order differs from the unfused
-path. Wider outputs (gate_up, above MAX_OUT) and more rows stay with cuBLAS, which was faster
-there (benchmark/bench_gemv.py).
+path. Outputs wider than MAX_OUT per rank (gate_up at TP 1-2) and more rows stay with cuBLAS,
+which was faster there (benchmark/bench_gemv.py, swept at TP 1).
 
-`PIPESERVE_GEMV_MAX_ROWS` (default 1; 0 turns this path off) bounds the rows it takes.
+`PIPESERVE_GEMV_MAX_ROWS` (default 1, at most 4; 0 turns this path off) bounds the rows it takes.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ if triton is not None:
 
 
 def _max_rows(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError(f"PIPESERVE_GEMV_MAX_ROWS must be a whole number >= 0, got {text!r}")
+    if not text.strip().isdigit() or int(text) > 4:
+        raise ValueError(f"PIPESERVE_GEMV_MAX_ROWS must be a whole number 0-4, got {text!r}")
     return int(text)
 
 
@@ -37,9 +37,20 @@ MAX_OUT = 8192  # output features
 NONE, NORM, SILU = 0, 1, 2  # prologues
 
 
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `x` (rows, width) times `weight` (out, width) takes this path."""
-    return fused._use_triton(x) and 0 < x.shape[0] <= MAX_ROWS and weight.shape[0] <= MAX_OUT
+def fits(x: torch.Tensor, weight: torch.Tensor, width: int | None = None) -> bool:
+    """Whether `x` (rows, `width`: by default weight's input width) times `weight` (out, in)
+    takes this path; anything else (F.linear's errors included) goes to the torch ops."""
+    n, k = weight.shape
+    return (
+        fused._use_triton(x)
+        and 0 < x.shape[0] <= MAX_ROWS
+        and n <= MAX_OUT
+        and (n + 64) * k < 2**31  # the kernel's offsets are int32
+        and x.dim() == 2
+        and x.shape[1] == (k if width is None else width)
+        and x.dtype == weight.dtype
+        and weight.is_contiguous()
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +81,7 @@ def norm_linear(
 
 def silu_mul_linear(gate_up: torch.Tensor, inter: int, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(silu(gate) * up, weight) for gate_up (rows, 2 * inter)."""
-    if not fits(gate_up, weight):
+    if inter != weight.shape[1] or not fits(gate_up, weight, 2 * inter):
         return F.linear(silu_and_mul(gate_up, inter), weight)
     return _launch(SILU, gate_up.contiguous(), weight, None)
 
