@@ -79,8 +79,10 @@ class CudaGraphRunner:
         self.runner.backend.init_capture(self.max_bs)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
-            pad = ForwardBatch.pack([], [], [], [], pad_to=bs, pad_row=self.runner.table.pad_row)
-            self._rows(bs).view(-1).copy_(torch.from_numpy(pad[0]))
+            pad, *_ = ForwardBatch.pack(
+                [], [], [], [], pad_to=bs, pad_row=self.runner.table.pad_row
+            )
+            self.index[: 8 * bs].copy_(torch.from_numpy(pad))
             fb = self.batches[bs] = self._static_batch(bs)
             self.runner.backend.prepare_capture(fb)
             for _ in range(2):  # warm-up: kernel selection, NCCL communicators

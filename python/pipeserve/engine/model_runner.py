@@ -161,12 +161,11 @@ class ModelRunner:
         hidden_in = residual_in = None
         if proxy is not None:
             hidden_in, residual_in = proxy["hidden_states"], proxy["residual"]
-        args = (desc.ints("req_pool_idx"), desc.ints("prefix_len"), desc.ints("extend_len"))
-        places = None  # (row, position) of the sampled tokens, when already on the device
-        if self.graphs is not None and self.graphs.can_run(desc):
+        replayed = self.graphs is not None and self.graphs.can_run(desc)
+        if replayed:
             out = self.graphs.replay(desc, hidden_in, residual_in)
-            places = self.graphs.sample_places(desc.num_reqs)
         else:
+            args = (desc.ints("req_pool_idx"), desc.ints("prefix_len"), desc.ints("extend_len"))
             fb = ForwardBatch.build(*args, desc.out_slots, self.device)
             rows = None  # every row samples: a decode batch whose requests all sample
             if self.ctx.is_last_stage and not (fb.is_decode and desc.sampled().all()):
@@ -176,6 +175,8 @@ class ModelRunner:
             hidden, residual = out
             return {"hidden_states": hidden, "residual": residual}
         logits = out[: int(desc.sampled().sum())]
+        # the sampled tokens' token-pool places: on the device already after a replay
+        places = self.graphs.sample_places(desc.num_reqs) if replayed else None
         return sample_step(self, desc, logits, places)
 
     def run_model(
