@@ -1,6 +1,7 @@
 """Where a decode step's time goes on one GPU: the device time of the step's CUDA graph replayed
-back to back, the host's share of a whole `ModelRunner.forward` (graph + sampling), and a
-per-kernel table (torch.profiler) of one replay.
+back to back, the host's share of a whole `ModelRunner.forward` (graph + sampling), a
+per-kernel table (torch.profiler) of one replay, and the forward's host time by op and CUDA
+runtime call.
 
     python benchmark/profile_step.py --shape 1b --batches 1,32,256 --json /tmp/step.json
 
@@ -126,6 +127,26 @@ def kernel_table(fn, top: int) -> list[dict]:
     return rows[:top]
 
 
+def host_table(fn, top: int, iters: int = 20) -> list[dict]:
+    """Host time of a call of `fn` by op and CUDA runtime call (torch.profiler, self CPU time;
+    synchronized between calls): where the host's share of a forward goes below Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+            torch.cuda.synchronize()
+    rows = [
+        {"op": e.key[:90], "calls": e.count / iters, "us": e.self_cpu_time_total / iters}
+        for e in prof.key_averages()
+        if e.self_cpu_time_total > 0 and e.key != "cudaDeviceSynchronize"
+    ]
+    rows.sort(key=lambda r: -r["us"])
+    return rows[:top]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="1b", choices=["1b", "8b"])
@@ -173,6 +194,7 @@ def main() -> None:
             "host_ms": host_ms(forward, 50),
             "replay_host_ms": host_ms(graph.replay, 50),
             "kernels": kernel_table(graph.replay, args.top),
+            "host_ops": host_table(forward, args.top),
         }
         row["graph_x_floor"] = row["graph_ms"] / floor_ms
         rows.append(row)
@@ -186,6 +208,9 @@ def main() -> None:
         print(f"\nbatch {row['batch']} (graph bucket {row['bucket']}): kernels of one replay")
         for k in row["kernels"]:
             print(f"  {k['us']:9.1f} us  x{k['calls']:<5.0f} {k['kernel']}")
+        print(f"batch {row['batch']}: host time of one forward by op (self CPU, profiled)")
+        for k in row["host_ops"]:
+            print(f"  {k['us']:9.1f} us  x{k['calls']:<5.1f} {k['op']}")
     if args.json:
         meta = {
             "shape": args.shape,

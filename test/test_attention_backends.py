@@ -303,3 +303,15 @@ def test_gemv_tails_and_long_rows(monkeypatch):
     one = torch.randn(1, 100, generator=g)
     assert gemv.fits(one, w) and not gemv.fits(one.double(), w)
     assert not gemv.fits(torch.randn(1, 99), w) and not gemv.fits(one, w.t().contiguous().t())
+
+
+def test_decode_pack_written_in_place_equals_the_padded_pack():
+    """A graph replay's index rows, written into a reused block (over stale values), are the
+    padded `pack` of the same decode batch."""
+    rows, prefix, slots = np.array([5, 0, 3]), np.array([9, 2, 40]), np.array([17, 4, 99])
+    for bs in (3, 4, 8):
+        want, *_ = ForwardBatch.pack(rows, prefix, np.ones(3, np.int64), slots, bs, pad_row=7)
+        block = np.full(8 * 8 + 5, -1, np.int64)
+        ForwardBatch.pack_decode_into(block, bs, rows, prefix, slots, pad_row=7)
+        np.testing.assert_array_equal(block[: 8 * bs], want)
+        assert (block[8 * bs :] == -1).all()

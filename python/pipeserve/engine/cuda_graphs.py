@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeserve.engine.batch import BatchDescriptor
-from pipeserve.model.forward_batch import ForwardBatch, pinned
+from pipeserve.model.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
     from pipeserve.engine.model_runner import ModelRunner
@@ -30,6 +30,26 @@ def buckets(max_bs: int) -> list[int]:
     return sorted({b for b in sizes if b < max_bs} | {max_bs})
 
 
+class Staging:
+    """Pinned host blocks for the replays' index copies, used in turn: a block is written again
+    only after the copy that last read it has run (its event; long passed in practice)."""
+
+    def __init__(self, numel: int, depth: int = 8) -> None:
+        self.blocks = [torch.zeros(numel, dtype=torch.int64).pin_memory() for _ in range(depth)]
+        self.done = [torch.cuda.Event() for _ in range(depth)]
+        self.turn = 0
+
+    def take(self) -> torch.Tensor:
+        """The next block, free to write."""
+        self.done[self.turn].synchronize()
+        return self.blocks[self.turn]
+
+    def copied(self) -> None:
+        """The copy from the block just taken is enqueued: mark it and move to the next."""
+        self.done[self.turn].record()
+        self.turn = (self.turn + 1) % len(self.blocks)
+
+
 class CudaGraphRunner:
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
         self.runner = runner
@@ -42,6 +62,8 @@ class CudaGraphRunner:
         hidden = runner.model_cfg.hidden_size
         self.hidden = torch.zeros(max_bs, hidden, dtype=runner.dtype, device=device)
         self.residual = torch.zeros_like(self.hidden)
+        self.bucket_of = [next(s for s in self.sizes if s >= b) for b in range(max_bs + 1)]
+        self.staging = Staging(8 * max_bs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, object] = {}
         self.batches: dict[int, ForwardBatch] = {}  # per bucket: views of the static rows
@@ -63,7 +85,7 @@ class CudaGraphRunner:
 
     def sample_places(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-pool (row, position) of the sampled tokens of the last replay's B requests."""
-        rows = self._rows(next(s for s in self.sizes if s >= b))
+        rows = self._rows(self.bucket_of[b])
         return rows[0, :b], rows[3, :b]
 
     def _body(self, fb: ForwardBatch, bs: int) -> object:
@@ -108,16 +130,18 @@ class CudaGraphRunner:
         """Runs `desc` (a decode batch of B requests) through the smallest bucket that holds it;
         returns the outputs' first B rows."""
         b = desc.num_reqs
-        bs = next(s for s in self.sizes if s >= b)
-        packed, *_ = ForwardBatch.pack(
+        bs = self.bucket_of[b]
+        block = self.staging.take()
+        ForwardBatch.pack_decode_into(
+            block.numpy(),
+            bs,
             desc.ints("req_pool_idx"),
             desc.ints("prefix_len"),
-            desc.ints("extend_len"),
             desc.out_slots,
-            pad_to=bs,
-            pad_row=self.runner.table.pad_row,
+            self.runner.table.pad_row,
         )
-        self.index[: 8 * bs].copy_(pinned(packed), non_blocking=True)
+        self.index[: 8 * bs].copy_(block[: 8 * bs], non_blocking=True)
+        self.staging.copied()
         if hidden is not None:
             self.hidden[:b].copy_(hidden)
             self.residual[:b].copy_(residual)

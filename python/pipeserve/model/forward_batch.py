@@ -87,6 +87,27 @@ class ForwardBatch:
         max_extend = int(extend_lens.max()) if len(extend_lens) else 0
         return packed, (req_pool_idx, prefix_lens, extend_lens), max_extend
 
+    @staticmethod
+    def pack_decode_into(
+        out: np.ndarray,
+        bs: int,
+        req_pool_idx: np.ndarray,
+        prefix_lens: np.ndarray,
+        out_slots: np.ndarray,
+        pad_row: int,
+    ) -> None:
+        """`pack` of a decode batch (one new token per request) padded to `bs` requests, written
+        into out[: 8 * bs] as (8, bs) rows: no temporaries beyond the rows themselves."""
+        b = len(req_pool_idx)
+        rows = out[: 8 * bs].reshape(8, bs)
+        rows[0, :b], rows[0, b:] = req_pool_idx, pad_row
+        rows[1, :b], rows[1, b:] = prefix_lens, 0
+        rows[2] = 1  # one new token each
+        np.add(rows[1], 1, out=rows[3])  # sequence length
+        rows[4] = np.arange(bs)  # first token row = request index
+        rows[5], rows[6] = rows[1], rows[0]  # position = prefix, token row = pool row
+        rows[7, :b], rows[7, b:] = out_slots, 0
+
     @classmethod
     def of_packed(
         cls, packed: torch.Tensor, b: int, n: int, max_extend_len: int, num_real: int | None = None
