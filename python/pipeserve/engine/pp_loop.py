@@ -16,7 +16,6 @@ to stop) and `apply_result(rec, tokens)`, plus `scheduler`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,10 +66,6 @@ class SchedulerPPMixin:
         self.stage_busy: list[float] = []
         self.arrived_since_launch = 0  # token messages stage 0 took in since its last broadcast
         self.rings = ReceiveRings(self.cfg, self.ctx, self.runner)
-        # stage 0 on CUDA (pp > 1): where returned tokens are waited for and copied to the host
-        self.token_stream = None
-        if self.runner.device.type == "cuda" and self.ctx.pp_size > 1 and self.ctx.is_first_stage:
-            self.token_stream = torch.cuda.Stream(self.runner.device)
         self.tracer = NullTracer()
         if self.cfg.pp_trace:
             rank = self.ctx.pp_rank * self.ctx.tp_size + self.ctx.tp_rank
@@ -183,35 +178,22 @@ class SchedulerPPMixin:
 
     def _receive_tokens(self, rec: InFlight) -> None:
         with self.tracer.span("receive-wait", rec.desc.mb_id):
-            data, rec.tokens = self._take_tokens(rec.expected, rec.desc)
+            data = self._complete(rec.expected)
         if data["mb_id"] != rec.desc.mb_id:
             raise RuntimeError(
                 f"tokens of microbatch {data['mb_id']} arrived; expected {rec.desc.mb_id}"
             )
         self.stage_busy = list(data["busy"])
+        if rec.desc.kind == "batch":
+            rec.tokens = self._store_tokens(rec.desc, data)
 
-    def _take_tokens(
-        self, expected: Expected, desc: BatchDescriptor
-    ) -> tuple[dict, SampledTokens | None]:
-        """The token message of `desc` (a keepalive's reply carries none): its tokens go into this
-        rank's token pool, ordered with the forwards that read them, and (CUDA) to the host. On
-        CUDA the receive orders the token stream, not the compute stream, so the host copy runs
-        as soon as the tokens land rather than behind the forwards launched since; the compute
-        stream then waits for that stream before it writes the pool."""
-        side, batch = self.token_stream, desc.kind == "batch"
-        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
-            data = self._complete(expected)
-            tokens = _device_tensors(data)
-            host = SampledTokens.of(tokens) if batch else None
-        if side is not None:
-            compute = torch.cuda.current_stream(self.runner.device)
-            compute.wait_stream(side)
-            for t in tokens.values():
-                t.record_stream(compute)
-        if batch:
-            where = sampled_token_places(desc)
-            self.executor.submit(self._write_tokens, where, tokens["next_token_ids"])
-        return data, host
+    def _store_tokens(self, desc: BatchDescriptor, data: dict) -> SampledTokens:
+        """Sampled tokens into this rank's token pool, ordered with the forwards that read them,
+        and (on CUDA, started here) a host copy for the scheduler."""
+        tokens = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        where = sampled_token_places(desc)
+        self.executor.submit(self._write_tokens, where, tokens["next_token_ids"])
+        return SampledTokens.of(tokens)
 
     def _write_tokens(self, where: np.ndarray, next_token_ids: torch.Tensor) -> None:
         rows, positions = to_device(where, self.runner.device)
@@ -238,7 +220,10 @@ class SchedulerPPMixin:
         while True:
             desc, arrived = receive_descriptor(self.tp)
             for _ in range(arrived):  # token messages rank 0 took in before deciding this one
-                self._take_tokens(*awaited.popleft())
+                expected, launched = awaited.popleft()
+                data = self._complete(expected)
+                if launched.kind == "batch":  # a keepalive's reply carries no tokens
+                    self._store_tokens(launched, data)
             if job is not None:
                 self._wait_job(job)
             job = InFlight(desc, [], self.executor.submit(self._forward_and_send, desc))
@@ -347,10 +332,6 @@ class ReceiveRings:
 
 
 PROXY_KEYS = ("hidden_states", "residual")
-
-
-def _device_tensors(data: dict) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
 def _for_later_stages(desc: BatchDescriptor) -> BatchDescriptor:
