@@ -19,8 +19,8 @@ import tempfile
 import time
 
 from pipeserve import Engine
-from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.model.config import ModelConfig
+from pipeserve.sampling_params import SamplingParams
 
 
 def first_schedule_after(trace_path: str, epoch_s: float) -> float | None:

@@ -194,7 +194,7 @@ def measure(
 def long_check(engine: Engine, length: int, vocab: int) -> dict:
     """One request of `length` prompt tokens decoded beside 127 short ones: it must complete (no
     dense per-layer K/V copies: the paged kernels read the pool in place)."""
-    from pipeserve.engine.sampling_params import SamplingParams
+    from pipeserve.sampling_params import SamplingParams
 
     long_prompt = prompts(1, length, vocab, seed=3)[0]
     short = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)

@@ -29,9 +29,9 @@ import tempfile
 import time
 
 from pipeserve import Engine
-from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.registry import stage_layers
+from pipeserve.sampling_params import SamplingParams
 from pipeserve.utils import usable_cores
 
 WORKLOADS = {

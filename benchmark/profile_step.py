@@ -28,9 +28,9 @@ from bench_offline import SHAPES, copy_bandwidth, make_model
 def build_runner(path: str, max_bs: int, slots: int):
     from pipeserve.config import resolve_config
     from pipeserve.distributed import DistConfig, get_tp_group, init_distributed
-    from pipeserve.engine.model_runner import ModelRunner
     from pipeserve.model.config import ModelConfig
     from pipeserve.model.parallel import ParallelContext
+    from pipeserve.runner.model_runner import ModelRunner
     from pipeserve.utils import free_port
 
     init_distributed(
@@ -53,7 +53,7 @@ def build_runner(path: str, max_bs: int, slots: int):
 
 def decode_desc(batch: int, seq_len: int, slots: int):
     """B greedy decodes at position seq_len - 1 on rows 0..B-1, each over its own slots."""
-    from pipeserve.engine.batch import REQ_FLOAT_COLUMNS, REQ_INT_COLUMNS, BatchDescriptor
+    from pipeserve.scheduler.descriptor import REQ_FLOAT_COLUMNS, REQ_INT_COLUMNS, BatchDescriptor
 
     ints = np.zeros((batch, len(REQ_INT_COLUMNS)), np.int64)
     col = {n: i for i, n in enumerate(REQ_INT_COLUMNS)}

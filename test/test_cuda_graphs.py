@@ -28,7 +28,7 @@ def _run(path: str, items: list, **cfg) -> list:
     """Half the requests, then the rest while those decode (mixed prefill + decode microbatches),
     with a small prefill chunk; returns output ids and logprobs per request."""
     from pipeserve import Engine
-    from pipeserve.engine.sampling_params import SamplingParams
+    from pipeserve.sampling_params import SamplingParams
 
     cfg = {"device": "cuda", "dtype": "float32", "chunked_prefill_size": 48, **cfg}
     with Engine(model_path=path, **cfg) as engine:
@@ -68,9 +68,9 @@ def test_graphs_under_preemption_and_abort(tmp_path):
 def _runner(path: str, max_bs: int = 8):
     from pipeserve.config import resolve_config
     from pipeserve.distributed import DistConfig, get_tp_group, init_distributed
-    from pipeserve.engine.model_runner import ModelRunner
     from pipeserve.model.config import ModelConfig
     from pipeserve.model.parallel import ParallelContext
+    from pipeserve.runner.model_runner import ModelRunner
     from pipeserve.utils import free_port
 
     init_distributed(
@@ -89,7 +89,7 @@ def _runner(path: str, max_bs: int = 8):
 @cuda
 def test_padded_graph_rows_touch_only_the_pad_slot(tmp_path):
     from pipeserve.distributed import destroy_distributed
-    from pipeserve.engine.batch import REQ_FLOAT_COLUMNS, REQ_INT_COLUMNS, BatchDescriptor
+    from pipeserve.scheduler.descriptor import REQ_FLOAT_COLUMNS, REQ_INT_COLUMNS, BatchDescriptor
 
     runner = _runner(make_checkpoint(str(tmp_path), "llama", layers=2, heads=4, kv_heads=2))
     try:

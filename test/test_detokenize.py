@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from pipeserve.engine.detokenizer import Detokenizer
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.frontend.detokenizer import Detokenizer
+from pipeserve.sampling_params import SamplingParams
 from text_models import byte_chars, byte_fallback_tokenizer, byte_level_tokenizer, unique_pieces
 
 TEXT = "héllo wörld 你好吗 🙂🙂! do n't go . it 's ünïcödé → done"

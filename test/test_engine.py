@@ -11,8 +11,8 @@ import torch
 
 from checkpoints import hf_greedy, make_checkpoint
 from pipeserve import Engine
-from pipeserve.engine.request_state import RequestState
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.frontend.request_state import RequestState
+from pipeserve.sampling_params import SamplingParams
 
 NEW_TOKENS = 32
 GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}

@@ -16,12 +16,12 @@ import torch
 from checkpoints import hf_greedy, make_checkpoint
 from pipeserve import Engine
 from pipeserve.config import resolve_config
-from pipeserve.engine.batch import BatchDescriptor
-from pipeserve.engine.kv_cache import TokenPool
-from pipeserve.engine.processes import RankFailure
-from pipeserve.engine.req import Req
-from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.scheduler import Scheduler
+from pipeserve.frontend.ranks import RankFailure
+from pipeserve.runner.kv_cache import TokenPool
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.scheduler.descriptor import BatchDescriptor
+from pipeserve.scheduler.req import Req
+from pipeserve.scheduler.scheduler import Scheduler
 from test_engine import prompts
 
 # Seeded sampling (with penalties) of the embedded model, recorded at 2f48935, before overlap.

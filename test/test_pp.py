@@ -10,8 +10,8 @@ import pytest
 
 from checkpoints import hf_greedy, make_checkpoint
 from pipeserve import Engine
-from pipeserve.engine.processes import RankFailure
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.frontend.ranks import RankFailure
+from pipeserve.sampling_params import SamplingParams
 from test_engine import prompts
 
 GREEDY = {"temperature": 0, "ignore_eos": True}

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from checkpoints import make_checkpoint
 from pipeserve import Engine
-from pipeserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from pipeserve.sampling_params import SamplingParams, SamplingParamsError
 from pipeserve.server.limits import max_prompt_chars
 from pipeserve.server.openai_api import ModelInfo, encode
 from pipeserve.server.protocol import ApiError, HugeInt, parse_json

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeserve.engine.sampler import (
+from pipeserve.runner.sampler import (
     SamplingBatch,
     apply_penalties,
     gumbel_noise,
@@ -17,7 +17,7 @@ from pipeserve.engine.sampler import (
     make_token_history,
     sample,
 )
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.sampling_params import SamplingParams
 
 # ---------------------------------------------------------------- SamplingParams
 

@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 
-from pipeserve.engine.finish import FinishChecker
-from pipeserve.engine.ipc import GenerateBatch, GenerateReq, StepOut, TokenOut, decode, encode
-from pipeserve.engine.kv_cache import IndexAllocator
-from pipeserve.engine.req import Req
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.ipc.messages import GenerateBatch, GenerateReq, StepOut, TokenOut, decode, encode
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.scheduler.allocator import IndexAllocator
+from pipeserve.scheduler.finish import FinishChecker
+from pipeserve.scheduler.req import Req
 
 
 def test_allocator_hands_out_lowest_first_and_reuses_freed_in_order():

@@ -15,7 +15,7 @@ import pytest
 
 from checkpoints import make_checkpoint
 from pipeserve import Engine
-from pipeserve.engine.tokenizer import load_tokenizer
+from pipeserve.frontend.tokenizer import load_tokenizer
 from pipeserve.utils import free_port
 from server_harness import Server
 

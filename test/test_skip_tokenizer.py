@@ -14,7 +14,7 @@ import pytest
 
 from checkpoints import make_checkpoint
 from pipeserve import Engine
-from pipeserve.engine.tokenizer import TokenizerNotFound, eos_token_ids
+from pipeserve.frontend.tokenizer import TokenizerNotFound, eos_token_ids
 from server_harness import Server
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pipeserve.engine.engine import Engine
+    from pipeserve.frontend.offline import Engine
 
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":  # imported lazily: `import pipeserve` stays light
-        from pipeserve.engine.engine import Engine
+        from pipeserve.frontend.offline import Engine
 
         return Engine
     raise AttributeError(name)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeserve.ipc.messages import IpcAddresses
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
 TRACE_ENV = "PIPESERVE_TRACE"
@@ -164,3 +167,14 @@ def _resolve_dtype(cfg: EngineConfig) -> str:
     if _resolve_device(cfg.device) == "cpu":
         return "float32"
     return str(ModelConfig.from_dir(cfg.model_path).torch_dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What one rank process is told when it is spawned, besides the EngineConfig."""
+
+    rank: int
+    local_rank: int
+    dist_init: str  # tcp://host:port of rank 0's rendezvous
+    ipc: IpcAddresses
+    threads: int

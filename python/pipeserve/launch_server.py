@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeserve.config import EngineConfig
-from pipeserve.engine.ipc import IpcAddresses
-from pipeserve.engine.processes import RankFailure, RankGroup
-from pipeserve.engine.tokenizer import TokenizerNotFound
+from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.tokenizer import TokenizerNotFound
+from pipeserve.ipc.messages import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
 
 logger = logging.getLogger("pipeserve.launcher")
@@ -134,8 +134,8 @@ def _uvicorn_server_class() -> type:
 def serve(cfg: ServerConfig) -> int:
     import uvicorn
 
-    from pipeserve.engine.detokenizer import Detokenizer
-    from pipeserve.engine.tokenizer import load_tokenizer
+    from pipeserve.frontend.detokenizer import Detokenizer
+    from pipeserve.frontend.tokenizer import load_tokenizer
     from pipeserve.model.config import ModelConfig
     from pipeserve.server.app import build_app
     from pipeserve.server.frontend import Frontend

@@ -15,8 +15,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from pipeserve.engine.detokenizer import Detokenizer
-from pipeserve.engine.ipc import (
+from pipeserve.frontend.detokenizer import Detokenizer
+from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.request_state import RequestState
+from pipeserve.ipc.messages import (
     AbortReq,
     GenerateReq,
     IpcAddresses,
@@ -25,9 +27,7 @@ from pipeserve.engine.ipc import (
     decode,
     encode,
 )
-from pipeserve.engine.processes import RankFailure, RankGroup
-from pipeserve.engine.request_state import RequestState
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.sampling_params import SamplingParams
 from pipeserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger("pipeserve.server")

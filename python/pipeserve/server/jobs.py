@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.engine.request_state import RequestState
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.frontend.request_state import RequestState
+from pipeserve.sampling_params import SamplingParams
 from pipeserve.server.protocol import ApiError, Job
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pipeserve.engine.ipc import TokenOut
+from pipeserve.ipc.messages import TokenOut
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # seconds; latencies of a small CPU model and of a large one behind several stages both fit

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.engine.request_state import format_result
+from pipeserve.frontend.request_state import format_result
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.openai_api import ModelInfo, check_text_free, encode, prompt_texts
 from pipeserve.server.protocol import (

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.engine.request_state import RequestState
-from pipeserve.engine.sampling_params import INT32_MAX
+from pipeserve.frontend.request_state import RequestState
+from pipeserve.sampling_params import INT32_MAX
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.protocol import (
     CHAT_ROLES,

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.engine.sampling_params import MAX_N, SamplingParams, SamplingParamsError, show
+from pipeserve.sampling_params import MAX_N, SamplingParams, SamplingParamsError, show
 
 
 class ApiError(Exception):

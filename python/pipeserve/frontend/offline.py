@@ -17,8 +17,12 @@ from typing import Any
 import zmq
 
 from pipeserve.config import EngineConfig, resolve_config
-from pipeserve.engine.detokenizer import Detokenizer
-from pipeserve.engine.ipc import (
+from pipeserve.frontend.detokenizer import Detokenizer
+from pipeserve.frontend.main_guard import check_main_guard
+from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.request_state import RequestState, format_result
+from pipeserve.frontend.tokenizer import load_tokenizer
+from pipeserve.ipc.messages import (
     AbortReq,
     FrontendSockets,
     GenerateBatch,
@@ -26,11 +30,7 @@ from pipeserve.engine.ipc import (
     IpcAddresses,
     ShutdownReq,
 )
-from pipeserve.engine.main_guard import check_main_guard
-from pipeserve.engine.processes import RankFailure, RankGroup
-from pipeserve.engine.request_state import RequestState, format_result
-from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.tokenizer import load_tokenizer
+from pipeserve.sampling_params import SamplingParams
 from pipeserve.utils import all_plain_ints
 
 logger = logging.getLogger("pipeserve.engine")

@@ -1,9 +1,9 @@
 """When stage 0 ends a request: EOS, stop token ids, max_new_tokens, context length. Stop strings
-are text, matched by the front end (engine/detokenizer.py), which then aborts the request here."""
+are text, matched by the front end (frontend/detokenizer.py), which then aborts the request here."""
 
 from __future__ import annotations
 
-from pipeserve.engine.req import Req
+from pipeserve.scheduler.req import Req
 
 
 class FinishChecker:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeserve.engine.detokenizer import TextStream
-from pipeserve.engine.ipc import TokenOut
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.frontend.detokenizer import TextStream
+from pipeserve.ipc.messages import TokenOut
+from pipeserve.sampling_params import SamplingParams
 
 
 @dataclass

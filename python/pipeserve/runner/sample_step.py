@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeserve.engine.batch import (
+from pipeserve.model.forward_batch import to_device
+from pipeserve.runner.sampler import (
+    SampleOutput,
+    SamplingBatch,
+    SamplingFlags,
+    TokenHistory,
+    sample,
+)
+from pipeserve.scheduler.descriptor import (
     FLOAT_COL,
     INT_COL,
     BatchDescriptor,
@@ -18,17 +26,9 @@ from pipeserve.engine.batch import (
     sampled_token_places,
     seq_lens,
 )
-from pipeserve.engine.sampler import (
-    SampleOutput,
-    SamplingBatch,
-    SamplingFlags,
-    TokenHistory,
-    sample,
-)
-from pipeserve.model.forward_batch import to_device
 
 if TYPE_CHECKING:
-    from pipeserve.engine.model_runner import ModelRunner
+    from pipeserve.runner.model_runner import ModelRunner
 
 
 @dataclass

@@ -1,31 +1,9 @@
-"""Tokenizer loading, and the end-of-sequence ids that the ranks need (read without a tokenizer)."""
+"""The end-of-sequence ids that the ranks need, read as JSON from the checkpoint: no tokenizer."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
-
-# A directory holding none of these has no tokenizer for transformers to load.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-class TokenizerNotFound(FileNotFoundError):
-    """The tokenizer directory holds no tokenizer."""
-
-
-def load_tokenizer(path: str) -> Any:
-    """A `transformers` tokenizer from a local directory (never the network)."""
-    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise TokenizerNotFound(
-            f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}): give one with "
-            "--tokenizer-path, or serve token ids only with --skip-tokenizer-init "
-            "(skip_tokenizer_init=True offline)"
-        )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def eos_token_ids(model_path: str, tokenizer_path: str | None = None) -> set[int]:

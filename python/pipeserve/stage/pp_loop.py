@@ -26,14 +26,19 @@ import torch
 
 from pipeserve.distributed import Channel
 from pipeserve.distributed.liveness import wait_live
-from pipeserve.engine.batch import NO_SPLIT, BatchDescriptor, penalised, sampled_token_places
-from pipeserve.engine.descriptor_broadcast import receive_descriptor, send_descriptor
-from pipeserve.engine.executor import Executor
-from pipeserve.engine.pp_transport import TRANSPORTS, Expected
-from pipeserve.engine.req import Req
-from pipeserve.engine.sampling import SampledTokens
-from pipeserve.engine.trace import NullTracer, Tracer, merge_traces
 from pipeserve.model.forward_batch import to_device
+from pipeserve.runner.sample_step import SampledTokens
+from pipeserve.scheduler.descriptor import (
+    NO_SPLIT,
+    BatchDescriptor,
+    penalised,
+    sampled_token_places,
+)
+from pipeserve.scheduler.req import Req
+from pipeserve.stage.descriptor_broadcast import receive_descriptor, send_descriptor
+from pipeserve.stage.executor import Executor
+from pipeserve.stage.trace import NullTracer, Tracer, merge_traces
+from pipeserve.stage.transport import TRANSPORTS, Expected
 
 WAIT_SLICE_S = 1.0  # between liveness checks while a receive is outstanding
 

@@ -13,17 +13,17 @@ from collections.abc import Callable
 import torch
 
 from pipeserve.config import EngineConfig
-from pipeserve.engine.batch import BatchDescriptor
-from pipeserve.engine.busy import BusyClock
-from pipeserve.engine.kv_cache import KVPool, ReqToToken, TokenPool
-from pipeserve.engine.memory import reserved_bytes
-from pipeserve.engine.sampling import SampledTokens, sample_step
 from pipeserve.model.attention import BackendSpec, create_backend, resolve_backend_name
 from pipeserve.model.config import ModelConfig, parse_dtype
 from pipeserve.model.forward_batch import ForwardBatch, to_device
 from pipeserve.model.loader import load_weights
 from pipeserve.model.parallel import ParallelContext
 from pipeserve.model.registry import build_stage_model
+from pipeserve.runner.busy import BusyClock
+from pipeserve.runner.kv_cache import KVPool, ReqToToken, TokenPool
+from pipeserve.runner.memory import reserved_bytes
+from pipeserve.runner.sample_step import SampledTokens, sample_step
+from pipeserve.scheduler.descriptor import BatchDescriptor
 
 logger = logging.getLogger("pipeserve.runner")
 
@@ -141,7 +141,7 @@ class ModelRunner:
                 "CUDA graphs off: the %s attention backend cannot run in them", self.backend_name
             )
             return
-        from pipeserve.engine.cuda_graphs import CudaGraphRunner
+        from pipeserve.runner.cuda_graphs import CudaGraphRunner
 
         max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.micro_batch_cap)
         self.graphs = CudaGraphRunner(self, max_bs)

@@ -14,10 +14,9 @@ import signal
 import time
 from typing import Any
 
-from pipeserve.config import EngineConfig
-from pipeserve.engine.ipc import IpcAddresses
-from pipeserve.engine.main_guard import check_main_guard, spawnable_main
-from pipeserve.engine.worker import RankSpec, run_rank
+from pipeserve.config import EngineConfig, RankSpec
+from pipeserve.frontend.main_guard import check_main_guard, spawnable_main
+from pipeserve.ipc.messages import IpcAddresses
 from pipeserve.utils import free_port, usable_cores
 
 logger = logging.getLogger("pipeserve.launcher")
@@ -45,7 +44,7 @@ class RankGroup:
         for local in range(cfg.ranks_per_node):
             spec = RankSpec(first + local, local, self.dist_init, ipc, threads)
             proc = ctx.Process(
-                target=run_rank,
+                target=_rank_main,
                 args=(cfg, spec, self.report),
                 name=f"pipeserve-rank{spec.rank}",
                 daemon=True,
@@ -147,3 +146,10 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def _rank_main(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
+    """The spawned process's entry: the rank side (torch and all) is imported there only."""
+    from pipeserve.stage.main import run_rank
+
+    run_rank(cfg, spec, report)

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pipeserve.detokenizer")
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from pipeserve.distributed import GroupCoordinator
-from pipeserve.engine.batch import BatchDescriptor
+from pipeserve.scheduler.descriptor import BatchDescriptor
 
 
 def send_descriptor(tp: GroupCoordinator, desc: BatchDescriptor, arrived: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.distributed import GroupCoordinator
 from pipeserve.distributed.liveness import Liveness
-from pipeserve.engine.ipc import (
+from pipeserve.ipc.messages import (
     AbortReq,
     GenerateBatch,
     GenerateReq,
@@ -18,12 +18,12 @@ from pipeserve.engine.ipc import (
     StepOut,
     TokenOut,
 )
-from pipeserve.engine.model_runner import ModelRunner
-from pipeserve.engine.pp_loop import InFlight, SchedulerPPMixin
-from pipeserve.engine.req import Req
-from pipeserve.engine.sampling_params import SamplingParams
-from pipeserve.engine.scheduler import SampledToken, Scheduler
 from pipeserve.model.parallel import ParallelContext
+from pipeserve.runner.model_runner import ModelRunner
+from pipeserve.sampling_params import SamplingParams
+from pipeserve.scheduler.req import Req
+from pipeserve.scheduler.scheduler import SampledToken, Scheduler
+from pipeserve.stage.pp_loop import InFlight, SchedulerPPMixin
 
 logger = logging.getLogger("pipeserve.scheduler")
 

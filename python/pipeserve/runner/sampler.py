@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeserve.engine.sampling_params import SamplingParams
+from pipeserve.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 # NOTE: multipliers are odd and < 2**31, and operands are masked to 32 bits, so every int64

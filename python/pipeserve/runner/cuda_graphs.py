@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeserve.engine.batch import BatchDescriptor
 from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.scheduler.descriptor import BatchDescriptor
 
 if TYPE_CHECKING:
-    from pipeserve.engine.model_runner import ModelRunner
+    from pipeserve.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("pipeserve.graphs")
 

@@ -11,13 +11,12 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeserve.config import EngineConfig
+from pipeserve.config import EngineConfig, RankSpec
 from pipeserve.distributed import (
     DistConfig,
     get_pp_group,
@@ -26,25 +25,16 @@ from pipeserve.distributed import (
     init_distributed,
 )
 from pipeserve.distributed.liveness import Liveness
-from pipeserve.engine.finish import FinishChecker
-from pipeserve.engine.ipc import IpcAddresses, SchedulerSockets
-from pipeserve.engine.model_runner import ModelRunner
-from pipeserve.engine.scheduler import Scheduler
-from pipeserve.engine.stage_worker import StageWorker
-from pipeserve.engine.tokenizer import eos_token_ids
+from pipeserve.ipc.messages import SchedulerSockets
 from pipeserve.model.config import ModelConfig
+from pipeserve.model.eos import eos_token_ids
 from pipeserve.model.parallel import ParallelContext
+from pipeserve.runner.model_runner import ModelRunner
+from pipeserve.scheduler.finish import FinishChecker
+from pipeserve.scheduler.scheduler import Scheduler
+from pipeserve.stage.worker import StageWorker
 
 logger = logging.getLogger("pipeserve.worker")
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    rank: int
-    local_rank: int
-    dist_init: str  # tcp://host:port of rank 0's rendezvous
-    ipc: IpcAddresses
-    threads: int
 
 
 def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:

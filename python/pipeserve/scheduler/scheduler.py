@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeserve.config import EngineConfig
-from pipeserve.engine.batch import REQ_FLOAT_COLUMNS, BatchDescriptor, pack_fills
-from pipeserve.engine.kv_cache import IndexAllocator
-from pipeserve.engine.req import Req
+from pipeserve.scheduler.allocator import IndexAllocator
+from pipeserve.scheduler.descriptor import REQ_FLOAT_COLUMNS, BatchDescriptor, pack_fills
+from pipeserve.scheduler.req import Req
 from pipeserve.utils import all_plain_ints
 
 

@@ -1,1 +1,0 @@
-"""The inference engine: requests, scheduling, KV cache, sampling, and the offline API."""

@@ -1,0 +1,1 @@
+"""One rank's device work: the model runner, KV pools, CUDA graphs, sampling."""
