@@ -14,7 +14,8 @@ import pytest
 
 from checkpoints import make_checkpoint
 from pipeserve import Engine
-from pipeserve.frontend.tokenizer import TokenizerNotFound, eos_token_ids
+from pipeserve.frontend.tokenizer import TokenizerNotFound
+from pipeserve.model.eos import eos_token_ids
 from server_harness import Server
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
