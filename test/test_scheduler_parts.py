@@ -4,10 +4,20 @@ the finish checker."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import msgspec
 import pytest
 
-from pipeserve.ipc.messages import GenerateBatch, GenerateReq, StepOut, TokenOut, decode, encode
+from pipeserve.ipc.messages import (
+    GenerateBatch,
+    GenerateReq,
+    StepOut,
+    StepOutBuilder,
+    decode_output,
+    decode_request,
+    encode,
+)
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.scheduler.allocator import IndexAllocator
 from pipeserve.scheduler.finish import FinishChecker
@@ -38,9 +48,25 @@ def test_message_codec_round_trips_batches_and_outputs():
     batch = GenerateBatch(
         [GenerateReq("a", [1, 2], {"temperature": 0.0}, 7), GenerateReq("b", [3], {}, -1, True, 2)]
     )
-    out = StepOut([TokenOut("a", [5], logprobs=[-0.5], top_logprobs=[[[5, -0.5]]])], {"running": 1})
-    assert decode(encode(batch)) == batch
-    assert decode(encode(out)) == out
+    rows = StepOutBuilder()
+    rows.add("a", [5], 2, 1)  # no logprobs asked: NaN once another row has them
+    rows.add("b", [6], 1, 1, {"type": "length", "matched": None}, -0.5, [(6, -0.5), (2, -1.0)])
+    rows.out.stats = {"running": 1}
+    assert decode_request(encode(batch)) == batch
+    out = decode_output(encode(rows.out))
+    assert encode(out) == encode(rows.out)  # (NaN != NaN: compared as bytes)
+    a, b = out.deltas()
+    assert (a.rid, a.token_ids, a.finish_reason) == ("a", [5], None)
+    assert math.isnan(a.logprobs[0]) and a.top_logprobs == [[]]
+    assert (b.token_ids, b.logprobs, b.top_logprobs) == ([6], [-0.5], [[(6, -0.5), (2, -1.0)]])
+    assert b.finish_reason == {"type": "length", "matched": None} and out.stats == {"running": 1}
+
+
+def test_request_decoder_takes_front_end_messages_only():
+    with pytest.raises(msgspec.DecodeError):
+        decode_request(encode(StepOut()))
+    with pytest.raises(msgspec.DecodeError):
+        decode_request(b"\x93garbage")
 
 
 def test_finish_checker_ends_on_tokens_only():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeserve.ipc.messages import IpcAddresses
+    from pipeserve.ipc.sockets import IpcAddresses
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
 TRACE_ENV = "PIPESERVE_TRACE"

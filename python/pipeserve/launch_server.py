@@ -21,7 +21,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.frontend.ranks import RankFailure, RankGroup
 from pipeserve.frontend.tokenizer import TokenizerNotFound
-from pipeserve.ipc.messages import IpcAddresses
+from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
 
 logger = logging.getLogger("pipeserve.launcher")
@@ -160,7 +160,7 @@ def serve(cfg: ServerConfig) -> int:
         max_prompt_chars(tokenizer, min(context, slots)),
     )
     server: uvicorn.Server | None = None
-    frontend = Frontend(ranks, ipc, cfg.max_queued_requests, detokenizer)
+    frontend = Frontend(ranks, ipc, cfg.max_queued_requests, detokenizer, slots)
 
     async def on_shutdown() -> None:
         await frontend.shutdown()

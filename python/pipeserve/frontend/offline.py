@@ -8,28 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
-import uuid
 from numbers import Integral
 from typing import Any
 
 import zmq
 
 from pipeserve.config import EngineConfig, resolve_config
+from pipeserve.frontend.client import EngineLimits, RequestClient, RequestOptions
 from pipeserve.frontend.detokenizer import Detokenizer
 from pipeserve.frontend.main_guard import check_main_guard
 from pipeserve.frontend.ranks import RankFailure, RankGroup
 from pipeserve.frontend.request_state import RequestState, format_result
 from pipeserve.frontend.tokenizer import load_tokenizer
-from pipeserve.ipc.messages import (
-    AbortReq,
-    FrontendSockets,
-    GenerateBatch,
-    GenerateReq,
-    IpcAddresses,
-    ShutdownReq,
-)
+from pipeserve.ipc.messages import AbortReq, GenerateBatch, ShutdownReq
+from pipeserve.ipc.sockets import FrontendSockets, IpcAddresses
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.utils import all_plain_ints
 
@@ -53,12 +46,13 @@ class Engine:
         self.sockets = FrontendSockets(self.ipc)
         self.ranks = RankGroup(self.config, self.ipc)
         self.closed = False
-        self.outstanding: dict[str, RequestState] = {}
+        self.client = RequestClient(self.detokenizer)
         try:
             self.info = self.ranks.wait_ready()
         except BaseException:
             self.shutdown()
             raise
+        self.limits = EngineLimits.from_info(self.info)
         self.stats: dict[str, Any] = {}
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -101,7 +95,7 @@ class Engine:
         bad = None if plain else next((t for t in ids if not _is_token_int(t)), None)
         if bad is not None:
             raise ValueError(f"{name}: token ids must be integers, got {bad!r}")
-        limit = self.info["context_length"]
+        limit = self.limits.context_length
         if len(ids) >= limit:
             raise ValueError(
                 f"{name} has {len(ids)} tokens; the context length is {limit} "
@@ -167,13 +161,9 @@ class Engine:
 
     def _check_fits(self, items: list[tuple[list[int], SamplingParams]]) -> None:
         """Refuses a request the KV pool cannot hold whole: it would end short of max_new_tokens."""
-        slots = self.info["num_slots"]
         for i, (ids, p) in enumerate(items):
-            if len(ids) + p.max_new_tokens > slots:
-                raise ValueError(
-                    f"request {i}: {len(ids)} prompt tokens + max_new_tokens {p.max_new_tokens} "
-                    f"exceed the KV cache pool of {slots} tokens"
-                )
+            if (why := self.limits.kv_fit_error(len(ids), p.max_new_tokens)) is not None:
+                raise ValueError(f"request {i}: {why}")
 
     def _submit(
         self,
@@ -188,19 +178,12 @@ class Engine:
                 "stop strings need a tokenizer, and the engine runs with skip_tokenizer_init=True: "
                 "use stop_token_ids"
             )
+        opts = RequestOptions(return_logprob, top_logprobs_num, priority)
         reqs, states = [], []
         for ids, params in items:
-            rid = uuid.uuid4().hex
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            reqs.append(
-                GenerateReq(
-                    rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num, priority
-                )
-            )
-            stream = None if self.detokenizer is None else self.detokenizer.stream(params, False)
-            states.append(RequestState(rid, params, stream, prompt_tokens=len(ids)))
-        for state in states:
-            self.outstanding[state.rid] = state
+            req, state = self.client.new_request(ids, params, opts)
+            reqs.append(req)
+            states.append(state)
         self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
         return states
 
@@ -256,13 +239,9 @@ class Engine:
             self.ranks.check_alive()
             return
         self.stats = msg.stats
-        for out in msg.outputs:
-            if (state := self.outstanding.get(out.rid)) is not None:
-                state.apply(out)
-                if state.finished:
-                    del self.outstanding[out.rid]
-                if state.ended_here:  # a stop string: stage 0 still runs it
-                    self._send(AbortReq(out.rid))
+        _, ended_here = self.client.apply(msg)
+        for rid in ended_here:  # a stop string: stage 0 still runs it
+            self._send(AbortReq(rid))
 
     def abort(self, state: RequestState) -> None:
         """Asks stage 0 to drop the request; `wait` then sees it finish with reason abort."""

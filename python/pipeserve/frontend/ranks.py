@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeserve.config import EngineConfig, RankSpec
 from pipeserve.frontend.main_guard import check_main_guard, spawnable_main
-from pipeserve.ipc.messages import IpcAddresses
+from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.utils import free_port, usable_cores
 
 logger = logging.getLogger("pipeserve.launcher")
@@ -83,6 +83,10 @@ class RankGroup:
                         f"ranks did not become ready within {self.cfg.ready_timeout_s:g}s "
                         "(ready_timeout_s, --ready-timeout)"
                     ) from None
+
+    def sentinels(self) -> list[int]:
+        """Descriptors that become readable when a local rank exits."""
+        return [proc.sentinel for proc in self.procs.values()]
 
     def check_alive(self) -> None:
         """Raises RankFailure if any local rank has exited: its first line names the rank that

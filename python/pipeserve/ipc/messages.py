@@ -1,27 +1,21 @@
-"""Typed messages between a front end (the offline Engine or the HTTP server) and stage 0's
-scheduler, their codec, and the ZeroMQ sockets that carry them.
+"""Typed messages between the front ends (the offline Engine, the HTTP server's processes) and stage
+0's scheduler, and their codec (msgspec's MessagePack: typed on both ends, nothing else decodes).
 
-Requests go in once; outputs come back as per-step deltas. The codec turns a message into plain
-values (tag, fields) and back; decoding builds nothing but the registered message types.
+Requests go in once; outputs come back as one columnar `StepOut` per step per front end: the
+requests' ids, their new tokens flattened, and per-request columns, so that neither side builds an
+object per token.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import pickle
-import tempfile
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
-from pipeserve.distributed.wire import loads_plain
+import msgspec
 
 
-@dataclass(frozen=True)
-class GenerateReq:
+class GenerateReq(msgspec.Struct, tag=True):
     rid: str
     input_ids: list[int]
     params: dict[str, Any]  # SamplingParams fields, validated by the front end
@@ -29,34 +23,73 @@ class GenerateReq:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     priority: int = 0  # lower is admitted first
+    owner: int = 0  # the front end that gets its outputs
 
 
-@dataclass(frozen=True)
-class GenerateBatch:
+class GenerateBatch(msgspec.Struct, tag=True):
     """Several requests in one message, so that the scheduler sees them arrive together (an offline
     batch is then prefilled in as few microbatches as the budget allows, not split by arrival)."""
 
     reqs: list[GenerateReq]
 
 
-@dataclass(frozen=True)
-class AbortReq:
+class AbortReq(msgspec.Struct, tag=True):
     rid: str
 
 
-@dataclass(frozen=True)
-class ShutdownReq:
+class ShutdownReq(msgspec.Struct, tag=True):
     pass
 
 
-@dataclass(slots=True)  # not frozen: built hundreds of times a step, where frozen init is slow
+TopLogprobs = list[tuple[int, float]]  # one token's alternatives: (token id, logprob)
+
+
+class StepOut(msgspec.Struct, tag=True):
+    """One step's outputs for one front end, as columns. Request i's new tokens are
+    `token_ids[sum(num_tokens[:i]) : ... + num_tokens[i]]`; `logprobs` and `top_logprobs` are
+    aligned with `token_ids` when any request of the message asked for them, else empty. A
+    finished request's row carries its finish reason (and its error, if it never ran)."""
+
+    rids: list[str] = msgspec.field(default_factory=list)
+    num_tokens: list[int] = msgspec.field(default_factory=list)
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    logprobs: list[float] = msgspec.field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = msgspec.field(default_factory=list)
+    finish_reasons: list[dict[str, Any] | None] = msgspec.field(default_factory=list)
+    prompt_tokens: list[int] = msgspec.field(default_factory=list)
+    completion_tokens: list[int] = msgspec.field(default_factory=list)
+    errors: dict[int, str] = msgspec.field(default_factory=dict)  # row: why it never ran
+    queue_times: dict[int, float] = msgspec.field(default_factory=dict)  # row: s at stage 0
+    stats: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def deltas(self) -> Iterator[TokenOut]:
+        """Each request's share, in row order."""
+        start = 0
+        with_logprobs, with_top = bool(self.logprobs), bool(self.top_logprobs)
+        for i, rid in enumerate(self.rids):
+            end = start + self.num_tokens[i]
+            yield TokenOut(
+                rid,
+                self.token_ids[start:end],
+                self.logprobs[start:end] if with_logprobs else None,
+                self.top_logprobs[start:end] if with_top else None,
+                self.finish_reasons[i],
+                self.prompt_tokens[i],
+                self.completion_tokens[i],
+                self.errors.get(i),
+                self.queue_times.get(i),
+            )
+            start = end
+
+
+@dataclass(slots=True)
 class TokenOut:
-    """New tokens of one request since its last TokenOut (all of them once it has finished)."""
+    """A front end's view of one request's row of a StepOut (built on the front end only)."""
 
     rid: str
     token_ids: list[int]
     logprobs: list[float] | None = None
-    top_logprobs: list[list[list[float]]] | None = None  # per token: [[id, logprob], ...]
+    top_logprobs: list[TopLogprobs] | None = None
     finish_reason: dict[str, Any] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -64,128 +97,67 @@ class TokenOut:
     queue_time_s: float | None = None  # on a request's first token: seconds it waited at stage 0
 
 
-@dataclass(frozen=True)
-class StepOut:
-    outputs: list[TokenOut] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
+@dataclass
+class StepOutBuilder:
+    """Stage 0's side: rows appended one request at a time, sent as one StepOut."""
+
+    out: StepOut = field(default_factory=StepOut)
+    any_logprobs: bool = False
+    any_top: bool = False
+
+    def add(
+        self,
+        rid: str,
+        token_ids: list[int],
+        prompt_tokens: int,
+        completion_tokens: int,
+        finish_reason: dict[str, Any] | None = None,
+        logprob: float | None = None,
+        top: TopLogprobs | None = None,
+    ) -> int:
+        """Appends a row (at most one token: stage 0 sends each step's token as it comes);
+        returns its index."""
+        o = self.out
+        row = len(o.rids)
+        o.rids.append(rid)
+        o.num_tokens.append(len(token_ids))
+        o.token_ids.extend(token_ids)
+        o.finish_reasons.append(finish_reason)
+        o.prompt_tokens.append(prompt_tokens)
+        o.completion_tokens.append(completion_tokens)
+        if logprob is not None or top is not None or self.any_logprobs or self.any_top:
+            self._add_logprobs(len(token_ids), logprob, top)
+        return row
+
+    def _add_logprobs(self, n: int, logprob: float | None, top: TopLogprobs | None) -> None:
+        """Keeps both columns aligned with token_ids once any row has them (NaN / [] elsewhere)."""
+        o = self.out
+        if not self.any_logprobs:  # the first row with logprobs: pad the rows before it
+            self.any_logprobs = self.any_top = True
+            o.logprobs = [float("nan")] * (len(o.token_ids) - n)
+            o.top_logprobs = [[] for _ in range(len(o.token_ids) - n)]
+        if n:
+            o.logprobs.append(float("nan") if logprob is None else logprob)
+            o.top_logprobs.append(top or [])
+
+    def __len__(self) -> int:
+        return len(self.out.rids)
 
 
-MESSAGES = {
-    cls.__name__: cls
-    for cls in (GenerateReq, GenerateBatch, AbortReq, ShutdownReq, TokenOut, StepOut)
-}
+ToStage0 = GenerateReq | GenerateBatch | AbortReq | ShutdownReq
+_encoder = msgspec.msgpack.Encoder()
+_to_stage0 = msgspec.msgpack.Decoder(ToStage0)
+_to_frontend = msgspec.msgpack.Decoder(StepOut)
 
 
-# Field names per message type, looked up once: the codec runs for every output of every step.
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
-_TAGS = {cls: "@" + cls.__name__ for cls in MESSAGES.values()}
-_SCALARS = frozenset((int, float, str, bool, type(None)))
+def encode(msg: ToStage0 | StepOut) -> bytes:
+    return _encoder.encode(msg)
 
 
-def _to_plain(obj: Any) -> Any:
-    cls = type(obj)
-    if cls in _SCALARS:
-        return obj
-    names = _FIELDS.get(cls)
-    if names is not None:  # scalar fields as they are: no call per field (hundreds per step)
-        values = [getattr(obj, n) for n in names]
-        return (_TAGS[cls], [v if type(v) in _SCALARS else _to_plain(v) for v in values])
-    if isinstance(obj, (list, tuple)):
-        if _SCALARS.issuperset(map(type, obj)):  # token ids, logprobs: no walk (checked in C)
-            return obj if cls is list else list(obj)
-        return [_to_plain(x) for x in obj]
-    return obj
+def decode_request(data: bytes) -> ToStage0:
+    """A front end's message; anything else (or malformed) raises msgspec.DecodeError."""
+    return _to_stage0.decode(data)
 
 
-def _from_plain(obj: Any) -> Any:
-    cls = type(obj)
-    if cls in _SCALARS:
-        return obj
-    if cls is tuple and len(obj) == 2 and isinstance(obj[0], str) and obj[0].startswith("@"):
-        return MESSAGES[obj[0][1:]](*[x if type(x) in _SCALARS else _from_plain(x) for x in obj[1]])
-    if cls is list:
-        if _SCALARS.issuperset(map(type, obj)):
-            return obj
-        return [_from_plain(x) for x in obj]
-    return obj
-
-
-def encode(msg: Any) -> bytes:
-    return pickle.dumps(_to_plain(msg), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode(data: bytes) -> Any:
-    return _from_plain(loads_plain(data))
-
-
-@dataclass(frozen=True)
-class IpcAddresses:
-    """Per-instance socket paths, so that two engines or servers can run side by side."""
-
-    requests: str
-    outputs: str
-
-    @classmethod
-    def fresh(cls) -> IpcAddresses:
-        base = os.path.join(
-            tempfile.gettempdir(), f"pipeserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        )
-        return cls(f"ipc://{base}-req", f"ipc://{base}-out")
-
-    def cleanup(self) -> None:
-        for addr in (self.requests, self.outputs):
-            path = addr.removeprefix("ipc://")
-            if os.path.exists(path):
-                os.unlink(path)
-
-
-class SchedulerSockets:
-    """Stage 0's side: pulls requests, pushes outputs. The front end binds; stage 0 connects."""
-
-    def __init__(self, addrs: IpcAddresses) -> None:
-        ctx = zmq.Context.instance()
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.connect(addrs.requests)
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 1000)
-        self.push.connect(addrs.outputs)
-
-    def recv_all(self, timeout_s: float) -> list[Any]:
-        """Every queued request; waits up to `timeout_s` for the first one (0: does not wait)."""
-        msgs = []
-        if self.pull.poll(int(timeout_s * 1000)):
-            while True:
-                try:
-                    msgs.append(decode(self.pull.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    break
-        return msgs
-
-    def send(self, msg: Any) -> None:
-        self.push.send(encode(msg))
-
-
-class FrontendSockets:
-    """The front end's side: binds both sockets, pushes requests, pulls outputs."""
-
-    def __init__(self, addrs: IpcAddresses) -> None:
-        ctx = zmq.Context.instance()
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 0)
-        self.push.setsockopt(zmq.SNDHWM, 0)  # queue every request rather than block the front end
-        self.push.setsockopt(zmq.SNDTIMEO, 2000)  # a send that cannot go out raises zmq.Again
-        self.push.bind(addrs.requests)
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.bind(addrs.outputs)
-
-    def send(self, msg: Any) -> None:
-        self.push.send(encode(msg))
-
-    def recv(self, timeout_s: float) -> Any | None:
-        if self.pull.poll(int(timeout_s * 1000)):
-            return decode(self.pull.recv())
-        return None
-
-    def close(self) -> None:
-        self.push.close(0)
-        self.pull.close(0)
+def decode_output(data: bytes) -> StepOut:
+    return _to_frontend.decode(data)

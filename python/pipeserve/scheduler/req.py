@@ -17,6 +17,7 @@ class Req:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     priority: int = 0  # lower is admitted first
+    owner: int = 0  # the front end that gets its outputs
     arrival: int = 0  # order of arrival at stage 0
     output_ids: list[int] = field(default_factory=list)  # tokens applied on the host
     # KV state: slots owned (one per cached or scheduled position) and the pool row

@@ -1,34 +1,34 @@
-"""The server's bridge to stage 0: submits typed requests over IPC, routes the per-step deltas back
-to each request's queue, and watches the ranks (a dead rank fails every pending request)."""
+"""The server's bridge to stage 0: submits typed requests over IPC, applies each step's columnar
+outputs to the requests' states (detokenizing there, once per step), wakes the HTTP requests that
+own them, and watches the ranks (a dead rank fails every pending request)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
 
+from pipeserve.frontend.client import RequestClient, RequestOptions
 from pipeserve.frontend.detokenizer import Detokenizer
-from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.ranks import RankFailure
 from pipeserve.frontend.request_state import RequestState
 from pipeserve.ipc.messages import (
     AbortReq,
-    GenerateReq,
-    IpcAddresses,
+    GenerateBatch,
     ShutdownReq,
-    TokenOut,
-    decode,
+    ToStage0,
+    decode_output,
     encode,
 )
+from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.server.metrics import ServerMetrics
+from pipeserve.server.metrics import RequestTrack, ServerMetrics
 
 logger = logging.getLogger("pipeserve.server")
 
@@ -50,31 +50,75 @@ class OverBound(ValueError):
     """One HTTP request needs more engine requests than --max-queued-requests allows at all."""
 
 
+class Ranks(Protocol):
+    """What a front end watches: RankGroup in the launcher, a RankWatch in a front-end process."""
+
+    def check_alive(self) -> None: ...  # raises RankFailure naming the first dead rank
+
+    def sentinels(self) -> list[int]: ...  # descriptors readable once a rank has gone
+
+
 SEND_TIMEOUT_S = 2.0  # stage 0 alive but not taking requests for this long is a failure
 WATCH_PERIOD_S = 0.5  # rank liveness is also polled, besides the process sentinels
+
+
+class JobRun:
+    """The engine requests of one HTTP request, and what changed since its consumer looked."""
+
+    def __init__(self, frontend: Frontend, rids: list[str]) -> None:
+        self.frontend = frontend
+        self.rids = rids
+        self.states: list[RequestState] = []
+        self.tracks: list[RequestTrack] = []
+        self.changed: dict[int, None] = {}  # choice indices, in order of change
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+
+    def notify(self, index: int) -> None:
+        self.changed[index] = None
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def next_changes(self) -> list[int]:
+        """Waits for the next change; the indices of the choices that changed, each once."""
+        await self.event.wait()
+        self.event.clear()
+        if self.error is not None:
+            raise self.error
+        changed, self.changed = list(self.changed), {}
+        return changed
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.states)
 
 
 class Frontend:
     def __init__(
         self,
-        ranks: RankGroup,
+        ranks: Ranks,
         ipc: IpcAddresses,
         max_queued: int | None,
         detokenizer: Detokenizer | None = None,  # None: no tokenizer, token ids only
+        kv_slots: int = 0,
+        owner: int = 0,
     ) -> None:
         self.ranks = ranks
-        self.detokenizer = detokenizer
+        self.client = RequestClient(detokenizer, owner)
         ctx = zmq.asyncio.Context.instance()
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, 0)
-        self.push.bind(ipc.requests)
+        self.push.bind(ipc.requests(owner))
         self.pull = ctx.socket(zmq.PULL)
-        self.pull.bind(ipc.outputs)
+        self.pull.bind(ipc.outputs(owner))
         self.max_queued = max_queued
-        self.queues: dict[str, asyncio.Queue[TokenOut | BaseException]] = {}
+        self.routes: dict[str, tuple[JobRun, int]] = {}  # rid: (its job, its choice index)
         self.stats: dict[str, Any] = {}
-        self.metrics = ServerMetrics(self._stats, ranks.info.get("num_slots", 0))
+        self.metrics = ServerMetrics(self._stats, kv_slots)
         self.dead: str | None = None
         self.draining = False
         self.on_dead: Callable[[str], None] | None = None  # the launcher stops the server
@@ -83,11 +127,11 @@ class Frontend:
 
     def start(self) -> None:
         """Starts reading outputs and watching the ranks (a dead one is seen at once through its
-        process sentinel, and by polling as a fallback)."""
+        sentinel, and by polling as a fallback)."""
         self.loop = loop = asyncio.get_running_loop()
-        for proc in self.ranks.procs.values():
+        for fd in self.ranks.sentinels():
             with contextlib.suppress(ValueError, OSError):  # a process already joined
-                loop.add_reader(proc.sentinel, self.is_alive)
+                loop.add_reader(fd, self.is_alive)
         self.tasks = [
             asyncio.create_task(self._read_outputs()),
             asyncio.create_task(self._watch_ranks()),
@@ -98,7 +142,7 @@ class Frontend:
         self.tasks.append(asyncio.ensure_future(work))
 
     def _stats(self) -> dict[str, Any]:
-        return {**self.stats, "unfinished": len(self.queues)}
+        return {**self.stats, "unfinished": len(self.routes)}
 
     # ---- liveness --------------------------------------------------------------------------------
     def is_alive(self) -> bool:
@@ -117,9 +161,9 @@ class Frontend:
     def _unwatch(self) -> None:
         if self.loop is None:
             return
-        for proc in self.ranks.procs.values():
+        for fd in self.ranks.sentinels():
             with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(proc.sentinel)
+                self.loop.remove_reader(fd)
 
     async def _watch_ranks(self) -> None:
         while self.is_alive():
@@ -129,34 +173,48 @@ class Frontend:
         self.dead = reason
         logger.error("engine failed: %s", reason)
         self._unwatch()
-        for queue in self.queues.values():
-            queue.put_nowait(EngineDead(reason))
+        self._fail_jobs(EngineDead(reason))
         if self.on_dead is not None:
             self.on_dead(reason)
 
+    def _fail_jobs(self, error: BaseException) -> None:
+        for job, _ in list(self.routes.values()):
+            job.fail(error)
+
     # ---- requests ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def admitted(self, count: int) -> Iterator[list[str]]:
-        """Request ids for all `count` engine requests of one HTTP request, each with its output
-        queue, or ShuttingDown / EngineDead / QueueFull / OverBound before any of them starts: a
-        request is admitted whole or not at all. Their queues are dropped on exit."""
+    def admitted(self, count: int) -> Iterator[JobRun]:
+        """A JobRun with request ids for all `count` engine requests of one HTTP request, or
+        ShuttingDown / EngineDead / QueueFull / OverBound before any of them starts: a request is
+        admitted whole or not at all. On exit, its unfinished requests are aborted at stage 0."""
         self.check_open()
         if self.max_queued is not None and count > self.max_queued:
             raise OverBound(
                 f"this request needs {count} sequences (prompts x n); the server's bound on "
                 f"unfinished requests is {self.max_queued}"
             )
-        if self.max_queued is not None and len(self.queues) + count > self.max_queued:
+        if self.max_queued is not None and len(self.routes) + count > self.max_queued:
             raise QueueFull(
-                f"{len(self.queues)} requests are unfinished; the server's bound is {self.max_queued}"
+                f"{len(self.routes)} requests are unfinished; the server's bound is {self.max_queued}"
             )
-        rids = [uuid.uuid4().hex for _ in range(count)]
-        self.queues.update((rid, asyncio.Queue()) for rid in rids)
+        job = JobRun(self, [self.client.new_rid() for _ in range(count)])
+        self.routes.update((rid, (job, i)) for i, rid in enumerate(job.rids))
         try:
-            yield rids
+            yield job
         finally:
-            for rid in rids:
-                self.queues.pop(rid, None)
+            self._end(job)
+
+    def _end(self, job: JobRun) -> None:
+        """Drops the job's routes; aborts at stage 0 what has not finished (a client gone)."""
+        for rid in job.rids:
+            self.routes.pop(rid, None)
+        for state, track in zip(job.states, job.tracks, strict=True):
+            if state.finished:
+                continue
+            self.client.forget(state.rid)
+            if self.dead is None:
+                track.aborted()
+                self._send_nowait(AbortReq(state.rid))
 
     def check_open(self) -> None:
         """Raises ShuttingDown while draining, EngineDead once a rank has died."""
@@ -164,48 +222,24 @@ class Frontend:
             raise ShuttingDown("the server is shutting down and takes no new requests")
         self.check_alive()
 
-    async def generate(
+    async def submit(
         self,
-        rid: str,
-        ids: list[int],
-        params: SamplingParams,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        priority: int = 0,
-        streamed: bool = True,
-    ) -> AsyncIterator[RequestState]:
-        """Yields the request's state after every delta; the last one has finished. `rid` comes
-        from `admitted`. Aborts the request if the consumer goes away (a client disconnect cancels
-        the consumer), or once a stop string has ended it here."""
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        queue = self.queues[rid]
-        text = None if self.detokenizer is None else self.detokenizer.stream(params, streamed)
-        state = RequestState(rid, params, text, prompt_tokens=len(ids))
-        track = self.metrics.track(len(ids))
-        try:
-            await self._send(
-                GenerateReq(
-                    rid, ids, params.to_dict(), seed, return_logprob, top_logprobs_num, priority
-                )
-            )
-            while not state.finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                state.apply(item)
-                track.output(item)
-                if state.ended_here:
-                    await self._send(AbortReq(rid))
-                yield state
-            track.finished(state.error is None)
-        finally:
-            self.queues.pop(rid, None)
-            if not state.finished and self.dead is None:
-                track.aborted()
-                with contextlib.suppress(EngineDead):
-                    await self._send(AbortReq(rid))
+        job: JobRun,
+        items: list[tuple[list[int], SamplingParams]],
+        opts: RequestOptions,
+        first_choices: list[bool],
+    ) -> None:
+        """Sends the job's requests (one per rid, in order) as one message. `first_choices[i]`:
+        request i is its prompt's first choice (the prompt's tokens are counted once)."""
+        reqs = []
+        for rid, (ids, params), first in zip(job.rids, items, first_choices, strict=True):
+            req, state = self.client.new_request(ids, params, opts, rid)
+            reqs.append(req)
+            job.states.append(state)
+            job.tracks.append(self.metrics.track(len(ids) if first else 0))
+        await self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
 
-    async def _send(self, msg: Any) -> None:
+    async def _send(self, msg: ToStage0) -> None:
         """Hands `msg` to stage 0 without blocking: a send that cannot go out (stage 0 gone, or
         not reading) raises EngineDead at once if a rank is dead, else after SEND_TIMEOUT_S."""
         data = encode(msg)
@@ -222,35 +256,52 @@ class Frontend:
                     ) from None
                 await asyncio.sleep(0.01)
 
+    def _send_nowait(self, msg: ToStage0) -> None:
+        """For aborts: a message that cannot go out now is dropped (stage 0 is gone)."""
+        with contextlib.suppress(zmq.Again, zmq.ZMQError):
+            self.push.send(encode(msg), flags=zmq.NOBLOCK)
+
     async def _read_outputs(self) -> None:
         while True:
-            msg = decode(await self.pull.recv())
+            msg = decode_output(await self.pull.recv())
             self.stats = msg.stats
-            for out in msg.outputs:
-                if (queue := self.queues.get(out.rid)) is not None:
-                    queue.put_nowait(out)
+            applied, ended_here = self.client.apply(msg)
+            for state, out in applied:
+                route = self.routes.get(state.rid)
+                if route is None:
+                    continue
+                job, index = route
+                track = job.tracks[index]
+                track.output(out)
+                if state.finished:
+                    track.finished(state.error is None)
+                job.notify(index)
+            for rid in ended_here:
+                self._send_nowait(AbortReq(rid))
 
     async def drain(self, grace_s: float) -> None:
         """Refuses new requests; waits up to `grace_s` for the unfinished ones to finish, then ends
         the rest with ShuttingDown (a JSON 503, or a final error event on a stream)."""
         self.draining = True
         deadline = time.monotonic() + grace_s
-        while self.queues and self.dead is None and time.monotonic() < deadline:
+        while self.routes and self.dead is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.queues:
+        if self.routes:
             logger.warning(
-                "shutdown: %d requests unfinished after %gs; ending them", len(self.queues), grace_s
+                "shutdown: %d requests unfinished after %gs; ending them", len(self.routes), grace_s
             )
-        reason = ShuttingDown(f"the server is shutting down; the request ran past {grace_s:g}s")
-        for queue in self.queues.values():
-            queue.put_nowait(reason)
+        self._fail_jobs(
+            ShuttingDown(f"the server is shutting down; the request ran past {grace_s:g}s")
+        )
 
-    async def shutdown(self) -> None:
-        """Stops watching the ranks (they are about to exit) and asks stage 0 to stop them."""
+    async def shutdown(self, stop_ranks: bool = True) -> None:
+        """Stops watching the ranks (they are about to exit) and, with `stop_ranks`, asks stage 0
+        to stop them."""
         self._unwatch()
         for t in self.tasks:
             t.cancel()
-        if self.dead is None:
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.dead is None and stop_ranks:
             with contextlib.suppress(EngineDead, zmq.ZMQError):
                 await self._send(ShutdownReq())
         self.push.close(0)

@@ -25,7 +25,7 @@ from pipeserve.distributed import (
     init_distributed,
 )
 from pipeserve.distributed.liveness import Liveness
-from pipeserve.ipc.messages import SchedulerSockets
+from pipeserve.ipc.sockets import SchedulerSockets
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.eos import eos_token_ids
 from pipeserve.model.parallel import ParallelContext

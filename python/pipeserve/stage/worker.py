@@ -13,11 +13,10 @@ from pipeserve.ipc.messages import (
     AbortReq,
     GenerateBatch,
     GenerateReq,
-    SchedulerSockets,
     ShutdownReq,
-    StepOut,
-    TokenOut,
+    StepOutBuilder,
 )
+from pipeserve.ipc.sockets import SchedulerSockets
 from pipeserve.model.parallel import ParallelContext
 from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.sampling_params import SamplingParams
@@ -48,24 +47,25 @@ class StageWorker(SchedulerPPMixin):
     # ---- requests in -------------------------------------------------------------------------------
     def accept_requests(self, timeout_s: float) -> bool:
         """Takes queued front-end messages (waiting up to `timeout_s` for the first); False on shutdown."""
-        outputs: list[TokenOut] = []
+        outputs = Outputs(self.sockets.num_frontends)
         for msg in self.sockets.recv_all(timeout_s):
             logger.debug("front end: %s", type(msg).__name__)
             if isinstance(msg, ShutdownReq):
                 self._send(outputs)
                 return False
             if isinstance(msg, GenerateReq):
-                outputs.extend(self._add(msg))
+                self._add(msg, outputs)
             elif isinstance(msg, GenerateBatch):
                 for req in msg.reqs:
-                    outputs.extend(self._add(req))
+                    self._add(req, outputs)
             elif isinstance(msg, AbortReq):
-                outputs.extend(self._abort(msg.rid))
+                self._abort(msg.rid, outputs)
         self._send(outputs)
         return True
 
-    def _add(self, msg: GenerateReq) -> list[TokenOut]:
+    def _add(self, msg: GenerateReq, outputs: Outputs) -> None:
         """Queues a request; whatever is wrong with it becomes its error, never this rank's."""
+        owner = msg.owner if 0 <= msg.owner < self.sockets.num_frontends else 0
         try:
             req = Req(
                 msg.rid,
@@ -75,92 +75,73 @@ class StageWorker(SchedulerPPMixin):
                 bool(msg.return_logprob),
                 int(msg.top_logprobs_num),
                 int(msg.priority),
+                owner=owner,
             )
         except (ValueError, TypeError, OverflowError) as e:
-            return [self._error(msg.rid, len(msg.input_ids), str(e))]
-        params = req.params
+            outputs.error(owner, msg.rid, len(msg.input_ids), str(e))
+            return
         req.added_at = time.monotonic()
-        if params.max_new_tokens == 0:
-            return [
-                TokenOut(
-                    req.rid,
-                    [],
-                    finish_reason={"type": "length", "matched": None},
-                    prompt_tokens=req.seq_len,
-                )
-            ]
+        if req.params.max_new_tokens == 0:
+            length = {"type": "length", "matched": None}
+            outputs[owner].add(req.rid, [], req.seq_len, 0, length)
+            return
         reason = self.scheduler.add(req)
         if reason is not None:
-            return [self._error(msg.rid, len(msg.input_ids), reason)]
+            outputs.error(owner, msg.rid, len(msg.input_ids), reason)
+            return
         self.reqs[req.rid] = req
-        return []
 
-    def _abort(self, rid: str) -> list[TokenOut]:
+    def _abort(self, rid: str, outputs: Outputs) -> None:
         req = self.reqs.get(rid)
         if req is None or not self.scheduler.abort(req):
-            return []  # unknown or finished already; an in-flight one is reported when it returns
+            return  # unknown or finished already; an in-flight one is reported when it returns
         del self.reqs[rid]
-        return [self._final(req)]
-
-    @staticmethod
-    def _error(rid: str, prompt_tokens: int, reason: str) -> TokenOut:
-        return TokenOut(
-            rid,
-            [],
-            finish_reason={"type": "abort", "message": reason},
-            prompt_tokens=prompt_tokens,
-            error=reason,
-        )
+        self._final(req, outputs)
 
     # ---- results out -------------------------------------------------------------------------------
     def apply_result(self, rec: InFlight, tokens: dict) -> None:
         sampled = self.scheduler.process_result(rec.desc, rec.reqs, tokens)
         by_req = {id(s.req): s for s in sampled}
-        outputs = []
+        outputs = Outputs(self.sockets.num_frontends)
         for req in rec.reqs:
             s = by_req.get(id(req))
             if req.aborted:
                 if self.reqs.pop(req.rid, None) is not None:
-                    outputs.append(self._final(req))
+                    self._final(req, outputs)
             elif s is not None:
-                outputs.append(self._token_out(req, s))
+                self._token_out(req, s, outputs)
                 if req.finished:
                     self.reqs.pop(req.rid, None)
         idle = not self.scheduler.running and not self.scheduler.waiting
         self._send(outputs, force=idle)  # an idle engine's stats show every slot free again
 
-    def _token_out(self, req: Req, s: SampledToken) -> TokenOut:
-        return TokenOut(
+    def _token_out(self, req: Req, s: SampledToken, outputs: Outputs) -> None:
+        row = outputs[req.owner].add(
             req.rid,
             [s.token_id],
-            logprobs=None if s.logprob is None else [s.logprob],
-            top_logprobs=None if s.top_logprobs is None else [[list(p) for p in s.top_logprobs]],
-            finish_reason=req.finish_reason,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
-            queue_time_s=self._queue_time(req),
+            len(req.prompt_ids),
+            len(req.output_ids),
+            req.finish_reason,
+            s.logprob,
+            s.top_logprobs,
+        )
+        if len(req.output_ids) == 1 and req.started_at is not None:
+            # seconds from arrival at stage 0 to its first launch, with its first token only
+            outputs[req.owner].out.queue_times[row] = req.started_at - req.added_at
+
+    def _final(self, req: Req, outputs: Outputs) -> None:
+        outputs[req.owner].add(
+            req.rid, [], len(req.prompt_ids), len(req.output_ids), req.finish_reason
         )
 
-    @staticmethod
-    def _queue_time(req: Req) -> float | None:
-        """Seconds from arrival at stage 0 to its first launch, with its first token only."""
-        if len(req.output_ids) != 1 or req.started_at is None:
-            return None
-        return req.started_at - req.added_at
-
-    def _final(self, req: Req) -> TokenOut:
-        return TokenOut(
-            req.rid,
-            [],
-            finish_reason=req.finish_reason,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
-        )
-
-    def _send(self, outputs: list[TokenOut], force: bool = False) -> None:
-        if outputs or force:
-            logger.debug("sending %d outputs", len(outputs))
-            self.sockets.send(StepOut(outputs, self.stats()))
+    def _send(self, outputs: Outputs, force: bool = False) -> None:
+        """One message per front end that has rows (every front end when `force`), each with the
+        stats."""
+        stats = None
+        for owner, rows in enumerate(outputs.builders):
+            if len(rows) or force:
+                rows.out.stats = stats = stats or self.stats()
+                self.sockets.send(owner, rows.out)
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
@@ -173,3 +154,19 @@ class StageWorker(SchedulerPPMixin):
             "num_microbatches": s.num_microbatches,
             "stage_busy_s": list(self.stage_busy),
         }
+
+
+class Outputs:
+    """One step's outputs, a StepOutBuilder per front end."""
+
+    def __init__(self, num_frontends: int) -> None:
+        self.builders = [StepOutBuilder() for _ in range(num_frontends)]
+
+    def __getitem__(self, owner: int) -> StepOutBuilder:
+        return self.builders[owner]
+
+    def error(self, owner: int, rid: str, prompt_tokens: int, reason: str) -> None:
+        """A request that never ran: its one row says why."""
+        rows = self.builders[owner]
+        row = rows.add(rid, [], prompt_tokens, 0, {"type": "abort", "message": reason})
+        rows.out.errors[row] = reason
