@@ -160,7 +160,9 @@ def serve(cfg: ServerConfig) -> int:
         max_prompt_chars(tokenizer, min(context, slots)),
     )
     server: uvicorn.Server | None = None
-    frontend = Frontend(ranks, ipc, cfg.max_queued_requests, detokenizer, slots)
+    frontend = Frontend(
+        ranks, ipc, cfg.max_queued_requests, detokenizer, slots, stream_interval=cfg.stream_interval
+    )
 
     async def on_shutdown() -> None:
         await frontend.shutdown()

@@ -47,6 +47,7 @@ class Detokenizer:
         # skipped, a special token inside a run of byte tokens leaves the run whole
         added = getattr(tokenizer, "added_tokens_decoder", {})
         self.special_ids = frozenset(i for i, t in added.items() if getattr(t, "special", False))
+        self.backend = _same_backend(tokenizer, self.special_ids)
 
     def stream(self, params: SamplingParams, incremental: bool = True) -> TextStream:
         """`incremental=False`: nobody reads the text before the end, so without stop strings
@@ -54,12 +55,33 @@ class Detokenizer:
         return TextStream(self, params, incremental)
 
     def decode(self, ids: list[int], skip_special_tokens: bool, raw: bool = False) -> str:
-        """The tokenizer's decode; `raw`: without its clean-up rewrite."""
+        """The tokenizer's decode; `raw`: without its clean-up rewrite (straight to the `tokenizers`
+        backend where it decodes the same: this runs for every streamed token)."""
+        if raw and self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if raw:
             return self.tokenizer.decode(
                 ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
             )
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _same_backend(tokenizer: Any, special_ids: frozenset[int]) -> Any:
+    """The tokenizer's `tokenizers` backend if its raw decode is the tokenizer's own (checked on
+    every 97th id of the vocabulary, special ones included, both skip settings), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode"):
+        return None
+    size = len(tokenizer.get_vocab())
+    probe = [*range(0, size, 97), *sorted(special_ids)[:8]]
+    for skip in (True, False):
+        ours = backend.decode(probe, skip_special_tokens=skip)
+        theirs = tokenizer.decode(
+            probe, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+        )
+        if ours != theirs:
+            return None
+    return backend
 
 
 def _cleanup_rewrite(tokenizer: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull
 from pipeserve.server.metrics import CONTENT_TYPE
 from pipeserve.server.openai_api import ModelInfo
 from pipeserve.server.protocol import ApiError, parse_json
+from pipeserve.server.sse import DONE, sse_event
 
 logger = logging.getLogger("pipeserve.server")
 
@@ -168,7 +168,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         task.cancel()
 
 
-async def _guard_stream(first: str, events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _guard_stream(first: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Errors after the stream has started travel as a final error event."""
     try:
         yield first
@@ -176,8 +176,8 @@ async def _guard_stream(first: str, events: AsyncIterator[str]) -> AsyncIterator
             yield event
     except Exception as e:
         error = _as_api_error(e)
-        yield f"data: {json.dumps(error.body())}\n\n"
-        yield "data: [DONE]\n\n"
+        yield sse_event(error.body())
+        yield DONE
 
 
 def _as_api_error(e: Exception) -> ApiError:

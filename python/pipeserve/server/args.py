@@ -23,6 +23,9 @@ class ServerConfig:
     # SIGTERM/SIGINT: seconds unfinished requests may take before they end with a 503; below
     # Kubernetes' default 30 s grace, so that they get their answer before a SIGKILL
     shutdown_timeout_s: float = 25.0
+    stream_interval: int = (
+        1  # tokens per streamed chunk of a choice (its last chunk may be shorter)
+    )
 
     @property
     def model_name(self) -> str:
@@ -149,6 +152,12 @@ _SERVER_FLAGS = [
         float,
         "on SIGTERM/SIGINT, seconds unfinished requests may take before they end with a 503",
     ),
+    (
+        "--stream-interval",
+        "stream_interval",
+        int,
+        "streaming: tokens a choice gathers before its next chunk goes out",
+    ),
 ]
 
 
@@ -193,5 +202,7 @@ def _validate(cfg: ServerConfig) -> None:
         raise ValueError("--max-request-body-bytes must be >= 1")
     if cfg.shutdown_timeout_s < 0:
         raise ValueError("--shutdown-timeout must be >= 0")
+    if cfg.stream_interval < 1:
+        raise ValueError("--stream-interval must be >= 1")
     if cfg.max_queued_requests is not None and cfg.max_queued_requests < 1:
         raise ValueError("--max-queued-requests must be >= 1")

@@ -105,8 +105,10 @@ class Frontend:
         detokenizer: Detokenizer | None = None,  # None: no tokenizer, token ids only
         kv_slots: int = 0,
         owner: int = 0,
+        stream_interval: int = 1,
     ) -> None:
         self.ranks = ranks
+        self.stream_interval = stream_interval
         self.client = RequestClient(detokenizer, owner)
         ctx = zmq.asyncio.Context.instance()
         self.push = ctx.socket(zmq.PUSH)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from pipeserve.server.protocol import (
     priority,
     token_lists,
 )
+from pipeserve.server.sse import DONE, sse_event
 
 
 def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
@@ -63,15 +63,19 @@ async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:
     return answers if batch or job.n > 1 else answers[0]
 
 
-async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[str]:
+async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[bytes]:
     """Like SGLang: every event carries the text so far (what the request's TextStream has
     released; the last event's is the final text), with an `index` for batches."""
     check_text_free(job, m)
     finished: set[int] = set()
+    sent: dict[int, int] = {}  # per choice: tokens when its last event went out
     async for i, s in run_streaming(frontend, job):
         if i in finished:
             continue  # a state queued again after it finished: its last event is out
         if s.finished:
             finished.add(i)
-        yield f"data: {json.dumps({**format_result(s), 'index': i})}\n\n"
-    yield "data: [DONE]\n\n"
+        elif len(s.output_ids) - sent.get(i, 0) < frontend.stream_interval:
+            continue  # --stream-interval: fewer, larger events
+        sent[i] = len(s.output_ids)
+        yield sse_event({**format_result(s), "index": i})
+    yield DONE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from pipeserve.server.protocol import (
     stream_flags,
     token_lists,
 )
+from pipeserve.server.sse import DONE, sse_event
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,7 @@ def _id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
 
-async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIterator[str]:
+async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIterator[bytes]:
     """Server-sent events: one chunk per choice per step (for chat, led by one chunk that gives
     every choice its role), a usage chunk if asked for, then [DONE]. The first event waits for the
     first token, so that a refused request is still a plain HTTP error. A choice's text deltas are
@@ -299,11 +299,11 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
     text_offsets: dict[int, int] = {}  # per choice: where its next token's logprob text starts
     finals: dict[int, RequestState] = {}
 
-    def chunk(choices_: list[dict], usage: dict | None = None) -> str:
+    def chunk(choices_: list[dict], usage: dict | None = None) -> bytes:
         body = {"id": rid, "object": kind, "created": created, "model": m.name, "choices": choices_}
         if usage is not None:
             body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+        return sse_event(body)
 
     role = {"role": "assistant", "content": ""}
     roles = [
@@ -316,6 +316,8 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             roles = []
         if i in finals:
             continue  # a state queued again after it finished: everything has been sent
+        if not s.finished and len(s.output_ids) - seen.get(i, 0) < frontend.stream_interval:
+            continue  # --stream-interval: fewer, larger chunks
         text = ""
         if s.stream is not None:
             text, cursors[i] = s.stream.since(cursors.get(i, 0))
@@ -339,4 +341,4 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
         yield chunk([choice])
     if job.include_usage:
         yield chunk([], _usage(list(finals.values()), job.prompts))
-    yield "data: [DONE]\n\n"
+    yield DONE
