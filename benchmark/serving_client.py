@@ -15,7 +15,9 @@ import queue
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Barrier
 
@@ -154,7 +156,9 @@ class PointRun:
     wall_s: float  # first process's start to last process's end
 
 
-def run_point(shares: list[Share], opts: ClientOptions, label: str, on_start) -> PointRun:
+def run_point(
+    shares: list[Share], opts: ClientOptions, label: str, on_start: Callable[[], None]
+) -> PointRun:
     """Runs the shares in one spawned process each; `on_start()` is called as they are released."""
     ctx = mp.get_context("spawn")
     barrier, done, out = ctx.Barrier(len(shares) + 1), ctx.Value("i", 0), ctx.Queue()
@@ -169,7 +173,9 @@ def run_point(shares: list[Share], opts: ClientOptions, label: str, on_start) ->
     return PointRun(results, max(r.end for r in results) - min(r.start for r in results))
 
 
-def _gather(out: mp.Queue, procs: list, done: Synchronized, total: int, label: str) -> list:
+def _gather(
+    out: mp.Queue, procs: list[BaseProcess], done: Synchronized, total: int, label: str
+) -> list[ShareResult]:
     results: list[ShareResult] = []
     with tqdm(total=total, desc=label, leave=False) as bar:
         while len(results) < len(procs):
