@@ -1,22 +1,28 @@
-"""Serving benchmark for any OpenAI-compatible server (streaming /v1/completions).
+"""Serving benchmark for any OpenAI-compatible server (/v1/completions, streaming or not).
 
 Sweeps concurrency (or a request rate) over synthetic prompts of set lengths and reports request
-and token throughput, TTFT and TPOT (p50/p90/p99), with a progress bar; writes JSON and a PNG plot.
-It can also start pipeserve itself, once per `--launch` argument string, for side-by-side runs:
+and token throughput, TTFT and TPOT (p50/p90/p99); writes JSON and a PNG plot. The load comes from
+`--client-procs` processes (serving_client.py), so that the client is not what is measured:
+`--check-client` reruns every point with twice the processes and says whether throughput moved.
+Each point reports the CPU of every server process (from /proc: the launched server and all its
+descendants, or `--server-pid`'s tree), the front end's CPU per output token and the clients' own
+CPU. `--offline-engine` runs the same prompts through `Engine.generate` for a served/offline ratio.
+It can start pipeserve itself, once per `--launch` argument string, for side-by-side runs:
 
-    python benchmark/bench_serving.py --base-url http://127.0.0.1:30000 --concurrency 1,8,32
-    python benchmark/bench_serving.py --launch "--pp-size 1" --launch "--pp-size 2 --pp-comm-mode sync" \\
-        --launch "--pp-size 2" --concurrency 4,16,64 --json out.json --plot out.png
+    python benchmark/bench_serving.py --base-url http://127.0.0.1:30000 --server-pid 1234 \\
+        --concurrency 1,8,32 --client-procs 4 --check-client
+    python benchmark/bench_serving.py --launch "--pp-size 1" --launch "--pp-size 2" \\
+        --concurrency 4,16,64 --client-procs 2 --offline-engine --json out.json --plot out.png
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,148 +30,73 @@ import time
 from dataclasses import dataclass
 
 import httpx
-from tqdm import tqdm
 
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "her",
-    "an",
-    "be",
-    "this",
-    "which",
-    "or",
-    "are",
-    "have",
-]
+import proc_cpu
+from serving_client import ClientOptions, Share, run_point, run_share, split, summarize
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an be this which or are have"
+)
+CLIENT_CHECK_TOLERANCE = 0.05  # a point counts when 2x the client processes moves it less
 
 
-@dataclass
-class Sample:
-    ttft: float
-    latency: float
-    output_tokens: int
-
-    @property
-    def tpot(self) -> float | None:
-        return (
-            (self.latency - self.ttft) / (self.output_tokens - 1)
-            if self.output_tokens > 1
-            else None
-        )
+@dataclass(frozen=True)
+class Target:
+    label: str
+    url: str
+    server_pid: int | None  # root of the server's process tree, for its CPU
+    engine_flags: list[str]  # launch flags, for the offline run of the same engine
 
 
 def make_prompts(n: int, words: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+    vocab = WORDS.split()
+    return [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)]
 
 
-async def one_request(
-    http: httpx.AsyncClient, url: str, model: str | None, prompt: str, args: argparse.Namespace
-) -> Sample:
-    body = {
-        "prompt": prompt,
-        "max_tokens": args.output_len,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+def server_cpu(usage: list[proc_cpu.ProcUsage], output_tokens: int) -> dict:
+    """Per-process CPU of a point, and the front end's (every process but the ranks) per token."""
+    frontend_s = sum(u.cpu_s for u in usage if not u.is_rank)
+    return {
+        "server_procs": [dataclasses.asdict(u) for u in usage],
+        "server_cpu_pct": sum(u.cpu_pct for u in usage),
+        "frontend_cpu_us_per_token": 1e6 * frontend_s / output_tokens if output_tokens else None,
     }
-    if model:
-        body["model"] = model
-    if args.ignore_eos:
-        body["ignore_eos"] = True
-    start = time.perf_counter()
-    ttft, tokens, chunks = None, None, 0
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
-            if data.get("choices") and data["choices"][0].get("text"):
-                chunks += 1
-                ttft = ttft or time.perf_counter() - start
-    latency = time.perf_counter() - start
-    return Sample(ttft or latency, latency, tokens if tokens is not None else chunks)
 
 
-async def sweep_point(
-    url: str,
-    model: str | None,
+def measure(
+    target: Target,
     prompts: list[str],
-    concurrency: int | None,
-    rate: float | None,
-    args: argparse.Namespace,
+    point: tuple[int | None, float | None],
+    procs: int,
+    opts: ClientOptions,
 ) -> dict:
-    limit = asyncio.Semaphore(concurrency or len(prompts))
-    bar = tqdm(total=len(prompts), desc=f"c={concurrency} rate={rate}", leave=False)
-    rng = random.Random(1)
+    """One point with `procs` client processes, and the server's CPU while it ran."""
+    shares = split(prompts, *point, procs)
+    before: dict[int, proc_cpu.ProcTime] = {}
+    pid = target.server_pid
 
-    async def guarded(http: httpx.AsyncClient, p: str) -> Sample:
-        async with limit:
-            s = await one_request(http, url, model, p, args)
-            bar.update()
-            return s
+    def on_start() -> None:
+        if pid is not None:
+            before.update(proc_cpu.take(pid))
 
-    async with httpx.AsyncClient(
-        timeout=args.timeout, limits=httpx.Limits(max_connections=None)
-    ) as http:
-        start = time.perf_counter()
-        tasks = []
-        for p in prompts:
-            tasks.append(asyncio.create_task(guarded(http, p)))
-            if rate:
-                await asyncio.sleep(rng.expovariate(rate))
-        samples = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - start
-    bar.close()
-    return summarize(samples, wall, concurrency, rate)
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
-
-
-def summarize(
-    samples: list[Sample], wall: float, concurrency: int | None, rate: float | None
-) -> dict:
-    ttft = [s.ttft * 1e3 for s in samples]
-    tpot = [s.tpot * 1e3 for s in samples if s.tpot is not None]
-    out_tokens = sum(s.output_tokens for s in samples)
-    row = {
-        "concurrency": concurrency,
-        "request_rate": rate,
-        "requests": len(samples),
-        "wall_s": wall,
-        "req_per_s": len(samples) / wall,
-        "output_tok_per_s": out_tokens / wall,
-    }
-    for name, vals in (("ttft_ms", ttft), ("tpot_ms", tpot)):
-        row.update(
-            {
-                f"{name}_p50": statistics.median(vals) if vals else float("nan"),
-                f"{name}_p90": pct(vals, 0.9),
-                f"{name}_p99": pct(vals, 0.99),
-            }
-        )
+    run = run_point(shares, opts, f"c={point[0]} rate={point[1]} procs={len(shares)}", on_start)
+    row = {"client_procs": len(shares), **summarize(run)}
+    if pid is not None:
+        after = proc_cpu.take(pid)
+        row.update(server_cpu(proc_cpu.usage(before, after, run.wall_s), row["output_tokens"]))
     return row
+
+
+def client_check(row: dict, doubled: dict) -> dict:
+    change = doubled["output_tok_per_s"] / row["output_tok_per_s"] - 1
+    return {
+        "client_procs": doubled["client_procs"],
+        "output_tok_per_s": doubled["output_tok_per_s"],
+        "change": change,
+        "client_cpu_pct_max": doubled["client_cpu_pct_max"],
+        "client_not_bottleneck": abs(change) < CLIENT_CHECK_TOLERANCE,
+    }
 
 
 def launch(extra: str, model_path: str | None) -> tuple[subprocess.Popen, str]:
@@ -201,27 +132,157 @@ def launch(extra: str, model_path: str | None) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not become ready")
 
 
-def run_target(label: str, url: str, model: str | None, args: argparse.Namespace) -> list[dict]:
-    prompts = make_prompts(args.num_prompts, args.input_len)
-    asyncio.run(sweep_point(url, model, prompts[: min(8, len(prompts))], 8, None, args))  # warm-up
-    rows = []
-    points = (
-        [(c, None) for c in args.concurrency]
-        if args.request_rate is None
-        else [(None, r) for r in args.request_rate]
+def _server_cell(row: dict) -> str:
+    procs = [p for p in row.get("server_procs", []) if p["cpu_s"] > 0]
+    return ", ".join(f"{p['name']} {p['cpu_pct']:.0f}" for p in procs) or "-"
+
+
+def _check_cell(row: dict) -> tuple[str, str]:
+    check = row["client_check"]
+    if check is None:
+        return "-", "not checked"
+    figures = f"{check['output_tok_per_s']:.1f} ({check['change']:+.1%}, {check['client_procs']}p)"
+    return figures, "yes" if check["client_not_bottleneck"] else "NO"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+TABLE_HEADER = (
+    "target",
+    "c",
+    "rate",
+    "procs",
+    "req/s",
+    "out tok/s",
+    "TTFT p50/p90/p99 ms",
+    "TPOT p50/p90/p99 ms",
+    "server CPU % per process",
+    "front end us/tok",
+    "client CPU % (max)",
+    "2x procs tok/s",
+    "client not the bottleneck",
+    "offline tok/s",
+    "served/offline",
+)
+
+
+def table_cells(row: dict) -> list[str]:
+    figures, verdict = _check_cell(row)
+    return [
+        row["target"],
+        str(row["concurrency"]),
+        str(row["request_rate"]),
+        str(row["client_procs"]),
+        f"{row['req_per_s']:.2f}",
+        f"{row['output_tok_per_s']:.1f}",
+        "/".join(f"{row[f'ttft_ms_p{q}']:.0f}" for q in (50, 90, 99)),
+        "/".join(f"{row[f'tpot_ms_p{q}']:.1f}" for q in (50, 90, 99)),
+        _server_cell(row),
+        _fmt(row.get("frontend_cpu_us_per_token"), ".0f"),
+        f"{row['client_cpu_pct_max']:.0f}",
+        figures,
+        verdict,
+        _fmt(row.get("offline_output_tok_per_s"), ".1f"),
+        _fmt(row.get("served_over_offline"), ".2f"),
+    ]
+
+
+def print_point(row: dict) -> None:
+    cells = dict(zip(TABLE_HEADER, table_cells(row), strict=True))
+    print("  ".join(f"{k}={v}" for k, v in cells.items() if k != "offline tok/s"), flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    """A Markdown table; a point counts only where doubling the client processes left it within 5%."""
+    print("| " + " | ".join(TABLE_HEADER) + " |")
+    print("|" + "---|" * len(TABLE_HEADER))
+    for row in rows:
+        print("| " + " | ".join(table_cells(row)) + " |")
+
+
+def sweep_points(args: argparse.Namespace) -> list[tuple[int | None, float | None]]:
+    if args.request_rate is None:
+        return [(c, None) for c in args.concurrency]
+    return [(None, r) for r in args.request_rate]
+
+
+def run_target(target: Target, args: argparse.Namespace) -> list[dict]:
+    opts = ClientOptions(
+        target.url, args.model, args.output_len, args.ignore_eos, args.stream, args.timeout
     )
-    for c, r in points:
+    prompts = make_prompts(args.num_prompts, args.input_len)
+    asyncio.run(run_share(Share(prompts[:8], 8, None), opts, None))  # warm-up
+    rows = []
+    for c, r in sweep_points(args):
         some = prompts
         if c is not None and args.per_client:  # short runs at low concurrency
             some = prompts[: max(1, min(len(prompts), args.per_client * c))]
-        row = {"target": label, **asyncio.run(sweep_point(url, model, some, c, r, args))}
+        row = {"target": target.label, "concurrency": c, "request_rate": r, "stream": args.stream}
+        row.update(measure(target, some, (c, r), args.client_procs, opts))
+        row["client_check"] = None
+        if args.check_client:
+            doubled = measure(target, some, (c, r), 2 * args.client_procs, opts)
+            row["client_check"] = client_check(row, doubled)
+        print_point(row)
         rows.append(row)
-        print(
-            f"{label:>32} c={c!s:>4} rate={r!s:>5}  {row['req_per_s']:7.2f} req/s {row['output_tok_per_s']:9.1f} tok/s  "
-            f"TTFT p50/p90/p99 {row['ttft_ms_p50']:.0f}/{row['ttft_ms_p90']:.0f}/{row['ttft_ms_p99']:.0f} ms  "
-            f"TPOT p50/p90/p99 {row['tpot_ms_p50']:.1f}/{row['tpot_ms_p90']:.1f}/{row['tpot_ms_p99']:.1f} ms",
-            flush=True,
-        )
+    return rows
+
+
+def engine_kwargs(flags: list[str]) -> dict:
+    """The Engine's keyword arguments for server flags, read by the server's own parser."""
+    from pipeserve.config import EngineConfig
+    from pipeserve.server.args import build_parser
+
+    ns, _ = build_parser().parse_known_args(flags)
+    names = [f.name for f in dataclasses.fields(EngineConfig)]
+    return {n: getattr(ns, n) for n in names if getattr(ns, n, None) is not None}
+
+
+def offline_tok_per_s(flags: list[str], args: argparse.Namespace) -> float:
+    """Output tokens/s of `Engine.generate` on the benchmark's prompts, all submitted at once;
+    start-up and an 8-prompt warm-up are not timed."""
+    from pipeserve import Engine
+
+    prompts = make_prompts(args.num_prompts, args.input_len)
+    params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": args.ignore_eos}
+    with Engine(**engine_kwargs(flags)) as engine:
+        engine.generate(prompts[:8], params)
+        start = time.perf_counter()
+        out = engine.generate(prompts, params)
+        wall = time.perf_counter() - start
+    return sum(o["meta_info"]["completion_tokens"] for o in out) / wall
+
+
+def add_offline(rows: list[dict], flags: list[str], args: argparse.Namespace) -> None:
+    tok_s = offline_tok_per_s(flags, args)
+    print(f"offline Engine {shlex.join(flags)}: {tok_s:.1f} tok/s", flush=True)
+    for row in rows:
+        row["offline_output_tok_per_s"] = tok_s
+        row["served_over_offline"] = row["output_tok_per_s"] / tok_s
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every target in turn; the offline run of a launched engine after its server has stopped."""
+    rows: list[dict] = []
+    model_flags = ["--model-path", args.model_path] if args.model_path else []
+    if args.base_url:
+        url = args.base_url.rstrip("/")
+        rows += run_target(Target(args.base_url, url, args.server_pid, model_flags), args)
+        if args.offline_engine:
+            add_offline(rows, model_flags, args)
+    for extra in args.launch:
+        proc, url = launch(extra, args.model_path)
+        flags = [*shlex.split(extra), *model_flags]
+        try:
+            mine = run_target(Target(f"pipeserve {extra}", url, proc.pid, flags), args)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        if args.offline_engine:
+            add_offline(mine, flags, args)
+        rows += mine
     return rows
 
 
@@ -249,54 +310,55 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--base-url", default=None, help="a running server (default: use --launch)")
-    parser.add_argument("--model", default=None, help="model name to send (default: none)")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--base-url", default=None, help="a running server (default: use --launch)")
+    add("--server-pid", type=int, default=None, help="with --base-url: its PID, for its CPU")
+    add("--model", default=None, help="model name to send (default: none)")
+    add(
         "--launch",
         action="append",
         default=[],
         help="start pipeserve with these flags (repeatable)",
     )
-    parser.add_argument("--model-path", default=None, help="for --launch: the model directory")
-    parser.add_argument(
-        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64]
-    )
-    parser.add_argument(
+    add("--model-path", default=None, help="for --launch and --offline-engine: the model directory")
+    add("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    add(
         "--request-rate",
         type=lambda s: [float(x) for x in s.split(",")],
         default=None,
         help="requests/s (Poisson), instead of concurrency",
     )
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument(
+    add("--num-prompts", type=int, default=200)
+    add(
         "--per-client",
         type=int,
         default=None,
         help="with --concurrency: send min(num-prompts, this x concurrency) requests per point",
     )
-    parser.add_argument("--input-len", type=int, default=32, help="words per prompt")
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--plot", default=None, help="PNG path")
+    add("--input-len", type=int, default=32, help="words per prompt")
+    add("--output-len", type=int, default=64)
+    add("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    add("--stream", action=argparse.BooleanOptionalAction, default=True, help="or --no-stream")
+    add("--client-procs", type=int, default=1, help="client processes, one event loop each")
+    add("--check-client", action="store_true", help="rerun each point with 2x --client-procs")
+    add("--offline-engine", action="store_true", help="also run the prompts through Engine")
+    add("--timeout", type=float, default=600)
+    add("--json", default=None)
+    add("--plot", default=None, help="PNG path")
     args = parser.parse_args()
-    rows = []
-    if args.base_url:
-        rows += run_target(args.base_url, args.base_url.rstrip("/"), args.model, args)
-    for extra in args.launch:
-        proc, url = launch(extra, args.model_path)
-        try:
-            rows += run_target(f"pipeserve {extra}", url, args.model, args)
-        finally:
-            proc.terminate()
-            proc.wait(60)
-    if not rows:
+    if not args.base_url and not args.launch:
         parser.error("give --base-url or at least one --launch")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    rows = run_all(args)
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
