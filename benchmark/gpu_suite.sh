@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -75,6 +75,22 @@ make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
   step 500 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-8b --launch "$flags --pp-size 1" \
     --launch "$flags --pp-size 2" --concurrency 1,16,64,256 --per-client 4 --num-prompts 512 \
     --input-len 32 --output-len 128 --json "$O/serving_cuda.json" --plot "$O/serving_cuda.png"
+  ;;
+serving1b)  # one GPU, 1B: served (streaming and not) against offline, 1024 x 128 tokens, 256 in
+  # flight, 8 client processes checked against 16; BASELINE=DIR (a `python/` tree of an older
+  # build) runs the same streaming point on it first
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
+  flags="--device cuda --max-running-requests 256 --cuda-graph-max-bs 256 ${SERVE_FLAGS:-}"
+  load="--num-prompts 1024 --concurrency 256 --input-len 30 --output-len 128 --client-procs 8 --check-client"
+  if [ -n "${BASELINE:-}" ]; then
+    PYTHONPATH=/tmp/site:$BASELINE:$PWD/test:$PWD/benchmark step 240 python3 benchmark/bench_serving.py \
+      --model-path /tmp/ckpt-1b --launch "$flags" $load --offline-engine --json "$O/serving1b_base.json"
+  fi
+  step 240 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
+    --offline-engine --json "$O/serving1b_stream.json"
+  step 200 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
+    --no-stream --json "$O/serving1b_nostream.json"
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40

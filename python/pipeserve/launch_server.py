@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeserve.config import EngineConfig
@@ -23,9 +25,9 @@ from pipeserve.frontend.ranks import RankFailure, RankGroup
 from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
+from pipeserve.server.workers import DEAD_LINGER_S
 
 logger = logging.getLogger("pipeserve.launcher")
-DEAD_LINGER_S = 1.0  # after a rank died: seconds of 503 engine_dead answers before the exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,79 +104,42 @@ def run_worker_node(engine: EngineConfig) -> int:
         ranks.stop()
 
 
-def _uvicorn_server_class() -> type:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """On the first SIGINT/SIGTERM calls `on_signal` (the drain) instead of stopping; a second
-        one stops at once (uvicorn's own handling). Exits normally (uvicorn would re-raise them)."""
-
-        on_signal: Callable[[], None] | None = None
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            on_signal, self.on_signal = self.on_signal, None
-            if on_signal is None:
-                super().handle_exit(sig, frame)
-            else:
-                on_signal()
-
-    return Server
-
-
 def serve(cfg: ServerConfig) -> int:
-    import uvicorn
-
-    from pipeserve.frontend.detokenizer import Detokenizer
-    from pipeserve.frontend.tokenizer import load_tokenizer
-    from pipeserve.model.config import ModelConfig
-    from pipeserve.server.app import build_app
-    from pipeserve.server.frontend import Frontend
-    from pipeserve.server.limits import max_prompt_chars
-    from pipeserve.server.openai_api import ModelInfo, NoTokenizer
+    shared_metrics = _share_metrics(cfg.api_server_count)  # before prometheus_client is imported
+    from pipeserve.server.assemble import assemble, listen, uvicorn_server
+    from pipeserve.server.workers import FrontendWorkers, Supervised
 
     engine = cfg.engine
-    tokenizer = detokenizer = None
-    if not engine.skip_tokenizer_init:
-        tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
-        detokenizer = Detokenizer(tokenizer)
-    ipc = IpcAddresses.fresh()
+    ipc = IpcAddresses.fresh(cfg.api_server_count)
     ranks = _start_ranks(engine, ipc)
-    context, slots = ranks.info["context_length"], ranks.info["num_slots"]
-    info = ModelInfo(
-        tokenizer or NoTokenizer(),
-        {cfg.model_name, engine.model_path},
-        cfg.model_name,
-        ModelConfig.from_dir(engine.model_path).vocab_size,
-        context,
-        slots,
-        max_prompt_chars(tokenizer, min(context, slots)),
-    )
-    server: uvicorn.Server | None = None
-    frontend = Frontend(
-        ranks, ipc, cfg.max_queued_requests, detokenizer, slots, stream_interval=cfg.stream_interval
-    )
+    workers = FrontendWorkers(cfg, ipc, ranks.info)
+    server: Any = None
 
-    async def on_shutdown() -> None:
+    async def on_shutdown(frontend: Any) -> None:
+        # the other front ends first (they drain in parallel), then stage 0 stops the ranks
+        await workers.wait_exit(cfg.shutdown_timeout_s + 6)
         await frontend.shutdown()
         await asyncio.to_thread(ranks.stop)
+
+    try:
+        workers.wait_ready(engine.ready_timeout_s)
+        served = assemble(cfg, ipc, Supervised(ranks, workers), ranks.info, 0, on_shutdown)
+        sock = listen(cfg.host, cfg.port)
+    except BaseException:
+        workers.stop()
+        ranks.stop(grace_s=0)
+        raise
+    frontend = served.frontend
 
     def on_dead(reason: str) -> None:
         # keep answering 503 engine_dead for a moment: a client racing the death gets a reason,
         # not a refused connection
+        workers.tell("dead", reason)
         asyncio.get_running_loop().call_later(DEAD_LINGER_S, setattr, server, "should_exit", True)
 
     async def drain() -> None:
         logger.info("draining: up to %gs for unfinished requests", cfg.shutdown_timeout_s)
+        workers.tell("drain", cfg.shutdown_timeout_s)
         await frontend.drain(cfg.shutdown_timeout_s)
         server.should_exit = True
 
@@ -185,34 +150,41 @@ def serve(cfg: ServerConfig) -> int:
             frontend.loop.call_soon_threadsafe(frontend.spawn, drain())
 
     frontend.on_dead = on_dead
-    app = build_app(frontend, info, on_shutdown, cfg.max_request_body_bytes)
-    server = _uvicorn_server_class()(
-        uvicorn.Config(
-            app,
-            host=cfg.host,
-            port=cfg.port,
-            log_level=engine.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=5,  # after the drain: for the last answers to go out
-        )
-    )
+    server = uvicorn_server(cfg, served.app, own_signals=True)
     server.on_signal = on_signal
+    server.on_force = lambda: workers.tell("stop")
     logger.info(
-        "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s)",
+        "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s, %d HTTP front end%s)",
         cfg.model_name,
         cfg.url,
         engine.pp_size,
         engine.tp_size,
         engine.pp_comm_mode,
+        cfg.api_server_count,
+        "" if cfg.api_server_count == 1 else "s",
     )
     print(f"pipeserve ready at {cfg.url}", flush=True)
     gc.collect()
-    gc.freeze()  # start-up's objects live on, as in the ranks (worker.run_rank): no collection walks them
+    gc.freeze()  # start-up's objects live on, as in the ranks (stage/main.py): no collection walks them
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        workers.tell("stop")
+        workers.stop()
         ranks.stop()
+        if shared_metrics is not None:
+            shutil.rmtree(shared_metrics, ignore_errors=True)
     return 1 if frontend.dead is not None else 0
+
+
+def _share_metrics(api_server_count: int) -> str | None:
+    """With several front ends, a directory for their Prometheus counters (multiprocess mode),
+    named in the environment before any of them imports prometheus_client."""
+    if api_server_count == 1:
+        return None
+    path = tempfile.mkdtemp(prefix="pipeserve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
 
 
 if __name__ == "__main__":

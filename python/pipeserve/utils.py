@@ -59,3 +59,17 @@ def write_char_tokenizer(path: str, vocab_size: int) -> None:
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     fast.save_pretrained(path)
+
+
+def set_process_title(title: str) -> None:
+    """What `ps` shows for this process: the whole title where setproctitle is installed, else
+    the kernel's 15-character name (`ps -o comm`, `top`, `pgrep`)."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME

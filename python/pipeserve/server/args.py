@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pipeserve.config import EngineConfig, resolve_config
+from pipeserve.utils import usable_cores
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,9 @@ class ServerConfig:
     # SIGTERM/SIGINT: seconds unfinished requests may take before they end with a 503; below
     # Kubernetes' default 30 s grace, so that they get their answer before a SIGKILL
     shutdown_timeout_s: float = 25.0
-    stream_interval: int = (
-        1  # tokens per streamed chunk of a choice (its last chunk may be shorter)
-    )
+    # HTTP front-end processes on the one port (None: from the host's cores, auto_api_servers)
+    api_server_count: int | None = None
+    stream_interval: int = 1  # tokens per streamed chunk of a choice (the last may be shorter)
 
     @property
     def model_name(self) -> str:
@@ -153,6 +154,13 @@ _SERVER_FLAGS = [
         "on SIGTERM/SIGINT, seconds unfinished requests may take before they end with a 503",
     ),
     (
+        "--api-server-count",
+        "api_server_count",
+        int,
+        "HTTP front-end processes, each tokenizing and streaming its own requests "
+        "(default: from the host's cores)",
+    ),
+    (
         "--stream-interval",
         "stream_interval",
         int,
@@ -192,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         engine = resolve_config(**engine_kwargs)
         cfg = dataclasses.replace(ServerConfig(engine=engine), **server_kwargs)
         _validate(cfg)
+        if cfg.api_server_count is None:
+            cfg = dataclasses.replace(cfg, api_server_count=auto_api_servers(engine))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return cfg
@@ -202,7 +212,16 @@ def _validate(cfg: ServerConfig) -> None:
         raise ValueError("--max-request-body-bytes must be >= 1")
     if cfg.shutdown_timeout_s < 0:
         raise ValueError("--shutdown-timeout must be >= 0")
+    if cfg.api_server_count is not None and not 1 <= cfg.api_server_count <= 64:
+        raise ValueError("--api-server-count must be in [1, 64]")
     if cfg.stream_interval < 1:
         raise ValueError("--stream-interval must be >= 1")
     if cfg.max_queued_requests is not None and cfg.max_queued_requests < 1:
         raise ValueError("--max-queued-requests must be >= 1")
+
+
+def auto_api_servers(engine: EngineConfig) -> int:
+    """One front end per three cores that this node's ranks leave free, 1 to 8 (a streamed token
+    costs a front end a few microseconds: one keeps up with a small model on a few cores)."""
+    free = usable_cores() - engine.ranks_per_node
+    return max(1, min(8, free // 3))

@@ -124,6 +124,7 @@ class Frontend:
         self.dead: str | None = None
         self.draining = False
         self.on_dead: Callable[[str], None] | None = None  # the launcher stops the server
+        self.on_started: Callable[[], None] | None = None  # once it reads outputs
         self.tasks: list[asyncio.Task] = []
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -138,13 +139,15 @@ class Frontend:
             asyncio.create_task(self._read_outputs()),
             asyncio.create_task(self._watch_ranks()),
         ]
+        if self.on_started is not None:
+            self.on_started()
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Runs `work` as a task that lives until it ends or the front end shuts down."""
         self.tasks.append(asyncio.ensure_future(work))
 
     def _stats(self) -> dict[str, Any]:
-        return {**self.stats, "unfinished": len(self.routes)}
+        return self.stats
 
     # ---- liveness --------------------------------------------------------------------------------
     def is_alive(self) -> bool:
@@ -201,6 +204,7 @@ class Frontend:
             )
         job = JobRun(self, [self.client.new_rid() for _ in range(count)])
         self.routes.update((rid, (job, i)) for i, rid in enumerate(job.rids))
+        self.metrics.unfinished.set(len(self.routes))
         try:
             yield job
         finally:
@@ -210,6 +214,7 @@ class Frontend:
         """Drops the job's routes; aborts at stage 0 what has not finished (a client gone)."""
         for rid in job.rids:
             self.routes.pop(rid, None)
+        self.metrics.unfinished.set(len(self.routes))
         for state, track in zip(job.states, job.tracks, strict=True):
             if state.finished:
                 continue

@@ -1,14 +1,20 @@
 """The server's Prometheus metrics (`prometheus_client`): request counters and latency histograms
-kept by the front end, and gauges read from stage 0's latest stats when scraped."""
+kept by the front end, and gauges read from stage 0's latest stats when scraped.
+
+With several front-end processes, prometheus_client's multiprocess mode keeps each process's
+counters in files of one directory (PROMETHEUS_MULTIPROC_DIR, set by the launcher before any of
+them imports prometheus_client), and whichever process is scraped sums them all."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipeserve.ipc.messages import TokenOut
 
@@ -58,7 +64,14 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_StageCollector(stats, kv_slots, self.started))
+        self.unfinished = Gauge(
+            "pipeserve_unfinished_requests",
+            "Requests the server holds.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.stage = _StageCollector(stats, kv_slots, self.started)
+        r.register(self.stage)
 
     def track(self, prompt_tokens: int) -> RequestTrack:
         """Counts a request submitted now; the returned track observes its outputs and its end."""
@@ -66,7 +79,16 @@ class ServerMetrics:
         return RequestTrack(self)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get(MULTIPROC_ENV)
+        if not shared:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()  # every process's files, summed, and this one's stage view
+        MultiProcessCollector(registry, path=shared)
+        registry.register(self.stage)
+        return generate_latest(registry)
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class RequestTrack:
@@ -112,7 +134,6 @@ class _StageCollector:
         s = self.stats()
         yield _gauge("pipeserve_queue_depth", "Requests waiting at stage 0.", s.get("waiting", 0))
         yield _gauge("pipeserve_running_requests", "Requests running.", s.get("running", 0))
-        yield _gauge("pipeserve_unfinished_requests", "Requests the server holds.", s["unfinished"])
         yield _gauge("pipeserve_kv_slots_total", "KV cache slots (tokens).", self.kv_slots)
         free = s.get("free_slots", self.kv_slots)
         yield _gauge("pipeserve_kv_slots_free", "Free KV cache slots.", free)

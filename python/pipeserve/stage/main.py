@@ -33,6 +33,7 @@ from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.scheduler.finish import FinishChecker
 from pipeserve.scheduler.scheduler import Scheduler
 from pipeserve.stage.worker import StageWorker
+from pipeserve.utils import set_process_title
 
 logger = logging.getLogger("pipeserve.worker")
 
@@ -54,6 +55,7 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
                 {
                     "num_slots": worker.runner.kv.num_slots,
                     "context_length": worker.runner.context_length,
+                    "vocab_size": worker.runner.model_cfg.vocab_size,
                 },
             )
         )
@@ -178,17 +180,3 @@ def _slow_down_for_tests(runner: ModelRunner, rank: int) -> None:
         return forward(*args)
 
     runner.forward = slow
-
-
-def set_process_title(title: str) -> None:
-    """What `ps` shows for this process: the whole title where setproctitle is installed, else
-    the kernel's 15-character name (`ps -o comm`, `top`, `pgrep`)."""
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME

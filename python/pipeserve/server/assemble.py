@@ -1,0 +1,116 @@
+"""One front-end process's pieces, built the same way in the launcher and in every other HTTP
+front-end process: the tokenizer and detokenizer, the model's limits, the Frontend, the app, the
+listening socket (SO_REUSEPORT: every front end binds the one port, the kernel spreads the
+connections) and the uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeserve.frontend.detokenizer import Detokenizer
+from pipeserve.frontend.tokenizer import load_tokenizer
+from pipeserve.ipc.sockets import IpcAddresses
+from pipeserve.server.app import build_app
+from pipeserve.server.args import ServerConfig
+from pipeserve.server.frontend import Frontend, Ranks
+from pipeserve.server.limits import max_prompt_chars
+from pipeserve.server.openai_api import ModelInfo, NoTokenizer
+
+
+@dataclass
+class Served:
+    frontend: Frontend
+    app: Any  # FastAPI
+    model: ModelInfo
+
+
+def assemble(
+    cfg: ServerConfig,
+    ipc: IpcAddresses,
+    ranks: Ranks,
+    info: dict[str, Any],
+    owner: int,
+    on_shutdown: Callable[[Frontend], Awaitable[None]],
+) -> Served:
+    """`info`: what the ranks reported at start-up (context_length, num_slots, vocab_size)."""
+    engine = cfg.engine
+    tokenizer = detokenizer = None
+    if not engine.skip_tokenizer_init:
+        tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
+        detokenizer = Detokenizer(tokenizer)
+    context, slots = info["context_length"], info["num_slots"]
+    model = ModelInfo(
+        tokenizer or NoTokenizer(),
+        {cfg.model_name, engine.model_path},
+        cfg.model_name,
+        info["vocab_size"],
+        context,
+        slots,
+        max_prompt_chars(tokenizer, min(context, slots)),
+    )
+    frontend = Frontend(
+        ranks, ipc, cfg.max_queued_requests, detokenizer, slots, owner, cfg.stream_interval
+    )
+    app = build_app(frontend, model, lambda: on_shutdown(frontend), cfg.max_request_body_bytes)
+    return Served(frontend, app, model)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port) that other front-end processes may bind too."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(addr)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_server(cfg: ServerConfig, app: Any, own_signals: bool) -> Any:
+    """A uvicorn server for `app`. `own_signals`: the launcher's; on the first SIGINT/SIGTERM it
+    calls `on_signal` (the drain) instead of stopping, a second one stops at once (uvicorn's own
+    handling). Other front ends leave signals to the launcher, which tells them what to do."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        on_signal: Callable[[], None] | None = None  # the first signal
+        on_force: Callable[[], None] | None = None  # any later one
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if not own_signals:
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_signal, self.on_signal = self.on_signal, None
+            if on_signal is None:
+                if self.on_force is not None:
+                    self.on_force()
+                super().handle_exit(sig, frame)
+            else:
+                on_signal()
+
+    return Server(
+        uvicorn.Config(
+            app,
+            log_level=cfg.engine.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,  # after the drain: for the last answers to go out
+        )
+    )
