@@ -261,12 +261,12 @@ def test_decoder_layer_through_gemv_equals_the_unfused_layer(tmp_path, monkeypat
 
 
 def test_gemv_row_limit_from_the_environment_is_checked():
-    from pipeserve.model import gemv
+    from pipeserve.env import gemv_max_rows
 
-    assert gemv._max_rows("0") == 0 and gemv._max_rows(" 4 ") == 4
+    assert gemv_max_rows("0") == 0 and gemv_max_rows(" 4 ") == 4
     for bad in ("-1", "two", "", "5"):
         with pytest.raises(ValueError, match="PIPESERVE_GEMV_MAX_ROWS must be a whole number"):
-            gemv._max_rows(bad)
+            gemv_max_rows(bad)
 
 
 @interpreted

@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeserve.env import Env
+
 if TYPE_CHECKING:
     from pipeserve.ipc.sockets import IpcAddresses
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
-TRACE_ENV = "PIPESERVE_TRACE"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     if unknown:
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
     if kwargs.get("pp_trace") is None:
-        kwargs["pp_trace"] = os.environ.get(TRACE_ENV) or None
+        kwargs["pp_trace"] = Env.read().trace
     cfg = EngineConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "model_path"})
     if cfg.model_path is None:
         cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)

@@ -14,11 +14,10 @@ which was faster there (benchmark/bench_gemv.py, swept at TP 1).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from pipeserve.env import Env
 from pipeserve.model import fused
 from pipeserve.model.fused import add_rmsnorm, silu_and_mul, triton
 
@@ -26,13 +25,16 @@ if triton is not None:
     import triton.language as tl
 
 
-def _max_rows(text: str) -> int:
-    if not text.strip().isdigit() or int(text) > 4:
-        raise ValueError(f"PIPESERVE_GEMV_MAX_ROWS must be a whole number 0-4, got {text!r}")
-    return int(text)
+MAX_ROWS: int | None = None  # PIPESERVE_GEMV_MAX_ROWS, read at the first projection
 
 
-MAX_ROWS = _max_rows(os.environ.get("PIPESERVE_GEMV_MAX_ROWS", "1"))
+def max_rows() -> int:
+    global MAX_ROWS
+    if MAX_ROWS is None:
+        MAX_ROWS = Env.read().gemv_max_rows
+    return MAX_ROWS
+
+
 MAX_OUT = 8192  # output features
 NONE, NORM, SILU = 0, 1, 2  # prologues
 
@@ -43,7 +45,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor, width: int | None = None) -> boo
     n, k = weight.shape
     return (
         fused._use_triton(x)
-        and 0 < x.shape[0] <= MAX_ROWS
+        and 0 < x.shape[0] <= max_rows()
         and n <= MAX_OUT
         and (n + 64) * k < 2**31  # the kernel's offsets are int32
         and x.dim() == 2

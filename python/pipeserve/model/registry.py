@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from pipeserve.env import PP_LAYER_PARTITION, Env
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.llama import ArchSpec, DecoderForCausalLM
 from pipeserve.model.parallel import ParallelContext
@@ -16,8 +15,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": ArchSpec(qkv_bias=True, o_bias=False),
     "Qwen3ForCausalLM": ArchSpec(qk_norm=True),
 }
-
-PARTITION_ENV = "PIPESERVE_PP_LAYER_PARTITION"
 
 
 def arch_spec(architecture: str) -> ArchSpec:
@@ -35,8 +32,8 @@ def partition_layers(
     PIPESERVE_PP_LAYER_PARTITION). By default the stages get equal work: an even split (remainder
     on the last stages), then layers move off the last stage while that lowers the largest share,
     counting its lm_head as `head_layers` layers (`head_cost_in_layers`)."""
-    source = PARTITION_ENV if override is None else "--pp-layer-partition (pp_layer_partition)"
-    override = os.environ.get(PARTITION_ENV) if override is None else override
+    source = PP_LAYER_PARTITION if override is None else "--pp-layer-partition (pp_layer_partition)"
+    override = Env.read().pp_layer_partition if override is None else override
     if override:
         counts = _parse_partition(override, num_layers, pp_size, source)
     else:

@@ -25,6 +25,7 @@ from pipeserve.distributed import (
     init_distributed,
 )
 from pipeserve.distributed.liveness import Liveness
+from pipeserve.env import Env
 from pipeserve.ipc.sockets import SchedulerSockets
 from pipeserve.model.config import ModelConfig
 from pipeserve.model.eos import eos_token_ids
@@ -71,13 +72,10 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
     os._exit(code)
 
 
-PROFILE_ENV = "PIPESERVE_PROFILE_DIR"
-
-
 def _run_loop(worker: StageWorker, rank: int) -> None:
     """The PP loop; under cProfile when PIPESERVE_PROFILE_DIR is set (rank<N>.prof and a text
     summary by own time written there when the loop ends)."""
-    out_dir = os.environ.get(PROFILE_ENV)
+    out_dir = Env.read().profile_dir
     if not out_dir:
         worker.event_loop_pp()
         return
@@ -160,23 +158,19 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     )
 
 
-SLOW_ENV = "PIPESERVE_DEBUG_SLOW_FORWARD"
-
-
 def _slow_down_for_tests(runner: ModelRunner, rank: int) -> None:
     """PIPESERVE_DEBUG_SLOW_FORWARD="<rank>:<seconds>:<count>": that rank's first <count> forwards
     each take <seconds> longer, to show that a slow but live stage is not a dead one."""
-    spec = os.environ.get(SLOW_ENV)
-    if not spec or int(spec.split(":")[0]) != rank:
+    slow_forward = Env.read().slow_forward
+    if slow_forward is None or slow_forward.rank != rank:
         return
-    _, seconds, count = spec.split(":")
-    left = [int(count)]
+    left = [slow_forward.count]
     forward = runner.forward
 
     def slow(*args: Any) -> Any:
         if left[0] > 0:
             left[0] -= 1
-            time.sleep(float(seconds))
+            time.sleep(slow_forward.seconds)
         return forward(*args)
 
     runner.forward = slow
