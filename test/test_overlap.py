@@ -19,7 +19,7 @@ from pipeserve.config import resolve_config
 from pipeserve.frontend.ranks import RankFailure
 from pipeserve.runner.kv_cache import TokenPool
 from pipeserve.sampling_params import SamplingParams
-from pipeserve.scheduler.descriptor import BatchDescriptor
+from pipeserve.scheduler.descriptor import BatchDescriptor, TokenReply
 from pipeserve.scheduler.req import Req
 from pipeserve.scheduler.scheduler import Scheduler
 from test_engine import prompts
@@ -150,8 +150,8 @@ def _req(rid: str, n: int = 5, max_new: int = 10) -> Req:
     return Req(rid, list(range(10, 10 + n)), SamplingParams(max_new_tokens=max_new), seed=1)
 
 
-def _tokens(*ids: int) -> dict:
-    return {"next_token_ids": torch.tensor(ids)}
+def _tokens(*ids: int) -> TokenReply:
+    return TokenReply(list(ids))
 
 
 def test_a_request_runs_again_once_its_tokens_arrived_before_the_host_saw_them():

@@ -12,6 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
+# The index rows of a packed batch, by name: (B,) per request, then (N,) per new token. A decode
+# batch (N == B) packs them as one (len(INDEX_ROWS), B) block (CUDA graphs replay from it).
+REQ_ROWS = ("req_pool_idx", "prefix_lens", "extend_lens", "seq_lens", "extend_start")
+TOKEN_ROWS = ("positions", "token_rows", "out_slots")
+INDEX_ROWS = REQ_ROWS + TOKEN_ROWS
+ROW = {name: i for i, name in enumerate(INDEX_ROWS)}
+
 
 @dataclass
 class ForwardBatch:
@@ -50,7 +57,7 @@ class ForwardBatch:
             req_pool_idx, prefix_lens, extend_lens, out_slots, pad_to, pad_row
         )
         b = len(columns[0])
-        num_tokens = (len(packed) - 5 * b) // 3
+        num_tokens = (len(packed) - len(REQ_ROWS) * b) // len(TOKEN_ROWS)
         num_real = b - max(0, pad_to - len(req_pool_idx))
         fb = cls.of_packed(to_device(packed, device), b, num_tokens, max_extend, num_real)
         fb.host_req_pool_idx, fb.host_prefix_lens, fb.host_extend_lens = columns
@@ -65,7 +72,7 @@ class ForwardBatch:
         pad_to: int = 0,
         pad_row: int = 0,
     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], int]:
-        """(packed int64 array: five (B,) request columns then three (N,) token columns,
+        """(packed int64 array: the REQ_ROWS columns (B,) then the TOKEN_ROWS columns (N,),
         the padded (req_pool_idx, prefix_lens, extend_lens), the largest extend length)."""
         req_pool_idx, prefix_lens, extend_lens, out_slots = (
             np.asarray(a, dtype=np.int64)
@@ -97,45 +104,44 @@ class ForwardBatch:
         pad_row: int,
     ) -> None:
         """`pack` of a decode batch (one new token per request) padded to `bs` requests, written
-        into out[: 8 * bs] as (8, bs) rows: no temporaries beyond the rows themselves."""
-        b = len(req_pool_idx)
-        rows = out[: 8 * bs].reshape(8, bs)
-        rows[0, :b], rows[0, b:] = req_pool_idx, pad_row
-        rows[1, :b], rows[1, b:] = prefix_lens, 0
-        rows[2] = 1  # one new token each
-        np.add(rows[1], 1, out=rows[3])  # sequence length
-        rows[4] = np.arange(bs)  # first token row = request index
-        rows[5], rows[6] = rows[1], rows[0]  # position = prefix, token row = pool row
-        rows[7, :b], rows[7, b:] = out_slots, 0
+        into out[: len(INDEX_ROWS) * bs] as its rows: no temporaries beyond the rows themselves."""
+        b, r = len(req_pool_idx), ROW
+        rows = out[: len(INDEX_ROWS) * bs].reshape(len(INDEX_ROWS), bs)
+        rows[r["req_pool_idx"], :b], rows[r["req_pool_idx"], b:] = req_pool_idx, pad_row
+        rows[r["prefix_lens"], :b], rows[r["prefix_lens"], b:] = prefix_lens, 0
+        rows[r["extend_lens"]] = 1  # one new token each
+        np.add(rows[r["prefix_lens"]], 1, out=rows[r["seq_lens"]])
+        rows[r["extend_start"]] = np.arange(bs)  # its one token's row = its index
+        rows[r["positions"]] = rows[r["prefix_lens"]]
+        rows[r["token_rows"]] = rows[r["req_pool_idx"]]
+        rows[r["out_slots"], :b], rows[r["out_slots"], b:] = out_slots, 0
 
     @classmethod
     def of_packed(
         cls, packed: torch.Tensor, b: int, n: int, max_extend_len: int, num_real: int | None = None
     ) -> ForwardBatch:
-        """Views of a packed index tensor: five (B,) request columns, then three (N,) token ones."""
-        per_req, per_token = packed[: 5 * b].view(5, b), packed[5 * b : 5 * b + 3 * n].view(3, n)
+        """Views of a packed index tensor: the REQ_ROWS (B,), then the TOKEN_ROWS (N,)."""
+        nr, nt = len(REQ_ROWS), len(TOKEN_ROWS)
+        per_req, per_token = (
+            packed[: nr * b].view(nr, b),
+            packed[nr * b : nr * b + nt * n].view(nt, n),
+        )
         return cls.of_rows(per_req, per_token, max_extend_len, b if num_real is None else num_real)
 
     @classmethod
     def of_rows(
         cls, per_req: torch.Tensor, per_token: torch.Tensor, max_extend_len: int, num_real: int
     ) -> ForwardBatch:
-        """From (5, B) request rows (pool row, prefix, new tokens, sequence length, first token
-        row) and (3, N) token rows (position, pool row, KV slot); views, never copies."""
+        """From the REQ_ROWS (len(REQ_ROWS), B) and the TOKEN_ROWS (len(TOKEN_ROWS), N); views,
+        never copies."""
         b = per_req.shape[1]
         return cls(
             num_reqs=num_real,
             num_tokens=per_token.shape[1],
             max_extend_len=max_extend_len,
             is_decode=b > 0 and max_extend_len == 1,
-            req_pool_idx=per_req[0],
-            prefix_lens=per_req[1],
-            extend_lens=per_req[2],
-            seq_lens=per_req[3],
-            extend_start=per_req[4],
-            positions=per_token[0],
-            token_rows=per_token[1],
-            out_slots=per_token[2],
+            **{name: per_req[i] for i, name in enumerate(REQ_ROWS)},
+            **{name: per_token[i] for i, name in enumerate(TOKEN_ROWS)},
         )
 
 

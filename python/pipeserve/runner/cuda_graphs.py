@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.model.forward_batch import INDEX_ROWS, REQ_ROWS, ROW, ForwardBatch
 from pipeserve.scheduler.descriptor import BatchDescriptor
 
 if TYPE_CHECKING:
@@ -50,20 +50,23 @@ class Staging:
         self.turn = (self.turn + 1) % len(self.blocks)
 
 
+ROWS = len(INDEX_ROWS)
+
+
 class CudaGraphRunner:
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
         self.runner = runner
         self.max_bs = max_bs
         self.sizes = buckets(max_bs)
         device = runner.device
-        # bucket bs reads index[: 8 * bs] as (8, bs) rows: req_pool_idx, prefix, extend, seq_len,
-        # start, position, token row, out slot; a replay fills it from pinned memory in one copy
-        self.index = torch.zeros(8 * max_bs, dtype=torch.int64, device=device)
+        # bucket bs reads index[: ROWS * bs] as (ROWS, bs) rows (forward_batch.INDEX_ROWS); a
+        # replay fills it from pinned memory in one copy
+        self.index = torch.zeros(ROWS * max_bs, dtype=torch.int64, device=device)
         hidden = runner.model_cfg.hidden_size
         self.hidden = torch.zeros(max_bs, hidden, dtype=runner.dtype, device=device)
         self.residual = torch.zeros_like(self.hidden)
         self.bucket_of = [next(s for s in self.sizes if s >= b) for b in range(max_bs + 1)]
-        self.staging = Staging(8 * max_bs)
+        self.staging = Staging(ROWS * max_bs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, object] = {}
         self.batches: dict[int, ForwardBatch] = {}  # per bucket: views of the static rows
@@ -77,16 +80,16 @@ class CudaGraphRunner:
         )
 
     def _rows(self, bs: int) -> torch.Tensor:
-        return self.index[: 8 * bs].view(8, bs)
+        return self.index[: ROWS * bs].view(ROWS, bs)
 
     def _static_batch(self, bs: int) -> ForwardBatch:
         rows = self._rows(bs)  # views of the static rows: what the graph reads
-        return ForwardBatch.of_rows(rows[:5], rows[5:], 1, bs)
+        return ForwardBatch.of_rows(rows[: len(REQ_ROWS)], rows[len(REQ_ROWS) :], 1, bs)
 
     def sample_places(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-pool (row, position) of the sampled tokens of the last replay's B requests."""
         rows = self._rows(self.bucket_of[b])
-        return rows[0, :b], rows[3, :b]
+        return rows[ROW["req_pool_idx"], :b], rows[ROW["seq_lens"], :b]
 
     def _body(self, fb: ForwardBatch, bs: int) -> object:
         first = self.runner.ctx.is_first_stage
@@ -104,7 +107,7 @@ class CudaGraphRunner:
             pad, *_ = ForwardBatch.pack(
                 [], [], [], [], pad_to=bs, pad_row=self.runner.table.pad_row
             )
-            self.index[: 8 * bs].copy_(torch.from_numpy(pad))
+            self.index[: ROWS * bs].copy_(torch.from_numpy(pad))
             fb = self.batches[bs] = self._static_batch(bs)
             self.runner.backend.prepare_capture(fb)
             for _ in range(2):  # warm-up: kernel selection, NCCL communicators
@@ -140,7 +143,7 @@ class CudaGraphRunner:
             desc.out_slots,
             self.runner.table.pad_row,
         )
-        self.index[: 8 * bs].copy_(block[: 8 * bs], non_blocking=True)
+        self.index[: ROWS * bs].copy_(block[: ROWS * bs], non_blocking=True)
         self.staging.copied()
         if hidden is not None:
             self.hidden[:b].copy_(hidden)

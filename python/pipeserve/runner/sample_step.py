@@ -22,6 +22,7 @@ from pipeserve.scheduler.descriptor import (
     FLOAT_COL,
     INT_COL,
     BatchDescriptor,
+    TokenReply,
     penalised,
     sampled_token_places,
     seq_lens,
@@ -79,12 +80,7 @@ def sample_step(
         if flags.any_penalties:
             batch.history = token_history(runner, ints)
         result = sample(logits, batch)
-    tokens = {"next_token_ids": result.next_token_ids}
-    if result.logprobs is not None:
-        tokens["logprobs"] = result.logprobs
-    if result.top_logprob_ids is not None:
-        tokens["top_logprob_ids"] = result.top_logprob_ids
-        tokens["top_logprobs"] = result.top_logprobs
+    tokens = TokenReply.tensors(result)
     # the new token's place in the pool: stage 0 reads it as the next input (pp = 1), the last
     # stage as penalty history
     if places is None:

@@ -10,6 +10,7 @@ token pools, and the last stage gets them only for requests with penalties, whic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,32 @@ REQ_FLOAT_COLUMNS = (
 )
 INT_COL = {name: i for i, name in enumerate(REQ_INT_COLUMNS)}
 FLOAT_COL = {name: i for i, name in enumerate(REQ_FLOAT_COLUMNS)}
+
+
+@dataclass
+class TokenReply:
+    """What the last stage returns for a microbatch: per sampled request, in request order, its
+    token and, when asked, logprobs. The field names are the keys of the tensor dict on the wire
+    (`tensors` / `from_tensors`)."""
+
+    next_token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprob_ids: list[list[int]] | None = None  # (S, K): K = the largest top_logprobs_num
+    top_logprobs: list[list[float]] | None = None
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> TokenReply:
+        """From host tensors, one conversion per column (not one per row)."""
+        return cls(**{k: v.tolist() for k, v in tensors.items()})
+
+    @staticmethod
+    def tensors(result: Any) -> dict[str, torch.Tensor]:
+        """The tensor dict of a sampler result with these fields (those not None)."""
+        fields = TokenReply.__dataclass_fields__
+        return {k: v for k in fields if (v := getattr(result, k)) is not None}
+
+
+TOKEN_IDS = "next_token_ids"  # the one key every token reply has
 
 
 def penalised(req_floats: np.ndarray) -> np.ndarray:

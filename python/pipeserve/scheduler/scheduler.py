@@ -19,7 +19,13 @@ import numpy as np
 
 from pipeserve.config import EngineConfig
 from pipeserve.scheduler.allocator import IndexAllocator
-from pipeserve.scheduler.descriptor import REQ_FLOAT_COLUMNS, BatchDescriptor, pack_fills
+from pipeserve.scheduler.descriptor import (
+    REQ_FLOAT_COLUMNS,
+    REQ_INT_COLUMNS,
+    BatchDescriptor,
+    TokenReply,
+    pack_fills,
+)
 from pipeserve.scheduler.req import Req
 from pipeserve.utils import all_plain_ints
 
@@ -179,60 +185,63 @@ class Scheduler:
         self.waiting.insert(0, req)
 
     def _describe(self, mb_id: int, chosen: list[tuple[Req, int]]) -> BatchDescriptor:
-        req_ints, req_floats = [], []
-        fill_rows, fill_lens, fill_ids = [], [], []
+        reqs = [r for r, _ in chosen]
+        counts = [n for _, n in chosen]
         # every new slot in one allocation, in the order the requests take them (the same slots as
         # one allocation per request)
-        out_slots = self.slots.allocate(sum(n for _, n in chosen))
-        taken = 0
+        out_slots = self.slots.allocate(sum(counts))
+        fills = [r for r in reqs if r.kv_len == 0]  # (re)admitted: its tokens enter the pools
+        fill_ids = [r.prompt_ids + r.output_ids for r in fills]
+        prefix, steps, samples, taken = [], [], [], 0
         for req, n in chosen:
-            prefix = req.kv_len
-            if prefix == 0:  # (re)admitted: its tokens enter the token pools
-                tokens = req.prompt_ids + req.output_ids
-                fill_rows.append(req.req_pool_idx)
-                fill_lens.append(len(tokens))
-                fill_ids.append(tokens)
+            prefix.append(req.kv_len)
             req.slots.extend(out_slots[taken : taken + n])
             taken += n
             req.kv_len += n
-            step = len(req.output_ids) + req.pending  # output index of the token sampled now
+            steps.append(len(req.output_ids) + req.pending)  # output index of the token sampled now
             sample = req.kv_len == req.future_len
+            samples.append(sample)
             req.pending += sample
             req.holders += 1
             req.in_pipe = True
-            p = req.params
-            req_ints.append(
-                [
-                    req.req_pool_idx,
-                    prefix,
-                    n,
-                    int(sample),
-                    req.seed,
-                    step,
-                    len(req.prompt_ids),
-                    req.top_logprobs_num,
-                    int(req.return_logprob),
-                    int(not p.ignore_eos and step + 1 < p.min_new_tokens),
-                ]
-            )
-            req_floats.append(req.float_row)
+        columns = {
+            "req_pool_idx": [r.req_pool_idx for r in reqs],
+            "prefix_len": prefix,
+            "extend_len": counts,
+            "sample": samples,
+            "seed": [r.seed for r in reqs],
+            "step": steps,
+            "prompt_len": [len(r.prompt_ids) for r in reqs],
+            "top_logprobs_num": [r.top_logprobs_num for r in reqs],
+            "return_logprob": [r.return_logprob for r in reqs],
+            "ban_eos": [
+                not r.params.ignore_eos and step + 1 < r.params.min_new_tokens
+                for r, step in zip(reqs, steps, strict=True)
+            ],
+        }
+        req_ints = np.array([columns[name] for name in REQ_INT_COLUMNS], dtype=np.int64)
         return BatchDescriptor(
             "batch",
             mb_id,
-            np.array(req_ints, dtype=np.int64).reshape(len(chosen), -1),
-            np.array(req_floats, dtype=np.float32).reshape(len(chosen), len(REQ_FLOAT_COLUMNS)),
+            np.ascontiguousarray(req_ints.reshape(len(REQ_INT_COLUMNS), len(chosen)).T),
+            np.array([r.float_row for r in reqs], dtype=np.float32).reshape(
+                len(chosen), len(REQ_FLOAT_COLUMNS)
+            ),
             np.array(out_slots, dtype=np.int64),
-            pack_fills(np.array(fill_rows, np.int64), np.array(fill_lens, np.int64), fill_ids),
+            pack_fills(
+                np.array([r.req_pool_idx for r in fills], np.int64),
+                np.array([len(ids) for ids in fill_ids], np.int64),
+                fill_ids,
+            ),
         )
 
     # ---- results -----------------------------------------------------------------------------------
     def process_result(
-        self, desc: BatchDescriptor, reqs: list[Req], tokens: dict
+        self, desc: BatchDescriptor, reqs: list[Req], tokens: TokenReply
     ) -> list[SampledToken]:
         """Applies a returned microbatch: appends its sampled tokens (dropping those past a
         request's end), finishes requests and frees those no launched microbatch holds."""
         sampled = desc.sampled().tolist()
-        tokens = {k: v.tolist() for k, v in tokens.items()}  # one conversion, not one per row
         out, i = [], 0
         for req, s in zip(reqs, sampled, strict=True):
             req.holders -= 1
@@ -245,15 +254,13 @@ class Scheduler:
                 self._release(req)
         return out
 
-    def _append(self, req: Req, tokens: dict, i: int) -> SampledToken:
-        token = tokens["next_token_ids"][i]
-        logprob = tokens["logprobs"][i] if req.return_logprob and "logprobs" in tokens else None
+    def _append(self, req: Req, tokens: TokenReply, i: int) -> SampledToken:
+        token = tokens.next_token_ids[i]
+        logprob = tokens.logprobs[i] if req.return_logprob and tokens.logprobs else None
         top = None
-        if req.top_logprobs_num and "top_logprob_ids" in tokens:
+        if req.top_logprobs_num and tokens.top_logprob_ids is not None:
             k = req.top_logprobs_num
-            top = list(
-                zip(tokens["top_logprob_ids"][i][:k], tokens["top_logprobs"][i][:k], strict=True)
-            )
+            top = list(zip(tokens.top_logprob_ids[i][:k], tokens.top_logprobs[i][:k], strict=True))
         req.output_ids.append(token)
         req.finish_reason = self.finish_check(req)
         return SampledToken(req, token, logprob, top)

@@ -30,6 +30,7 @@ from pipeserve.model.forward_batch import to_device
 from pipeserve.runner.sample_step import SampledTokens
 from pipeserve.scheduler.descriptor import (
     NO_SPLIT,
+    TOKEN_IDS,
     BatchDescriptor,
     penalised,
     sampled_token_places,
@@ -197,7 +198,7 @@ class SchedulerPPMixin:
         and (on CUDA, started here) a host copy for the scheduler."""
         tokens = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         where = sampled_token_places(desc)
-        self.executor.submit(self._write_tokens, where, tokens["next_token_ids"])
+        self.executor.submit(self._write_tokens, where, tokens[TOKEN_IDS])
         return SampledTokens.of(tokens)
 
     def _write_tokens(self, where: np.ndarray, next_token_ids: torch.Tensor) -> None:
@@ -318,8 +319,7 @@ class ReceiveRings:
         elif runner.tokens is not None:
             cap = cfg.micro_batch_cap
             self.sets["tokens"] = [
-                {"next_token_ids": torch.empty(cap, dtype=torch.int64, device=device)}
-                for _ in range(size)
+                {TOKEN_IDS: torch.empty(cap, dtype=torch.int64, device=device)} for _ in range(size)
             ]
 
     def _next(self, kind: str) -> dict | None:

@@ -20,6 +20,7 @@ from pipeserve.ipc.sockets import SchedulerSockets
 from pipeserve.model.parallel import ParallelContext
 from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.sampling_params import SamplingParams
+from pipeserve.scheduler.descriptor import TokenReply
 from pipeserve.scheduler.req import Req
 from pipeserve.scheduler.scheduler import SampledToken, Scheduler
 from pipeserve.stage.pp_loop import InFlight, SchedulerPPMixin
@@ -100,7 +101,8 @@ class StageWorker(SchedulerPPMixin):
 
     # ---- results out -------------------------------------------------------------------------------
     def apply_result(self, rec: InFlight, tokens: dict) -> None:
-        sampled = self.scheduler.process_result(rec.desc, rec.reqs, tokens)
+        reply = TokenReply.from_tensors(tokens)
+        sampled = self.scheduler.process_result(rec.desc, rec.reqs, reply)
         by_req = {id(s.req): s for s in sampled}
         outputs = Outputs(self.sockets.num_frontends)
         for req in rec.reqs:
