@@ -106,10 +106,19 @@ def run_worker_node(engine: EngineConfig) -> int:
 
 def serve(cfg: ServerConfig) -> int:
     shared_metrics = _share_metrics(cfg.api_server_count)  # before prometheus_client is imported
-    from pipeserve.server.assemble import assemble, listen, uvicorn_server
+    try:
+        return _serve(cfg)
+    finally:
+        if shared_metrics is not None:
+            shutil.rmtree(shared_metrics, ignore_errors=True)
+
+
+def _serve(cfg: ServerConfig) -> int:
+    from pipeserve.server.assemble import assemble, listen, load_text, uvicorn_server
     from pipeserve.server.workers import FrontendWorkers, Supervised
 
     engine = cfg.engine
+    tokenizer = load_text(cfg)  # a missing one fails before any rank starts
     ipc = IpcAddresses.fresh(cfg.api_server_count)
     ranks = _start_ranks(engine, ipc)
     workers = FrontendWorkers(cfg, ipc, ranks.info)
@@ -123,7 +132,8 @@ def serve(cfg: ServerConfig) -> int:
 
     try:
         workers.wait_ready(engine.ready_timeout_s)
-        served = assemble(cfg, ipc, Supervised(ranks, workers), ranks.info, 0, on_shutdown)
+        supervised = Supervised(ranks, workers)
+        served = assemble(cfg, ipc, supervised, ranks.info, 0, on_shutdown, tokenizer)
         sock = listen(cfg.host, cfg.port)
     except BaseException:
         workers.stop()
@@ -172,8 +182,6 @@ def serve(cfg: ServerConfig) -> int:
         workers.tell("stop")
         workers.stop()
         ranks.stop()
-        if shared_metrics is not None:
-            shutil.rmtree(shared_metrics, ignore_errors=True)
     return 1 if frontend.dead is not None else 0
 
 

@@ -29,6 +29,14 @@ class Served:
     model: ModelInfo
 
 
+def load_text(cfg: ServerConfig) -> Any:
+    """The tokenizer (None with --skip-tokenizer-init); TokenizerNotFound names the flags."""
+    engine = cfg.engine
+    if engine.skip_tokenizer_init:
+        return None
+    return load_tokenizer(engine.tokenizer_path or engine.model_path)
+
+
 def assemble(
     cfg: ServerConfig,
     ipc: IpcAddresses,
@@ -36,13 +44,13 @@ def assemble(
     info: dict[str, Any],
     owner: int,
     on_shutdown: Callable[[Frontend], Awaitable[None]],
+    tokenizer: Any = None,
 ) -> Served:
-    """`info`: what the ranks reported at start-up (context_length, num_slots, vocab_size)."""
+    """`info`: what the ranks reported at start-up (context_length, num_slots, vocab_size);
+    `tokenizer`: one loaded already (else it is loaded here)."""
     engine = cfg.engine
-    tokenizer = detokenizer = None
-    if not engine.skip_tokenizer_init:
-        tokenizer = load_tokenizer(engine.tokenizer_path or engine.model_path)
-        detokenizer = Detokenizer(tokenizer)
+    tokenizer = tokenizer or load_text(cfg)
+    detokenizer = None if tokenizer is None else Detokenizer(tokenizer)
     context, slots = info["context_length"], info["num_slots"]
     model = ModelInfo(
         tokenizer or NoTokenizer(),
