@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
 #   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b
-# Needs the wheels of ../shared/gpu/wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
+# Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
 mkdir -p "$O"
@@ -77,20 +77,26 @@ make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
     --input-len 32 --output-len 128 --json "$O/serving_cuda.json" --plot "$O/serving_cuda.png"
   ;;
 serving1b)  # one GPU, 1B: served (streaming and not) against offline, 1024 x 128 tokens, 256 in
-  # flight, 8 client processes checked against 16; BASELINE=DIR (a `python/` tree of an older
-  # build) runs the same streaming point on it first
+  # flight, PROCS client processes (default 16) checked against twice as many; BASELINE=DIR (a
+  # `python/` tree of an older build) runs the streaming point on it first; FRONTENDS="1 ..." adds
+  # streaming points at those --api-server-count values
   step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
 make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
-  flags="--device cuda --max-running-requests 256 --cuda-graph-max-bs 256 ${SERVE_FLAGS:-}"
-  load="--num-prompts 1024 --concurrency 256 --input-len 30 --output-len 128 --client-procs 8 --check-client"
+  flags="--device cuda --max-running-requests 256 --cuda-graph-max-bs 256"
+  load="--num-prompts 1024 --concurrency 256 --input-len 30 --output-len 128 --client-procs ${PROCS:-16}"
   if [ -n "${BASELINE:-}" ]; then
     PYTHONPATH=/tmp/site:$BASELINE:$PWD/test:$PWD/benchmark step 240 python3 benchmark/bench_serving.py \
-      --model-path /tmp/ckpt-1b --launch "$flags" $load --offline-engine --json "$O/serving1b_base.json"
+      --model-path /tmp/ckpt-1b --launch "$flags" $load --check-client --offline-engine \
+      --json "$O/serving1b_base.json"
   fi
   step 240 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
-    --offline-engine --json "$O/serving1b_stream.json"
+    --check-client --offline-engine --json "$O/serving1b_stream.json"
+  for n in ${FRONTENDS:-}; do
+    step 150 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b \
+      --launch "$flags --api-server-count $n" $load --json "$O/serving1b_stream_fe$n.json"
+  done
   step 200 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
-    --no-stream --json "$O/serving1b_nostream.json"
+    --check-client --no-stream --json "$O/serving1b_nostream.json"
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40

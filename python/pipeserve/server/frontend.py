@@ -273,6 +273,7 @@ class Frontend:
             msg = decode_output(await self.pull.recv())
             self.stats = msg.stats
             applied, ended_here = self.client.apply(msg)
+            self.metrics.generation_tokens.inc(sum(len(out.token_ids) for _, out in applied))
             for state, out in applied:
                 route = self.routes.get(state.rid)
                 if route is None:

@@ -105,8 +105,7 @@ class RequestTrack:
             self.first = time.monotonic()
         if out.queue_time_s is not None:
             self.metrics.queue_time.observe(out.queue_time_s)
-        self.tokens += len(out.token_ids)
-        self.metrics.generation_tokens.inc(len(out.token_ids))
+        self.tokens += len(out.token_ids)  # the counter is bumped once per step (Frontend)
 
     def finished(self, ok: bool) -> None:
         m, end = self.metrics, time.monotonic()
