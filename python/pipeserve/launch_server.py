@@ -21,11 +21,13 @@ import time
 from typing import Any
 
 from pipeserve.config import EngineConfig
+from pipeserve.env import Env
 from pipeserve.frontend.ranks import RankFailure, RankGroup
 from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
 from pipeserve.server.workers import DEAD_LINGER_S
+from pipeserve.utils import run_profiled
 
 logger = logging.getLogger("pipeserve.launcher")
 
@@ -177,7 +179,7 @@ def _serve(cfg: ServerConfig) -> int:
     gc.collect()
     gc.freeze()  # start-up's objects live on, as in the ranks (stage/main.py): no collection walks them
     try:
-        server.run(sockets=[sock])
+        run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
     finally:
         workers.tell("stop")
         workers.stop()

@@ -147,8 +147,9 @@ def run_frontend(
     cfg: ServerConfig, ipc: IpcAddresses, info: dict[str, Any], owner: int, conn: Any
 ) -> None:
     """A spawned front end's main: serves until the launcher says otherwise."""
+    from pipeserve.env import Env
     from pipeserve.server.assemble import assemble, listen, uvicorn_server
-    from pipeserve.utils import set_process_title
+    from pipeserve.utils import run_profiled, set_process_title
 
     set_process_title(f"pipeserve-frontend{owner}")
     logging.basicConfig(
@@ -180,7 +181,7 @@ def run_frontend(
         DEAD_LINGER_S, setattr, server, "should_exit", True
     )
     frontend.on_started = lambda: conn.send(("ready", owner))
-    server.run(sockets=[sock])
+    run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, f"frontend{owner}")
 
 
 async def _leave_ranks(frontend: Any) -> None:

@@ -34,7 +34,7 @@ from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.scheduler.finish import FinishChecker
 from pipeserve.scheduler.scheduler import Scheduler
 from pipeserve.stage.worker import StageWorker
-from pipeserve.utils import set_process_title
+from pipeserve.utils import run_profiled, set_process_title
 
 logger = logging.getLogger("pipeserve.worker")
 
@@ -73,24 +73,8 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
 
 
 def _run_loop(worker: StageWorker, rank: int) -> None:
-    """The PP loop; under cProfile when PIPESERVE_PROFILE_DIR is set (rank<N>.prof and a text
-    summary by own time written there when the loop ends)."""
-    out_dir = Env.read().profile_dir
-    if not out_dir:
-        worker.event_loop_pp()
-        return
-    import cProfile
-    import pstats
-
-    profiler = cProfile.Profile()
-    try:
-        profiler.runcall(worker.event_loop_pp)
-    finally:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"rank{rank}.prof")
-        profiler.dump_stats(path)
-        with open(path.removesuffix(".prof") + ".txt", "w") as f:
-            pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
+    """The PP loop; under cProfile when PIPESERVE_PROFILE_DIR is set (`run_profiled`)."""
+    run_profiled(worker.event_loop_pp, Env.read().profile_dir, f"rank{rank}")
 
 
 def _setup_process(cfg: EngineConfig, spec: RankSpec) -> None:
