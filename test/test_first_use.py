@@ -1,0 +1,73 @@
+"""What a new user meets first, through the real server with the embedded model: a prompt of
+megabytes refused before it is tokenized, HEAD /health, chat top_logprobs without logprobs,
+prompt tokens counted once per prompt, a client gone during the body read, a quiet shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import time
+
+import httpx
+import pytest
+
+from pipeserve.config import DEFAULT_MODEL_DIR
+from pipeserve.frontend.tokenizer import load_tokenizer
+from server_harness import Server
+
+HTTP = httpx.Client(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--cpu-threads", "1")
+    yield srv
+    assert srv.stop() == 0
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_piece_bound_never_refuses_a_text_that_fits():
+    from pipeserve.server.limits import PieceBound
+
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    bound = PieceBound.of(tok)
+    assert bound is not None
+    rng = random.Random(0)
+    for _ in range(300):  # newline runs: one unknown token covers a whole run
+        n = rng.randrange(1, 600)
+        text = "".join(
+            rng.choice(["a", "1", " ", "\n" * rng.randrange(1, 50), "é"]) for _ in range(n)
+        )
+        tokens = len(tok.encode(text))
+        for limit in (tokens - 1, tokens, tokens + 1):
+            if bound.at_least(text, limit):
+                assert tokens >= limit, (text, limit)
+    assert bound.at_least("a" * 10_000_000, 256)
+    assert not bound.at_least("\n" * 1_000_000, 3)
+
+
+def test_a_prompt_of_megabytes_is_refused_at_once_and_costs_no_memory(server):
+    before = peak_rss_mb(server.proc.pid)
+    body = {"prompt": "12+34=" * 1_700_000, "max_tokens": 1}  # 10 MiB
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        start = time.monotonic()
+        answers = list(
+            pool.map(lambda _: HTTP.post(f"{server.url}/v1/completions", json=body), range(2))
+        )
+        took = time.monotonic() - start
+    for r in answers:
+        assert r.status_code == 400, r.text[:300]
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    chat = {"messages": [{"role": "user", "content": "9" * 10_000_000}]}
+    r = HTTP.post(f"{server.url}/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert took < 5, took
+    assert peak_rss_mb(server.proc.pid) - before < 500
+    assert HTTP.get(f"{server.url}/health").status_code == 200
+    fits = {"prompt": "\n" * 1_000_000 + "1+1=", "max_tokens": 2}  # newline runs: few tokens
+    assert HTTP.post(f"{server.url}/v1/completions", json=fits).status_code == 200
