@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,3 +58,21 @@ def test_bad_layer_partition_names_the_flag_not_the_environment_variable(model_p
     assert "PIPESERVE_PP_LAYER_PARTITION" not in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(ValueError, match="pp_layer_partition"):
         Engine(model_path=model_path, device="cpu", pp_size=2, pp_layer_partition="1,1")
+
+
+def refused_at_once(*args: str) -> str:
+    """The launcher's one `error:` line for `args`: exit 2 within 5 s, no rank started."""
+    start = time.monotonic()
+    out = launch(*args)
+    took = time.monotonic() - start
+    assert out.returncode == 2, out.stderr
+    assert took < 5, took
+    assert "Traceback" not in out.stderr and "starting" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, out.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1"])
+def test_a_port_outside_1_to_65535_is_refused_before_start(port):
+    assert f"--port must be in 1..65535, got {port}" in refused_at_once("--port", port)
