@@ -76,3 +76,10 @@ def refused_at_once(*args: str) -> str:
 @pytest.mark.parametrize("port", ["70000", "0", "-1"])
 def test_a_port_outside_1_to_65535_is_refused_before_start(port):
     assert f"--port must be in 1..65535, got {port}" in refused_at_once("--port", port)
+
+
+def test_context_length_above_the_models_positions_is_refused(model_path):
+    with pytest.raises(ValueError, match=r"--context-length\) 9999 is above the model's"):
+        Engine(model_path=model_path, device="cpu", context_length=9999)
+    error = refused_at_once("--model-path", model_path, "--context-length", "9999")
+    assert "max_position_embeddings" in error

@@ -149,6 +149,11 @@ def _validate_model(cfg: EngineConfig) -> None:
                 "choose a tp_size that divides it"
             )
     stage_layers(model, cfg.pp_size, cfg.pp_layer_partition)
+    if cfg.context_length is not None and cfg.context_length > model.max_position_embeddings:
+        raise ValueError(
+            f"context_length (--context-length) {cfg.context_length} is above the model's "
+            f"max_position_embeddings ({model.max_position_embeddings})"
+        )
 
 
 def _resolve_device(device: str) -> str:
