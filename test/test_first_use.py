@@ -71,3 +71,19 @@ def test_a_prompt_of_megabytes_is_refused_at_once_and_costs_no_memory(server):
     assert HTTP.get(f"{server.url}/health").status_code == 200
     fits = {"prompt": "\n" * 1_000_000 + "1+1=", "max_tokens": 2}  # newline runs: few tokens
     assert HTTP.post(f"{server.url}/v1/completions", json=fits).status_code == 200
+
+
+def prompt_tokens_total(srv: Server) -> float:
+    for line in HTTP.get(f"{srv.url}/metrics").text.splitlines():
+        if line.startswith("pipeserve_prompt_tokens_total "):
+            return float(line.split()[1])
+    raise KeyError("pipeserve_prompt_tokens_total")
+
+
+def test_metrics_count_a_prompt_once_however_many_choices(server):
+    before = prompt_tokens_total(server)
+    body = {"prompt": ["1+2=", "3+4="], "n": 3, "max_tokens": 2, "temperature": 1.0}
+    r = HTTP.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens_total(server) - before == usage == 10  # 2 x (bos + 4 characters)

@@ -181,7 +181,7 @@ class Frontend:
         queue = self.queues[rid]
         text = None if self.detokenizer is None else self.detokenizer.stream(params, streamed)
         state = RequestState(rid, params, text, prompt_tokens=len(ids))
-        track = self.metrics.track(len(ids))
+        track = self.metrics.track()
         try:
             await self._send(
                 GenerateReq(

@@ -43,6 +43,7 @@ async def _run_one(
 def _start(
     frontend: Any, job: Job, rids: list[str], sink: asyncio.Queue | None
 ) -> list[asyncio.Task]:
+    frontend.metrics.count_prompts(job.prompts)
     return [
         asyncio.create_task(_run_one(frontend, job, rid, ids, p, sink, i))
         for i, (rid, (ids, p)) in enumerate(zip(rids, expand(job), strict=True))
