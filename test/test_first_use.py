@@ -87,3 +87,19 @@ def test_metrics_count_a_prompt_once_however_many_choices(server):
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]["prompt_tokens"]
     assert prompt_tokens_total(server) - before == usage == 10  # 2 x (bos + 4 characters)
+
+
+def test_head_health_answers_as_get_does(server):
+    r = HTTP.head(f"{server.url}/health")
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_chat_top_logprobs_without_logprobs_is_refused_naming_both(server):
+    body = {"messages": [{"role": "user", "content": "1+1="}], "top_logprobs": 2}
+    r = HTTP.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "top_logprobs" and "'logprobs': true" in error["message"]
+    for extra in ({"logprobs": False, "top_logprobs": None}, {"logprobs": True, "top_logprobs": 2}):
+        r = HTTP.post(f"{server.url}/v1/chat/completions", json={**body, **extra, "max_tokens": 2})
+        assert r.status_code == 200, r.text

@@ -45,7 +45,7 @@ def build_app(
         )
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 while every rank lives (checked now) and the server takes requests; else 503."""
         if not frontend.is_alive():
