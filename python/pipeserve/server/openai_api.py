@@ -178,6 +178,8 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
     logprobs = None
     if get(body, "logprobs", bool, False):
         logprobs = logprobs_count(body, "top_logprobs", 0)
+    elif body.get("top_logprobs") is not None:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     params = sampling_params(body, max_tokens, m.vocab_size)
     return Job([ids], params, choices(body), stream, logprobs, usage, priority(body))
 
