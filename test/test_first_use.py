@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import socket
 import time
 
 import httpx
@@ -103,3 +104,16 @@ def test_chat_top_logprobs_without_logprobs_is_refused_naming_both(server):
     for extra in ({"logprobs": False, "top_logprobs": None}, {"logprobs": True, "top_logprobs": 2}):
         r = HTTP.post(f"{server.url}/v1/chat/completions", json={**body, **extra, "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_a_client_gone_during_the_body_read_is_one_quiet_line(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+        s.sendall(f'{head}Content-Type: application/json\r\n\r\n{{"prompt": '.encode())
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while "client disconnected while sending" not in server.output():
+        assert time.monotonic() < deadline, server.output()[-2000:]
+        time.sleep(0.1)
+    assert "Traceback" not in server.output() and " ERROR " not in server.output()
+    assert HTTP.get(f"{server.url}/health").status_code == 200
