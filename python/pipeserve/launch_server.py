@@ -106,29 +106,40 @@ def _uvicorn_server_class() -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """On the first SIGINT/SIGTERM calls `on_signal` (the drain) instead of stopping; a second
-        one stops at once (uvicorn's own handling). Exits normally (uvicorn would re-raise them)."""
+        """On the first SIGINT/SIGTERM calls `on_signal` (the drain) instead of stopping; a later
+        one calls `on_stop_now`. Exits normally (uvicorn would re-raise them), and keeps both
+        handlers after serving: a signal while the ranks stop must not kill the launcher."""
 
         on_signal: Callable[[], None] | None = None
+        on_stop_now: Callable[[], None] | None = None
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle_exit)
+            yield
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             on_signal, self.on_signal = self.on_signal, None
-            if on_signal is None:
-                super().handle_exit(sig, frame)
-            else:
-                on_signal()
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: stopping already
+                if on_signal is not None:
+                    on_signal()
+                elif self.on_stop_now is not None:
+                    self.on_stop_now()
+                else:
+                    super().handle_exit(sig, frame)
 
     return Server
+
+
+def _stop_now(server: Any, frontend: Any, ranks: RankGroup) -> None:
+    """A second SIGINT/SIGTERM, in the signal handler: every unfinished request ends now with a
+    503 (a final error event on a stream), serving stops, and the ranks get a second to exit."""
+    logger.warning("second signal: stopping now")
+    server.should_exit = True
+    ranks.hurry()
+    if frontend.loop is not None:
+        frontend.loop.call_soon_threadsafe(lambda: frontend.spawn(frontend.drain(0)))
 
 
 def serve(cfg: ServerConfig) -> int:
@@ -195,6 +206,7 @@ def serve(cfg: ServerConfig) -> int:
         )
     )
     server.on_signal = on_signal
+    server.on_stop_now = lambda: _stop_now(server, frontend, ranks)
     logger.info(
         "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s)",
         cfg.model_name,
@@ -213,5 +225,13 @@ def serve(cfg: ServerConfig) -> int:
     return 1 if frontend.dead is not None else 0
 
 
+def _exit(code: int) -> None:
+    """Every child is gone: a signal now must not turn the exit code into a death by signal (at
+    exit, Python resets the handlers it installed to the default, but leaves SIG_IGN)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
