@@ -24,6 +24,7 @@ def server():
     srv = Server("--cpu-threads", "1")
     yield srv
     assert srv.stop() == 0
+    assert "Task was destroyed but it is pending" not in srv.output()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -117,3 +118,19 @@ def test_a_client_gone_during_the_body_read_is_one_quiet_line(server):
         time.sleep(0.1)
     assert "Traceback" not in server.output() and " ERROR " not in server.output()
     assert HTTP.get(f"{server.url}/health").status_code == 200
+
+
+def test_streams_cut_by_their_clients_leave_no_pending_task_behind(server):
+    body = {"prompt": "1+2=", "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 2}
+
+    def cut(_: int) -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 4:
+                    return
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(cut, range(16)))
+    time.sleep(1.0)
+    assert HTTP.get(f"{server.url}/health").status_code == 200
+    assert "Task was destroyed but it is pending" not in server.output()

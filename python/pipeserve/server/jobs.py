@@ -67,6 +67,7 @@ async def run_streaming(frontend: Any, job: Job) -> AsyncIterator[tuple[int, Req
         sink: asyncio.Queue = asyncio.Queue()
         tasks = _start(frontend, job, rids, sink)
         done = asyncio.create_task(asyncio.wait(tasks))
+        getter: asyncio.Task | None = None  # pending when the consumer is cancelled: cancel it too
         try:
             while True:
                 getter = asyncio.create_task(sink.get())
@@ -84,6 +85,5 @@ async def run_streaming(frontend: Any, job: Job) -> AsyncIterator[tuple[int, Req
                         raise t.exception()
                 return
         finally:
-            for t in tasks:
+            for t in [*tasks, done, *([getter] if getter else [])]:
                 t.cancel()
-            done.cancel()
