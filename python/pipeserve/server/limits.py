@@ -80,15 +80,15 @@ class PieceBound:
         return cls(backend) if kind in ("BPE", "WordLevel", "WordPiece", "Unigram") else None
 
     def at_least(self, text: str, count: int) -> bool:
-        """Whether `text` certainly has `count` pieces or more: pieces of a prefix that the cut
-        cannot have changed are pieces of the text too."""
+        """True if `text` certainly has `count` pieces or more: pieces of a prefix that the cut
+        cannot have changed are pieces of the text too. False says nothing: a text that short, or
+        that sparse in pieces, costs little more to tokenize than to count."""
         size = 4 * (count + _CUT_PIECES)
-        while True:
-            whole = size >= len(text)
-            found = self._pieces(text[:size]) - (0 if whole else _CUT_PIECES)
-            if found >= count or whole:
-                return found >= count
+        while size < len(text):
+            if self._pieces(text[:size]) - _CUT_PIECES >= count:
+                return True
             size *= 4
+        return False
 
     def _pieces(self, text: str) -> int:
         if self.normalizer is not None:

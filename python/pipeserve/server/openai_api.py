@@ -70,8 +70,11 @@ def check_chars(m: ModelInfo, chars: int, param: str) -> None:
 
 
 def check_pieces(m: ModelInfo, text: str, param: str) -> None:
+    """Where no character count bounds a prompt's tokens (see server.limits.PieceBound)."""
     limit = m.capacity.max_sequence
-    if m.piece_bound is not None and m.piece_bound.at_least(text, limit):
+    if m.max_prompt_chars is not None or m.piece_bound is None:
+        return
+    if m.piece_bound.at_least(text, limit):
         raise ApiError(
             f"'{param}' has at least {limit} tokens, more than the {limit - 1} that a prompt "
             "may have to fit with one completion token",
