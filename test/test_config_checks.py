@@ -7,11 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from checkpoints import make_checkpoint
 from pipeserve import Engine
+from pipeserve.config import EngineConfig, check_devices
 from pipeserve.utils import free_port
 
 
@@ -57,3 +60,54 @@ def test_bad_layer_partition_names_the_flag_not_the_environment_variable(model_p
     assert "PIPESERVE_PP_LAYER_PARTITION" not in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(ValueError, match="pp_layer_partition"):
         Engine(model_path=model_path, device="cpu", pp_size=2, pp_layer_partition="1,1")
+
+
+def refused_at_once(*args: str) -> str:
+    """The launcher's one `error:` line for `args`: exit 2 within 5 s, no rank started."""
+    start = time.monotonic()
+    out = launch(*args)
+    took = time.monotonic() - start
+    assert out.returncode == 2, out.stderr
+    assert took < 5, took
+    assert "Traceback" not in out.stderr and "starting" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, out.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1"])
+def test_a_port_outside_1_to_65535_is_refused_before_start(port):
+    assert f"--port must be in 1..65535, got {port}" in refused_at_once("--port", port)
+
+
+def test_context_length_above_the_models_positions_is_refused(model_path):
+    with pytest.raises(ValueError, match=r"--context-length\) 9999 is above the model's"):
+        Engine(model_path=model_path, device="cpu", context_length=9999)
+    error = refused_at_once("--model-path", model_path, "--context-length", "9999")
+    assert "max_position_embeddings" in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_device_cuda_without_cuda_is_one_line_naming_the_flag():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Engine(device="cuda")
+    error = refused_at_once("--device", "cuda")
+    assert "--device" in error and "torch.cuda.is_available() is False" in error
+
+
+def test_more_ranks_per_node_than_visible_gpus_is_refused():
+    cfg = EngineConfig(pp_size=2, tp_size=2, nnodes=1, device="cuda")
+    with pytest.raises(ValueError, match=r"puts 4 ranks on this node.*has 3 visible GPU"):
+        check_devices(cfg, "cuda", gpus=3)
+    check_devices(cfg, "cuda", gpus=4)
+    check_devices(cfg.replace(nnodes=2), "cuda", gpus=2)
+    check_devices(cfg, "cpu", gpus=0)
+
+
+def test_an_unresolvable_dist_init_host_is_refused(model_path):
+    addr = "no-such-host.invalid:29500"
+    with pytest.raises(ValueError, match=r"cannot resolve host 'no-such-host\.invalid'"):
+        Engine(model_path=model_path, device="cpu", dist_init_addr=addr)
+    error = refused_at_once("--model-path", model_path, "--dist-init-addr", addr)
+    assert "--dist-init-addr" in error and "cannot resolve" in error
+    assert "is not host:port" in refused_at_once("--dist-init-addr", "127.0.0.1")

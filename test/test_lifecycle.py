@@ -137,3 +137,44 @@ def test_killed_rank_fails_requests_at_once_and_is_named(tiny_model):
         assert "engine failed: rank 1 (pipeserve-rank1) was killed by SIGKILL" in srv.output()
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_a_second_signal_stops_at_once_with_a_503_for_every_open_request(slow_model):
+    srv = Server("--model-path", slow_model, "--cpu-threads", "1")  # grace: the default 25 s
+    url = f"{srv.url}/v1/completions"
+    long = {"prompt": "a", "max_tokens": 400, "ignore_eos": True}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            lines: list[str] = []
+            streamed = pool.submit(read_stream, url, long, lines)
+            plain = pool.submit(httpx.post, url, json=long, timeout=120)
+            wait_running(srv, 2)
+            srv.proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGINT)
+            second = time.monotonic()
+            assert srv.proc.wait(30) == 0
+            assert time.monotonic() - second < 4
+            cut = plain.result()
+            assert cut.status_code == 503, cut.text
+            assert cut.json()["error"]["code"] == "server_shutting_down"
+            assert streamed.result() == 200
+        assert events(lines)[-1]["error"]["code"] == "server_shutting_down"
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+        assert srv.leftovers() == []
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_signals_late_in_the_shutdown_never_kill_the_launcher(tiny_model):
+    srv = Server("--model-path", tiny_model, "--pp-size", "2", "--cpu-threads", "1")
+    try:
+        while srv.proc.poll() is None:  # from the drain to the process's very end
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.03)
+        assert srv.proc.wait() == 0, srv.output()
+        assert srv.leftovers() == []
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.stop(signal.SIGKILL)

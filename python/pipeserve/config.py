@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,9 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
         cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
     _validate(cfg)
     _validate_model(cfg)
+    _check_dist_init_addr(cfg.dist_init_addr)
     device = _resolve_device(cfg.device)
+    check_devices(cfg, device, visible_gpus() if device == "cuda" else 0)
     chunk = cfg.chunked_prefill_size or (8192 if device == "cuda" else 1024)
     return cfg.replace(device=device, dtype=_resolve_dtype(cfg), chunked_prefill_size=chunk)
 
@@ -150,6 +153,52 @@ def _validate_model(cfg: EngineConfig) -> None:
                 "choose a tp_size that divides it"
             )
     stage_layers(model, cfg.pp_size, cfg.pp_layer_partition)
+    if cfg.context_length is not None and cfg.context_length > model.max_position_embeddings:
+        raise ValueError(
+            f"context_length (--context-length) {cfg.context_length} is above the model's "
+            f"max_position_embeddings ({model.max_position_embeddings})"
+        )
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process may use (after CUDA_VISIBLE_DEVICES); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_devices(cfg: EngineConfig, device: str, gpus: int) -> None:
+    """On CUDA, every rank of this node needs a GPU of its own (`gpus`: those visible here)."""
+    if device != "cuda":
+        return
+    if gpus == 0:
+        raise ValueError(
+            f"device (--device) {cfg.device!r} needs CUDA; this host has no CUDA device that "
+            "torch can use (torch.cuda.is_available() is False); use --device cpu"
+        )
+    if cfg.ranks_per_node > gpus:
+        raise ValueError(
+            f"--pp-size {cfg.pp_size} x --tp-size {cfg.tp_size} over --nnodes {cfg.nnodes} puts "
+            f"{cfg.ranks_per_node} ranks on this node, one GPU each (--device cuda); this host "
+            f"has {gpus} visible GPU(s)"
+        )
+
+
+def _check_dist_init_addr(addr: str | None) -> None:
+    """`host:port` (an IPv6 host in brackets), the host resolvable from here."""
+    if addr is None:
+        return
+    host, _, port = addr.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"dist_init_addr (--dist-init-addr) {addr!r} is not host:port")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(
+            f"dist_init_addr (--dist-init-addr) {addr!r}: cannot resolve host {host!r} "
+            f"({e.strerror or e})"
+        ) from None
 
 
 def _resolve_device(device: str) -> str:

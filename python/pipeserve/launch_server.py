@@ -164,7 +164,7 @@ def _serve(cfg: ServerConfig) -> int:
     frontend.on_dead = on_dead
     server = uvicorn_server(cfg, served.app, own_signals=True)
     server.on_signal = on_signal
-    server.on_force = lambda: workers.tell("stop")
+    server.on_stop_now = lambda: _stop_now(server, frontend, ranks, workers)
     logger.info(
         "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s, %d HTTP front end%s)",
         cfg.model_name,
@@ -187,6 +187,26 @@ def _serve(cfg: ServerConfig) -> int:
     return 1 if frontend.dead is not None else 0
 
 
+def _stop_now(server: Any, frontend: Any, ranks: RankGroup, workers: Any) -> None:
+    """A second SIGINT/SIGTERM, in the signal handler: every unfinished request ends now with a
+    503 (a final error event on a stream), serving stops, the other front ends stop at once, and
+    the ranks get a second to exit."""
+    logger.warning("second signal: stopping now")
+    server.should_exit = True
+    workers.tell("stop")
+    ranks.hurry()
+    if frontend.loop is not None:
+        frontend.loop.call_soon_threadsafe(lambda: frontend.spawn(frontend.drain(0)))
+
+
+def _exit(code: int) -> None:
+    """Every child is gone: a signal now must not turn the exit code into a death by signal (at
+    exit, Python resets the handlers it installed to the default, but leaves SIG_IGN)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def _share_metrics(api_server_count: int) -> str | None:
     """With several front ends, a directory for their Prometheus counters (multiprocess mode),
     named in the environment before any of them imports prometheus_client."""
@@ -198,4 +218,4 @@ def _share_metrics(api_server_count: int) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipeserve.server import native, openai_api
 from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull, ShuttingDown
@@ -45,7 +46,7 @@ def build_app(
         )
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         """200 while every rank lives (checked now) and the server takes requests; else 503."""
         if not frontend.is_alive():
@@ -145,11 +146,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        logger.info("client disconnected while sending the request body")
+        raise ApiError("client disconnected", status=499) from None
     return b"".join(chunks)
 
 

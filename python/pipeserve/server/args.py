@@ -208,6 +208,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 
 def _validate(cfg: ServerConfig) -> None:
+    if not 1 <= cfg.port <= 65535:
+        raise ValueError(
+            f"--port must be in 1..65535, got {cfg.port} (0, a port the system picks, is not supported)"
+        )
     if cfg.max_request_body_bytes < 1:
         raise ValueError("--max-request-body-bytes must be >= 1")
     if cfg.shutdown_timeout_s < 0:

@@ -84,35 +84,32 @@ def listen(host: str, port: int) -> socket.socket:
 
 def uvicorn_server(cfg: ServerConfig, app: Any, own_signals: bool) -> Any:
     """A uvicorn server for `app`. `own_signals`: the launcher's; on the first SIGINT/SIGTERM it
-    calls `on_signal` (the drain) instead of stopping, a second one stops at once (uvicorn's own
-    handling). Other front ends leave signals to the launcher, which tells them what to do."""
+    calls `on_signal` (the drain) instead of stopping, on a later one `on_stop_now`. It exits
+    normally (uvicorn would re-raise them) and keeps both handlers after serving: a signal while
+    the ranks stop must not kill the launcher. Other front ends leave signals to the launcher,
+    which tells them what to do."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        on_signal: Callable[[], None] | None = None  # the first signal
-        on_force: Callable[[], None] | None = None  # any later one
+        on_signal: Callable[[], None] | None = None
+        on_stop_now: Callable[[], None] | None = None
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            if not own_signals:
-                yield
-                return
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
+            if own_signals:
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(s, self.handle_exit)
+            yield
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             on_signal, self.on_signal = self.on_signal, None
-            if on_signal is None:
-                if self.on_force is not None:
-                    self.on_force()
-                super().handle_exit(sig, frame)
-            else:
-                on_signal()
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: stopping already
+                if on_signal is not None:
+                    on_signal()
+                elif self.on_stop_now is not None:
+                    self.on_stop_now()
+                else:
+                    super().handle_exit(sig, frame)
 
     return Server(
         uvicorn.Config(

@@ -230,20 +230,15 @@ class Frontend:
         self.check_alive()
 
     async def submit(
-        self,
-        job: JobRun,
-        items: list[tuple[list[int], SamplingParams]],
-        opts: RequestOptions,
-        first_choices: list[bool],
+        self, job: JobRun, items: list[tuple[list[int], SamplingParams]], opts: RequestOptions
     ) -> None:
-        """Sends the job's requests (one per rid, in order) as one message. `first_choices[i]`:
-        request i is its prompt's first choice (the prompt's tokens are counted once)."""
+        """Sends the job's requests (one per rid, in order) as one message."""
         reqs = []
-        for rid, (ids, params), first in zip(job.rids, items, first_choices, strict=True):
+        for rid, (ids, params) in zip(job.rids, items, strict=True):
             req, state = self.client.new_request(ids, params, opts, rid)
             reqs.append(req)
             job.states.append(state)
-            job.tracks.append(self.metrics.track(len(ids) if first else 0))
+            job.tracks.append(self.metrics.track())
         await self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))
 
     async def _send(self, msg: ToStage0) -> None:

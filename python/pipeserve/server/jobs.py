@@ -23,8 +23,8 @@ def _options(job: Job) -> RequestOptions:
 
 
 async def _submit(frontend: Any, job: Job, run: Any) -> None:
-    firsts = [c == 0 for _ in job.prompts for c in range(job.n)]  # a prompt's tokens count once
-    await frontend.submit(run, expand(job), _options(job), firsts)
+    frontend.metrics.count_prompts(job.prompts)  # once each, however many choices (n)
+    await frontend.submit(run, expand(job), _options(job))
 
 
 def _checked(state: RequestState) -> RequestState:

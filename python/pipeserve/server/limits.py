@@ -48,3 +48,49 @@ def _fuses_unknown(model: dict) -> bool:
     """Fuses a run of unknown characters into one token, without byte fallback: one token may
     then cover any number of characters."""
     return bool(model.get("fuse_unk")) and not model.get("byte_fallback")
+
+
+# Pieces the cut of a prefix may change: the one it splits, and the one before when the
+# pre-tokenizer's pattern looks one character ahead (GPT-2's `\s+(?!\S)`).
+_CUT_PIECES = 2
+
+
+class PieceBound:
+    """A lower bound on a text's token count that costs a prefix, for every tokenizer whose
+    pre-tokenizer splits text into pieces that each become at least one token (WordLevel,
+    WordPiece and Unigram always: an unknown piece is one unknown token; BPE with an unknown
+    token or byte fallback). `max_prompt_chars` has no bound where one token may cover any number
+    of characters (the embedded model's unknown token covers a whole run of newlines); counting
+    the pieces of a growing prefix still refuses a text of megabytes after a few thousand
+    characters, while a text that could fit is always tokenized in full."""
+
+    def __init__(self, backend: Any) -> None:
+        self.normalizer = backend.normalizer
+        self.pre_tokenizer = backend.pre_tokenizer
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> PieceBound | None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.pre_tokenizer is None:
+            return None
+        model = json.loads(backend.to_str()).get("model") or {}
+        kind = model.get("type")
+        if kind == "BPE" and not (model.get("unk_token") or model.get("byte_fallback")):
+            return None  # an unknown character is dropped: a piece may become no token
+        return cls(backend) if kind in ("BPE", "WordLevel", "WordPiece", "Unigram") else None
+
+    def at_least(self, text: str, count: int) -> bool:
+        """True if `text` certainly has `count` pieces or more: pieces of a prefix that the cut
+        cannot have changed are pieces of the text too. False says nothing: a text that short, or
+        that sparse in pieces, costs little more to tokenize than to count."""
+        size = 4 * (count + _CUT_PIECES)
+        while size < len(text):
+            if self._pieces(text[:size]) - _CUT_PIECES >= count:
+                return True
+            size *= 4
+        return False
+
+    def _pieces(self, text: str) -> int:
+        if self.normalizer is not None:
+            text = self.normalizer.normalize_str(text)
+        return len(self.pre_tokenizer.pre_tokenize_str(text))

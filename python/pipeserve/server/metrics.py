@@ -73,9 +73,12 @@ class ServerMetrics:
         self.stage = _StageCollector(stats, kv_slots, self.started)
         r.register(self.stage)
 
-    def track(self, prompt_tokens: int) -> RequestTrack:
-        """Counts a request submitted now; the returned track observes its outputs and its end."""
-        self.prompt_tokens.inc(prompt_tokens)
+    def count_prompts(self, prompts: list[list[int]]) -> None:
+        """Counts each prompt once, however many choices (n) it has, as OpenAI's usage does."""
+        self.prompt_tokens.inc(sum(len(p) for p in prompts))
+
+    def track(self) -> RequestTrack:
+        """A request submitted now: the returned track observes its outputs and its end."""
         return RequestTrack(self)
 
     def render(self) -> bytes:

@@ -6,11 +6,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pipeserve.frontend.request_state import RequestState
 from pipeserve.sampling_params import INT32_MAX
 from pipeserve.server.jobs import run_all, run_streaming
+from pipeserve.server.limits import PieceBound
 from pipeserve.server.protocol import (
     CHAT_ROLES,
     ApiError,
@@ -44,11 +46,16 @@ class ModelInfo:
     def capacity(self) -> Capacity:
         return Capacity(self.context_length, self.kv_slots)
 
+    @cached_property
+    def piece_bound(self) -> PieceBound | None:
+        return PieceBound.of(self.tokenizer)
+
 
 # ---- parsing ------------------------------------------------------------------------------------------
 def encode(m: ModelInfo, text: str, param: str, **kwargs: Any) -> list[int]:
     """Token ids of `text`; a text too long to fit even at the longest token is refused untokenized."""
     check_chars(m, len(text), param)
+    check_pieces(m, text, param)
     return m.tokenizer.encode(text, **kwargs)
 
 
@@ -57,6 +64,20 @@ def check_chars(m: ModelInfo, chars: int, param: str) -> None:
         raise ApiError(
             f"'{param}' has {chars} characters, more than any prompt that fits "
             f"{m.capacity.max_sequence} tokens can have ({m.max_prompt_chars})",
+            param,
+            code="context_length_exceeded",
+        )
+
+
+def check_pieces(m: ModelInfo, text: str, param: str) -> None:
+    """Where no character count bounds a prompt's tokens (see server.limits.PieceBound)."""
+    limit = m.capacity.max_sequence
+    if m.max_prompt_chars is not None or m.piece_bound is None:
+        return
+    if m.piece_bound.at_least(text, limit):
+        raise ApiError(
+            f"'{param}' has at least {limit} tokens, more than the {limit - 1} that a prompt "
+            "may have to fit with one completion token",
             param,
             code="context_length_exceeded",
         )
@@ -160,6 +181,8 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
     logprobs = None
     if get(body, "logprobs", bool, False):
         logprobs = logprobs_count(body, "top_logprobs", 0)
+    elif body.get("top_logprobs") is not None:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     params = sampling_params(body, max_tokens, m.vocab_size)
     return Job([ids], params, choices(body), stream, logprobs, usage, priority(body))
 
