@@ -20,6 +20,6 @@ class FinishChecker:
                 return {"type": "stop", "matched": token}
             if token in p.stop_token_ids:
                 return {"type": "stop", "matched": token}
-        if n >= p.max_new_tokens or req.seq_len >= self.context_length:
+        if n >= p.max_new_tokens or len(req.prompt_ids) + n >= self.context_length:  # seq_len
             return {"type": "length", "matched": None}
         return None

@@ -30,7 +30,7 @@ from pipeserve.scheduler.req import Req
 from pipeserve.utils import all_plain_ints
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     req: Req
     token_id: int
@@ -104,7 +104,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(self._can_step(r) for r in self.running)
+        return bool(self.waiting) or any(self._step_size(r) >= 0 for r in self.running)
 
     # ---- building a microbatch -------------------------------------------------------------------
     def next_microbatch(self, mb_id: int) -> tuple[BatchDescriptor, list[Req]] | None:
@@ -125,12 +125,19 @@ class Scheduler:
         share = math.ceil((len(self.running) + len(self.waiting)) / self.cfg.num_microbatches)
         return max(1, min(self.cfg.micro_batch_cap, share))
 
-    def _can_step(self, req: Req) -> bool:
-        """Not in the pipe, not ended, and a step would not pass max_new_tokens or the context."""
-        if req.in_pipe or req.done or req.req_pool_idx is None:
-            return False
-        samples_left = len(req.output_ids) + req.pending < req.params.max_new_tokens
-        return req.num_uncached > 1 or (samples_left and req.future_len < self.context_length)
+    def _step_size(self, req: Req) -> int:
+        """Its uncached tokens (`num_uncached`) if it may step now: not in the pipe, not ended, and
+        a step would not pass max_new_tokens or the context; else -1. (The properties spelled
+        out: this runs for every running request at every step.)"""
+        if req.in_pipe or req.aborted or req.finish_reason is not None or req.req_pool_idx is None:
+            return -1
+        generated = len(req.output_ids) + req.pending
+        future_len = len(req.prompt_ids) + generated
+        uncached = future_len - req.kv_len
+        if uncached > 1:
+            return uncached
+        ok = generated < req.params.max_new_tokens and future_len < self.context_length
+        return uncached if ok else -1
 
     def _choose(self) -> list[tuple[Req, int]]:
         cap, budget = self._cap(), self.cfg.chunked_prefill_size
@@ -139,10 +146,13 @@ class Scheduler:
         for req in list(self.running):
             if len(chosen) >= cap or budget <= 0:
                 return chosen
-            if not self._can_step(req):
+            uncached = self._step_size(req)
+            if uncached < 0:
                 continue  # also a request preempted earlier in this loop
-            n = min(req.num_uncached, budget)
-            if not self._make_room(promised + n, chosen, req):
+            n = min(uncached, budget)
+            if self.slots.num_free < promised + n and not self._make_room(
+                promised + n, chosen, req
+            ):
                 break
             chosen.append((req, n))
             budget -= n
@@ -150,19 +160,19 @@ class Scheduler:
         while self.waiting and len(chosen) < cap and budget > 0:
             req = self.waiting[0]
             n = min(req.num_uncached, budget)
-            if not self.rows.can_allocate(1) or self.slots.num_free - n < self._reserve(chosen):
+            # kept back: the slots promised this round, plus one decode step for every running
+            # request, so that admitting never forces an immediate preemption
+            if not self.rows.can_allocate(1) or self.slots.num_free - n < promised + len(
+                self.running
+            ):
                 break
             self.waiting.pop(0)
             req.req_pool_idx = self.rows.allocate(1)[0]
             self.running.append(req)
             chosen.append((req, n))
             budget -= n
+            promised += n
         return chosen
-
-    def _reserve(self, chosen: list[tuple[Req, int]]) -> int:
-        """Slots kept back at admission: those already promised this round, plus one decode step for
-        every running request, so that admitting never forces an immediate preemption."""
-        return sum(n for _, n in chosen) + len(self.running)
 
     def _make_room(self, n: int, chosen: list[tuple[Req, int]], req: Req) -> bool:
         """Frees slots by preempting the newest requests that no microbatch holds or has chosen."""
@@ -198,8 +208,9 @@ class Scheduler:
             req.slots.extend(out_slots[taken : taken + n])
             taken += n
             req.kv_len += n
-            steps.append(len(req.output_ids) + req.pending)  # output index of the token sampled now
-            sample = req.kv_len == req.future_len
+            step = len(req.output_ids) + req.pending  # output index of the token sampled now
+            steps.append(step)
+            sample = req.kv_len == len(req.prompt_ids) + step  # its future_len
             samples.append(sample)
             req.pending += sample
             req.holders += 1

@@ -9,20 +9,15 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.distributed import GroupCoordinator
 from pipeserve.distributed.liveness import Liveness
-from pipeserve.ipc.messages import (
-    AbortReq,
-    GenerateBatch,
-    GenerateReq,
-    ShutdownReq,
-    StepOutBuilder,
-)
+from pipeserve.ipc.messages import AbortReq, GenerateBatch, GenerateReq, ShutdownReq
 from pipeserve.ipc.sockets import SchedulerSockets
 from pipeserve.model.parallel import ParallelContext
 from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.scheduler.descriptor import TokenReply
 from pipeserve.scheduler.req import Req
-from pipeserve.scheduler.scheduler import SampledToken, Scheduler
+from pipeserve.scheduler.scheduler import Scheduler
+from pipeserve.stage.outputs import Outputs, result_rows
 from pipeserve.stage.pp_loop import InFlight, SchedulerPPMixin
 
 logger = logging.getLogger("pipeserve.scheduler")
@@ -103,33 +98,9 @@ class StageWorker(SchedulerPPMixin):
     def apply_result(self, rec: InFlight, tokens: dict) -> None:
         reply = TokenReply.from_tensors(tokens)
         sampled = self.scheduler.process_result(rec.desc, rec.reqs, reply)
-        by_req = {id(s.req): s for s in sampled}
-        outputs = Outputs(self.sockets.num_frontends)
-        for req in rec.reqs:
-            s = by_req.get(id(req))
-            if req.aborted:
-                if self.reqs.pop(req.rid, None) is not None:
-                    self._final(req, outputs)
-            elif s is not None:
-                self._token_out(req, s, outputs)
-                if req.finished:
-                    self.reqs.pop(req.rid, None)
+        outputs = result_rows(rec.reqs, sampled, self.reqs, self.sockets.num_frontends)
         idle = not self.scheduler.running and not self.scheduler.waiting
         self._send(outputs, force=idle)  # an idle engine's stats show every slot free again
-
-    def _token_out(self, req: Req, s: SampledToken, outputs: Outputs) -> None:
-        row = outputs[req.owner].add(
-            req.rid,
-            [s.token_id],
-            len(req.prompt_ids),
-            len(req.output_ids),
-            req.finish_reason,
-            s.logprob,
-            s.top_logprobs,
-        )
-        if len(req.output_ids) == 1 and req.started_at is not None:
-            # seconds from arrival at stage 0 to its first launch, with its first token only
-            outputs[req.owner].out.queue_times[row] = req.started_at - req.added_at
 
     def _final(self, req: Req, outputs: Outputs) -> None:
         outputs[req.owner].add(
@@ -156,19 +127,3 @@ class StageWorker(SchedulerPPMixin):
             "num_microbatches": s.num_microbatches,
             "stage_busy_s": list(self.stage_busy),
         }
-
-
-class Outputs:
-    """One step's outputs, a StepOutBuilder per front end."""
-
-    def __init__(self, num_frontends: int) -> None:
-        self.builders = [StepOutBuilder() for _ in range(num_frontends)]
-
-    def __getitem__(self, owner: int) -> StepOutBuilder:
-        return self.builders[owner]
-
-    def error(self, owner: int, rid: str, prompt_tokens: int, reason: str) -> None:
-        """A request that never ran: its one row says why."""
-        rows = self.builders[owner]
-        row = rows.add(rid, [], prompt_tokens, 0, {"type": "abort", "message": reason})
-        rows.out.errors[row] = reason
