@@ -123,7 +123,12 @@ def _serve(cfg: ServerConfig) -> int:
     tokenizer = load_text(cfg)  # a missing one fails before any rank starts
     ipc = IpcAddresses.fresh(cfg.api_server_count)
     ranks = _start_ranks(engine, ipc)
-    workers = FrontendWorkers(cfg, ipc, ranks.info)
+    try:
+        sock = listen(cfg.host, cfg.port)
+        workers = FrontendWorkers(cfg, ipc, ranks.info, sock)
+    except BaseException:
+        ranks.stop(grace_s=0)
+        raise
     server: Any = None
 
     async def on_shutdown(frontend: Any) -> None:
@@ -136,7 +141,6 @@ def _serve(cfg: ServerConfig) -> int:
         workers.wait_ready(engine.ready_timeout_s)
         supervised = Supervised(ranks, workers)
         served = assemble(cfg, ipc, supervised, ranks.info, 0, on_shutdown, tokenizer)
-        sock = listen(cfg.host, cfg.port)
     except BaseException:
         workers.stop()
         ranks.stop(grace_s=0)

@@ -1,7 +1,9 @@
 """One front-end process's pieces, built the same way in the launcher and in every other HTTP
-front-end process: the tokenizer and detokenizer, the model's limits, the Frontend, the app, the
-listening socket (SO_REUSEPORT: every front end binds the one port, the kernel spreads the
-connections) and the uvicorn server."""
+front-end process: the tokenizer and detokenizer, the model's limits, the Frontend, the app and
+the uvicorn server. The launcher binds the one listening socket and hands it to every front end:
+they all accept from it, so a connection goes to a front end that is free to take it (a kernel
+hash over several sockets, SO_REUSEPORT, left some front ends with several times the connections
+of others)."""
 
 from __future__ import annotations
 
@@ -69,16 +71,14 @@ def assemble(
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port) that other front-end processes may bind too."""
+    """The listening TCP socket on (host, port) that every front end accepts from."""
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind(addr)
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -1,6 +1,6 @@
 """HTTP front-end processes beyond the launcher's own (`--api-server-count N`: N - 1 of them).
 
-Each runs the same app on the same port (SO_REUSEPORT), with its own tokenizer, detokenizer and IPC
+Each runs the same app on the launcher's listening socket, with its own tokenizer, detokenizer and IPC
 pair to stage 0 (its `owner` index), so tokenizing, detokenizing and streaming scale past one core.
 The launcher supervises: it sees the ranks and these processes die, owns the signals, and tells
 every front end over its control pipe to drain ("drain", grace), that the engine failed ("dead",
@@ -14,6 +14,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import signal
+import socket
 import time
 from typing import Any
 
@@ -29,7 +30,9 @@ DEAD_LINGER_S = 1.0  # after a rank died: seconds of 503 engine_dead answers bef
 class FrontendWorkers:
     """The launcher's side: spawns front ends 1..count-1, waits for them, tells them things."""
 
-    def __init__(self, cfg: ServerConfig, ipc: IpcAddresses, info: dict[str, Any]) -> None:
+    def __init__(
+        self, cfg: ServerConfig, ipc: IpcAddresses, info: dict[str, Any], sock: socket.socket
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.procs: dict[int, Any] = {}
         self.pipes: dict[int, Any] = {}
@@ -38,7 +41,7 @@ class FrontendWorkers:
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(
                 target=run_frontend,
-                args=(cfg, ipc, info, owner, theirs),
+                args=(cfg, ipc, info, owner, theirs, sock),
                 name=f"pipeserve-frontend{owner}",
                 daemon=True,
             )
@@ -144,11 +147,16 @@ class ControlWatch:
 
 
 def run_frontend(
-    cfg: ServerConfig, ipc: IpcAddresses, info: dict[str, Any], owner: int, conn: Any
+    cfg: ServerConfig,
+    ipc: IpcAddresses,
+    info: dict[str, Any],
+    owner: int,
+    conn: Any,
+    sock: socket.socket,
 ) -> None:
     """A spawned front end's main: serves until the launcher says otherwise."""
     from pipeserve.env import Env
-    from pipeserve.server.assemble import assemble, listen, uvicorn_server
+    from pipeserve.server.assemble import assemble, uvicorn_server
     from pipeserve.utils import run_profiled, set_process_title
 
     set_process_title(f"pipeserve-frontend{owner}")
@@ -161,7 +169,6 @@ def run_frontend(
     control = ControlWatch(conn)
     try:
         served = assemble(cfg, ipc, control, info, owner, _leave_ranks)
-        sock = listen(cfg.host, cfg.port)
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         raise
