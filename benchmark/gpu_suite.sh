@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -97,6 +97,15 @@ make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   done
   step 200 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
     --check-client --no-stream --json "$O/serving1b_nostream.json"
+  ;;
+serving8b)  # one GPU, 8B: served streaming against offline, the serving1b workload, PROCS
+  # client processes (default 24) checked against twice as many
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
+  flags="--device cuda --max-running-requests 256 --cuda-graph-max-bs 256"
+  step 300 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-8b --launch "$flags" \
+    --num-prompts 1024 --concurrency 256 --input-len 30 --output-len 128 --client-procs ${PROCS:-24} \
+    --check-client --offline-engine --json "$O/serving8b_stream.json"
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40
