@@ -94,3 +94,16 @@ def run_profiled(work: Callable[[], Any], out_dir: str | None, name: str) -> Any
         profiler.dump_stats(path)
         with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
             pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
+
+
+def quiet_exit(code: int) -> None:
+    """Exits once the logs are flushed, without the interpreter's teardown (for a spawned front
+    end, which holds no multiprocessing resources: the tokenizer's `transformers` import loads
+    torch and Triton, whose bindings report leaked objects at teardown, noise in every log)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

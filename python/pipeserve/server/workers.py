@@ -157,7 +157,7 @@ def run_frontend(
     """A spawned front end's main: serves until the launcher says otherwise."""
     from pipeserve.env import Env
     from pipeserve.server.assemble import assemble, uvicorn_server
-    from pipeserve.utils import run_profiled, set_process_title
+    from pipeserve.utils import quiet_exit, run_profiled, set_process_title
 
     set_process_title(f"pipeserve-frontend{owner}")
     logging.basicConfig(
@@ -189,6 +189,7 @@ def run_frontend(
     )
     frontend.on_started = lambda: conn.send(("ready", owner))
     run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, f"frontend{owner}")
+    quiet_exit(0)
 
 
 async def _leave_ranks(frontend: Any) -> None:
