@@ -79,6 +79,35 @@ def test_three_front_ends_answer_alike_and_their_metrics_add_up():
     assert srv.leftovers() == []
 
 
+def test_disconnects_on_any_front_end_abort_and_free_the_kv_and_bad_input_is_a_400():
+    srv = Server("--api-server-count", "2", "--cpu-threads", "1")
+    try:
+        free = metric(srv.url, "pipeserve_kv_slots_free")
+        body = {"prompt": "1+1=", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        for _ in range(6):  # new connections: both front ends get some
+            with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i > 4:
+                        break
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            metric(srv.url, "pipeserve_running_requests")
+            or metric(srv.url, "pipeserve_kv_slots_free") != free
+        ):
+            time.sleep(0.2)
+        for _ in range(4):  # every front end's view: nothing runs, every slot is free
+            assert metric(srv.url, "pipeserve_running_requests") == 0
+            assert metric(srv.url, "pipeserve_kv_slots_free") == free
+            assert metric(srv.url, 'pipeserve_requests_total{status="aborted"}') == 6
+        for bad in ({"prompt": ""}, {"prompt": 42}, {"prompt": "x", "max_tokens": -1}) * 2:
+            r = httpx.post(f"{srv.url}/v1/completions", json=bad, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert complete(srv.url, PROMPTS[0]).json()["choices"][0]["text"] == ANSWERS[PROMPTS[0]]
+    finally:
+        code = srv.stop(signal.SIGTERM)
+    assert code == 0 and srv.leftovers() == []
+
+
 def test_a_dead_rank_fails_every_front_end_and_the_group_exits():
     srv = Server("--api-server-count", "2", "--cpu-threads", "1")
     try:
