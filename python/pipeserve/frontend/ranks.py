@@ -12,6 +12,7 @@ import multiprocessing as mp
 import queue
 import signal
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from pipeserve.config import EngineConfig, RankSpec
@@ -142,14 +143,7 @@ class RankGroup:
         for proc in self.procs.values():
             while proc.is_alive() and not self._grace_over(deadline):
                 proc.join(0.05)
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs.values():
-            proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2.0)
+        terminate(self.procs.values())
         self.ipc.cleanup()
         self.report.close()
         self.report.join_thread()
@@ -160,6 +154,19 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def terminate(procs: Iterable[Any]) -> None:
+    """Terminates the processes still alive; kills those that outlive two more seconds."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
 
 
 def _rank_main(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from pipeserve.frontend.main_guard import spawnable_main
-from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.ranks import RankFailure, RankGroup, terminate
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig
 
@@ -83,14 +83,7 @@ class FrontendWorkers:
         self.stop()
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs.values():
-            proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2.0)
+        terminate(self.procs.values())
 
 
 class Supervised:
