@@ -134,7 +134,7 @@ def _declared_sizes(rank: int) -> list[str]:
         tensor_row(shape=("4",), inline=False),
         tensor_row(device="tpu", inline=False),
     ]
-    channels = list(Channel)
+    channels = [Channel.OBJECT, Channel.PROXY, Channel.TOKENS, Channel.REQUESTS, Channel.CONTROL]
     if rank == 0:
         for ch, row in zip(channels, bad_rows, strict=True):
             inject(pp, ch, header(row))

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeserve.distributed import sglang_wire
 from pipeserve.distributed.frame import FRAME_BYTES, pack_frame
 from pipeserve.distributed.inbox import Inbox, MessageWork, make_postprocess
 from pipeserve.distributed.send_plan import SendPlan, check_header_size, plan_send, should_split
+from pipeserve.distributed.sglang_wire import SGLangLink, gather_rows
 from pipeserve.distributed.wire import (
     Channel,
     Limits,
@@ -84,6 +86,7 @@ class GroupCoordinator:
         )
         self.limits = limits or Limits()  # what this rank's receivers accept from a header
         self.stats = TransferStats()
+        self._sglang: SGLangLink | None = None
         self._inboxes: dict[tuple[int, Channel], Inbox] = {}
         self._send_seq: dict[tuple[int, Channel], int] = defaultdict(int)
         self._sync_recv_seq: dict[tuple[int, Channel], int] = defaultdict(int)
@@ -176,6 +179,24 @@ class GroupCoordinator:
         self._sync_recv_seq[(src, channel)] = seq + 1
         return seq
 
+    @property
+    def sglang_link(self) -> SGLangLink:
+        """This group's channel to SGLang peers: tag 0 of `cpu_group`, device tensors on the
+        SGLANG device group when there is one."""
+        if self._sglang is None:
+            self._sglang = SGLangLink(
+                self.ranks,
+                self.rank_in_group,
+                self.cpu_group,
+                self.device_groups.get(Channel.SGLANG),
+                self.device,
+                name=self.name,
+                timeout_s=self.timeout_s,
+                header_timeout_s=self.header_timeout_s,
+                limits=self.limits,
+            )
+        return self._sglang
+
     def _inbox(self, src: int, channel: Channel) -> Inbox:
         key = (src, channel)
         if key not in self._inboxes:
@@ -195,8 +216,13 @@ class GroupCoordinator:
         inline: bool = True,
     ) -> list[P2PWork]:
         """Posts the header and every tensor; waits on nothing. Validates before anything is sent.
-        `inline=False` sends every tensor separately (the synchronous baseline's wire)."""
+        `inline=False` sends every tensor separately (the synchronous baseline's wire).
+        `channel=Channel.SGLANG` writes SGLang's wire instead (sglang_wire.py), which has no opt-out."""
         dst = self.next_rank if dst is None else dst
+        if channel is Channel.SGLANG:
+            if all_gather_tensors:
+                raise ValueError("SGLang's wire splits by shape alone: no all_gather_tensors")
+            return sglang_wire.isend(self.sglang_link, tensor_dict, dst, all_gather_group)
         plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors, inline)
         device_keys = [key for key, flat in plan.out_of_line if not flat.is_cpu]
         if device_keys and channel not in self.device_groups:
@@ -241,6 +267,11 @@ class GroupCoordinator:
         receive's needs `record_stream` for that stream, as any received tensor does.
         """
         src = self.prev_rank if src is None else src
+        if channel is Channel.SGLANG:
+            inbox = self.sglang_link.inbox(src)
+            incoming = inbox.claim(all_gather_group, None)
+            work = MessageWork(inbox, incoming, MessageKind.TENSOR_DICT)
+            return incoming.tensor_dict, [work], make_postprocess(incoming, gather_rows)
         inbox = self._inbox(src, channel)
         incoming = inbox.claim(all_gather_group, all_gather_tensors, into)
         handles: list[Any] = [MessageWork(inbox, incoming, MessageKind.TENSOR_DICT)]

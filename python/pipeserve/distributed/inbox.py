@@ -71,6 +71,9 @@ class Incoming:
 
 
 class Inbox:
+    """Claims, the receiver thread and its failure handling; subclasses that speak another wire
+    override `_post_ahead`, `_begin` and `_receive`."""
+
     def __init__(self, coord: GroupCoordinator, src: int, channel: Channel) -> None:
         self.coord = coord
         self.src = src  # rank in group
@@ -82,14 +85,23 @@ class Inbox:
         self.cond = threading.Condition()
         self.expected_seq = 0
         self.error: BaseException | None = None
-        for _ in range(HEADER_DEPTH):
-            self._post_frame()
+        self._post_ahead()
         self.thread = threading.Thread(
             target=self._run,
             name=f"pipeserve-recv-{coord.name}-{self.peer}-{channel.name}",
             daemon=True,
         )
         self.thread.start()
+
+    def _post_ahead(self) -> None:
+        for _ in range(HEADER_DEPTH):
+            self._post_frame()
+
+    def _begin(self, incoming: Incoming) -> None:
+        """Gives `incoming` the oldest posted frame and posts the next one."""
+        # NOTE: only this thread takes and re-posts frames (in order), off the consumer's path.
+        incoming.frame_work = self.frames.popleft()
+        self._post_frame()
 
     def _post_frame(self) -> None:
         buf = torch.empty(FRAME_BYTES, dtype=torch.uint8)
@@ -144,9 +156,7 @@ class Inbox:
                     self.cond.wait()
                 incoming = self.queue.popleft()
             try:
-                # NOTE: only this thread takes and re-posts frames (in order), off the consumer's path.
-                incoming.frame_work = self.frames.popleft()
-                self._post_frame()
+                self._begin(incoming)
                 self._receive(incoming)
             except BaseException as e:
                 self._fail(incoming, e)
@@ -237,12 +247,20 @@ class MessageWork:
             w.wait(timeout)
 
 
-def make_postprocess(incoming: Incoming) -> Callable[[], dict[str, Any]]:
+def _gather_rows(group: GroupCoordinator, full: torch.Tensor) -> None:
+    group.all_gather_rows(full)
+
+
+def make_postprocess(
+    incoming: Incoming, gather: Callable[[Any, torch.Tensor], None] = _gather_rows
+) -> Callable[[], dict[str, Any]]:
+    """`gather(group, full)` fills in the rows of a TP-split tensor that other ranks received."""
+
     def postprocess() -> dict[str, Any]:
         if not incoming.done.is_set() or incoming.error is not None:
             raise RuntimeError("postprocess() called before every handle of the message was waited")
         for full in incoming.gathers:
-            incoming.gather_group.all_gather_rows(full)
+            gather(incoming.gather_group, full)
         incoming.gathers.clear()
         return incoming.tensor_dict
 

@@ -19,21 +19,23 @@ import torch
 
 
 class Channel(enum.IntEnum):
-    """Logical streams that may share one peer pair; each owns its own pair of tags."""
+    """Logical streams that may share one peer pair; each owns its own pair of tags. SGLANG is
+    SGLang's own wire (sglang_wire.py): everything on tag 0, as SGLang's GroupCoordinator sends it."""
 
     OBJECT = 1
     PROXY = 2
     TOKENS = 3
     REQUESTS = 4
     CONTROL = 5
+    SGLANG = 6
 
     @property
     def header_tag(self) -> int:
-        return 2 * int(self)
+        return 0 if self is Channel.SGLANG else 2 * int(self)
 
     @property
     def data_tag(self) -> int:
-        return 2 * int(self) + 1
+        return 0 if self is Channel.SGLANG else 2 * int(self) + 1
 
 
 class MessageKind(enum.IntEnum):
