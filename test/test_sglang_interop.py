@@ -4,6 +4,8 @@ tp 2 grid; a patched GroupCoordinator against an unpatched one."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -163,3 +165,37 @@ def _split_grid(rank: int) -> dict:
 @pytest.mark.timeout(150)
 def test_all_gather_split_pp2_tp2_both_ways() -> None:
     assert run_ranks(_split_grid, pp=2, tp=2, timeout=120) == {r: {} for r in range(4)}
+
+
+def test_header_bytes_are_sglangs_and_foreign_classes_are_refused(tmp_path) -> None:
+    import warnings
+
+    from pipeserve.distributed import Limits
+    from pipeserve.distributed.sglang_wire import decode_header, encode_header
+    from pipeserve.distributed.wire import ProtocolError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sglang.srt.distributed import parallel_state as ps
+
+    d = mixed(0)
+    sglang_header = pickle.dumps(ps._split_tensor_dict(d)[0])
+    assert encode_header(d) == sglang_header  # the same bytes SGLang's send_object writes
+    rows = decode_header(sglang_header, Limits())
+    assert [k for k, _ in rows] == list(d)
+    path = tmp_path / "pwned"
+    with pytest.raises(ProtocolError, match="SGLang header refers to"):
+        decode_header(pickle.dumps([("x", Opener(str(path)))]), Limits())
+    assert not path.exists()
+    with pytest.raises(ProtocolError, match="limit"):
+        decode_header(encode_header({"x": torch.ones(1000)}), Limits(max_message_bytes=100))
+
+
+class Opener:
+    """A pickle that, loaded by plain pickle.loads, creates a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -196,7 +196,10 @@ class SGLangInbox(Inbox):
             link.post(t, self.src, what, False) for what, t in self._plan(link, rows, incoming)
         ]
         for w in works:
-            (w.wait() if w.buffer.is_cpu else incoming.device_works.append(w))
+            if w.buffer.is_cpu:
+                w.wait()
+            else:  # waited by the consumer, on its own stream
+                incoming.device_works.append(w)
 
     def _read_header(self, link: SGLangLink, nbytes: int) -> list[tuple[str, Any]]:
         if not 0 < nbytes <= link.limits.max_header_bytes:
