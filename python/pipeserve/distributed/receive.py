@@ -89,8 +89,7 @@ def plan_receive(
     to post, as (what, buffer, on CPU) in wire order. Checks that both sides agree on every split
     and that the inline entries fill exactly the frame's inline bytes."""
     group = incoming.gather_group
-    splits = [_split_of(coord, src, channel, e, incoming) for e in entries]
-    _check_inline(coord.ranks[src], channel, entries, splits, group, frame)
+    splits = _check_entries(coord, src, channel, entries, incoming, frame)
     offset = frame.inline_offset
     targets = []
     for e, split in zip(entries, splits, strict=True):
@@ -120,39 +119,38 @@ def plan_receive(
     return targets
 
 
-def _split_of(
-    coord: GroupCoordinator, src: int, channel: Channel, e: HeaderEntry, incoming: Incoming
-) -> bool:
-    if e.meta is None:
-        return False
-    split = coord.should_split(e.key, e.meta.numel, incoming.gather_group, incoming.gather_keys)
-    if split != e.split:
-        raise P2PError(
-            f"tensor {e.key!r} from rank {coord.ranks[src]} on channel {channel.name}: sender split="
-            f"{e.split}, receiver split={split} (all_gather_group or all_gather_tensors differ)"
-        )
-    return split
+def _check_entries(
+    coord: GroupCoordinator,
+    src: int,
+    channel: Channel,
+    entries: list[HeaderEntry],
+    incoming: Incoming,
+    frame: Frame,
+) -> list[bool]:
+    """Each entry's split, checked against the sender's; the inline entries must add up to exactly
+    the inline bytes the frame carries."""
+    group, keys = incoming.gather_group, incoming.gather_keys
+    splits, inline_bytes = [], 0
+    for e in entries:
+        split = e.meta is not None and coord.should_split(e.key, e.meta.numel, group, keys)
+        if e.meta is not None and split != e.split:
+            raise P2PError(
+                f"tensor {e.key!r} from rank {coord.ranks[src]} on channel {channel.name}: sender "
+                f"split={e.split}, receiver split={split} (all_gather_group or all_gather_tensors "
+                "differ)"
+            )
+        if e.inline:
+            inline_bytes += align(_wire_bytes(e, split, group))
+        splits.append(split)
+    if inline_bytes != frame.inline_len:
+        what = f"header lists {inline_bytes} inline bytes, frame has {frame.inline_len}"
+        raise malformed(coord.ranks[src], channel, what)
+    return splits
 
 
 def _wire_bytes(e: HeaderEntry, split: bool, group: GroupCoordinator | None) -> int:
     """Bytes of `e` on the wire: this rank's row when split, else the whole tensor."""
     return e.meta.nbytes // group.world_size if split else e.meta.nbytes
-
-
-def _check_inline(
-    peer: int,
-    channel: Channel,
-    entries: list[HeaderEntry],
-    splits: list[bool],
-    group: GroupCoordinator | None,
-    frame: Frame,
-) -> None:
-    declared = sum(
-        align(_wire_bytes(e, s, group)) for e, s in zip(entries, splits, strict=True) if e.inline
-    )
-    if declared != frame.inline_len:
-        carried = frame.inline_len
-        raise malformed(peer, channel, f"header lists {declared} inline bytes, frame has {carried}")
 
 
 def receive_buffer(into: torch.Tensor | None, e: HeaderEntry, device: Any) -> torch.Tensor:

@@ -181,11 +181,14 @@ def decode_entries(payload: bytes, limits: Limits) -> list[HeaderEntry]:
     rows = loads_plain(payload)
     if not isinstance(rows, list):
         raise ProtocolError(f"a header is a list of rows, got {type(rows).__name__}")
-    entries = [_decode_row(row) for row in rows]
-    keys = [e.key for e in entries]
-    if len(set(keys)) != len(keys):
-        raise ProtocolError("a header lists the same key twice")
-    total = sum(e.meta.nbytes for e in entries if e.meta is not None)
+    entries, keys, total = [], set(), 0
+    for row in rows:
+        e = _decode_row(row)
+        if e.key in keys:
+            raise ProtocolError(f"a header lists key {e.key!r} twice")
+        keys.add(e.key)
+        total += 0 if e.meta is None else e.meta.nbytes
+        entries.append(e)
     if total > limits.max_message_bytes:
         raise ProtocolError(
             f"header declares {total} tensor bytes, over the limit of {limits.max_message_bytes} "
