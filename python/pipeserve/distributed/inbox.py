@@ -141,11 +141,17 @@ class Inbox:
             elif self.error is None:
                 self.abandoned.append(incoming)
 
-    def fail(self, error: P2PError) -> None:
-        """Marks the channel broken: this and every later claim fails with `error`."""
+    def fail(self, error: BaseException, *failed: Incoming) -> None:
+        """Marks the channel broken: `failed`, every claim still queued and every later claim fail
+        with `error`."""
         with self.cond:
             if self.error is None:
                 self.error = error
+            failed = (*failed, *self.queue)
+            self.queue.clear()
+        for inc in failed:
+            inc.error = error
+            inc.done.set()
 
     def _run(self) -> None:
         if self.coord.device.type == "cuda":
@@ -159,18 +165,9 @@ class Inbox:
                 self._begin(incoming)
                 self._receive(incoming)
             except BaseException as e:
-                self._fail(incoming, e)
+                self.fail(e, incoming)
                 return
             incoming.done.set()
-
-    def _fail(self, incoming: Incoming, error: BaseException) -> None:
-        with self.cond:
-            self.error = error
-            failed = [incoming, *self.queue]
-            self.queue.clear()
-        for inc in failed:
-            inc.error = error
-            inc.done.set()
 
     def _receive(self, incoming: Incoming) -> None:
         buf = incoming.frame_work.buffer
