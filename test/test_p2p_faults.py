@@ -4,6 +4,7 @@ the channel (or, after a timeout, lose nothing), within a hard time limit: a han
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import pickle
@@ -184,6 +185,7 @@ def _dead_peer_new_operations(rank: int) -> list[str]:
         expect_error(recv(pp, Channel.REQUESTS), "rank 0.*REQUESTS"),
         expect_error(send, "rank 0.*TOKENS"),
         expect_error(lambda: pp.send_object({"z": 1}, dst=0, channel=Channel.CONTROL), "CONTROL"),
+        expect_error(recv(pp, Channel.SGLANG), "rank 0.*SGLANG"),
     ]
 
 
@@ -198,6 +200,35 @@ def _killed_mid_message(rank: int) -> list[str]:
     return [expect_error(recv(pp), "tensor 'x'")]
 
 
+def _sglang_wire(rank: int, path: str) -> list[str]:
+    """Channel.SGLANG (SGLang's own wire on tag 0): a pickled class, and a declared tensor beyond
+    the limit; each on its own peer pair (the pp group and the world group)."""
+    from pipeserve.distributed import get_world_group
+    from pipeserve.distributed.sglang_wire import TensorMetadata, _Pickler
+
+    pp, world = get_pp_group(), get_world_group()
+    if rank == 0:
+        evil = pickle.dumps([("x", Evil(path))])
+        out = io.BytesIO()  # written under SGLang's class path, as SGLang's sender writes it
+        _Pickler(out, protocol=4).dump([("x", TensorMetadata("cpu", torch.float32, (2**40,)))])
+        huge = out.getvalue()
+        for coord, payload in ((pp, evil), (world, huge)):
+            link = coord.sglang_link
+            size = torch.tensor([len(payload)], dtype=torch.int64)
+            link.post(size, 1, "raw size", True).wait()
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            link.post(data, 1, "raw header", True).wait()
+        return []
+    errors = [
+        expect_error(recv(pp, Channel.SGLANG), "SGLang header refers to"),
+        expect_error(
+            lambda: world.recv_tensor_dict(0, RECV_TIMEOUT_S, channel=Channel.SGLANG), "limit"
+        ),
+    ]
+    assert not os.path.exists(path)
+    return errors
+
+
 CASES = {
     "frame cut to 10 bytes": (_cut_frame, ("10 bytes",)),
     "frame without its trailer": (_cut_frame, ("no trailer",)),
@@ -209,6 +240,7 @@ CASES = {
     "configured size limit": (_configured_limit, ()),
     "new operations after the peer died": (_dead_peer_new_operations, ()),
     "sender killed mid-message": (_killed_mid_message, ()),
+    "SGLang wire: class or size beyond the limit": (_sglang_wire, None),
 }
 
 
