@@ -10,7 +10,13 @@ the transfer. Per size and dtype, medians over the timed iterations of:
 overlap_efficiency = max(comm, compute) / async and speedup = sync / async. A second table gives the
 layer's per-message overhead over raw torch.distributed isend/irecv of the same tensors (ping-pong).
 
-    python benchmark/p2p_overlap.py [--quick] [--json PATH]
+With `--sglang` (SGLang installed, CPU), the same payloads also go through SGLang's own
+GroupCoordinator, sent by its `send_tensor_dict(async_send=True)`, and are received
+  sglang        as shipped: `recv_tensor_dict` (header, then each tensor waited in turn), then compute
+  sglang+patch  by pipeserve's patch: `irecv_tensor_dict` posted, compute, then wait
+with the compute calibrated to each row's own receive time; sync is SGLang as shipped in both rows.
+
+    python benchmark/p2p_overlap.py [--quick] [--sglang] [--json PATH]
 """
 
 from __future__ import annotations
@@ -141,6 +147,69 @@ def _measure(
     return statistics.median(times) if times else 0.0
 
 
+def _sglang_group():
+    """SGLang's own GroupCoordinator over both ranks (gloo), with pipeserve's `irecv_tensor_dict`
+    added; its `send_tensor_dict` / `recv_tensor_dict` stay as shipped."""
+    from sglang.srt.distributed import parallel_state as ps
+
+    import pipeserve.distributed.sglang as ps_sglang
+
+    ps_sglang.patch()
+    return ps.init_model_parallel_group(
+        [[0, 1]],
+        0,
+        "gloo",
+        use_pynccl=False,
+        use_custom_allreduce=False,
+        use_mscclpp=False,
+        use_torch_symm_mem_allreduce=False,
+        group_name="pp_sglang",
+    )
+
+
+def _measure_sglang(
+    mode: str, sgl, world, payload: dict, compute: Compute, iters: int, warmup: int
+) -> float:
+    """One SGLang mode on both ranks (see the module docstring); rank 1's median milliseconds."""
+    times = []
+    for i in range(warmup + iters):
+        world.barrier()
+        if sgl.rank_in_group == 0:
+            if mode != "compute":
+                for w in sgl.send_tensor_dict(payload, async_send=True):
+                    w.work.wait()
+            continue
+        start = time.perf_counter()
+        if mode == "compute":
+            compute.run()
+        elif mode in ("shipped", "shipped_comm"):
+            sgl.recv_tensor_dict()
+            if mode == "shipped":
+                compute.run()
+        else:
+            _, handles, post = sgl.irecv_tensor_dict()
+            if mode == "patched":
+                compute.run()
+            _wait_all(handles)
+            post()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times) if times else 0.0
+
+
+def _sglang_rows(sgl, world, payload: dict, compute: Compute, args, label: tuple) -> list[dict]:
+    rows = []
+    for stack, mode in (("sglang", "shipped"), ("sglang+patch", "patched")):
+        run = lambda m: _measure_sglang(m, sgl, world, payload, compute, args.iters, args.warmup)  # noqa: E731
+        comm = world.broadcast_object(run(f"{mode}_comm"), src=1)
+        compute.calibrate(comm * args.compute_ratio)
+        ms = {m: run(m) for m in ("compute", "shipped", mode)}
+        res = {"comm": comm, "compute": ms["compute"], "sync": ms["shipped"], "async": ms[mode]}
+        if sgl.rank_in_group == 1:
+            rows.append({"stack": stack, **_row(*label, res, args.compute_ratio)})
+    return rows
+
+
 def _overhead(pp, world, payload: dict, iters: int) -> tuple[float, float]:
     """Ping-pong of the same two tensors, each side's receive posted before the round starts:
     (raw, layer) median one-way milliseconds."""
@@ -194,7 +263,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     pp, world = get_pp_group(), get_world_group()
     device = pp.device
     compute = Compute(device, sleep=args.compute == "sleep")
-    rows, overhead_rows = [], []
+    rows, overhead_rows, sglang_rows = [], [], []
+    sgl = _sglang_group() if args.sglang else None
     sizes = [] if args.overhead_only else QUICK_SIZES if args.quick else FULL_SIZES
     for dtype_name, dtype in DTYPES.items():
         for tokens, hidden in sizes:
@@ -210,6 +280,9 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
             if rank == 1:
                 rows.append(_row(dtype_name, tokens, hidden, res, args.compute_ratio))
                 _print_row(rows[-1])
+            if sgl is not None:
+                label = (dtype_name, tokens, hidden)
+                sglang_rows += _sglang_rows(sgl, world, payload, compute, args, label)
     if device.type == "cpu":
         for tokens, hidden in ((1, 1024), (16, 1024), (256, 4096)):
             raw, layer = _overhead(
@@ -226,7 +299,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
             )
     if rank == 1:
         with open(out_path, "w") as f:
-            json.dump({"rows": rows, "overhead": overhead_rows, "device": str(device)}, f)
+            result = {"rows": rows, "overhead": overhead_rows, "device": str(device)}
+            json.dump({**result, "sglang": sglang_rows}, f)
     world.barrier()
     sys.stdout.flush()
     os._exit(0)
@@ -247,12 +321,23 @@ def _row(dtype: str, tokens: int, hidden: int, res: dict, ratio: float) -> dict:
     }
 
 
+HEADER = f"{'dtype':>5} {'size':>13} {'comm_ms':>9} {'compute_ms':>10} {'sync_ms':>9} {'async_ms':>9} {'overlap':>8} {'speedup':>8}"
+
+
 def _print_row(r: dict) -> None:
     print(
         f"{r['dtype']:>5} {r['tokens']:>6}x{r['hidden']:<6} {r['comm_ms']:>9.3f} {r['compute_ms']:>10.3f} "
         f"{r['sync_ms']:>9.3f} {r['async_ms']:>9.3f} {r['overlap_efficiency']:>8.3f} {r['speedup']:>8.3f}",
         flush=True,
     )
+
+
+def _print_sglang(rows: list[dict]) -> None:
+    print("\nSGLang's GroupCoordinator (sync = SGLang as shipped: recv, then compute)")
+    print(f"{'stack':>12} {HEADER}")
+    for r in rows:
+        print(f"{r['stack']:>12}", end=" ")
+        _print_row(r)
 
 
 def main() -> None:
@@ -278,13 +363,14 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even when GPUs are present")
+    parser.add_argument(
+        "--sglang", action="store_true", help="also SGLang as shipped and patched (CPU; see above)"
+    )
     args = parser.parse_args()
     out_path = args.json or os.path.join(
         os.environ.get("TMPDIR", "/tmp"), f"p2p_overlap_{os.getpid()}.json"
     )
-    print(
-        f"{'dtype':>5} {'size':>13} {'comm_ms':>9} {'compute_ms':>10} {'sync_ms':>9} {'async_ms':>9} {'overlap':>8} {'speedup':>8}"
-    )
+    print(HEADER)
     mp.spawn(_worker, args=(free_port(), args, out_path), nprocs=2, join=True)
     with open(out_path) as f:
         result = json.load(f)
@@ -297,7 +383,12 @@ def main() -> None:
             print(
                 f"{r['tokens']:>6}x{r['hidden']:<6} {r['raw_ms']:>8.3f} {r['layer_ms']:>9.3f} {r['overhead_ms']:>12.3f}"
             )
+    if result.get("sglang"):
+        _print_sglang(result["sglang"])
     if args.json:
+        if result.get("sglang"):
+            with open(args.json.removesuffix(".json") + "_sglang.json", "w") as f:
+                json.dump(result["sglang"], f, indent=1)
         with open(args.json, "w") as f:
             json.dump(result["rows"], f, indent=1)
         with open(args.json.removesuffix(".json") + "_overhead.json", "w") as f:

@@ -15,3 +15,10 @@ fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 "$PY" -m pip install -q -e ".${extra}"
+# The SGLang interop tests run against SGLang's own GroupCoordinator. Its wheel (Linux x86_64,
+# CPython 3.11 and 3.12) pins CUDA builds of its dependencies, so it goes in without them; what its
+# parallel_state imports is in the test extra. The version is the one the tests were run with.
+if [ "${1:-}" = "test" ] && [ "$(uname -sm)" = "Linux x86_64" ] \
+    && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))'; then
+    "$PY" -m pip install -q --no-deps "sglang==0.5.23"
+fi

@@ -37,6 +37,8 @@ def _child(
         destroy_distributed()
     except BaseException:
         out.put((rank, "error", traceback.format_exc()))
+    out.close()
+    out.join_thread()  # the report must leave before os._exit ends the queue's feeder thread
     os._exit(0)  # skip interpreter teardown: nothing left to flush, and it keeps exits prompt
 
 

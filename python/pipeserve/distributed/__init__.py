@@ -13,13 +13,20 @@ from pipeserve.distributed.parallel_state import (
     init_distributed,
     is_initialized,
 )
-from pipeserve.distributed.wire import Channel, ProtocolError, TensorMeta
+from pipeserve.distributed.wire import (
+    Channel,
+    Limits,
+    ProtocolError,
+    TensorMeta,
+    proxy_message_bytes,
+)
 from pipeserve.distributed.work import P2PError, P2PTimeoutError, P2PWork
 
 __all__ = [
     "Channel",
     "DistConfig",
     "GroupCoordinator",
+    "Limits",
     "MessageWork",
     "P2PError",
     "P2PTimeoutError",
@@ -35,4 +42,5 @@ __all__ = [
     "get_world_group",
     "init_distributed",
     "is_initialized",
+    "proxy_message_bytes",
 ]

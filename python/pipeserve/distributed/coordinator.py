@@ -12,25 +12,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeserve.distributed import sglang_wire
+from pipeserve.distributed.frame import FRAME_BYTES, pack_frame
 from pipeserve.distributed.inbox import Inbox, MessageWork, make_postprocess
+from pipeserve.distributed.send_plan import SendPlan, check_header_size, plan_send, should_split
+from pipeserve.distributed.sglang_wire import SGLangLink, gather_rows
 from pipeserve.distributed.wire import (
-    FRAME_BYTES,
     Channel,
-    HeaderEntry,
+    Limits,
     MessageKind,
-    TensorMeta,
-    align,
-    check_plain,
-    encode_entries,
-    inline_fits,
-    pack_frame,
-    tensor_meta,
+    check_object,
+    loads_plain,
 )
-from pipeserve.distributed.work import Endpoint, P2PWork
+from pipeserve.distributed.work import Endpoint, P2PError, P2PTimeoutError, P2PWork
 
 DEFAULT_P2P_TIMEOUT_S = float(os.environ.get("PIPESERVE_P2P_TIMEOUT", "60"))
 DEFAULT_HEADER_TIMEOUT_S = 24 * 3600.0
-INLINE_BUDGET = FRAME_BYTES // 2  # tensor bytes a frame may carry; the rest is left for the header
 
 TensorDict = dict[str, Any]
 Postprocess = Callable[[], TensorDict]
@@ -55,13 +52,6 @@ class TransferStats:
         )
 
 
-@dataclass
-class SendPlan:
-    entries: list[HeaderEntry]
-    inline: list[torch.Tensor]  # flat CPU tensors carried in the frame, in entry order
-    out_of_line: list[tuple[str, torch.Tensor]]  # (key, flat tensor) sent after the frame, in order
-
-
 class GroupCoordinator:
     """Ranks `ranks` (global), this process being `ranks[rank_in_group]`.
 
@@ -79,6 +69,7 @@ class GroupCoordinator:
         timeout_s: float = DEFAULT_P2P_TIMEOUT_S,
         compute_group: Any = None,
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        limits: Limits | None = None,
     ) -> None:
         self.ranks = list(ranks)
         self.rank = dist.get_rank()
@@ -93,7 +84,9 @@ class GroupCoordinator:
         self.header_timeout_s = (
             header_timeout_s  # receiver threads' bound while a claim is outstanding
         )
+        self.limits = limits or Limits()  # what this rank's receivers accept from a header
         self.stats = TransferStats()
+        self._sglang: SGLangLink | None = None
         self._inboxes: dict[tuple[int, Channel], Inbox] = {}
         self._send_seq: dict[tuple[int, Channel], int] = defaultdict(int)
         self._sync_recv_seq: dict[tuple[int, Channel], int] = defaultdict(int)
@@ -129,10 +122,14 @@ class GroupCoordinator:
         peer = self.ranks[dst]
         if tensor.is_cuda:
             tensor.record_stream(torch.cuda.current_stream(tensor.device))
+        endpoint = Endpoint(peer, channel, what, "send")
         # NOTE: the process group's own send/recv: dist.isend's Python checks cost 4x the post itself.
         # Every group is built over `ranks` in ascending order, so its group rank of ranks[i] is i.
-        work = self._group_for(channel, cpu).send([tensor], dst, tag)
-        return P2PWork(work, tensor, Endpoint(peer, channel, what, "send"), self.timeout_s)
+        try:
+            work = self._group_for(channel, cpu).send([tensor], dst, tag)
+        except RuntimeError as e:
+            raise P2PError(f"{endpoint.describe()} could not be posted: {_first_line(e)}") from e
+        return P2PWork(work, tensor, endpoint, self.timeout_s)
 
     def count_received(self, src: int, channel: Channel, nbytes: int, header: bool = False) -> None:
         table = self.stats.header_received if header else self.stats.received
@@ -141,9 +138,12 @@ class GroupCoordinator:
     def post_recv(
         self, tensor: torch.Tensor, src: int, channel: Channel, tag: int, what: str, cpu: bool
     ) -> P2PWork:
-        peer = self.ranks[src]
-        work = self._group_for(channel, cpu).recv([tensor], src, tag)
-        return P2PWork(work, tensor, Endpoint(peer, channel, what, "receive"), self.timeout_s)
+        endpoint = Endpoint(self.ranks[src], channel, what, "receive")
+        try:
+            work = self._group_for(channel, cpu).recv([tensor], src, tag)
+        except RuntimeError as e:
+            raise P2PError(f"{endpoint.describe()} could not be posted: {_first_line(e)}") from e
+        return P2PWork(work, tensor, endpoint, self.timeout_s)
 
     def _next_seq(self, dst: int, channel: Channel) -> int:
         seq = self._send_seq[(dst, channel)]
@@ -158,7 +158,10 @@ class GroupCoordinator:
         header: bytes,
         inline: list[torch.Tensor] = (),
     ) -> list[P2PWork]:
-        frame, tail = pack_frame(channel, kind, self._next_seq(dst, channel), header, list(inline))
+        check_header_size(len(header), self.limits)
+        seq = self._next_seq(dst, channel)
+        frame, tail = pack_frame(channel, kind, seq, self.rank, header, list(inline))
+        assert frame.numel() <= FRAME_BYTES  # a longer frame would abort the receiver inside gloo
         works = [self.post_send(frame, dst, channel, channel.header_tag, "header", cpu=True)]
         if tail is not None:
             works.append(
@@ -176,6 +179,24 @@ class GroupCoordinator:
         self._sync_recv_seq[(src, channel)] = seq + 1
         return seq
 
+    @property
+    def sglang_link(self) -> SGLangLink:
+        """This group's channel to SGLang peers: tag 0 of `cpu_group`, device tensors on the
+        SGLANG device group when there is one."""
+        if self._sglang is None:
+            self._sglang = SGLangLink(
+                self.ranks,
+                self.rank_in_group,
+                self.cpu_group,
+                self.device_groups.get(Channel.SGLANG),
+                self.device,
+                name=self.name,
+                timeout_s=self.timeout_s,
+                header_timeout_s=self.header_timeout_s,
+                limits=self.limits,
+            )
+        return self._sglang
+
     def _inbox(self, src: int, channel: Channel) -> Inbox:
         key = (src, channel)
         if key not in self._inboxes:
@@ -183,14 +204,7 @@ class GroupCoordinator:
         return self._inboxes[key]
 
     # ---- tensor dicts ---------------------------------------------------------------------------
-    @staticmethod
-    def should_split(
-        key: str, numel: int, group: GroupCoordinator | None, keys: dict[str, bool] | None
-    ) -> bool:
-        """Both sides decide from shape and group size alone, so they always agree."""
-        if group is None or group.world_size == 1 or numel == 0 or numel % group.world_size:
-            return False
-        return (keys or {}).get(key, True)
+    should_split = staticmethod(should_split)
 
     def isend_tensor_dict(
         self,
@@ -202,8 +216,13 @@ class GroupCoordinator:
         inline: bool = True,
     ) -> list[P2PWork]:
         """Posts the header and every tensor; waits on nothing. Validates before anything is sent.
-        `inline=False` sends every tensor separately (the synchronous baseline's wire)."""
+        `inline=False` sends every tensor separately (the synchronous baseline's wire).
+        `channel=Channel.SGLANG` writes SGLang's wire instead (sglang_wire.py), which has no opt-out."""
         dst = self.next_rank if dst is None else dst
+        if channel is Channel.SGLANG:
+            if all_gather_tensors:
+                raise ValueError("SGLang's wire splits by shape alone: no all_gather_tensors")
+            return sglang_wire.isend(self.sglang_link, tensor_dict, dst, all_gather_group)
         plan = self.plan_send(tensor_dict, all_gather_group, all_gather_tensors, inline)
         device_keys = [key for key, flat in plan.out_of_line if not flat.is_cpu]
         if device_keys and channel not in self.device_groups:
@@ -211,9 +230,7 @@ class GroupCoordinator:
                 f"tensor {device_keys[0]!r} is on {self.device}, but channel {channel.name} has no "
                 f"device (NCCL) group; device tensors travel on {', '.join(c.name for c in self.device_groups) or 'no channel of this group'}"
             )
-        works = self.post_header(
-            dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries), plan.inline
-        )
+        works = self.post_header(dst, channel, MessageKind.TENSOR_DICT, plan.header, plan.inline)
         for key, flat in plan.out_of_line:
             works.append(
                 self.post_send(
@@ -230,39 +247,8 @@ class GroupCoordinator:
         keys: dict[str, bool] | None,
         inline: bool = True,
     ) -> SendPlan:
-        """Validates the dict and decides, per tensor, TP split and inline; raises TypeError first."""
-        rows: list[tuple[str, Any, TensorMeta | None, bool, torch.Tensor | None]] = []
-        for key, value in tensor_dict.items():
-            if not isinstance(key, str):
-                raise TypeError(f"tensor dict keys must be str, got {type(key).__name__}")
-            if not isinstance(value, torch.Tensor):
-                check_plain(key, value)
-                rows.append((key, value, None, False, None))
-                continue
-            meta = tensor_meta(key, value)
-            split = self.should_split(key, meta.numel, group, keys)
-            flat = value.contiguous().view(-1) if meta.numel else None
-            if split:
-                flat = flat.view(group.world_size, -1)[group.rank_in_group]
-            rows.append((key, None, meta, split, flat))
-        plan = SendPlan([], [], [])
-        budget = INLINE_BUDGET if inline else 0
-        for key, value, meta, split, flat in rows:
-            nbytes = 0 if flat is None else flat.numel() * flat.element_size()
-            as_inline = flat is not None and not flat.is_cuda and align(nbytes) <= budget
-            if as_inline:
-                budget -= align(nbytes)
-                plan.inline.append(flat)
-            elif flat is not None:
-                plan.out_of_line.append((key, flat))
-            plan.entries.append(HeaderEntry(key, meta, split=split, inline=as_inline, value=value))
-        if (
-            inline
-            and plan.inline
-            and not inline_fits(len(encode_entries(plan.entries)), INLINE_BUDGET - budget)
-        ):
-            return self.plan_send(tensor_dict, group, keys, inline=False)
-        return plan
+        """Validates the dict (TypeError or ValueError before the wire); decides split and inline."""
+        return plan_send(tensor_dict, group, keys, self.limits, inline)
 
     def irecv_tensor_dict(
         self,
@@ -281,9 +267,14 @@ class GroupCoordinator:
         receive's needs `record_stream` for that stream, as any received tensor does.
         """
         src = self.prev_rank if src is None else src
+        if channel is Channel.SGLANG:
+            inbox = self.sglang_link.inbox(src)
+            incoming = inbox.claim(all_gather_group, None)
+            work = MessageWork(inbox, incoming, MessageKind.TENSOR_DICT)
+            return incoming.tensor_dict, [work], make_postprocess(incoming, gather_rows)
         inbox = self._inbox(src, channel)
         incoming = inbox.claim(all_gather_group, all_gather_tensors, into)
-        handles: list[Any] = [MessageWork(inbox, incoming)]
+        handles: list[Any] = [MessageWork(inbox, incoming, MessageKind.TENSOR_DICT)]
         return incoming.tensor_dict, handles, make_postprocess(incoming)
 
     def send_tensor_dict(
@@ -295,15 +286,21 @@ class GroupCoordinator:
     def recv_tensor_dict(
         self, src: int | None = None, timeout: float | None = None, **kwargs: Any
     ) -> TensorDict:
+        """A wait that times out hands its message to the next receive of that (src, channel)."""
         _, handles, postprocess = self.irecv_tensor_dict(src, **kwargs)
-        for h in handles:
-            h.wait(timeout)
+        try:
+            handles[0].wait(timeout)
+        except P2PTimeoutError:
+            handles[0].abandon()
+            raise
         return postprocess()
 
     # ---- objects --------------------------------------------------------------------------------
     def send_object(
         self, obj: Any, dst: int | None = None, channel: Channel = Channel.OBJECT
     ) -> None:
+        """`obj` is built of plain values and dicts (TypeError otherwise, before the wire)."""
+        check_object(obj)
         dst = self.next_rank if dst is None else dst
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         for w in self.post_header(dst, channel, MessageKind.OBJECT, payload):
@@ -317,12 +314,13 @@ class GroupCoordinator:
     ) -> Any:
         src = self.prev_rank if src is None else src
         inbox = self._inbox(src, channel)
-        incoming = inbox.claim(None, None)
-        MessageWork(inbox, incoming).wait(timeout)
-        if incoming.kind != MessageKind.OBJECT:
-            raise TypeError(
-                f"rank {self.ranks[src]} sent a tensor dict on channel {channel.name}, not an object"
-            )
+        incoming = inbox.claim(None, None, None, MessageKind.OBJECT)
+        work = MessageWork(inbox, incoming, MessageKind.OBJECT)
+        try:
+            work.wait(timeout)
+        except P2PTimeoutError:
+            work.abandon()
+            raise
         return incoming.obj
 
     # ---- collectives used by TP layers and postprocess ----------------------------------------------
@@ -351,11 +349,25 @@ class GroupCoordinator:
         return torch.cat(parts, dim=dim)
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """`obj` of rank `src` on every rank; plain values and dicts only (decoded by loads_plain)."""
         if self.world_size == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
-        return box[0]
+        size = torch.zeros(1, dtype=torch.int64)
+        if self.rank_in_group == src:
+            check_object(obj)
+            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            size[0] = data.numel()
+        dist.broadcast(size, src=self.ranks[src], group=self.cpu_group)
+        if self.rank_in_group != src:
+            if int(size) > self.limits.max_header_bytes:
+                raise P2PError(f"rank {self.ranks[src]} broadcasts an object of {int(size)} bytes")
+            data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=self.ranks[src], group=self.cpu_group)
+        return obj if self.rank_in_group == src else loads_plain(data.numpy().tobytes())
 
     def barrier(self) -> None:
         dist.barrier(group=self.cpu_group)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]

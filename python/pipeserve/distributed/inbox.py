@@ -9,11 +9,14 @@ instead of the consumer.
 NOTE: the thread waits only while a claimed message is outstanding, so a process whose consumers
 have stopped claiming holds no blocked gloo wait; a thread blocked at interpreter exit aborts the
 process, which is why rank processes end with `os._exit`.
+
+A claim whose blocking receive timed out is *abandoned*, not lost: the next claim on the inbox adopts
+it (taking over its arguments while its header has not arrived), so a retry gets the message the
+timed-out receive was waiting for. Consumers of one inbox claim from one thread.
 """
 
 from __future__ import annotations
 
-import pickle
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -21,18 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeserve.distributed.wire import (
-    FRAME_BYTES,
-    Channel,
-    Frame,
-    HeaderEntry,
-    MessageKind,
-    ProtocolError,
-    align,
-    decode_entries,
-    inline_view,
-    unpack_frame,
-)
+from pipeserve.distributed.frame import FRAME_BYTES
+from pipeserve.distributed.receive import decode_message, plan_receive, read_header
+from pipeserve.distributed.wire import Channel, MessageKind
 from pipeserve.distributed.work import P2PError, P2PTimeoutError, P2PWork
 
 if TYPE_CHECKING:
@@ -50,11 +44,11 @@ class Incoming:
         gather_group: GroupCoordinator | None,
         gather_keys: dict[str, bool] | None,
         into: dict[str, torch.Tensor] | None = None,
+        expected: MessageKind = MessageKind.TENSOR_DICT,
     ) -> None:
         self.frame_work = frame_work
-        self.gather_group = gather_group
-        self.gather_keys = gather_keys or {}
-        self.into = into or {}  # key -> the consumer's buffer that receives that tensor
+        self.committed = False  # the thread has read the arguments below; they are fixed now
+        self.set_arguments(gather_group, gather_keys, into, expected)
         self.done = threading.Event()  # set once header and CPU tensors are in (or on error)
         self.error: BaseException | None = None
         self.kind: MessageKind | None = None
@@ -63,8 +57,23 @@ class Incoming:
         self.device_works: list[P2PWork] = []  # waited by the consumer, on its own stream
         self.gathers: list[torch.Tensor] = []  # full buffers whose rows are all-gathered
 
+    def set_arguments(
+        self,
+        gather_group: GroupCoordinator | None,
+        gather_keys: dict[str, bool] | None,
+        into: dict[str, torch.Tensor] | None,
+        expected: MessageKind,
+    ) -> None:
+        self.gather_group = gather_group
+        self.gather_keys = gather_keys or {}
+        self.into = into or {}  # key -> the consumer's buffer that receives that tensor
+        self.expected = expected
+
 
 class Inbox:
+    """Claims, the receiver thread and its failure handling; subclasses that speak another wire
+    override `_post_ahead`, `_begin` and `_receive`."""
+
     def __init__(self, coord: GroupCoordinator, src: int, channel: Channel) -> None:
         self.coord = coord
         self.src = src  # rank in group
@@ -72,17 +81,27 @@ class Inbox:
         self.peer = coord.ranks[src]
         self.frames: deque[P2PWork] = deque()
         self.queue: deque[Incoming] = deque()  # claimed, not yet taken by the thread
+        self.abandoned: deque[Incoming] = deque()  # claims whose receive timed out, oldest first
         self.cond = threading.Condition()
         self.expected_seq = 0
         self.error: BaseException | None = None
-        for _ in range(HEADER_DEPTH):
-            self._post_frame()
+        self._post_ahead()
         self.thread = threading.Thread(
             target=self._run,
             name=f"pipeserve-recv-{coord.name}-{self.peer}-{channel.name}",
             daemon=True,
         )
         self.thread.start()
+
+    def _post_ahead(self) -> None:
+        for _ in range(HEADER_DEPTH):
+            self._post_frame()
+
+    def _begin(self, incoming: Incoming) -> None:
+        """Gives `incoming` the oldest posted frame and posts the next one."""
+        # NOTE: only this thread takes and re-posts frames (in order), off the consumer's path.
+        incoming.frame_work = self.frames.popleft()
+        self._post_frame()
 
     def _post_frame(self) -> None:
         buf = torch.empty(FRAME_BYTES, dtype=torch.uint8)
@@ -97,9 +116,15 @@ class Inbox:
         gather_group: GroupCoordinator | None,
         gather_keys: dict[str, bool] | None,
         into: dict[str, torch.Tensor] | None = None,
+        expected: MessageKind = MessageKind.TENSOR_DICT,
     ) -> Incoming:
-        incoming = Incoming(None, gather_group, gather_keys, into)
         with self.cond:
+            if self.abandoned:
+                incoming = self.abandoned.popleft()
+                if not incoming.committed:
+                    incoming.set_arguments(gather_group, gather_keys, into, expected)
+                return incoming
+            incoming = Incoming(None, gather_group, gather_keys, into, expected)
             if self.error is not None:
                 incoming.error = self.error
                 incoming.done.set()
@@ -107,6 +132,26 @@ class Inbox:
                 self.queue.append(incoming)
                 self.cond.notify()
         return incoming
+
+    def abandon(self, incoming: Incoming) -> None:
+        """A blocking receive of `incoming` timed out: its message goes to the next claim."""
+        with self.cond:
+            if self.queue and self.queue[-1] is incoming:
+                self.queue.pop()  # the thread never started on it: nothing to hand over
+            elif self.error is None:
+                self.abandoned.append(incoming)
+
+    def fail(self, error: BaseException, *failed: Incoming) -> None:
+        """Marks the channel broken: `failed`, every claim still queued and every later claim fail
+        with `error`."""
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            failed = (*failed, *self.queue)
+            self.queue.clear()
+        for inc in failed:
+            inc.error = error
+            inc.done.set()
 
     def _run(self) -> None:
         if self.coord.device.type == "cuda":
@@ -117,33 +162,25 @@ class Inbox:
                     self.cond.wait()
                 incoming = self.queue.popleft()
             try:
-                # NOTE: only this thread takes and re-posts frames (in order), off the consumer's path.
-                incoming.frame_work = self.frames.popleft()
-                self._post_frame()
+                self._begin(incoming)
                 self._receive(incoming)
             except BaseException as e:
-                self._fail(incoming, e)
+                self.fail(e, incoming)
                 return
             incoming.done.set()
-
-    def _fail(self, incoming: Incoming, error: BaseException) -> None:
-        with self.cond:
-            self.error = error
-            failed = [incoming, *self.queue]
-            self.queue.clear()
-        for inc in failed:
-            inc.error = error
-            inc.done.set()
 
     def _receive(self, incoming: Incoming) -> None:
         buf = incoming.frame_work.buffer
         # NOTE: the header wait is bounded by the process-group timeout and by peer liveness (a dead
         # peer closes the connection); the consumer bounds its own wait separately.
         incoming.frame_work.wait(timeout=self.coord.header_timeout_s)
+        with self.cond:
+            incoming.committed = True
         frame, payload = read_header(self.coord, self.src, self.channel, buf, self.expected_seq)
         self.expected_seq += 1
         incoming.kind = frame.kind
-        decoded = decode_message(frame.kind, payload, self.peer, self.channel)
+        check_kind(frame.kind, incoming.expected, self.peer, self.channel)
+        decoded = decode_message(self.coord, frame.kind, payload, self.peer, self.channel)
         if frame.kind == MessageKind.OBJECT:
             incoming.obj = decoded
             return
@@ -160,108 +197,26 @@ class Inbox:
             w.wait()
 
 
-def read_header(
-    coord: GroupCoordinator, src: int, channel: Channel, frame_buf: torch.Tensor, expected_seq: int
-) -> tuple[Frame, bytes]:
-    """Checks an arrived header frame and receives its tail, if any; returns the frame and header."""
-    peer = coord.ranks[src]
-    try:
-        frame = unpack_frame(frame_buf)
-    except (ProtocolError, ValueError) as e:
-        raise P2PError(f"malformed header from rank {peer} on channel {channel.name}: {e}") from e
-    if frame.channel != channel or frame.seq != expected_seq:
+def check_kind(kind: MessageKind, expected: MessageKind, peer: int, channel: Channel) -> None:
+    if kind != expected:
         raise P2PError(
-            f"protocol desync with rank {peer}: expected message {expected_seq} on channel "
-            f"{channel.name}, got message {frame.seq} on channel {frame.channel}"
+            f"rank {peer} sent a {kind.name} message on channel {channel.name} where a "
+            f"{expected.name} was expected; the channel is broken"
         )
-    payload = frame.head
-    if frame.tail_len:
-        tail = torch.empty(frame.tail_len, dtype=torch.uint8)
-        coord.post_recv(tail, src, channel, channel.data_tag, "header tail", cpu=True).wait()
-        payload += tail.numpy().tobytes()
-    coord.count_received(src, channel, frame.header_len, header=True)
-    return frame, payload
-
-
-def decode_message(kind: MessageKind, payload: bytes, peer: int, channel: Channel) -> Any:
-    """An object message's object, or a tensor dict's header entries."""
-    try:
-        return pickle.loads(payload) if kind == MessageKind.OBJECT else decode_entries(payload)
-    except (ProtocolError, pickle.UnpicklingError, ValueError, KeyError, TypeError, EOFError) as e:
-        raise P2PError(f"malformed header from rank {peer} on channel {channel.name}: {e}") from e
-
-
-def plan_receive(
-    coord: GroupCoordinator,
-    src: int,
-    channel: Channel,
-    entries: list[HeaderEntry],
-    incoming: Incoming,
-    frame_buf: torch.Tensor,
-    frame: Frame,
-) -> list[tuple[str, torch.Tensor, bool]]:
-    """Fills `incoming.tensor_dict` (inline tensors view the frame) and returns the receives still
-    to post, as (what, buffer, on CPU) in wire order. Checks that both sides agree on every split."""
-    group = incoming.gather_group
-    offset = frame.inline_offset
-    targets = []
-    for e in entries:
-        if e.meta is None:
-            incoming.tensor_dict[e.key] = e.value
-            continue
-        split = coord.should_split(e.key, e.meta.numel, group, incoming.gather_keys)
-        if split != e.split:
-            raise P2PError(
-                f"tensor {e.key!r} from rank {coord.ranks[src]} on channel {channel.name}: sender split="
-                f"{e.split}, receiver split={split} (all_gather_group or all_gather_tensors differ)"
-            )
-        view = None
-        if e.inline:  # the bytes (this rank's row when split) sit in the frame
-            numel = e.meta.numel // group.world_size if split else e.meta.numel
-            nbytes = numel * e.meta.dtype.itemsize
-            view = inline_view(frame_buf, offset, nbytes, e.meta.dtype)
-            offset += align(nbytes)
-            coord.count_received(src, channel, nbytes)
-            if not split:  # used in place: nothing to allocate or copy
-                incoming.tensor_dict[e.key] = view.view(e.meta.shape)
-                continue
-        on_cpu = e.meta.device_type == "cpu"
-        full = receive_buffer(incoming.into.get(e.key), e, "cpu" if on_cpu else coord.device)
-        target = full.view(-1)
-        if split:
-            target = target.view(group.world_size, -1)[group.rank_in_group]
-            incoming.gathers.append(full)
-        if view is not None:
-            target.copy_(view)
-        elif e.meta.numel:
-            targets.append((f"tensor {e.key!r}", target, on_cpu))
-        incoming.tensor_dict[e.key] = full
-    return targets
-
-
-def receive_buffer(into: torch.Tensor | None, e: HeaderEntry, device: Any) -> torch.Tensor:
-    """Where tensor `e` lands: a fresh buffer, or the front of the consumer's `into` buffer (the
-    consumer keeps it from being reused while a previous message in it is still read)."""
-    if into is None:
-        return torch.empty(e.meta.shape, dtype=e.meta.dtype, device=device)
-    if (
-        into.dtype != e.meta.dtype
-        or into.device != torch.device(device)
-        or into.numel() < e.meta.numel
-    ):
-        raise P2PError(
-            f"tensor {e.key!r} ({e.meta.dtype}, {tuple(e.meta.shape)}) does not fit its receive "
-            f"buffer ({into.dtype}, {tuple(into.shape)} on {into.device})"
-        )
-    return into.view(-1)[: e.meta.numel].view(e.meta.shape)
 
 
 class MessageWork:
     """The handle of one incoming message; the inbox's thread does the receiving."""
 
-    def __init__(self, inbox: Inbox, incoming: Incoming) -> None:
+    def __init__(
+        self, inbox: Inbox, incoming: Incoming, expected: MessageKind = MessageKind.TENSOR_DICT
+    ) -> None:
         self.inbox = inbox
         self.incoming = incoming
+        self.expected = expected
+
+    def abandon(self) -> None:
+        self.inbox.abandon(self.incoming)
 
     def is_completed(self) -> bool:
         return self.incoming.done.is_set()
@@ -280,16 +235,29 @@ class MessageWork:
             raise P2PError(
                 f"receive from rank {self.inbox.peer} on channel {self.inbox.channel.name} failed: {error}"
             ) from error
+        try:  # an adopted claim may have asked for another kind than the one received
+            check_kind(self.incoming.kind, self.expected, self.inbox.peer, self.inbox.channel)
+        except P2PError as e:
+            self.inbox.fail(e)
+            raise
         for w in self.incoming.device_works:
             w.wait(timeout)
 
 
-def make_postprocess(incoming: Incoming) -> Callable[[], dict[str, Any]]:
+def _gather_rows(group: GroupCoordinator, full: torch.Tensor) -> None:
+    group.all_gather_rows(full)
+
+
+def make_postprocess(
+    incoming: Incoming, gather: Callable[[Any, torch.Tensor], None] = _gather_rows
+) -> Callable[[], dict[str, Any]]:
+    """`gather(group, full)` fills in the rows of a TP-split tensor that other ranks received."""
+
     def postprocess() -> dict[str, Any]:
         if not incoming.done.is_set() or incoming.error is not None:
             raise RuntimeError("postprocess() called before every handle of the message was waited")
         for full in incoming.gathers:
-            incoming.gather_group.all_gather_rows(full)
+            gather(incoming.gather_group, full)
         incoming.gathers.clear()
         return incoming.tensor_dict
 

@@ -17,7 +17,7 @@ from pipeserve.distributed.coordinator import (
     DEFAULT_P2P_TIMEOUT_S,
     GroupCoordinator,
 )
-from pipeserve.distributed.wire import Channel
+from pipeserve.distributed.wire import DEFAULT_MAX_MESSAGE_BYTES, Channel, Limits
 
 # Channels that carry device tensors between stages; each gets its own NCCL communicator on CUDA.
 DEVICE_CHANNELS = (Channel.PROXY, Channel.TOKENS)
@@ -34,6 +34,8 @@ class DistConfig:
     local_rank: int = 0  # CUDA device index of this rank
     timeout_s: float = DEFAULT_P2P_TIMEOUT_S
     init_timeout_s: float = 300.0
+    # tensor bytes one received message may declare; size it from the model (proxy_message_bytes)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     @property
     def world_size(self) -> int:
@@ -97,7 +99,14 @@ def _make_coordinator(
             compute_group = dist.new_group(ranks, backend="gloo", timeout=GLOO_TIMEOUT)
         if cfg.rank in ranks:
             mine = GroupCoordinator(
-                ranks, cpu_group, device_groups, device, name, cfg.timeout_s, compute_group
+                ranks,
+                cpu_group,
+                device_groups,
+                device,
+                name,
+                cfg.timeout_s,
+                compute_group,
+                limits=Limits(max_message_bytes=cfg.max_message_bytes),
             )
     assert mine is not None
     return mine

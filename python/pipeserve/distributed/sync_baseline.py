@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from pipeserve.distributed.coordinator import GroupCoordinator
-from pipeserve.distributed.inbox import Incoming, decode_message, plan_receive, read_header
-from pipeserve.distributed.wire import FRAME_BYTES, Channel, MessageKind, encode_entries
+from pipeserve.distributed.frame import FRAME_BYTES
+from pipeserve.distributed.inbox import Incoming, check_kind
+from pipeserve.distributed.receive import decode_message, plan_receive, read_header
+from pipeserve.distributed.wire import Channel, MessageKind
 
 
 def send_tensor_dict_sync(
@@ -26,7 +28,7 @@ def send_tensor_dict_sync(
 ) -> None:
     dst = coord.next_rank if dst is None else dst
     plan = coord.plan_send(tensor_dict, all_gather_group, all_gather_tensors, inline=False)
-    for w in coord.post_header(dst, channel, MessageKind.TENSOR_DICT, encode_entries(plan.entries)):
+    for w in coord.post_header(dst, channel, MessageKind.TENSOR_DICT, plan.header):
         w.wait()
     for key, flat in plan.out_of_line:
         work = coord.post_send(
@@ -50,11 +52,8 @@ def recv_tensor_dict_sync(
     frame, payload = read_header(
         coord, src, channel, frame_buf, coord.next_sync_recv_seq(src, channel)
     )
-    if frame.kind != MessageKind.TENSOR_DICT:
-        raise TypeError(
-            f"rank {coord.ranks[src]} sent an object on channel {channel.name}, not a tensor dict"
-        )
-    entries = decode_message(frame.kind, payload, coord.ranks[src], channel)
+    check_kind(frame.kind, MessageKind.TENSOR_DICT, coord.ranks[src], channel)
+    entries = decode_message(coord, frame.kind, payload, coord.ranks[src], channel)
     dest = Incoming(None, all_gather_group, all_gather_tensors)
     for what, target, on_cpu in plan_receive(coord, src, channel, entries, dest, frame_buf, frame):
         coord.post_recv(target, src, channel, channel.data_tag, what, cpu=on_cpu).wait(timeout)

@@ -1,11 +1,10 @@
-"""Wire format of the tensor-dict protocol: channels, header frames and the header codec.
+"""Wire format of the tensor-dict protocol: channels, message kinds and the header codec.
 
-A message is one header frame on the channel's header tag, then, on the data tag, a header tail when
-the encoded header did not fit in a frame, then every non-empty tensor that is not inline, in dict
-order. The receiver keeps frame buffers of `FRAME_BYTES` posted ahead; a sender sends only the bytes
-it needs (gloo fills a larger posted buffer with a shorter message). Small CPU tensors ride inline in
-the frame, 8-byte aligned after the header, so a small message is a single transfer that lands in a
-buffer posted before it was sent.
+A message is one header frame on the channel's header tag (frame.py), then, on the data tag, a
+header tail when the encoded header did not fit in a frame, then every non-empty tensor that is not
+inline, in dict order. Headers and object messages are pickles of builtin values only, decoded by an
+unpickler that refuses every class; a decoded header is checked against `Limits` before any buffer
+is allocated for it.
 """
 
 from __future__ import annotations
@@ -13,40 +12,30 @@ from __future__ import annotations
 import enum
 import io
 import pickle
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-
-FRAME_BYTES = 256 * 1024  # capacity of a posted header frame
-_FRAME_PREFIX = struct.Struct("<4sHHQII")  # magic, channel, kind, seq, header length, inline bytes
-FRAME_CAPACITY = FRAME_BYTES - _FRAME_PREFIX.size  # header bytes that fit without a tail
-_MAGIC = b"PSH2"
-_ALIGN = 8
-
-
-def align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
 class Channel(enum.IntEnum):
-    """Logical streams that may share one peer pair; each owns its own pair of tags."""
+    """Logical streams that may share one peer pair; each owns its own pair of tags. SGLANG is
+    SGLang's own wire (sglang_wire.py): everything on tag 0, as SGLang's GroupCoordinator sends it."""
 
     OBJECT = 1
     PROXY = 2
     TOKENS = 3
     REQUESTS = 4
     CONTROL = 5
+    SGLANG = 6
 
     @property
     def header_tag(self) -> int:
-        return 2 * int(self)
+        return 0 if self is Channel.SGLANG else 2 * int(self)
 
     @property
     def data_tag(self) -> int:
-        return 2 * int(self) + 1
+        return 0 if self is Channel.SGLANG else 2 * int(self) + 1
 
 
 class MessageKind(enum.IntEnum):
@@ -71,6 +60,10 @@ SUPPORTED_DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SUPPORTED_DTYPES.items()}
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+DEVICE_TYPES = ("cpu", "cuda")
+MAX_DIMS = 16
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 30  # tensor bytes a header may declare, unless configured
+MAX_HEADER_BYTES = 16 << 20  # encoded header or object bytes
 
 
 class ProtocolError(RuntimeError):
@@ -89,6 +82,26 @@ class TensorMeta:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts from a header before allocating anything. Size `max_message_bytes`
+    from the largest message the model sends (`proxy_message_bytes`), with room to spare."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # all tensors of one message together
+    max_header_bytes: int = MAX_HEADER_BYTES
+
+
+def proxy_message_bytes(
+    max_tokens: int, hidden_size: int, dtype: torch.dtype, num_tensors: int = 2
+) -> int:
+    """Bytes of a PP proxy message of `num_tensors` tensors of shape [max_tokens, hidden_size]."""
+    return max_tokens * hidden_size * dtype.itemsize * num_tensors
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,22 @@ def check_plain(key: str, value: Any) -> None:
         f"value of key {key!r} has type {type(value).__name__}: a tensor dict carries tensors and "
         "plain values (str, int, float, bool, None, lists/tuples of those)"
     )
+
+
+def check_object(value: Any, where: str = "object") -> None:
+    """Raises TypeError unless `value` is built of plain values and dicts (what `loads_plain` reads)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_object(k, f"{where} key")
+            check_object(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_object(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN_SCALARS):
+        raise TypeError(
+            f"{where} has type {type(value).__name__}: objects on the wire are built of str, int, "
+            "float, bool, None, lists, tuples and dicts"
+        )
 
 
 def tensor_meta(key: str, tensor: torch.Tensor) -> TensorMeta:
@@ -147,77 +176,44 @@ def loads_plain(data: bytes) -> Any:
     return PlainUnpickler(io.BytesIO(data)).load()
 
 
-def decode_entries(payload: bytes) -> list[HeaderEntry]:
+def decode_entries(payload: bytes, limits: Limits) -> list[HeaderEntry]:
+    """Decodes a tensor-dict header; raises ProtocolError for anything the layer would not send."""
     rows = loads_plain(payload)
-    entries = []
+    if not isinstance(rows, list):
+        raise ProtocolError(f"a header is a list of rows, got {type(rows).__name__}")
+    entries, keys, total = [], set(), 0
     for row in rows:
-        if row[0] == "v":
-            entries.append(HeaderEntry(key=row[1], meta=None, value=row[2]))
-        elif row[0] == "t":
-            _, key, device_type, dtype_name, shape, split, inline = row
-            meta = TensorMeta(device_type, SUPPORTED_DTYPES[dtype_name], tuple(shape))
-            entries.append(HeaderEntry(key=key, meta=meta, split=split, inline=inline))
-        else:
-            raise ProtocolError(f"unknown header row kind {row[0]!r}")
+        e = _decode_row(row)
+        if e.key in keys:
+            raise ProtocolError(f"a header lists key {e.key!r} twice")
+        keys.add(e.key)
+        total += 0 if e.meta is None else e.meta.nbytes
+        entries.append(e)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            f"header declares {total} tensor bytes, over the limit of {limits.max_message_bytes} "
+            "(max_message_bytes)"
+        )
     return entries
 
 
-@dataclass(frozen=True)
-class Frame:
-    channel: int
-    kind: MessageKind
-    seq: int
-    header_len: int
-    inline_len: int
-    head: bytes  # the first min(header_len, FRAME_CAPACITY) bytes of the header
-
-    @property
-    def tail_len(self) -> int:
-        return max(0, self.header_len - FRAME_CAPACITY)
-
-    @property
-    def inline_offset(self) -> int:
-        return align(_FRAME_PREFIX.size + self.header_len)
-
-
-def inline_fits(header_len: int, inline_len: int) -> bool:
-    return inline_len == 0 or align(_FRAME_PREFIX.size + header_len) + inline_len <= FRAME_BYTES
-
-
-def pack_frame(
-    channel: Channel, kind: MessageKind, seq: int, header: bytes, inline: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns the frame (exactly as long as needed) and, when the header overflows it, the tail.
-
-    `inline` tensors are contiguous CPU tensors that `inline_fits` has admitted.
-    """
-    inline_len = sum(align(t.numel() * t.element_size()) for t in inline)
-    head = header[:FRAME_CAPACITY]
-    start = _FRAME_PREFIX.size
-    size = align(start + len(head)) + inline_len if inline else start + len(head)
-    frame = torch.empty(size, dtype=torch.uint8)
-    raw = frame.numpy()
-    _FRAME_PREFIX.pack_into(raw, 0, _MAGIC, int(channel), int(kind), seq, len(header), inline_len)
-    raw[start : start + len(head)] = np.frombuffer(head, dtype=np.uint8)
-    offset = align(start + len(header))
-    for t in inline:
-        data = t.reshape(-1).view(torch.uint8).numpy()
-        raw[offset : offset + data.size] = data
-        offset += align(data.size)
-    tail = header[FRAME_CAPACITY:]
-    return frame, (torch.frombuffer(bytearray(tail), dtype=torch.uint8) if tail else None)
-
-
-def unpack_frame(frame: torch.Tensor) -> Frame:
-    raw = frame.numpy()
-    magic, channel, kind, seq, header_len, inline_len = _FRAME_PREFIX.unpack_from(raw, 0)
-    if magic != _MAGIC:
-        raise ProtocolError(f"bad header frame magic {bytes(magic)!r}")
-    start = _FRAME_PREFIX.size
-    head = raw[start : start + min(header_len, FRAME_CAPACITY)].tobytes()
-    return Frame(channel, MessageKind(kind), seq, header_len, inline_len, head)
-
-
-def inline_view(frame: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor viewing `nbytes` of the frame at an aligned `offset` (no copy)."""
-    return frame[offset : offset + nbytes].view(dtype)
+def _decode_row(row: Any) -> HeaderEntry:
+    if isinstance(row, tuple) and len(row) == 3 and row[0] == "v" and isinstance(row[1], str):
+        return HeaderEntry(key=row[1], meta=None, value=row[2])
+    if not (isinstance(row, tuple) and len(row) == 7 and row[0] == "t"):
+        raise ProtocolError(f"malformed header row {row!r:.80}")
+    _, key, device_type, dtype_name, shape, split, inline = row
+    if not isinstance(key, str) or device_type not in DEVICE_TYPES:
+        raise ProtocolError(f"malformed tensor row {row!r:.80}")
+    if dtype_name not in SUPPORTED_DTYPES:
+        raise ProtocolError(f"tensor {key!r} has unknown dtype {dtype_name!r}")
+    if not (
+        isinstance(shape, tuple)
+        and len(shape) <= MAX_DIMS
+        and all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"tensor {key!r} has an impossible shape {shape!r:.80}")
+    if type(split) is not bool or type(inline) is not bool or (inline and device_type != "cpu"):
+        raise ProtocolError(f"tensor {key!r} has malformed flags split={split!r} inline={inline!r}")
+    meta = TensorMeta(device_type, SUPPORTED_DTYPES[dtype_name], shape)
+    return HeaderEntry(key=key, meta=meta, split=split, inline=inline)
