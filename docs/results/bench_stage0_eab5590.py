@@ -8,13 +8,13 @@ import statistics
 import time
 
 import torch
-
-from pipeserve.config import resolve_config
 from pipeserve.engine.finish import FinishChecker
 from pipeserve.engine.ipc import StepOut, TokenOut, encode
 from pipeserve.engine.req import Req
 from pipeserve.engine.sampling_params import SamplingParams
 from pipeserve.engine.scheduler import Scheduler
+
+from pipeserve.config import resolve_config
 
 
 def token_out(req, s) -> TokenOut:  # StageWorker._token_out of that build
