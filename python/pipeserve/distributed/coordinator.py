@@ -26,7 +26,20 @@ from pipeserve.distributed.wire import (
 )
 from pipeserve.distributed.work import Endpoint, P2PError, P2PTimeoutError, P2PWork
 
-DEFAULT_P2P_TIMEOUT_S = float(os.environ.get("PIPESERVE_P2P_TIMEOUT", "60"))
+
+def default_timeout_s() -> float:
+    """PIPESERVE_P2P_TIMEOUT (seconds, default 60): the bound of P2P waits for callers that give
+    none. Read when a group is made, never at import (this package depends on nothing else of
+    pipeserve, so it reads its one variable itself)."""
+    text = os.environ.get("PIPESERVE_P2P_TIMEOUT", "60")
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"PIPESERVE_P2P_TIMEOUT must be a number of seconds, got {text!r}"
+        ) from None
+
+
 DEFAULT_HEADER_TIMEOUT_S = 24 * 3600.0
 
 TensorDict = dict[str, Any]
@@ -66,7 +79,7 @@ class GroupCoordinator:
         device_groups: dict[Channel, Any] | None,
         device: torch.device,
         name: str,
-        timeout_s: float = DEFAULT_P2P_TIMEOUT_S,
+        timeout_s: float | None = None,  # None: default_timeout_s()
         compute_group: Any = None,
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         limits: Limits | None = None,
@@ -80,7 +93,8 @@ class GroupCoordinator:
         self.compute_group = compute_group or cpu_group  # the forward's CPU collectives
         self.device = device
         self.name = name
-        self.timeout_s = timeout_s  # default bound of every consumer wait
+        # default bound of every consumer wait
+        self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
         self.header_timeout_s = (
             header_timeout_s  # receiver threads' bound while a claim is outstanding
         )

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from pipeserve.distributed.coordinator import (
     DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_P2P_TIMEOUT_S,
     GroupCoordinator,
 )
 from pipeserve.distributed.wire import DEFAULT_MAX_MESSAGE_BYTES, Channel, Limits
@@ -32,7 +31,7 @@ class DistConfig:
     init_method: str | None = None  # "tcp://host:port"; None reads MASTER_ADDR/MASTER_PORT/RANK
     device: str = "cpu"  # "cpu" or "cuda"
     local_rank: int = 0  # CUDA device index of this rank
-    timeout_s: float = DEFAULT_P2P_TIMEOUT_S
+    timeout_s: float | None = None  # None: PIPESERVE_P2P_TIMEOUT or 60 (default_timeout_s)
     init_timeout_s: float = 300.0
     # tensor bytes one received message may declare; size it from the model (proxy_message_bytes)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
