@@ -71,13 +71,12 @@ def assemble(
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The listening TCP socket on (host, port) that every front end accepts from."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+    """The listening TCP socket on (host, port) that every front end accepts from; bound as
+    uvicorn binds its own (IPv6 for an address with a colon, else IPv4)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind(addr)
+    sock.bind((host, port))
     sock.listen(2048)
     return sock
 
