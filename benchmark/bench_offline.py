@@ -9,7 +9,11 @@ Per shape it reports
   bandwidth bound of that step (weights + the KV cache read per step) for pipeserve;
 - prefill: --prefill-batch prompts of --prefill-len tokens, one new token each: prompt tokens/s.
 
-    python benchmark/bench_offline.py --shape 1b|8b|cpu [--model-path DIR] [--json PATH]
+    python benchmark/bench_offline.py --shape 1b|8b|cpu [--model-path DIR] [--json PATH] [--plot PNG]
+    python benchmark/bench_offline.py --plot-from RESULT.json [RESULT.json ...] --plot PNG
+
+`--plot` draws decode time against batch size per engine with the bandwidth floor (one panel per
+result; needs the CUDA floor); `--plot-from` redraws saved results without running anything.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench_plots import decode_figure, load
 from pipeserve import Engine
 from pipeserve.model.config import ModelConfig
 
@@ -279,7 +284,15 @@ def main() -> None:
         help="also decode one request of this many prompt tokens beside 127 short ones",
     )
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="PNG: decode ms against batch size")
+    parser.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                        help="redraw --plot from saved results instead of running")  # fmt: skip
     args = parser.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            parser.error("--plot-from needs --plot")
+        decode_figure([load(p) for p in args.plot_from], args.plot)
+        return
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     shape = dict(SHAPES[args.shape])
     start = time.perf_counter()
@@ -317,11 +330,14 @@ def main() -> None:
     weight_bytes = sum(os.path.getsize(f) for f in safetensors_files(path))
     bw = copy_bandwidth(args.device) if cuda else 0.0
     summary = summarize(rows, args, shape, weight_bytes, bw, dtype)
+    meta = {"shape": args.shape, "device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None,
+            "copy_bandwidth": bw, "weight_bytes": weight_bytes, "args": vars(args)}  # fmt: skip
+    result = {"meta": meta, "rows": rows, "summary": summary}
     if args.json:
-        meta = {"shape": args.shape, "device": args.device, "gpu": torch.cuda.get_device_name() if cuda else None,
-                "copy_bandwidth": bw, "weight_bytes": weight_bytes, "args": vars(args)}  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "summary": summary}, f, indent=1)
+            json.dump(result, f, indent=1)
+    if args.plot and bw:  # the floor needs the CUDA copy bandwidth
+        decode_figure([result], args.plot)
 
 
 if __name__ == "__main__":

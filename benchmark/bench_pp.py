@@ -16,6 +16,10 @@ saves each configuration's pipeline trace (Chrome/Perfetto JSON) and a bubble pl
 stage, which also carries the LM head and sampling.
 
 Without --model-path a random-weight Llama-shaped checkpoint is created (nothing is downloaded).
+
+`--plot-from RESULT.json --plot-trace DIR/trace_pp2_async.json[.gz] --plot PNG` redraws one
+configuration's bubble plot from a saved run (its window from the JSON; `--plot-workload`,
+`--plot-zoom A,B` for a second panel of that interval), without running anything.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -104,6 +109,7 @@ def bench(
     partition: str | None = None,
     device: str = "cpu",
     trace_dir: str | None = None,
+    zoom: tuple[float, float] | None = None,
 ) -> list[dict]:
     rows = []
     trace = None
@@ -161,7 +167,7 @@ def bench(
             if row["pp_size"] == pp and row["mode"] == mode and row["partition"] == partition:
                 png = trace.removesuffix(".json") + f"_{row['workload']}.png"
                 row["trace_busy"] = plot_trace(
-                    trace, windows[row["workload"]], png, row["workload"]
+                    trace, windows[row["workload"]], png, row["workload"], zoom
                 )
                 row["trace_window"] = windows[row["workload"]]  # epoch seconds, to re-plot
     return rows
@@ -207,7 +213,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--shape", default="8b", help="CUDA: bench_offline.py's 1b or 8b shape")
     parser.add_argument("--trace", default=None, metavar="DIR", help="save traces and bubble plots")
+    parser.add_argument("--plot-from", default=None, metavar="JSON", help="redraw, no run")
+    parser.add_argument("--plot-trace", default=None, help="with --plot-from: the saved trace")
+    parser.add_argument("--plot-workload", default="1024-concurrent")
+    parser.add_argument("--plot-zoom", type=parse_zoom, default=None, metavar="A,B",
+                        help="also draw seconds A to B of each bubble plot")  # fmt: skip
+    parser.add_argument("--plot", default=None, help="with --plot-from: the PNG")
     args = parser.parse_args()
+    if args.plot_from:
+        if not (args.plot_trace and args.plot):
+            parser.error("--plot-from needs --plot-trace and --plot")
+        redraw(args)
+        return
     cores = usable_cores()
     cuda = args.device == "cuda"
     if args.trace:
@@ -245,12 +262,38 @@ def main() -> None:
     for pp, mode, split in configs:
         threads = None if cuda else args.threads or max(1, cores // pp)
         rows += bench(
-            model, pp, mode, threads, workloads, args.repeats, split, args.device, args.trace
-        )
+            model, pp, mode, threads, workloads, args.repeats, split, args.device, args.trace,
+            args.plot_zoom,
+        )  # fmt: skip
     print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def parse_zoom(text: str) -> tuple[float, float]:
+    a, b = (float(x) for x in text.split(","))
+    return a, b
+
+
+TRACE_NAME = re.compile(r"trace_pp(\d+)_(sync|async)(?:_([\d,]+))?\.json")  # as bench() names it
+
+
+def redraw(args: argparse.Namespace) -> None:
+    """The bubble plot of the saved trace's configuration and --plot-workload, from its window."""
+    from pp_trace_plot import plot_trace
+
+    found = TRACE_NAME.search(os.path.basename(args.plot_trace))
+    if not found:
+        raise SystemExit(f"{args.plot_trace}: not a trace name bench_pp.py writes")
+    pp, mode, partition = int(found[1]), found[2], found[3]
+    with open(args.plot_from) as f:
+        rows = json.load(f)
+    row = next(r for r in rows if (r["pp_size"], r["mode"], r["partition"], r["workload"])
+               == (pp, mode, partition, args.plot_workload))  # fmt: skip
+    title = f"pp={pp} {mode}, {args.plot_workload}" + (f" [{partition}]" if partition else "")
+    busy = plot_trace(args.plot_trace, tuple(row["trace_window"]), args.plot, title, args.plot_zoom)
+    print("busy per stage:", " / ".join(f"{b:.2f}" for b in busy))
 
 
 def print_ratios(rows: list[dict]) -> None:

@@ -13,6 +13,7 @@ It can start pipeserve itself, once per `--launch` argument string, for side-by-
         --concurrency 1,8,32 --client-procs 4 --check-client
     python benchmark/bench_serving.py --launch "--pp-size 1" --launch "--pp-size 2" \\
         --concurrency 4,16,64 --client-procs 2 --offline-engine --json out.json --plot out.png
+    python benchmark/bench_serving.py --plot-from out.json --plot out.png   # redraw, no run
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import httpx
 
 import proc_cpu
+from bench_plots import load, serving_figure
 from serving_client import ClientOptions, Share, run_point, run_share, split, summarize
 
 WORDS = (
@@ -286,30 +288,6 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    key = "concurrency" if rows[0]["concurrency"] is not None else "request_rate"
-    for label in dict.fromkeys(r["target"] for r in rows):
-        mine = [r for r in rows if r["target"] == label]
-        xs = [r[key] for r in mine]
-        axes[0].plot(xs, [r["output_tok_per_s"] for r in mine], marker="o", label=label)
-        axes[1].plot(xs, [r["ttft_ms_p50"] for r in mine], marker="o", label=label)
-        axes[2].plot(xs, [r["tpot_ms_p50"] for r in mine], marker="o", label=label)
-    for ax, title in zip(axes, ("output tokens/s", "TTFT p50 (ms)", "TPOT p50 (ms)"), strict=True):
-        ax.set_xlabel(key)
-        ax.set_title(title)
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -348,22 +326,29 @@ def parse_args() -> argparse.Namespace:
     add("--offline-engine", action="store_true", help="also run the prompts through Engine")
     add("--timeout", type=float, default=600)
     add("--json", default=None)
-    add("--plot", default=None, help="PNG path")
+    add("--plot", default=None, help="PNG: tokens/s, TTFT and TPOT against the sweep")
+    add("--plot-from", default=None, metavar="JSON", help="redraw --plot from saved rows, no run")
+    add("--plot-title", default=None, help="a title over the plot (the machine, the model)")
     args = parser.parse_args()
-    if not args.base_url and not args.launch:
+    if args.plot_from and not args.plot:
+        parser.error("--plot-from needs --plot")
+    if not args.base_url and not args.launch and not args.plot_from:
         parser.error("give --base-url or at least one --launch")
     return args
 
 
 def main() -> None:
     args = parse_args()
+    if args.plot_from:
+        serving_figure(load(args.plot_from), args.plot, args.plot_title)
+        return
     rows = run_all(args)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        serving_figure(rows, args.plot, args.plot_title)
 
 
 if __name__ == "__main__":
