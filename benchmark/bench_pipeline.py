@@ -151,7 +151,7 @@ async def snapshot_dispatch(base: Baseline) -> None:
         base.changed.clear()
         snapshot = base.pop_all(lanes)
         for cells in base.batches(snapshot):
-            await base.limits[base.frontier.lane_of(cells[0].column)].acquire()
+            await base.limits[base.frontier.lanes_of(cells[0].column)[0]].acquire()
             tasks.append(asyncio.create_task(base.run_cells(cells)))
         if not snapshot:
             await base.changed.wait()

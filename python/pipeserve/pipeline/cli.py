@@ -49,7 +49,7 @@ def describe(job: Job) -> str:
         col = job.column(name)
         reads = ", ".join((*graph.inputs[name], *graph.field_refs[name])) or "-"
         if isinstance(col, LLMColumn):
-            kind = f"{col.api} on {col.endpoint}, priority {graph.priority[name]}"
+            kind = f"{col.api} on {', '.join(col.endpoints)}, priority {graph.priority[name]}"
         else:
             kind = "python"
         lines.append(f"{name}: depth {graph.depth[name]}, {kind}, reads {reads}")

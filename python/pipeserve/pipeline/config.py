@@ -76,7 +76,7 @@ class LLMColumn:
     from the column's depth, so that later columns (judges) go before bulk generation."""
 
     name: str
-    endpoint: str
+    endpoint: str | tuple[str, ...]  # several: each cell goes to whichever has a free slot
     prompt: str
     api: Literal["completions", "chat"] = "completions"
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -84,6 +84,10 @@ class LLMColumn:
 
     def __post_init__(self) -> None:
         _check_name(self.name, "column")
+        if not isinstance(self.endpoint, str):
+            object.__setattr__(self, "endpoint", tuple(self.endpoint))
+            if not self.endpoint:
+                raise JobError(f"column {self.name!r}: endpoint lists no endpoint")
         if self.api not in APIS:
             raise JobError(f"column {self.name!r}: api must be one of {APIS}, got {self.api!r}")
         try:
@@ -96,6 +100,10 @@ class LLMColumn:
                 f"column {self.name!r}: params may not set {', '.join(taken)} (the runner does)"
             )
         object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint,) if isinstance(self.endpoint, str) else self.endpoint
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -45,9 +45,9 @@ def build_graph(job: Job) -> JobGraph:
     inputs, field_refs = {}, {}
     for col in job.columns:
         if isinstance(col, LLMColumn):
-            if col.endpoint not in endpoints:
+            for unknown in (e for e in col.endpoints if e not in endpoints):
                 raise JobError(
-                    f"column {col.name!r} uses endpoint {col.endpoint!r}, which is not defined "
+                    f"column {col.name!r} uses endpoint {unknown!r}, which is not defined "
                     f"(endpoints: {', '.join(endpoints) or 'none'})"
                 )
             inputs[col.name] = tuple(n for n in col.inputs if n in names)

@@ -43,10 +43,13 @@ class Dispatcher:
         self._wake = {lane: asyncio.Event() for lane in frontier.lanes}
         self._finished = asyncio.Event()
         self._failure: BaseException | None = None
-        self._batch_limit = {
-            c.name: job.endpoint(c.endpoint).max_batch_size if c.api == "completions" else 1
-            for c in job.columns
-            if isinstance(c, LLMColumn)
+        self._batch_limit = {  # lane -> column -> prompts per request
+            e.name: {
+                c.name: e.max_batch_size if c.api == "completions" else 1
+                for c in job.columns
+                if isinstance(c, LLMColumn) and e.name in c.endpoints
+            }
+            for e in job.endpoints
         }
 
     async def run(self) -> None:
@@ -71,12 +74,12 @@ class Dispatcher:
     async def _worker(self, lane: str) -> None:
         try:
             while not self._frontier.done:
-                cells = self._frontier.pop_batch(lane, self._batch_limit)
+                cells = self._frontier.pop_batch(lane, self._batch_limit[lane])
                 if not cells:
                     self._wake[lane].clear()
                     await self._wake[lane].wait()
                     continue
-                outcomes = await self._call(cells)
+                outcomes = await self._call(lane, cells)
                 for cell, outcome in zip(cells, outcomes, strict=True):
                     self._resolve(cell, *outcome)
                 self._settle()
@@ -86,8 +89,8 @@ class Dispatcher:
             self._failure = e
             self._finished.set()
 
-    async def _call(self, cells: list[Cell]) -> list[tuple[Any, str | None]]:
-        """One request for cells of one LLM column: (value, error) per cell."""
+    async def _call(self, lane: str, cells: list[Cell]) -> list[tuple[Any, str | None]]:
+        """One request to `lane` for cells of one LLM column: (value, error) per cell."""
         column = self._job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
         outcomes: list[tuple[Any, str | None]] = []
@@ -101,16 +104,14 @@ class Dispatcher:
         if not prompts:
             return outcomes
         start = self._stats.now()
-        answer = await self._generate[column.endpoint](
+        answer = await self._generate[lane](
             column, list(prompts.values()), self._job.graph.priority[column.name]
         )
         end = self._stats.now()
         for i, text in zip(prompts, answer.texts, strict=True):
             outcomes[i] = (None, str(text)) if isinstance(text, CellError) else (text, None)
         spans = [
-            RequestSpan(
-                column.name, column.endpoint, cells[i].record, start, end, outcomes[i][1] is None
-            )
+            RequestSpan(column.name, lane, cells[i].record, start, end, outcomes[i][1] is None)
             for i in prompts
         ]
         self._stats.request(spans, answer.prompt_tokens, answer.completion_tokens)
@@ -128,7 +129,8 @@ class Dispatcher:
 
     def _resolve(self, cell: Cell, value: Any, error: str | None) -> None:
         for ready in self._frontier.resolve(cell, value, error):
-            self._wake[self._frontier.lane_of(ready.column)].set()
+            for lane in self._frontier.lanes_of(ready.column):
+                self._wake[lane].set()
 
     def _run_python(self) -> None:
         while (cell := self._frontier.pop(PYTHON_LANE)) is not None:
