@@ -1,6 +1,10 @@
 """One OpenAI-compatible endpoint: builds a column's request, sends it, retries what can pass on
 a second try (429, 5xx, connection errors and timeouts) and parses the answer.
 
+Whether a request carries `priority`, and in which direction, is the endpoint's `priority_order`
+(see `config.PRIORITY_ORDERS`): the OpenAI API refuses unknown fields with a 400, pipeserve and
+vLLM serve lower values first, SGLang by default higher values first.
+
 A completions request may carry several prompts of one column (`prompt` as a list, which the
 OpenAI API, vLLM, SGLang and pipeserve accept); the answer's choices come back by `index`. When
 such a request is refused for good with a 4xx, each prompt is sent again alone, so that only the
@@ -28,6 +32,19 @@ class _Refused(CellError):
     """A 4xx that retrying will not change."""
 
 
+class EndpointDown(CellError):
+    """The last attempt could not connect: the endpoint is taken to be down for the run."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `GET {base_url}/models` showed: whether any HTTP answer came, and who serves."""
+
+    reachable: bool
+    problem: str = ""
+    owned_by: str | None = None
+
+
 @dataclass(frozen=True)
 class Answer:
     """The outcome of one request: a text or a `CellError` per prompt, in prompt order, and the
@@ -39,8 +56,10 @@ class Answer:
 
 
 class EndpointClient:
-    def __init__(self, endpoint: Endpoint, retry: RetryPolicy) -> None:
+    def __init__(self, endpoint: Endpoint, retry: RetryPolicy, priority_order: str = "off") -> None:
+        assert priority_order in ("off", "lower-first", "higher-first"), "resolve 'auto' first"
         self.endpoint = endpoint
+        self.priority_order = priority_order
         self._retry = retry
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         self._http = httpx.AsyncClient(
@@ -65,7 +84,8 @@ class EndpointClient:
             body["messages"] = [{"role": "user", "content": prompts[0]}]
         else:
             body["prompt"] = prompts[0] if len(prompts) == 1 else prompts
-        body["priority"] = priority
+        if self.priority_order != "off":
+            body["priority"] = priority if self.priority_order == "lower-first" else -priority
         return body
 
     async def generate(self, column: LLMColumn, prompts: list[str], priority: int) -> Answer:
@@ -92,7 +112,9 @@ class EndpointClient:
             try:
                 response = await self._http.post(path, json=body)
             except httpx.TransportError as e:
-                problem, wait = f"{type(e).__name__}: {e}".rstrip(": "), None
+                problem, wait = _transport_problem(e), None
+                if attempt == self._retry.max_attempts and isinstance(e, _CONNECT_ERRORS):
+                    raise EndpointDown(f"{problem} (after {attempt} attempts)") from None
             else:
                 if response.status_code == 200:
                     return _parse(response, column.api, len(prompts))
@@ -105,6 +127,35 @@ class EndpointClient:
             delay = self._retry.delay_s(attempt)
             await asyncio.sleep(delay if wait is None else min(wait, self._retry.max_backoff_s))
         raise CellError(f"{problem} (after {self._retry.max_attempts} attempts)")
+
+
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+def _transport_problem(e: httpx.TransportError) -> str:
+    return f"{type(e).__name__}: {e}".rstrip(": ")
+
+
+async def probe(endpoint: Endpoint) -> Probe:
+    """Any HTTP answer to `GET {base_url}/models` shows the endpoint is up (before a run)."""
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+    timeout = min(10.0, endpoint.timeout_s)
+    async with httpx.AsyncClient(headers=headers, timeout=timeout) as http:
+        try:
+            response = await http.get(endpoint.base_url.rstrip("/") + "/models")
+        except httpx.TransportError as e:
+            return Probe(False, _transport_problem(e))
+    try:
+        return Probe(True, owned_by=str(response.json()["data"][0]["owned_by"]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return Probe(True)
+
+
+def priority_order(endpoint: Endpoint, found: Probe) -> str:
+    """The endpoint's `priority` setting with "auto" resolved by what the probe found."""
+    if endpoint.priority != "auto":
+        return endpoint.priority
+    return "lower-first" if found.owned_by == "pipeserve" else "off"
 
 
 def _retryable(status: int) -> bool:

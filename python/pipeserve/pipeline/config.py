@@ -15,6 +15,9 @@ from typing import Any, Literal
 from pipeserve.pipeline.template import TemplateError, template_fields
 
 APIS = ("completions", "chat")
+# How an endpoint orders the `priority` request field: "auto" sends it lower-first to a server
+# that says it is pipeserve (GET /models, owned_by) and not at all to any other.
+PRIORITY_ORDERS = ("auto", "off", "lower-first", "higher-first")
 # Request fields the runner sets itself; a column's `params` may not override them.
 RUNNER_FIELDS = ("model", "prompt", "messages", "stream", "n", "priority")
 
@@ -35,9 +38,15 @@ class Endpoint:
     max_batch_size: int = 1  # prompts of one column per completions request (chat: always 1)
     api_key: str | None = None
     timeout_s: float = 300.0  # one attempt of one request
+    priority: str = "auto"  # one of PRIORITY_ORDERS
 
     def __post_init__(self) -> None:
         _check_name(self.name, "endpoint")
+        if self.priority not in PRIORITY_ORDERS:
+            raise JobError(
+                f"endpoint {self.name!r}: priority must be one of {PRIORITY_ORDERS}, "
+                f"got {self.priority!r}"
+            )
         if not self.base_url.startswith(("http://", "https://")):
             raise JobError(f"endpoint {self.name!r}: base_url must start with http:// or https://")
         if self.max_concurrency < 1 or self.max_batch_size < 1:
@@ -72,8 +81,9 @@ class RetryPolicy:
 class LLMColumn:
     """A column whose cell is one request: `prompt` rendered over the record's fields and
     earlier columns (`{a}+{b}=`), sent to `endpoint` with `params` (max_tokens, temperature,
-    stop, ...). `priority` goes into every request (lower is scheduled earlier); None derives it
-    from the column's depth, so that later columns (judges) go before bulk generation."""
+    stop, ...). `priority` (lower is scheduled earlier) goes to endpoints that take it; None
+    derives it from the column's depth, so that later columns (judges) go before bulk
+    generation."""
 
     name: str
     endpoint: str | tuple[str, ...]  # several: each cell goes to whichever has a free slot

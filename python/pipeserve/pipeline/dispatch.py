@@ -3,7 +3,10 @@
 A worker that frees up takes the best ready cell of its lane at that moment (with, for a
 completions column, up to `max_batch_size - 1` more ready cells of the same column, sent in the
 same request); when its lane is empty it sleeps on the lane's event, which `_resolve` sets as
-soon as a completion makes a cell of that lane ready. No loop walks a list of ready cells while
+soon as a completion makes a cell of that lane ready. A column may list several endpoints: a
+cell goes to whichever of them has a free worker first. An endpoint whose last attempt could not
+connect is down for the rest of the run: its cells go to the column's other endpoints, and a
+column with none left fails its cells at once (a re-run retries them). No loop walks a list of ready cells while
 waiting for a slot, so a judge cell that becomes ready is taken by the next free judge worker,
 whatever else is queued. Python cells run inline as soon as they are ready.
 """
@@ -16,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pipeserve.pipeline.client import Answer, CellError
+from pipeserve.pipeline.client import Answer, CellError, EndpointDown
 from pipeserve.pipeline.config import Job, LLMColumn, PythonColumn
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
 from pipeserve.pipeline.stats import RequestSpan, RunStats
@@ -34,6 +37,7 @@ class Dispatcher:
         generate: dict[str, Generate],  # by endpoint name
         stats: RunStats,
         on_record: Callable[[int], None],  # a record finished; called once per record
+        down: dict[str, str] | None = None,  # endpoints known to be down: name -> why
     ) -> None:
         self._job = job
         self._frontier = frontier
@@ -43,6 +47,7 @@ class Dispatcher:
         self._wake = {lane: asyncio.Event() for lane in frontier.lanes}
         self._finished = asyncio.Event()
         self._failure: BaseException | None = None
+        self._down = dict(down or {})
         self._batch_limit = {  # lane -> column -> prompts per request
             e.name: {
                 c.name: e.max_batch_size if c.api == "completions" else 1
@@ -53,8 +58,7 @@ class Dispatcher:
         }
 
     async def run(self) -> None:
-        self._run_python()
-        self._drain()
+        self._settle()
         if self._frontier.done:
             return
         workers = [
@@ -73,7 +77,7 @@ class Dispatcher:
 
     async def _worker(self, lane: str) -> None:
         try:
-            while not self._frontier.done:
+            while not self._frontier.done and lane not in self._down:
                 cells = self._frontier.pop_batch(lane, self._batch_limit[lane])
                 if not cells:
                     self._wake[lane].clear()
@@ -81,7 +85,12 @@ class Dispatcher:
                     continue
                 outcomes = await self._call(lane, cells)
                 for cell, outcome in zip(cells, outcomes, strict=True):
-                    self._resolve(cell, *outcome)
+                    if isinstance(outcome[1], EndpointDown):
+                        self._down.setdefault(lane, str(outcome[1]))
+                        self._wake[lane].set()  # the lane's other workers stop too
+                        self._push_again(cell)
+                    else:
+                        self._resolve(cell, *outcome)
                 self._settle()
         except asyncio.CancelledError:
             raise
@@ -89,11 +98,12 @@ class Dispatcher:
             self._failure = e
             self._finished.set()
 
-    async def _call(self, lane: str, cells: list[Cell]) -> list[tuple[Any, str | None]]:
-        """One request to `lane` for cells of one LLM column: (value, error) per cell."""
+    async def _call(self, lane: str, cells: list[Cell]) -> list[tuple[Any, Any]]:
+        """One request to `lane` for cells of one LLM column: (value, error) per cell, the error
+        a message or, where the endpoint went down, the `EndpointDown`."""
         column = self._job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
-        outcomes: list[tuple[Any, str | None]] = []
+        outcomes: list[tuple[Any, Any]] = []
         prompts: dict[int, str] = {}  # by position in `cells`
         for i, cell in enumerate(cells):
             try:
@@ -109,7 +119,7 @@ class Dispatcher:
         )
         end = self._stats.now()
         for i, text in zip(prompts, answer.texts, strict=True):
-            outcomes[i] = (None, str(text)) if isinstance(text, CellError) else (text, None)
+            outcomes[i] = (text, None) if not isinstance(text, CellError) else (None, _error(text))
         spans = [
             RequestSpan(column.name, lane, cells[i].record, start, end, outcomes[i][1] is None)
             for i in prompts
@@ -120,7 +130,8 @@ class Dispatcher:
     def _settle(self) -> None:
         """After cells resolved: runs the Python cells that became ready, hands out the records
         that finished, and ends the run when nothing is left."""
-        self._run_python()
+        while self._run_python() | self._fail_unserved():
+            pass
         self._drain()
         if self._frontier.done:
             self._finished.set()
@@ -132,11 +143,34 @@ class Dispatcher:
             for lane in self._frontier.lanes_of(ready.column):
                 self._wake[lane].set()
 
-    def _run_python(self) -> None:
+    def _push_again(self, cell: Cell) -> None:
+        """A cell whose endpoint went down: back to its column's queue for another endpoint."""
+        self._frontier.push_again(cell)
+        for lane in self._frontier.lanes_of(cell.column):
+            self._wake[lane].set()
+
+    def _fail_unserved(self) -> bool:
+        """Fails the ready cells of columns whose endpoints are all down; True if any."""
+        failed = False
+        for column in self._job.columns:
+            lanes = self._frontier.lanes_of(column.name)
+            if not all(lane in self._down for lane in lanes):
+                continue
+            why = f"endpoint {lanes[-1]!r} is down: {self._down[lanes[-1]]}"
+            while (cell := self._frontier.pop_column(column.name)) is not None:
+                self._resolve(cell, None, why)
+                failed = True
+        return failed
+
+    def _run_python(self) -> bool:
+        """Runs the ready Python cells; True if any."""
+        ran = False
         while (cell := self._frontier.pop(PYTHON_LANE)) is not None:
             column = self._job.column(cell.column)
             assert isinstance(column, PythonColumn)
             self._resolve(cell, *_call_python(column, self._frontier.row(cell)))
+            ran = True
+        return ran
 
     def _drain(self) -> None:
         resolved, completed = self._frontier.resolved, self._frontier.completed
@@ -145,6 +179,10 @@ class Dispatcher:
         resolved.clear()
         while completed:
             self._on_record(completed.pop(0))
+
+
+def _error(e: CellError) -> str | EndpointDown:
+    return e if isinstance(e, EndpointDown) else str(e)
 
 
 def _call_python(column: PythonColumn, row: dict[str, Any]) -> tuple[Any, str | None]:

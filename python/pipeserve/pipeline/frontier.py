@@ -102,6 +102,10 @@ class Frontier:
         _, record, column = heapq.heappop(min(heads, key=lambda q: q[0]))
         return Cell(record, self._columns[column])
 
+    def pop_column(self, column: str) -> Cell | None:
+        queue = self._queues[column]
+        return Cell(heapq.heappop(queue)[1], column) if queue else None
+
     def pop_batch(self, lane: str, limit: Mapping[str, int]) -> list[Cell]:
         """The first ready cell of `lane` and more ready cells of its column in queue order, up
         to `limit[column]` cells in all (what is ready now: it never waits)."""

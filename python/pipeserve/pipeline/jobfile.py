@@ -26,7 +26,7 @@ from pipeserve.pipeline.config import Endpoint, Job, JobError, LLMColumn, Python
 
 TOP_KEYS = {"endpoints", "columns", "retry", "fields"}
 ENDPOINT_KEYS = {"base_url": str, "model": str, "max_concurrency": int, "max_batch_size": int}
-ENDPOINT_KEYS.update(api_key=str, timeout_s=float)
+ENDPOINT_KEYS.update(api_key=str, timeout_s=float, priority=str)
 LLM_KEYS = {"endpoint": str, "prompt": str, "api": str, "params": dict, "priority": int}
 PYTHON_KEYS = {"python": str, "inputs": list}
 RETRY_KEYS = {"max_attempts": int, "backoff_s": float, "max_backoff_s": float}

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from pipeserve.pipeline.client import EndpointClient
-from pipeserve.pipeline.config import Job
+from pipeserve.pipeline.client import EndpointClient, priority_order, probe
+from pipeserve.pipeline.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.dispatch import Dispatcher
 from pipeserve.pipeline.frontier import Frontier
 from pipeserve.pipeline.io import (
@@ -36,12 +36,12 @@ async def run_job_async(
     records = read_records(records) if isinstance(records, str) else list(records)
     check_records(job, records)
     plans = plan_records(job, records, read_output(output))
+    clients, down = await connect(job, {c for p in plans for c in p.run})
     to_run = {c.name: sum(c.name in p.run for p in plans) for c in job.columns}
     stats = RunStats(to_run, {n: len(records) - k for n, k in to_run.items()}, progress)
     stats.records_skipped = len(records) - len(plans)
     frontier = Frontier(job, plans)
     writer = OutputWriter(output)
-    clients = {e.name: EndpointClient(e, job.retry) for e in job.endpoints}
 
     def write_record(record: int) -> None:
         values, errors = frontier.result(record)
@@ -51,7 +51,7 @@ async def run_job_async(
 
     generate = {name: client.generate for name, client in clients.items()}
     try:
-        await Dispatcher(job, frontier, generate, stats, write_record).run()
+        await Dispatcher(job, frontier, generate, stats, write_record, down).run()
     finally:
         writer.close()
         await asyncio.gather(*(c.aclose() for c in clients.values()))
@@ -59,6 +59,29 @@ async def run_job_async(
     if compact:
         compact_output(output, records)
     return summary
+
+
+async def connect(job: Job, columns: set[str]) -> tuple[dict[str, EndpointClient], dict[str, str]]:
+    """Probes the endpoints that `columns` use, before anything is sent: a client per reachable endpoint,
+    and the endpoints that could not be reached. Raises `JobError` when a column could reach
+    none of its endpoints."""
+    llm = [c for c in job.columns if isinstance(c, LLMColumn) and c.name in columns]
+    used = [e for e in job.endpoints if any(e.name in c.endpoints for c in llm)]
+    found = dict(zip(used, await asyncio.gather(*(probe(e) for e in used)), strict=True))
+    down = {e.name: p.problem for e, p in found.items() if not p.reachable}
+    for column in llm:
+        if all(name in down for name in column.endpoints):
+            e = job.endpoint(column.endpoints[0])
+            raise JobError(
+                f"endpoint {e.name!r} ({e.base_url}) cannot be reached: {down[e.name]}; "
+                f"column {column.name!r} has no other endpoint; nothing was sent"
+            )
+    clients = {
+        e.name: EndpointClient(e, job.retry, priority_order(e, p))
+        for e, p in found.items()
+        if p.reachable
+    }
+    return clients, down
 
 
 def run_job(
