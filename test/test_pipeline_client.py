@@ -63,6 +63,8 @@ def server() -> Iterator[tuple[str, Script]]:
             prompts = prompts if isinstance(prompts, list) else [prompts]
             if any("bad" in p for p in prompts) or (script.strict and "priority" in body):
                 status = 400
+            if any("boom" in p for p in prompts):
+                status = 500  # a prompt that crashes the server, every time
             if status == 200:
                 key = "text" if "prompt" in body else "message"
                 choices = [
@@ -164,11 +166,20 @@ def test_a_refused_batch_is_resent_prompt_by_prompt_so_only_the_bad_cell_fails(s
     assert summary.cells_failed == 1
 
 
-def test_a_batch_out_of_attempts_fails_every_cell_in_it(server, tmp_path):
+def test_a_batch_that_keeps_failing_with_a_5xx_is_resent_prompt_by_prompt(server, tmp_path):
     url, script = server
-    script.statuses = [503, 503]
-    summary = run_job(job(url, attempts=2, batch=2), [{"w": "x"}, {"w": "y"}], str(tmp_path / "o"))
-    assert summary.cells_failed == 2 and len(script.bodies) == 2
+    words = [{"w": "ok1"}, {"w": "boom"}, {"w": "ok2"}]
+    summary = run_job(job(url, attempts=2, batch=3), words, str(tmp_path / "o.jsonl"))
+    batch = ["say ok1", "say boom", "say ok2"]
+    sent = [b["prompt"] for b in script.bodies]
+    assert sent[:2] == [batch, batch]  # the batch, out of attempts; then each prompt alone
+    assert sorted(sent[2:]) == ["say boom", "say boom", "say ok1", "say ok2"]
+    by_word = {r["w"]: r for r in rows(tmp_path / "o.jsonl")}
+    assert by_word["ok1"]["echo"] == "<say ok1>" and by_word["ok2"]["echo"] == "<say ok2>"
+    assert by_word["boom"]["_errors"] == {
+        "echo": "HTTP 500: status 500 on purpose (after 2 attempts)"
+    }
+    assert summary.cells_failed == 1
 
 
 def test_an_endpoint_that_refuses_unknown_fields_gets_no_priority(server, tmp_path):

@@ -7,8 +7,8 @@ vLLM serve lower values first, SGLang by default higher values first.
 
 A completions request may carry several prompts of one column (`prompt` as a list, which the
 OpenAI API, vLLM, SGLang and pipeserve accept); the answer's choices come back by `index`. When
-such a request is refused for good with a 4xx, each prompt is sent again alone, so that only the
-cell at fault fails.
+such a request is refused for good (a 4xx at once, a 5xx after its attempts), each prompt is sent
+again alone, so that only the cell at fault fails.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class CellError(Exception):
 
 class _Refused(CellError):
     """A 4xx that retrying will not change."""
+
+
+class _ServerError(CellError):
+    """A 5xx on every attempt: maybe caused by one prompt of a batch."""
 
 
 class EndpointDown(CellError):
@@ -93,7 +97,7 @@ class EndpointClient:
         failed for good has its error in place of its text."""
         try:
             return await self._post(column, prompts, priority)
-        except _Refused as e:
+        except (_Refused, _ServerError) as e:
             if len(prompts) == 1:
                 return Answer([e])
         except CellError as e:
@@ -113,8 +117,7 @@ class EndpointClient:
                 response = await self._http.post(path, json=body)
             except httpx.TransportError as e:
                 problem, wait = _transport_problem(e), None
-                if attempt == self._retry.max_attempts and isinstance(e, _CONNECT_ERRORS):
-                    raise EndpointDown(f"{problem} (after {attempt} attempts)") from None
+                error = EndpointDown if isinstance(e, _CONNECT_ERRORS) else CellError
             else:
                 if response.status_code == 200:
                     return _parse(response, column.api, len(prompts))
@@ -122,11 +125,11 @@ class EndpointClient:
                 if not _retryable(response.status_code):
                     raise _Refused(problem)
                 wait = _retry_after(response)
-            if attempt == self._retry.max_attempts:
-                break
-            delay = self._retry.delay_s(attempt)
-            await asyncio.sleep(delay if wait is None else min(wait, self._retry.max_backoff_s))
-        raise CellError(f"{problem} (after {self._retry.max_attempts} attempts)")
+                error = _ServerError if response.status_code >= 500 else CellError
+            if attempt < self._retry.max_attempts:
+                delay = self._retry.delay_s(attempt)
+                await asyncio.sleep(delay if wait is None else min(wait, self._retry.max_backoff_s))
+        raise error(f"{problem} (after {self._retry.max_attempts} attempts)")
 
 
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
