@@ -21,6 +21,7 @@ from pipeserve.pipeline import (
     run_job,
     run_job_async,
 )
+from pipeserve.pipeline.io import digest
 from pipeserve.utils import free_port
 
 
@@ -111,7 +112,9 @@ def test_request_body_carries_params_and_model(server, tmp_path):
     assert script.bodies == [
         {"max_tokens": 4, "model": "m", "messages": [{"role": "user", "content": "say hi"}]}
     ]
-    assert rows(tmp_path / "o.jsonl") == [{"w": "hi", "echo": "<say hi>", "_index": 0}]
+    assert rows(tmp_path / "o.jsonl") == [
+        {"w": "hi", "echo": "<say hi>", "_index": 0, "_hash": digest({"w": "hi"})}
+    ]
     assert summary.columns["echo"].prompt_tokens == 2
 
 

@@ -138,18 +138,18 @@ def test_templates_read_plain_names_only():
 def test_output_is_appended_and_a_torn_last_line_is_skipped(tmp_path):
     path = str(tmp_path / "out.jsonl")
     writer = OutputWriter(path)
-    writer.write({"a": 1, "_index": 0})
+    writer.write({"a": 1, "_index": 0, "_hash": "h1"})
     writer.close()
     with open(path, "a") as f:
         f.write('{"a": 2, "_ind')  # a run killed in the middle of a line
-    assert list(read_output(path)) == [("index", 0)]
+    assert list(read_output(path)) == [("hash", "h1")]
     writer = OutputWriter(path)
-    writer.write({"a": 3, "_index": 1})
+    writer.write({"a": 3, "_index": 1, "_hash": "h3"})
     writer.close()
-    assert read_output(path)[("index", 1)]["a"] == 3
+    assert read_output(path)[("hash", "h3")]["a"] == 3
     with open(path) as f:
         lines = f.read().splitlines()
-    assert lines[-1] == '{"a": 3, "_index": 1}'
+    assert lines[-1] == '{"a": 3, "_index": 1, "_hash": "h3"}'
 
 
 def test_the_last_line_of_a_record_wins_and_compact_keeps_input_order(tmp_path):

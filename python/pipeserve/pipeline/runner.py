@@ -18,6 +18,7 @@ from pipeserve.pipeline.io import (
     plan_records,
     read_output,
     read_records,
+    record_hashes,
 )
 from pipeserve.pipeline.stats import RunStats, RunSummary
 
@@ -35,6 +36,7 @@ async def run_job_async(
     rewritten at the end with one line per record, in input order."""
     records = read_records(records) if isinstance(records, str) else list(records)
     check_records(job, records)
+    hashes = record_hashes(records)
     plans = plan_records(job, records, read_output(output))
     clients, down = await connect(job, {c for p in plans for c in p.run})
     to_run = {c.name: sum(c.name in p.run for p in plans) for c in job.columns}
@@ -45,7 +47,7 @@ async def run_job_async(
 
     def write_record(record: int) -> None:
         values, errors = frontier.result(record)
-        writer.write(output_row(job, record, values, errors))
+        writer.write(output_row(job, record, hashes[record], values, errors))
         frontier.forget(record)
         stats.record_written()
 
