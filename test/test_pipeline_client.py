@@ -69,7 +69,11 @@ def server() -> Iterator[tuple[str, Script]]:
             if status == 200:
                 key = "text" if "prompt" in body else "message"
                 choices = [
-                    {"index": i, key: f"<{p}>" if key == "text" else {"content": f"<{p}>"}}
+                    {
+                        "index": i,
+                        "finish_reason": "stop",
+                        key: f"<{p}>" if key == "text" else {"content": f"<{p}>"},
+                    }
                     for i, p in enumerate(prompts)
                 ][::-1]  # out of order: the client must sort by index
                 usage = {"prompt_tokens": 2 * len(prompts), "completion_tokens": len(prompts)}
@@ -112,8 +116,15 @@ def test_request_body_carries_params_and_model(server, tmp_path):
     assert script.bodies == [
         {"max_tokens": 4, "model": "m", "messages": [{"role": "user", "content": "say hi"}]}
     ]
+    usage = {"prompt_tokens": 2, "completion_tokens": 1, "finish_reason": "stop", "generations": 1}
     assert rows(tmp_path / "o.jsonl") == [
-        {"w": "hi", "echo": "<say hi>", "_index": 0, "_hash": digest({"w": "hi"})}
+        {
+            "w": "hi",
+            "echo": "<say hi>",
+            "_index": 0,
+            "_hash": digest({"w": "hi"}),
+            "_usage": {"echo": usage},
+        }
     ]
     assert summary.columns["echo"].prompt_tokens == 2
 

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, PythonColumn
-from pipeserve.pipeline.client import Answer, CellError
+from pipeserve.pipeline.client import Answer, CellError, Generation
 from pipeserve.pipeline.dispatch import Dispatcher
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
 from pipeserve.pipeline.io import plan_records
@@ -151,13 +151,14 @@ class FakeEndpoint:
         await asyncio.sleep(self.delay_s)
         self.in_flight -= 1
         self.log.extend(("end", column.name) for _ in prompts)
-        return Answer([self.answer(p) for p in prompts], 3 * len(prompts), len(prompts))
+        return Answer([self.answer(p) for p in prompts])
 
-    def answer(self, prompt: str) -> str | CellError:
+    def answer(self, prompt: str) -> Generation | CellError:
         if prompt in self.fail:
             return CellError("HTTP 500: injected")
         left, op, right = prompt.rstrip("=").partition("+" if "+" in prompt else "-")
-        return str(int(left) + int(right) if op == "+" else int(left) - int(right))
+        text = str(int(left) + int(right) if op == "+" else int(left) - int(right))
+        return Generation(text, "stop", 3, 1)
 
 
 def dispatch(job: Job, n: int, endpoints: dict[str, FakeEndpoint]) -> dict[int, tuple]:

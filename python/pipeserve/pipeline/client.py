@@ -8,7 +8,11 @@ vLLM serve lower values first, SGLang by default higher values first.
 A completions request may carry several prompts of one column (`prompt` as a list, which the
 OpenAI API, vLLM, SGLang and pipeserve accept); the answer's choices come back by `index`. When
 such a request is refused for good (a 4xx at once, a 5xx after its attempts), each prompt is sent
-again alone, so that only the cell at fault fails.
+again alone, so that only the cell at fault fails. Such a request's token usage is shared out
+over its prompts by length (exact for a request of one prompt).
+
+The client tells the endpoint's `AdaptiveLimit` of every overload answer (429, 503) as it comes
+and of every success, so the requests in flight shrink while the server refuses and grow back.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from typing import Any
 import httpx
 
 from pipeserve.pipeline.config import Endpoint, LLMColumn, RetryPolicy
+from pipeserve.pipeline.limit import AdaptiveLimit
 
 RETRY_STATUS = frozenset({408, 409, 429})  # and every status >= 500
+OVERLOAD_STATUS = frozenset({429, 503})
+# A completions prompt, or a chat request's messages.
+Prompt = str | list[dict[str, str]]
 
 
 class CellError(Exception):
@@ -50,20 +58,42 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Answer:
-    """The outcome of one request: a text or a `CellError` per prompt, in prompt order, and the
-    request's token usage (all prompts together)."""
+class Generation:
+    """One prompt's answer and its share of the request's token usage."""
 
-    texts: list[str | CellError]
+    text: str
+    finish_reason: str | None = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The outcome of one request: a `Generation` or a `CellError` per prompt, in prompt order."""
+
+    results: list[Generation | CellError]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(g.prompt_tokens for g in self.results if isinstance(g, Generation))
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.results if isinstance(g, Generation))
+
+
 class EndpointClient:
-    def __init__(self, endpoint: Endpoint, retry: RetryPolicy, priority_order: str = "off") -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        retry: RetryPolicy,
+        priority_order: str = "off",
+        limit: AdaptiveLimit | None = None,
+    ) -> None:
         assert priority_order in ("off", "lower-first", "higher-first"), "resolve 'auto' first"
         self.endpoint = endpoint
         self.priority_order = priority_order
+        self.limit = limit or AdaptiveLimit(endpoint.max_concurrency, endpoint.adaptive)
         self._retry = retry
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
         self._http = httpx.AsyncClient(
@@ -79,20 +109,23 @@ class EndpointClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def body(self, column: LLMColumn, prompts: list[str], priority: int) -> dict[str, Any]:
+    def body(self, column: LLMColumn, prompts: list[Prompt], priority: int) -> dict[str, Any]:
         body: dict[str, Any] = dict(column.params)
         if self.endpoint.model is not None:
             body["model"] = self.endpoint.model
         if column.api == "chat":
             assert len(prompts) == 1, "a chat request carries one conversation"
-            body["messages"] = [{"role": "user", "content": prompts[0]}]
+            body["messages"] = prompts[0]
         else:
             body["prompt"] = prompts[0] if len(prompts) == 1 else prompts
+        if column.output_schema is not None and self.endpoint.response_format:
+            schema = {"name": column.name, "schema": dict(column.output_schema)}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
         if self.priority_order != "off":
             body["priority"] = priority if self.priority_order == "lower-first" else -priority
         return body
 
-    async def generate(self, column: LLMColumn, prompts: list[str], priority: int) -> Answer:
+    async def generate(self, column: LLMColumn, prompts: list[Prompt], priority: int) -> Answer:
         """Sends the prompts of one column in one request; never raises `CellError`: a prompt that
         failed for good has its error in place of its text."""
         try:
@@ -103,13 +136,9 @@ class EndpointClient:
         except CellError as e:
             return Answer([e] * len(prompts))
         alone = await asyncio.gather(*(self.generate(column, [p], priority) for p in prompts))
-        return Answer(
-            [a.texts[0] for a in alone],
-            sum(a.prompt_tokens for a in alone),
-            sum(a.completion_tokens for a in alone),
-        )
+        return Answer([a.results[0] for a in alone])
 
-    async def _post(self, column: LLMColumn, prompts: list[str], priority: int) -> Answer:
+    async def _post(self, column: LLMColumn, prompts: list[Prompt], priority: int) -> Answer:
         path = "/chat/completions" if column.api == "chat" else "/completions"
         body = self.body(column, prompts, priority)
         for attempt in range(1, self._retry.max_attempts + 1):
@@ -120,12 +149,16 @@ class EndpointClient:
                 error = EndpointDown if isinstance(e, _CONNECT_ERRORS) else CellError
             else:
                 if response.status_code == 200:
-                    return _parse(response, column.api, len(prompts))
+                    self.limit.succeeded()
+                    return _parse(response, column.api, prompts)
                 problem = f"HTTP {response.status_code}: {_error_text(response)}"
                 if not _retryable(response.status_code):
                     raise _Refused(problem)
                 wait = _retry_after(response)
-                error = _ServerError if response.status_code >= 500 else CellError
+                if response.status_code in OVERLOAD_STATUS:
+                    self.limit.overloaded(wait)
+                broken = response.status_code >= 500 and response.status_code not in OVERLOAD_STATUS
+                error = _ServerError if broken else CellError
             if attempt < self._retry.max_attempts:
                 delay = self._retry.delay_s(attempt)
                 await asyncio.sleep(delay if wait is None else min(wait, self._retry.max_backoff_s))
@@ -179,19 +212,30 @@ def _error_text(response: httpx.Response) -> str:
         return response.text[:500]
 
 
-def _parse(response: httpx.Response, api: str, count: int) -> Answer:
+def _parse(response: httpx.Response, api: str, prompts: list[Prompt]) -> Answer:
     try:
         data = response.json()
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        if len(choices) != count:
-            raise ValueError(f"{len(choices)} choices for {count} prompts")
+        if len(choices) != len(prompts):
+            raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
         texts = [c["message"]["content"] if api == "chat" else c["text"] for c in choices]
+        texts = [t if t is not None else "" for t in texts]
         usage = data.get("usage") or {}
-        return Answer(
-            [t if t is not None else "" for t in texts],
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-        )
+        prompt_share = _shares(int(usage.get("prompt_tokens") or 0), [str(p) for p in prompts])
+        text_share = _shares(int(usage.get("completion_tokens") or 0), texts)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
         error = CellError(f"malformed response ({type(e).__name__}: {e}): {response.text[:300]}")
-        return Answer([error] * count)
+        return Answer([error] * len(prompts))
+    return Answer(
+        [
+            Generation(t, c.get("finish_reason"), p, n)
+            for t, c, p, n in zip(texts, choices, prompt_share, text_share, strict=True)
+        ]
+    )
+
+
+def _shares(total: int, texts: list[str]) -> list[int]:
+    """`total` tokens shared out over `texts` in proportion to their length; sums to `total`."""
+    weights = [max(1, len(t)) for t in texts]
+    cuts = [total * sum(weights[: i + 1]) // sum(weights) for i in range(len(weights))]
+    return [b - a for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]

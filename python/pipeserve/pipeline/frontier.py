@@ -44,6 +44,8 @@ class _RecordState:
     errors: dict[str, str] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)  # column -> inputs not yet resolved
     open_cells: int = 0
+    generations: dict[str, int] = field(default_factory=dict)  # column -> generations so far
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)  # LLM column -> tokens, ...
 
 
 class Frontier:
@@ -117,9 +119,38 @@ class Frontier:
             batch.append(Cell(heapq.heappop(queue)[1], first.column))
         return batch
 
-    def push_again(self, cell: Cell) -> None:
-        """Puts a taken cell back (another endpoint, another generation); it stays open."""
+    def push_again(self, cell: Cell, regenerate: bool = False) -> None:
+        """Puts a taken cell back, for another endpoint or (`regenerate`) another generation;
+        it stays open."""
+        if regenerate:
+            generations = self._records[cell.record].generations
+            generations[cell.column] = generations.get(cell.column, 1) + 1
         self._push(cell)
+
+    def generation(self, cell: Cell) -> int:
+        """Which generation of the cell this is (1 for the first)."""
+        return self._records[cell.record].generations.get(cell.column, 1)
+
+    def regenerate(self, target: Cell, validator: Cell) -> bool:
+        """A validator (taken, not resolved) rejected `target`'s value: `target` is open again,
+        queued for its next generation, and the validator waits for it. True when `target` had
+        been resolved in this run (rather than kept from an earlier one)."""
+        state = self._records[target.record]
+        counted = target.column in state.waiting
+        del state.values[target.column]
+        state.open_cells += 1
+        state.waiting[validator.column] = 1  # its other inputs are resolved: it was taken
+        for name in self._graph.dependents[target.column]:
+            if name != validator.column and state.waiting.get(name, 0) > 0:
+                state.waiting[name] += 1  # waits for the validator, so it is not released yet
+        self.push_again(target, regenerate=True)
+        return counted
+
+    def add_usage(self, cell: Cell, usage: Mapping[str, Any]) -> None:
+        """Adds a generation's tokens to the cell's usage; other keys keep the latest value."""
+        mine = self._records[cell.record].usage.setdefault(cell.column, {})
+        for key, value in usage.items():
+            mine[key] = mine.get(key, 0) + value if key.endswith("_tokens") else value
 
     def lanes_of(self, column: str) -> tuple[str, ...]:
         return self._lanes[column]
@@ -165,6 +196,10 @@ class Frontier:
         """A finished record's values (fields and columns) and its per-column errors."""
         state = self._records[record]
         return state.values, state.errors
+
+    def usage(self, record: int) -> dict[str, dict[str, Any]]:
+        """A record's usage by LLM column: tokens, finish_reason, generations."""
+        return self._records[record].usage
 
     def forget(self, record: int) -> None:
         """Drops a finished record's state once its output is written."""

@@ -1,7 +1,9 @@
 """Records in, records out. Input is JSON lines (one object per line). Output is appended one line
 per record as each record finishes, flushed at once: the record's fields, every column's value
-(null where it failed), `_index` (its line in the input), `_hash` (a digest of the input record)
-and `_errors` (column -> message) when a cell failed.
+(null where it failed), `_index` (its line in the input), `_hash` (a digest of the input record),
+`_usage` (per LLM column computed in this run: prompt and completion tokens, finish_reason,
+generations) and `_errors` (column -> message) when a cell failed. NaN and infinities, which
+JSON cannot hold, are written as null.
 
 A record is known by its `id` field when it has one, else by its content: `_hash`, with `#k`
 appended for the k-th repeat of an identical record. Resuming, the last line of each record
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import IO, Any
@@ -22,7 +25,7 @@ from typing import IO, Any
 from pipeserve.pipeline.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.frontier import RecordPlan
 
-RESERVED = ("_index", "_hash", "_errors")
+RESERVED = ("_index", "_hash", "_usage", "_errors")
 Key = tuple[str, Any]
 
 
@@ -129,13 +132,21 @@ def plan_records(
 
 
 def output_row(
-    job: Job, index: int, hashed: str, values: dict[str, Any], errors: dict[str, str]
+    job: Job,
+    index: int,
+    hashed: str,
+    result: tuple[dict[str, Any], dict[str, str]],
+    usage: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
+    """A finished record's line: `result` is its (values, errors)."""
+    values, errors = result
     names = {c.name for c in job.columns}
     row = {k: v for k, v in values.items() if k not in names}
     row.update({c.name: values.get(c.name) for c in job.columns})
     row["_index"] = index
     row["_hash"] = hashed
+    if usage:
+        row["_usage"] = usage
     if errors:
         row["_errors"] = dict(sorted(errors.items()))
     return row
@@ -151,11 +162,23 @@ class OutputWriter:
     def write(self, row: dict[str, Any]) -> None:
         prefix = "\n" if self._torn else ""
         self._torn = False
-        self._file.write(prefix + json.dumps(row, ensure_ascii=False) + "\n")
+        line = json.dumps(finite(row), ensure_ascii=False, allow_nan=False)
+        self._file.write(prefix + line + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def finite(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def _ends_mid_line(path: str) -> bool:

@@ -30,11 +30,16 @@ async def run_job_async(
     *,
     progress: bool = False,
     compact: bool = False,
+    limit: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunSummary:
     """Computes every cell not already finished in `output` and appends each record's line as it
-    finishes. `records` is a JSON-lines path or a list of dicts. With `compact`, the output is
-    rewritten at the end with one line per record, in input order."""
+    finishes. `records` is a JSON-lines path or a list of dicts; `limit` keeps the first that
+    many. With `compact`, the output is rewritten at the end with one line per record, in input
+    order. Setting `stop` (the CLI sets it on Ctrl-C) ends the run as an early stop does: the
+    summary says so, and a re-run resumes."""
     records = read_records(records) if isinstance(records, str) else list(records)
+    records = records[:limit] if limit is not None else records
     check_records(job, records)
     hashes = record_hashes(records)
     plans = plan_records(job, records, read_output(output))
@@ -46,27 +51,37 @@ async def run_job_async(
     writer = OutputWriter(output)
 
     def write_record(record: int) -> None:
-        values, errors = frontier.result(record)
-        writer.write(output_row(job, record, hashes[record], values, errors))
+        result = frontier.result(record)
+        writer.write(output_row(job, record, hashes[record], result, frontier.usage(record)))
         frontier.forget(record)
         stats.record_written()
 
     generate = {name: client.generate for name, client in clients.items()}
+    limits = {name: client.limit for name, client in clients.items()}
+    dispatcher = Dispatcher(job, frontier, generate, stats, write_record, down, limits)
+    watch = asyncio.create_task(_stop_on(stop, dispatcher)) if stop is not None else None
     try:
-        await Dispatcher(job, frontier, generate, stats, write_record, down).run()
+        await dispatcher.run()
     finally:
+        if watch is not None:
+            watch.cancel()
         writer.close()
         await asyncio.gather(*(c.aclose() for c in clients.values()))
-        summary = stats.finish()
+        summary = stats.finish(dispatcher.stopped, len(plans) - stats.written)
     if compact:
         compact_output(output, records)
     return summary
 
 
+async def _stop_on(event: asyncio.Event, dispatcher: Dispatcher) -> None:
+    await event.wait()
+    dispatcher.stop("interrupted")
+
+
 async def connect(job: Job, columns: set[str]) -> tuple[dict[str, EndpointClient], dict[str, str]]:
-    """Probes the endpoints that `columns` use, before anything is sent: a client per reachable endpoint,
-    and the endpoints that could not be reached. Raises `JobError` when a column could reach
-    none of its endpoints."""
+    """Probes the endpoints that `columns` use, before anything is sent: a client per reachable
+    endpoint, and the endpoints that could not be reached. Raises `JobError` when a column could
+    reach none of its endpoints."""
     llm = [c for c in job.columns if isinstance(c, LLMColumn) and c.name in columns]
     used = [e for e in job.endpoints if any(e.name in c.endpoints for c in llm)]
     found = dict(zip(used, await asyncio.gather(*(probe(e) for e in used)), strict=True))
@@ -93,6 +108,9 @@ def run_job(
     *,
     progress: bool = False,
     compact: bool = False,
+    limit: int | None = None,
 ) -> RunSummary:
     """`run_job_async` in a fresh event loop."""
-    return asyncio.run(run_job_async(job, records, output, progress=progress, compact=compact))
+    return asyncio.run(
+        run_job_async(job, records, output, progress=progress, compact=compact, limit=limit)
+    )
