@@ -35,6 +35,7 @@ class MockConfig:
     concurrency: int = 8  # requests served at once
     owned_by: str = "mock"  # what GET /models says serves it
     answer: Callable[[str], Completion] = echo
+    capacity: int | None = None  # requests in flight beyond this get a 429 at once
 
 
 @dataclass
@@ -46,6 +47,8 @@ class MockServer:
     _server: asyncio.Server | None = None
     _slots: asyncio.Semaphore | None = None
     _open: set[asyncio.StreamWriter] = field(default_factory=set)
+    _active: int = 0  # POSTs being served
+    overloads: int = 0  # 429s sent for `capacity`
 
     async def start(self, port: int = 0) -> str:
         self._slots = asyncio.Semaphore(self.config.concurrency)
@@ -82,9 +85,16 @@ class MockServer:
             return 404, {"error": {"message": f"no route {method} {path}"}}, {}
         request = json.loads(body)
         self.bodies.append(request)
+        if self.config.capacity is not None and self._active >= self.config.capacity:
+            self.overloads += 1
+            return 429, {"error": {"message": "over capacity"}}, {"Retry-After": "0"}
         assert self._slots is not None
-        async with self._slots:
-            await asyncio.sleep(self.config.latency_s)
+        self._active += 1
+        try:
+            async with self._slots:
+                await asyncio.sleep(self.config.latency_s)
+        finally:
+            self._active -= 1
         return (self.reply or self.complete)(path, request)
 
     def complete(self, path: str, request: dict[str, Any]) -> Reply:
