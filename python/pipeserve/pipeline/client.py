@@ -13,11 +13,14 @@ over its prompts by length (exact for a request of one prompt).
 
 The client tells the endpoint's `AdaptiveLimit` of every overload answer (429, 503) as it comes
 and of every success, so the requests in flight shrink while the server refuses and grow back.
+A caller holds a slot of that limit around `generate` (the dispatcher does); a retry after an
+overload waits for a slot again under the lowered limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +145,7 @@ class EndpointClient:
         path = "/chat/completions" if column.api == "chat" else "/completions"
         body = self.body(column, prompts, priority)
         for attempt in range(1, self._retry.max_attempts + 1):
+            sent_at = time.monotonic()
             try:
                 response = await self._http.post(path, json=body)
             except httpx.TransportError as e:
@@ -156,7 +160,9 @@ class EndpointClient:
                     raise _Refused(problem)
                 wait = _retry_after(response)
                 if response.status_code in OVERLOAD_STATUS:
-                    self.limit.overloaded(wait)
+                    self.limit.overloaded(wait, sent_at)
+                    if attempt < self._retry.max_attempts:
+                        await self.limit.rejoin()
                 broken = response.status_code >= 500 and response.status_code not in OVERLOAD_STATUS
                 error = _ServerError if broken else CellError
             if attempt < self._retry.max_attempts:
