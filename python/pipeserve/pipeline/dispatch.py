@@ -113,6 +113,9 @@ class Dispatcher:
                 for cell, outcome in zip(cells, outcomes, strict=True):
                     self._apply(lane, cell, outcome)
                 self._settle()
+                # NOTE: the workers this completion woke (a judge's, on another lane) run before
+                # this one takes more cells, so the judge's request leaves first
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug in the runner or a callback: stop the run, loudly

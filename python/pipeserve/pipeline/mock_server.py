@@ -29,6 +29,14 @@ def echo(prompt: str) -> Completion:
     return f"<{prompt}>"
 
 
+def arithmetic(prompt: str) -> Completion:
+    """A model that gets `a+b=` and `a-b=` right (the example job's task); echoes the rest."""
+    left, op, right = prompt.rstrip("=").partition("+" if "+" in prompt else "-")
+    if not (op and left.strip().lstrip("-").isdigit() and right.strip().isdigit()):
+        return echo(prompt)
+    return str(int(left) + int(right) if op == "+" else int(left) - int(right))
+
+
 @dataclass(frozen=True)
 class MockConfig:
     latency_s: float = 0.0  # per request
