@@ -63,6 +63,8 @@ class Dispatcher:
             for e in job.endpoints
         }
         self._wake = {lane: asyncio.Event() for lane in frontier.lanes}
+        self._idle = dict.fromkeys(frontier.lanes, 0)  # workers asleep on each lane's event
+        self._waking: set[str] = set()  # lanes woken for ready cells, none taken yet
         self._finished = asyncio.Event()
         self._failure: BaseException | None = None
         self.stopped: str | None = None  # why the run ended early
@@ -105,22 +107,41 @@ class Dispatcher:
             while not self._finished.is_set() and lane not in self._down:
                 async with self._limits[lane].slot():
                     cells = self._frontier.pop_batch(lane, self._batch_limit[lane])
+                    self._waking.discard(lane)
                     outcomes = await self._call(lane, cells) if cells else []
                 if not cells:
-                    self._wake[lane].clear()
-                    await self._wake[lane].wait()
+                    await self._sleep(lane)
                     continue
                 for cell, outcome in zip(cells, outcomes, strict=True):
                     self._apply(lane, cell, outcome)
                 self._settle()
-                # NOTE: the workers this completion woke (a judge's, on another lane) run before
-                # this one takes more cells, so the judge's request leaves first
-                await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug in the runner or a callback: stop the run, loudly
             self._failure = e
             self._finished.set()
+
+    async def _sleep(self, lane: str) -> None:
+        self._wake[lane].clear()
+        self._idle[lane] += 1
+        try:
+            await self._wake[lane].wait()
+        finally:
+            self._idle[lane] -= 1
+
+    def _wake_lane(self, lane: str) -> None:
+        if self._idle[lane] and not self._wake[lane].is_set():
+            self._waking.add(lane)
+        self._wake[lane].set()
+
+    async def _woken_first(self, lane: str) -> None:
+        """Lets workers of other lanes that were woken for ready cells (a judge's) take them
+        before this worker handles its answer: completions that arrive together then start the
+        judge after the first of them, not after all. Bounded: a lane may not be quick to run."""
+        for _ in range(4):
+            if not self._waking - {lane}:
+                return
+            await asyncio.sleep(0)
 
     async def _call(self, lane: str, cells: list[Cell]) -> list[Outcome | EndpointDown]:
         """One request to `lane` for cells of one LLM column: an outcome per cell."""
@@ -140,6 +161,7 @@ class Dispatcher:
         answer = await self._generate[lane](
             column, list(prompts.values()), self._job.graph.priority[column.name]
         )
+        await self._woken_first(lane)
         end = self._stats.now()
         for i, result in zip(prompts, answer.results, strict=True):
             down = isinstance(result, EndpointDown)
@@ -159,7 +181,7 @@ class Dispatcher:
     def _apply(self, lane: str, cell: Cell, outcome: Outcome | EndpointDown) -> None:
         if isinstance(outcome, EndpointDown):
             self._down.setdefault(lane, str(outcome))
-            self._wake[lane].set()  # the lane's other workers stop too
+            self._wake_lane(lane)  # the lane's other workers stop too
             self._queue(cell)
             return
         if outcome.usage is not None:
@@ -179,7 +201,7 @@ class Dispatcher:
         """Back to its column's queue: for another endpoint, or another generation."""
         self._frontier.push_again(cell, regenerate)
         for lane in self._frontier.lanes_of(cell.column):
-            self._wake[lane].set()
+            self._wake_lane(lane)
 
     def _settle(self) -> None:
         """After cells resolved: runs the Python cells that became ready, fails those no endpoint
@@ -197,7 +219,7 @@ class Dispatcher:
         """Resolves a cell that ran, and stops the run when too many of the latest failed."""
         for ready in self._frontier.resolve(cell, value, error):
             for lane in self._frontier.lanes_of(ready.column):
-                self._wake[lane].set()
+                self._wake_lane(lane)
         policy = self._job.stop
         self._recent.append(error)
         if not policy.enabled or len(self._recent) < policy.window:
@@ -250,7 +272,7 @@ class Dispatcher:
         counted = self._frontier.regenerate(target, cell)
         self._stats.regenerated(target_name, counted)
         for lane in self._frontier.lanes_of(target_name):
-            self._wake[lane].set()
+            self._wake_lane(lane)
         return _AGAIN, None
 
     def _drain(self) -> None:
