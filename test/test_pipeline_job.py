@@ -179,3 +179,36 @@ def test_example_yaml_and_python_api_describe_the_same_job():
         assert load_job(os.path.join(example, "job.yaml")) == job_api.JOB
     finally:
         sys.path.remove(example)
+
+
+FULL = """
+endpoints:
+  gen: {base_url: "http://127.0.0.1:1/v1", priority: higher-first, adaptive: false}
+  gen2: {base_url: "http://127.0.0.1:3/v1"}
+  judge: {base_url: "http://127.0.0.1:2/v1", response_format: true}
+columns:
+  answer: {endpoint: [gen, gen2], prompt: "{question}", allow_truncated: true}
+  review:
+    endpoint: judge
+    api: chat
+    system: "Grade {{ question }}"
+    prompt: "{{ answer }}"
+    syntax: jinja
+    output_schema: {type: object, properties: {score: {type: integer}}, required: [score]}
+    max_generations: 2
+  sane: {python: "checks_mod:verified", validates: review}
+stop: {error_rate: 0.2, window: 10}
+"""
+
+
+def test_every_key_of_the_job_file_reaches_the_python_objects(tmp_path):
+    job = load_job(write_job(tmp_path, FULL))
+    gen, _, judge = job.endpoints
+    assert gen.priority == "higher-first" and gen.adaptive is False and judge.response_format
+    answer, review, sane = job.columns
+    assert answer.endpoints == ("gen", "gen2") and answer.allow_truncated
+    assert review.system == "Grade {{ question }}" and review.inputs == ("answer", "question")
+    assert review.output_schema["required"] == ["score"] and review.max_generations == 2
+    assert sane.validates == "review" and sane.inputs == ("review",)
+    assert (job.stop.error_rate, job.stop.window, job.stop.enabled) == (0.2, 10, True)
+    assert job.graph.depth == {"answer": 0, "review": 1, "sane": 2}
