@@ -16,6 +16,7 @@ table, writes JSON (and a PNG when matplotlib is installed).
     python benchmark/bench_pipeline.py --records 2000 --json docs/results/pipeline_cpu.json \\
         --plot docs/results/pipeline_cpu.png
     python benchmark/bench_pipeline.py --url-a http://127.0.0.1:30001/v1 --url-b http://127.0.0.1:30002/v1
+    python benchmark/bench_pipeline.py --mock  # A, B: in-process mocks (mock_server.py), no model
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import httpx
@@ -49,6 +50,7 @@ from pipeserve.pipeline.client import CellError, EndpointClient  # noqa: E402
 from pipeserve.pipeline.config import LLMColumn, PythonColumn  # noqa: E402
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier  # noqa: E402
 from pipeserve.pipeline.io import plan_records  # noqa: E402
+from pipeserve.pipeline.mock_server import MockConfig, MockThread, arithmetic  # noqa: E402
 from pipeserve.pipeline.stats import RequestSpan  # noqa: E402
 from pipeserve.pipeline.template import render  # noqa: E402
 
@@ -73,8 +75,7 @@ class Baseline:
         return time.perf_counter() - self.t0
 
     async def run_cells(self, cells: list[Cell]) -> None:
-        """Sends cells of one LLM column in one request (its endpoint slot already held),
-        resolves them, releases the slot."""
+        """Sends cells of one LLM column in one request (its slot held), resolves them."""
         column = self.job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
         prompts = [render(column.prompt, self.frontier.row(c)) for c in cells]
@@ -85,17 +86,16 @@ class Baseline:
             )
         finally:
             self.limits[column.endpoint].release()
-        for cell, text in zip(cells, answer.texts, strict=True):
-            ok = not isinstance(text, CellError)
+        for cell, result in zip(cells, answer.results, strict=True):
+            ok = not isinstance(result, CellError)
             self.spans.append(
                 RequestSpan(column.name, column.endpoint, cell.record, start, self.now(), ok)
             )
-            self.frontier.resolve(cell, text if ok else None, None if ok else str(text))
+            self.frontier.resolve(cell, result.text if ok else None, None if ok else str(result))
         self.settle()
 
     def batches(self, cells: list[Cell]) -> list[list[Cell]]:
-        """Consecutive cells of one column, cut at the endpoint's max_batch_size (as the runner
-        sends them)."""
+        """Consecutive cells of one column, cut at the endpoint's max_batch_size (as sent)."""
         out: list[list[Cell]] = []
         for cell in cells:
             column = self.job.column(cell.column)
@@ -119,11 +119,7 @@ class Baseline:
         self.changed.set()
 
     def pop_all(self, lanes: list[str]) -> list[Cell]:
-        cells = []
-        for lane in lanes:
-            while (cell := self.frontier.pop(lane)) is not None:
-                cells.append(cell)
-        return cells
+        return [c for lane in lanes for c in iter(lambda lane=lane: self.frontier.pop(lane), None)]
 
     async def close(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self.clients.values()))
@@ -151,7 +147,7 @@ async def snapshot_dispatch(base: Baseline) -> None:
         base.changed.clear()
         snapshot = base.pop_all(lanes)
         for cells in base.batches(snapshot):
-            await base.limits[base.frontier.lane_of(cells[0].column)].acquire()
+            await base.limits[base.frontier.lanes_of(cells[0].column)[0]].acquire()
             tasks.append(asyncio.create_task(base.run_cells(cells)))
         if not snapshot:
             await base.changed.wait()
@@ -183,17 +179,13 @@ def measure(
     first_judge = min(s.start_s for s in spans if s.column == JUDGE)
     ends = sorted(ends)
     return {
-        "mode": mode,
-        "wall_s": wall,
-        "records": len(ends),
-        "verified": verified,
-        "failed_requests": sum(not s.ok for s in spans),
-        "first_judge_start_s": first_judge,
+        "mode": mode, "wall_s": wall, "records": len(ends), "verified": verified,
+        "failed_requests": sum(not s.ok for s in spans), "first_judge_start_s": first_judge,
         "gen_done_at_first_judge": sum(t <= first_judge for t in gen_ends) / len(gen_ends),
         "first_record_s": ends[0] if ends else None,
         "half_records_s": ends[len(ends) // 2] if ends else None,
         "record_end_s": [round(t, 3) for t in ends],
-    }
+    }  # fmt: skip
 
 
 class LaunchedServer:
@@ -207,11 +199,9 @@ class LaunchedServer:
         cmd = [sys.executable, "-m", "pipeserve.launch_server", "--port", str(port)]
         pin = ["taskset", "-c", cpus] if cpus else []
         self.proc = subprocess.Popen(
-            [*pin, *cmd, *shlex.split(flags)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+            [*pin, *cmd, *shlex.split(flags)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
         while self.proc.poll() is None and time.monotonic() < deadline:
@@ -247,13 +237,10 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        if row["run"] != 0:
-            continue
+    for row in (r for r in rows if r["run"] == 0):
         ends = row["record_end_s"]
         ax.step([0, *ends], range(len(ends) + 1), where="post", label=row["mode"])
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("records finished")
+    ax.set(xlabel="seconds since start", ylabel="records finished")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -289,8 +276,7 @@ def table(rows: list[dict]) -> str:
 
 def client_cpu_s() -> float:
     """User + system seconds of this process (the client of every mode)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # ru_utime + ru_stime
 
 
 def median_row(mode: str, runs: list[dict]) -> dict:
@@ -348,11 +334,28 @@ def main() -> None:
     p.add_argument("--cpus-b", help="pin server B to these CPUs, e.g. 1")
     p.add_argument("--concurrency", type=int, default=None, help="per endpoint (default: job's)")
     p.add_argument("--batch", type=int, default=None, help="max_batch_size (default: job's)")
+    p.add_argument("--mock", action="store_true", help="in-process mock endpoints, no servers")
+    p.add_argument("--mock-latency", type=float, default=0.1, help="seconds per mock request")
+    p.add_argument("--mock-concurrency", type=int, default=8, help="mock requests served at once")
     p.add_argument("--modes", default="runner,column,snapshot")
     p.add_argument("--repeats", type=int, default=1, help="runs of every mode, interleaved")
     p.add_argument("--json", help="write results here")
     p.add_argument("--plot", help="PNG of records finished over time (needs matplotlib)")
     args = p.parse_args()
+    with endpoints(args) as (urls, servers):
+        rows = run_all(args, job := example_job(urls, args), servers)
+    print(table(rows))
+    write_results(args, job, rows)
+
+
+@contextlib.contextmanager
+def endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict]]:
+    """A's and B's URLs and the servers started here (stopped on exit), or in-process mocks."""
+    if args.mock:
+        config = MockConfig(args.mock_latency, args.mock_concurrency, answer=arithmetic)
+        with MockThread(config, config) as mock:
+            yield {"adder": mock.servers[0].url, "checker": mock.servers[1].url}, {}
+        return
     servers: dict[str, LaunchedServer] = {}
     try:
         urls = {"adder": args.url_a, "checker": args.url_b}
@@ -360,16 +363,17 @@ def main() -> None:
         for name in [n for n, url in urls.items() if url is None]:
             servers[name] = LaunchedServer(*launch[name])
             urls[name] = servers[name].url + "/v1"
-        rows = run_all(args, job := example_job(urls, args), servers)
+        yield urls, servers
     finally:
         for server in servers.values():
             server.stop()
-    print(table(rows))
-    write_results(args, job, rows)
 
 
 def write_results(args: argparse.Namespace, job: Job, rows: list[dict]) -> None:
     git = ["git", "rev-parse", "--short", "HEAD"]
+    mock = f"mock: {args.mock_latency} s per request, {args.mock_concurrency} at a time"
+    launched = {"adder": args.url_a or f"{args.flags_a} cpus={args.cpus_a}"}
+    launched["checker"] = args.url_b or f"{args.flags_b} cpus={args.cpus_b}"
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
@@ -378,10 +382,7 @@ def write_results(args: argparse.Namespace, job: Job, rows: list[dict]) -> None:
             e.name: {"max_concurrency": e.max_concurrency, "max_batch_size": e.max_batch_size}
             for e in job.endpoints
         },
-        "servers": {
-            "adder": args.url_a or f"{args.flags_a} cpus={args.cpus_a}",
-            "checker": args.url_b or f"{args.flags_b} cpus={args.cpus_b}",
-        },
+        "servers": mock if args.mock else launched,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -138,17 +138,18 @@ def test_killed_server_then_restarted_loses_no_record(servers, tmp_path):
     port = servers["b"].port
     os.killpg(servers["b"].proc.pid, signal.SIGKILL)  # the judge server and its ranks die
     servers["b"].proc.wait(30)
-    assert proc.wait(120) == 1  # finished, with the judge cells after the kill failed
+    # The judge's cells fail fast once its server is down, and the run stops on its error rate.
+    assert proc.wait(120) == 1
     first = summary(out)
-    failed = first["columns"]["check"]["failed"]
-    assert failed > 0 and first["records_written"] == 150
+    failed, written = first["columns"]["check"]["failed"], first["records_written"]
+    assert failed > 0 and 10 <= written <= 150
     servers["b"] = Server(*B_FLAGS, port=port, timeout=240)
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     second = summary(out)
-    assert second["columns"]["sum"]["done"] == 0  # every sum was kept from the first run
-    assert second["columns"]["check"]["done"] == failed
-    assert second["records_skipped"] == 150 - failed
+    assert second["columns"]["sum"]["done"] == 150 - written  # written records kept their sum
+    assert second["columns"]["check"]["done"] == failed + 150 - written
+    assert second["records_skipped"] == written - failed
     assert_all_correct(last_lines(out), records)
 
 

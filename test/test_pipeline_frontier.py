@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, PythonColumn
-from pipeserve.pipeline.client import Answer, CellError
+from pipeserve.pipeline.client import Answer, CellError, Generation
 from pipeserve.pipeline.dispatch import Dispatcher
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
 from pipeserve.pipeline.io import plan_records
@@ -151,13 +151,14 @@ class FakeEndpoint:
         await asyncio.sleep(self.delay_s)
         self.in_flight -= 1
         self.log.extend(("end", column.name) for _ in prompts)
-        return Answer([self.answer(p) for p in prompts], 3 * len(prompts), len(prompts))
+        return Answer([self.answer(p) for p in prompts])
 
-    def answer(self, prompt: str) -> str | CellError:
+    def answer(self, prompt: str) -> Generation | CellError:
         if prompt in self.fail:
             return CellError("HTTP 500: injected")
         left, op, right = prompt.rstrip("=").partition("+" if "+" in prompt else "-")
-        return str(int(left) + int(right) if op == "+" else int(left) - int(right))
+        text = str(int(left) + int(right) if op == "+" else int(left) - int(right))
+        return Generation(text, "stop", 3, 1)
 
 
 def dispatch(job: Job, n: int, endpoints: dict[str, FakeEndpoint]) -> dict[int, tuple]:
@@ -270,3 +271,36 @@ def test_a_prompt_that_cannot_be_rendered_fails_its_cell_only():
     assert written[0] == ({"x": 1, "y": 2, "sum": "3"}, {})
     assert written[1][1]["sum"].startswith("cannot render the prompt: ValueError")
     assert [p for _, p, _ in ep.calls] == ["1+2="]
+
+
+def two_judges_job(batch: int) -> Job:
+    """A generator on `a`, two judges of the same depth sharing endpoint `b`."""
+    endpoints = tuple(
+        Endpoint(n, f"http://127.0.0.1:1/{n}", max_concurrency=2, max_batch_size=batch)
+        for n in "ab"
+    )
+    return Job(
+        endpoints,
+        (
+            LLMColumn("sum", "a", "{x}+{y}="),
+            LLMColumn("check", "b", "{sum}-{y}="),
+            LLMColumn("recheck", "b", "{sum}-{x}="),
+        ),
+    )
+
+
+def test_judges_of_one_depth_on_one_endpoint_are_batched_per_column():
+    f = frontier(two_judges_job(batch=8), 4)
+    for cell in drain(f, "a"):
+        f.resolve(cell, str(11 * cell.record))
+    limit = {"sum": 8, "check": 8, "recheck": 8}
+    assert f.pop_batch("b", limit) == [Cell(r, "check") for r in range(4)]
+    assert f.pop_batch("b", limit) == [Cell(r, "recheck") for r in range(4)]
+
+
+def test_two_judges_sharing_an_endpoint_fill_their_batches():
+    a, b = FakeEndpoint(delay_s=0.001), FakeEndpoint(delay_s=0.001)
+    out = dispatch(two_judges_job(batch=8), 400, {"a": a, "b": b})
+    assert len(out) == 400 and all(not errors for _, errors in out.values())
+    assert sum(b.requests) == 800
+    assert len(b.requests) <= 110, b.requests[:20]  # 100 full batches, a few partial ones

@@ -76,7 +76,8 @@ def test_good_job_file_loads_into_the_python_api_objects(tmp_path):
          "columns.verified.python: module 'checks_mod' has no function 'nope'"),
         (("checks_mod:verified", "no_such_module:f"),
          "columns.verified.python: cannot import module 'no_such_module'"),
-        (("\"{a}+{b}=\"", "\"{a.real}+{b}=\""), "only plain names such as {a} are allowed"),
+        (("\"{a}+{b}=\"", "\"{a[0]}+{b}=\""), "only names and key paths such as {a} or {a.b}"),
+        (("\"{a}+{b}=\"", "\"{a.__class__}+{b}=\""), "no positions, indexes or names starting"),
         (("gen: {", "gen: ["), "not valid YAML"),
         (("  sum:", "  sum:\n    prompt: x\n  sum:"), "duplicate key 'sum'"),
     ],
@@ -138,18 +139,18 @@ def test_templates_read_plain_names_only():
 def test_output_is_appended_and_a_torn_last_line_is_skipped(tmp_path):
     path = str(tmp_path / "out.jsonl")
     writer = OutputWriter(path)
-    writer.write({"a": 1, "_index": 0})
+    writer.write({"a": 1, "_index": 0, "_hash": "h1"})
     writer.close()
     with open(path, "a") as f:
         f.write('{"a": 2, "_ind')  # a run killed in the middle of a line
-    assert list(read_output(path)) == [("index", 0)]
+    assert list(read_output(path)) == [("hash", "h1")]
     writer = OutputWriter(path)
-    writer.write({"a": 3, "_index": 1})
+    writer.write({"a": 3, "_index": 1, "_hash": "h3"})
     writer.close()
-    assert read_output(path)[("index", 1)]["a"] == 3
+    assert read_output(path)[("hash", "h3")]["a"] == 3
     with open(path) as f:
         lines = f.read().splitlines()
-    assert lines[-1] == '{"a": 3, "_index": 1}'
+    assert lines[-1] == '{"a": 3, "_index": 1, "_hash": "h3"}'
 
 
 def test_the_last_line_of_a_record_wins_and_compact_keeps_input_order(tmp_path):
@@ -178,3 +179,36 @@ def test_example_yaml_and_python_api_describe_the_same_job():
         assert load_job(os.path.join(example, "job.yaml")) == job_api.JOB
     finally:
         sys.path.remove(example)
+
+
+FULL = """
+endpoints:
+  gen: {base_url: "http://127.0.0.1:1/v1", priority: higher-first, adaptive: false}
+  gen2: {base_url: "http://127.0.0.1:3/v1"}
+  judge: {base_url: "http://127.0.0.1:2/v1", response_format: true}
+columns:
+  answer: {endpoint: [gen, gen2], prompt: "{question}", allow_truncated: true}
+  review:
+    endpoint: judge
+    api: chat
+    system: "Grade {{ question }}"
+    prompt: "{{ answer }}"
+    syntax: jinja
+    output_schema: {type: object, properties: {score: {type: integer}}, required: [score]}
+    max_generations: 2
+  sane: {python: "checks_mod:verified", validates: review}
+stop: {error_rate: 0.2, window: 10}
+"""
+
+
+def test_every_key_of_the_job_file_reaches_the_python_objects(tmp_path):
+    job = load_job(write_job(tmp_path, FULL))
+    gen, _, judge = job.endpoints
+    assert gen.priority == "higher-first" and gen.adaptive is False and judge.response_format
+    answer, review, sane = job.columns
+    assert answer.endpoints == ("gen", "gen2") and answer.allow_truncated
+    assert review.system == "Grade {{ question }}" and review.inputs == ("answer", "question")
+    assert review.output_schema["required"] == ["score"] and review.max_generations == 2
+    assert sane.validates == "review" and sane.inputs == ("review",)
+    assert (job.stop.error_rate, job.stop.window, job.stop.enabled) == (0.2, 10, True)
+    assert job.graph.depth == {"answer": 0, "review": 1, "sane": 2}

@@ -8,6 +8,7 @@ from pipeserve.pipeline.config import (
     LLMColumn,
     PythonColumn,
     RetryPolicy,
+    StopPolicy,
 )
 from pipeserve.pipeline.jobfile import job_from_dict, load_job
 from pipeserve.pipeline.runner import run_job, run_job_async
@@ -21,6 +22,7 @@ __all__ = [
     "PythonColumn",
     "RetryPolicy",
     "RunSummary",
+    "StopPolicy",
     "job_from_dict",
     "load_job",
     "run_job",

@@ -12,11 +12,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeserve.pipeline.template import TemplateError, template_fields
+from pipeserve.pipeline.schema import SchemaError, check_schema
+from pipeserve.pipeline.template import SYNTAXES, TemplateError, template_fields
 
 APIS = ("completions", "chat")
+# How an endpoint orders the `priority` request field: "auto" sends it lower-first to a server
+# that says it is pipeserve (GET /models, owned_by) and not at all to any other.
+PRIORITY_ORDERS = ("auto", "off", "lower-first", "higher-first")
 # Request fields the runner sets itself; a column's `params` may not override them.
-RUNNER_FIELDS = ("model", "prompt", "messages", "stream", "n", "priority")
+RUNNER_FIELDS = ("model", "prompt", "messages", "stream", "n", "priority", "response_format")
 
 
 class JobError(ValueError):
@@ -35,9 +39,17 @@ class Endpoint:
     max_batch_size: int = 1  # prompts of one column per completions request (chat: always 1)
     api_key: str | None = None
     timeout_s: float = 300.0  # one attempt of one request
+    priority: str = "auto"  # one of PRIORITY_ORDERS
+    response_format: bool = False  # send structured columns' schemas (OpenAI, vLLM, SGLang)
+    adaptive: bool = True  # halve the requests in flight on 429/503, grow back on success
 
     def __post_init__(self) -> None:
         _check_name(self.name, "endpoint")
+        if self.priority not in PRIORITY_ORDERS:
+            raise JobError(
+                f"endpoint {self.name!r}: priority must be one of {PRIORITY_ORDERS}, "
+                f"got {self.priority!r}"
+            )
         if not self.base_url.startswith(("http://", "https://")):
             raise JobError(f"endpoint {self.name!r}: base_url must start with http:// or https://")
         if self.max_concurrency < 1 or self.max_batch_size < 1:
@@ -72,23 +84,46 @@ class RetryPolicy:
 class LLMColumn:
     """A column whose cell is one request: `prompt` rendered over the record's fields and
     earlier columns (`{a}+{b}=`), sent to `endpoint` with `params` (max_tokens, temperature,
-    stop, ...). `priority` goes into every request (lower is scheduled earlier); None derives it
-    from the column's depth, so that later columns (judges) go before bulk generation."""
+    stop, ...). `priority` (lower is scheduled earlier) goes to endpoints that take it; None
+    derives it from the column's depth, so that later columns (judges) go before bulk
+    generation.
+
+    With `output_schema` (a JSON schema, see schema.py) the cell is the parsed object, and an
+    answer that does not parse or validate is generated again, up to `max_generations` in all
+    (validator columns share that bound). A generation cut at max_tokens (finish_reason
+    "length") is a cell error unless `allow_truncated`."""
 
     name: str
-    endpoint: str
+    endpoint: str | tuple[str, ...]  # several: each cell goes to whichever has a free slot
     prompt: str
     api: Literal["completions", "chat"] = "completions"
     params: Mapping[str, Any] = field(default_factory=dict)
     priority: int | None = None
+    system: str | None = None  # chat only: a system message, a template like `prompt`
+    syntax: Literal["format", "jinja"] = "format"  # of `prompt` and `system` (template.py)
+    output_schema: Mapping[str, Any] | None = None
+    max_generations: int = 3
+    allow_truncated: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.name, "column")
+        if not isinstance(self.endpoint, str):
+            object.__setattr__(self, "endpoint", tuple(self.endpoint))
+            if not self.endpoint:
+                raise JobError(f"column {self.name!r}: endpoint lists no endpoint")
         if self.api not in APIS:
             raise JobError(f"column {self.name!r}: api must be one of {APIS}, got {self.api!r}")
+        if self.syntax not in SYNTAXES:
+            raise JobError(f"column {self.name!r}: syntax must be one of {SYNTAXES}")
+        if self.system is not None and self.api != "chat":
+            raise JobError(f"column {self.name!r}: a system prompt needs api: chat")
+        if self.max_generations < 1:
+            raise JobError(f"column {self.name!r}: max_generations must be at least 1")
         try:
-            template_fields(self.prompt)
-        except TemplateError as e:
+            self.inputs  # noqa: B018 - parses the templates
+            if self.output_schema is not None:
+                check_schema(self.output_schema, "output_schema")
+        except (TemplateError, SchemaError) as e:
             raise JobError(f"column {self.name!r}: {e}") from None
         taken = sorted(set(self.params) & set(RUNNER_FIELDS))
         if taken:
@@ -98,28 +133,59 @@ class LLMColumn:
         object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
 
     @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint,) if isinstance(self.endpoint, str) else self.endpoint
+
+    @property
     def inputs(self) -> tuple[str, ...]:
-        """Every name the prompt reads: earlier columns and record fields."""
-        return template_fields(self.prompt)
+        """Every name the templates read: earlier columns and record fields."""
+        names = template_fields(self.prompt, self.syntax)
+        if self.system is not None:
+            names += tuple(n for n in template_fields(self.system, self.syntax) if n not in names)
+        return names
 
 
 @dataclass(frozen=True)
 class PythonColumn:
     """A column computed in-process: `function(row)` where `row` holds the record's fields and the
-    values of the `inputs` columns. It runs on the event loop, so it should be quick."""
+    values of the `inputs` columns. It runs on the event loop, so it should be quick.
+
+    A validator (`validates` names an LLM column, which becomes one of its inputs) returns True
+    to accept that column's cell, or False or a reason (a string) to have it generated again,
+    within that column's `max_generations`; its own cell is then True, or the error naming the
+    last reason. Columns that read the validated column wait for its validators."""
 
     name: str
     function: Callable[[dict[str, Any]], Any]
     inputs: tuple[str, ...] = ()
+    validates: str | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "column")
         if not callable(self.function):
             raise JobError(f"column {self.name!r}: function is not callable")
-        object.__setattr__(self, "inputs", tuple(self.inputs))
+        inputs = tuple(self.inputs)
+        if self.validates is not None and self.validates not in inputs:
+            inputs += (self.validates,)
+        object.__setattr__(self, "inputs", inputs)
 
 
 Column = LLMColumn | PythonColumn
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    """Early stop: the run ends when at least `error_rate` of the last `window` cells that ran
+    failed (cells not run because an input failed do not count). Records not finished are not
+    written; a re-run resumes them."""
+
+    error_rate: float = 0.5
+    window: int = 50
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.error_rate <= 1 or self.window < 1:
+            raise JobError("stop.error_rate must be in (0, 1] and stop.window at least 1")
 
 
 @dataclass(frozen=True)
@@ -131,6 +197,7 @@ class Job:
     columns: tuple[Column, ...]
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fields: tuple[str, ...] | None = None
+    stop: StopPolicy = field(default_factory=StopPolicy)
     graph: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -157,7 +224,7 @@ class Job:
             Endpoint(**{**vars(e), "base_url": urls.get(e.name, e.base_url)})
             for e in self.endpoints
         )
-        return Job(endpoints, self.columns, self.retry, self.fields)
+        return Job(endpoints, self.columns, self.retry, self.fields, self.stop)
 
 
 def _check_name(name: str, what: str) -> None:

@@ -1,5 +1,8 @@
 """The column graph of a job: which columns each column reads, in what order they can run, how
-deep each sits, and which request priority each LLM column sends."""
+deep each sits, and which request priority each LLM column sends.
+
+A validator of column T is an input of every other column that reads T, so nothing reads T's
+cell before T's validators accepted it (a rejected cell is generated again in place)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeserve.pipeline.config import JobError, LLMColumn
+from pipeserve.pipeline.config import JobError, LLMColumn, PythonColumn
 
 if TYPE_CHECKING:
     from pipeserve.pipeline.config import Job
@@ -45,9 +48,9 @@ def build_graph(job: Job) -> JobGraph:
     inputs, field_refs = {}, {}
     for col in job.columns:
         if isinstance(col, LLMColumn):
-            if col.endpoint not in endpoints:
+            for unknown in (e for e in col.endpoints if e not in endpoints):
                 raise JobError(
-                    f"column {col.name!r} uses endpoint {col.endpoint!r}, which is not defined "
+                    f"column {col.name!r} uses endpoint {unknown!r}, which is not defined "
                     f"(endpoints: {', '.join(endpoints) or 'none'})"
                 )
             inputs[col.name] = tuple(n for n in col.inputs if n in names)
@@ -62,6 +65,7 @@ def build_graph(job: Job) -> JobGraph:
                 )
             inputs[col.name] = col.inputs
             field_refs[col.name] = ()
+    inputs = _wait_for_validators(job, inputs)
     position = {n: i for i, n in enumerate(names)}
     dependents = {n: tuple(d for d in names if n in inputs[d]) for n in names}
     order = _topological_order(names, inputs, dependents, position)
@@ -69,6 +73,32 @@ def build_graph(job: Job) -> JobGraph:
     for n in order:
         depth[n] = max((depth[i] + 1 for i in inputs[n]), default=0)
     return JobGraph(order, position, inputs, dependents, field_refs, depth, _priorities(job, depth))
+
+
+def _wait_for_validators(
+    job: Job, inputs: dict[str, tuple[str, ...]]
+) -> dict[str, tuple[str, ...]]:
+    validators: dict[str, list[str]] = {}
+    for col in job.columns:
+        if isinstance(col, PythonColumn) and col.validates is not None:
+            target = next((c for c in job.columns if c.name == col.validates), None)
+            if not isinstance(target, LLMColumn):
+                raise JobError(
+                    f"column {col.name!r} validates {col.validates!r}, which is not an LLM column"
+                )
+            if col.validates in validators:
+                raise JobError(
+                    f"columns {validators[col.validates][0]!r} and {col.name!r} both validate "
+                    f"{col.validates!r}: one validator per column (combine the checks)"
+                )
+            validators[col.validates] = [col.name]
+    out = {}
+    for name, reads in inputs.items():
+        extra = [
+            v for r in reads if name not in validators.get(r, []) for v in validators.get(r, [])
+        ]
+        out[name] = (*reads, *(v for v in dict.fromkeys(extra) if v not in reads))
+    return out
 
 
 def _priorities(job: Job, depth: Mapping[str, int]) -> dict[str, int]:

@@ -1,11 +1,14 @@
 """The ready frontier: every cell whose inputs are all resolved and that has not been taken yet,
-kept incrementally in one priority queue per lane (an endpoint, or `PYTHON_LANE`).
+kept incrementally in one priority queue per column. A lane (an endpoint, or `PYTHON_LANE`)
+serves the queues of the columns that may run on it.
 
-Resolving a cell moves each dependent whose last input it was into its lane at once, so a worker
-that takes a cell always sees the current frontier, never a stale snapshot. Order inside a lane
-is `(-depth, record, column position)`: deeper columns first (records already under way finish
-and stream out before new ones start), then earlier records, then declaration order. The key
-depends only on the job and the input, so ties are broken the same way on every run.
+Resolving a cell moves each dependent whose last input it was into its queue at once, so a worker
+that takes a cell always sees the current frontier, never a stale snapshot. A lane takes the best
+head of its queues by `(-depth, record, column position)`: deeper columns first (records already
+under way finish and stream out before new ones start), then earlier records, then declaration
+order. The key depends only on the job and the input, so ties are broken the same way on every
+run. A batch continues in the first cell's own queue, so columns that share a lane at one depth
+(several judges on one server) still fill their batches.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class _RecordState:
     errors: dict[str, str] = field(default_factory=dict)
     waiting: dict[str, int] = field(default_factory=dict)  # column -> inputs not yet resolved
     open_cells: int = 0
+    generations: dict[str, int] = field(default_factory=dict)  # column -> generations so far
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)  # LLM column -> tokens, ...
 
 
 class Frontier:
@@ -48,12 +53,16 @@ class Frontier:
         self._job = job
         self._graph = job.graph
         self._columns = [c.name for c in job.columns]
-        self._lane = {
-            c.name: c.endpoint if isinstance(c, LLMColumn) else PYTHON_LANE for c in job.columns
+        self._lanes = {
+            c.name: c.endpoints if isinstance(c, LLMColumn) else (PYTHON_LANE,) for c in job.columns
         }
-        self._queues: dict[str, list[tuple[int, int, int]]] = {
+        self._queues: dict[str, list[tuple[int, int, int]]] = {n: [] for n in self._columns}
+        self._served: dict[str, list[list[tuple[int, int, int]]]] = {
             lane: [] for lane in (*(e.name for e in job.endpoints), PYTHON_LANE)
         }
+        for name, lanes in self._lanes.items():
+            for lane in lanes:
+                self._served[lane].append(self._queues[name])
         self._records: dict[int, _RecordState] = {}
         self._open_records = 0
         # Logs the caller drains: cells resolved (with success) and records finished.
@@ -73,11 +82,11 @@ class Frontier:
 
     def _push(self, cell: Cell) -> None:
         key = (-self._graph.depth[cell.column], cell.record, self._graph.position[cell.column])
-        heapq.heappush(self._queues[self._lane[cell.column]], key)
+        heapq.heappush(self._queues[cell.column], key)
 
     @property
     def lanes(self) -> tuple[str, ...]:
-        return tuple(sorted(self._queues))
+        return tuple(sorted(self._served))
 
     @property
     def done(self) -> bool:
@@ -85,35 +94,71 @@ class Frontier:
         return self._open_records == 0
 
     def ready(self, lane: str) -> int:
-        return len(self._queues[lane])
+        return sum(len(q) for q in self._served[lane])
 
     def pop(self, lane: str) -> Cell | None:
         """Takes the first ready cell of `lane`; the caller must `resolve` it later."""
-        queue = self._queues[lane]
-        if not queue:
+        heads = [q for q in self._served[lane] if q]
+        if not heads:
             return None
-        _, record, column = heapq.heappop(queue)
+        _, record, column = heapq.heappop(min(heads, key=lambda q: q[0]))
         return Cell(record, self._columns[column])
 
+    def pop_column(self, column: str) -> Cell | None:
+        queue = self._queues[column]
+        return Cell(heapq.heappop(queue)[1], column) if queue else None
+
     def pop_batch(self, lane: str, limit: Mapping[str, int]) -> list[Cell]:
-        """The first ready cell of `lane` and, behind it in lane order, more cells of the same
-        column, up to `limit[column]` cells in all (what is ready now: it never waits)."""
+        """The first ready cell of `lane` and more ready cells of its column in queue order, up
+        to `limit[column]` cells in all (what is ready now: it never waits)."""
         first = self.pop(lane)
         if first is None:
             return []
-        batch, queue = [first], self._queues[lane]
-        position = self._graph.position[first.column]
-        while len(batch) < limit[first.column] and queue and queue[0][2] == position:
-            batch.append(self.pop(lane))
+        batch, queue = [first], self._queues[first.column]
+        while len(batch) < limit[first.column] and queue:
+            batch.append(Cell(heapq.heappop(queue)[1], first.column))
         return batch
 
-    def lane_of(self, column: str) -> str:
-        return self._lane[column]
+    def push_again(self, cell: Cell, regenerate: bool = False) -> None:
+        """Puts a taken cell back, for another endpoint or (`regenerate`) another generation;
+        it stays open."""
+        if regenerate:
+            generations = self._records[cell.record].generations
+            generations[cell.column] = generations.get(cell.column, 1) + 1
+        self._push(cell)
+
+    def generation(self, cell: Cell) -> int:
+        """Which generation of the cell this is (1 for the first)."""
+        return self._records[cell.record].generations.get(cell.column, 1)
+
+    def regenerate(self, target: Cell, validator: Cell) -> bool:
+        """A validator (taken, not resolved) rejected `target`'s value: `target` is open again,
+        queued for its next generation, and the validator waits for it. True when `target` had
+        been resolved in this run (rather than kept from an earlier one)."""
+        state = self._records[target.record]
+        counted = target.column in state.waiting
+        del state.values[target.column]
+        state.open_cells += 1
+        state.waiting[validator.column] = 1  # its other inputs are resolved: it was taken
+        for name in self._graph.dependents[target.column]:
+            if name != validator.column and state.waiting.get(name, 0) > 0:
+                state.waiting[name] += 1  # waits for the validator, so it is not released yet
+        self.push_again(target, regenerate=True)
+        return counted
+
+    def add_usage(self, cell: Cell, usage: Mapping[str, Any]) -> None:
+        """Adds a generation's tokens to the cell's usage; other keys keep the latest value."""
+        mine = self._records[cell.record].usage.setdefault(cell.column, {})
+        for key, value in usage.items():
+            mine[key] = mine.get(key, 0) + value if key.endswith("_tokens") else value
+
+    def lanes_of(self, column: str) -> tuple[str, ...]:
+        return self._lanes[column]
 
     def row(self, cell: Cell) -> dict[str, Any]:
         """What a cell may read: the record's fields and the values of its input columns."""
         values = self._records[cell.record].values
-        row = {k: v for k, v in values.items() if k not in self._lane}
+        row = {k: v for k, v in values.items() if k not in self._lanes}
         row.update({n: values[n] for n in self._graph.inputs[cell.column]})
         return row
 
@@ -151,6 +196,10 @@ class Frontier:
         """A finished record's values (fields and columns) and its per-column errors."""
         state = self._records[record]
         return state.values, state.errors
+
+    def usage(self, record: int) -> dict[str, dict[str, Any]]:
+        """A record's usage by LLM column: tokens, finish_reason, generations."""
+        return self._records[record].usage
 
     def forget(self, record: int) -> None:
         """Drops a finished record's state once its output is written."""

@@ -1,16 +1,23 @@
 """Records in, records out. Input is JSON lines (one object per line). Output is appended one line
 per record as each record finishes, flushed at once: the record's fields, every column's value
-(null where it failed), `_index` (its line in the input) and `_errors` (column -> message) when a
-cell failed. A record is known by its `id` field when it has one, else by `_index`.
+(null where it failed), `_index` (its line in the input), `_hash` (a digest of the input record),
+`_usage` (per LLM column computed in this run: prompt and completion tokens, finish_reason,
+generations) and `_errors` (column -> message) when a cell failed. NaN and infinities, which
+JSON cannot hold, are written as null.
 
-Resuming: when the output file exists, the last line of each record counts. A record whose last
-line has no errors is skipped; otherwise the columns that failed (and those that read them) run
-again and the rest keep their values. The new line is appended, so nothing written is lost.
+A record is known by its `id` field when it has one, else by its content: `_hash`, with `#k`
+appended for the k-th repeat of an identical record. Resuming, the last line of each record
+counts. A record whose last line has no errors is skipped; otherwise the columns that failed (and
+those that read them) run again and the rest keep their values. A record whose `id` is known but
+whose fields changed is computed again in full. The new line is appended, so nothing written is
+lost.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import IO, Any
@@ -18,7 +25,7 @@ from typing import IO, Any
 from pipeserve.pipeline.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.frontier import RecordPlan
 
-RESERVED = ("_index", "_errors")
+RESERVED = ("_index", "_hash", "_usage", "_errors")
 Key = tuple[str, Any]
 
 
@@ -38,14 +45,32 @@ def read_records(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def record_key(record: dict[str, Any], index: int) -> Key:
-    return ("id", record["id"]) if "id" in record else ("index", index)
+def digest(record: dict[str, Any]) -> str:
+    """A digest of an input record's content (field order does not matter)."""
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_hashes(records: list[dict[str, Any]]) -> list[str]:
+    """Each record's `_hash`: its digest, with `#k` for the k-th repeat of identical content."""
+    seen: dict[str, int] = {}
+    out = []
+    for record in records:
+        d = digest(record)
+        out.append(f"{d}#{seen[d]}" if seen.get(d) else d)
+        seen[d] = seen.get(d, 0) + 1
+    return out
+
+
+def record_key(record: dict[str, Any], hashed: str) -> Key:
+    """How resuming knows a record: its `id`, else its `_hash`."""
+    return ("id", record["id"]) if "id" in record else ("hash", hashed)
 
 
 def check_records(job: Job, records: list[dict[str, Any]]) -> None:
     """Raises `JobError` for the first record the job cannot run on, naming it and the field."""
     columns = {c.name for c in job.columns}
-    seen: set[Key] = set()
+    seen: set[Any] = set()
     for index, record in enumerate(records):
         clash = sorted((set(record) & columns) | (set(record) & set(RESERVED)))
         if clash:
@@ -54,10 +79,9 @@ def check_records(job: Job, records: list[dict[str, Any]]) -> None:
             )
         if "id" in record and not isinstance(record["id"], (str, int)):
             raise JobError(f"record {index}: id must be a string or an integer")
-        key = record_key(record, index)
-        if key in seen:
+        if "id" in record and record["id"] in seen:
             raise JobError(f"record {index}: id {record['id']!r} is used by an earlier record")
-        seen.add(key)
+        seen.add(record.get("id"))
         for col in job.columns:
             missing = [f for f in job.graph.field_refs[col.name] if f not in record]
             if missing and isinstance(col, LLMColumn):
@@ -79,19 +103,22 @@ def read_output(path: str) -> dict[Key, dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and "_index" in row:
-                last[record_key(row, row["_index"])] = row
+            if isinstance(row, dict) and ("id" in row or "_hash" in row):
+                last[record_key(row, row.get("_hash", ""))] = row
     return last
 
 
 def plan_records(
     job: Job, records: list[dict[str, Any]], finished: dict[Key, dict[str, Any]]
 ) -> list[RecordPlan]:
-    """One plan per record that still has cells to compute; finished records get none."""
+    """One plan per record that still has cells to compute; finished records get none. A line of
+    the same `id` written for other fields is stale: that record runs in full."""
     names = [c.name for c in job.columns]
     plans = []
-    for index, record in enumerate(records):
-        row = finished.get(record_key(record, index))
+    for index, (record, hashed) in enumerate(zip(records, record_hashes(records), strict=True)):
+        row = finished.get(record_key(record, hashed))
+        if row is not None and row.get("_hash", hashed) != hashed:
+            row = None
         if row is None:
             plans.append(RecordPlan(index, dict(record), set(names)))
             continue
@@ -105,12 +132,21 @@ def plan_records(
 
 
 def output_row(
-    job: Job, index: int, values: dict[str, Any], errors: dict[str, str]
+    job: Job,
+    index: int,
+    hashed: str,
+    result: tuple[dict[str, Any], dict[str, str]],
+    usage: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
+    """A finished record's line: `result` is its (values, errors)."""
+    values, errors = result
     names = {c.name for c in job.columns}
     row = {k: v for k, v in values.items() if k not in names}
     row.update({c.name: values.get(c.name) for c in job.columns})
     row["_index"] = index
+    row["_hash"] = hashed
+    if usage:
+        row["_usage"] = usage
     if errors:
         row["_errors"] = dict(sorted(errors.items()))
     return row
@@ -126,11 +162,23 @@ class OutputWriter:
     def write(self, row: dict[str, Any]) -> None:
         prefix = "\n" if self._torn else ""
         self._torn = False
-        self._file.write(prefix + json.dumps(row, ensure_ascii=False) + "\n")
+        line = json.dumps(finite(row), ensure_ascii=False, allow_nan=False)
+        self._file.write(prefix + line + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def finite(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def _ends_mid_line(path: str) -> bool:
@@ -144,8 +192,10 @@ def _ends_mid_line(path: str) -> bool:
 
 def compact_output(path: str, records: Iterable[dict[str, Any]]) -> int:
     """Rewrites the output with one line per record (its last), in input order; atomic."""
+    records = list(records)
     last = read_output(path)
-    rows = [last[k] for i, r in enumerate(records) if (k := record_key(r, i)) in last]
+    keys = [record_key(r, h) for r, h in zip(records, record_hashes(records), strict=True)]
+    rows = [last[k] for k in keys if k in last]
     tmp = f"{path}.compact"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

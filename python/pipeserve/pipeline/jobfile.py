@@ -6,6 +6,7 @@
       sum: {endpoint: adder, prompt: "{a}+{b}=", params: {max_tokens: 8, temperature: 0}}
       verified: {python: "checks:verified", inputs: [sum]}
     retry: {max_attempts: 5, backoff_s: 0.5, max_backoff_s: 16}    # optional
+    stop: {error_rate: 0.5, window: 50}                             # optional
     fields: [a, b]                                                  # optional
 
 A Python column names its function as `module:function`; the job file's directory is searched
@@ -22,14 +23,26 @@ from typing import Any
 
 import yaml
 
-from pipeserve.pipeline.config import Endpoint, Job, JobError, LLMColumn, PythonColumn, RetryPolicy
+from pipeserve.pipeline.config import (
+    Endpoint,
+    Job,
+    JobError,
+    LLMColumn,
+    PythonColumn,
+    RetryPolicy,
+    StopPolicy,
+)
 
-TOP_KEYS = {"endpoints", "columns", "retry", "fields"}
+TOP_KEYS = {"endpoints", "columns", "retry", "fields", "stop"}
 ENDPOINT_KEYS = {"base_url": str, "model": str, "max_concurrency": int, "max_batch_size": int}
-ENDPOINT_KEYS.update(api_key=str, timeout_s=float)
-LLM_KEYS = {"endpoint": str, "prompt": str, "api": str, "params": dict, "priority": int}
-PYTHON_KEYS = {"python": str, "inputs": list}
+ENDPOINT_KEYS.update(api_key=str, timeout_s=float, priority=str, response_format=bool)
+ENDPOINT_KEYS.update(adaptive=bool)
+LLM_KEYS = {"endpoint": (str, list), "prompt": str, "api": str, "params": dict, "priority": int}
+LLM_KEYS.update(system=str, syntax=str, output_schema=dict, max_generations=int)
+LLM_KEYS.update(allow_truncated=bool)
+PYTHON_KEYS = {"python": str, "inputs": list, "validates": str}
 RETRY_KEYS = {"max_attempts": int, "backoff_s": float, "max_backoff_s": float}
+STOP_KEYS = {"error_rate": float, "window": int, "enabled": bool}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -72,12 +85,14 @@ def job_from_dict(data: Any, base_dir: str | None = None) -> Job:
         for name, spec in _mapping(top["columns"], "columns").items()
     ]
     retry = RetryPolicy(**_typed(top.get("retry") or {}, "retry", RETRY_KEYS, ()))
+    stop = StopPolicy(**_typed(top.get("stop") or {}, "stop", STOP_KEYS, ()))
     fields = top.get("fields")
     if fields is not None and not (
         isinstance(fields, list) and all(isinstance(f, str) for f in fields)
     ):
         raise JobError("fields: expected a list of names")
-    return Job(tuple(endpoints), tuple(columns), retry, None if fields is None else tuple(fields))
+    fields = None if fields is None else tuple(fields)
+    return Job(tuple(endpoints), tuple(columns), retry, fields, stop)
 
 
 def _column(name: str, spec: Any, base_dir: str | None) -> LLMColumn | PythonColumn:
@@ -87,8 +102,14 @@ def _column(name: str, spec: Any, base_dir: str | None) -> LLMColumn | PythonCol
         inputs = kw.get("inputs", [])
         if not all(isinstance(i, str) for i in inputs):
             raise JobError(f"{where}.inputs: expected a list of column names")
-        return PythonColumn(name, resolve_function(kw["python"], base_dir, where), tuple(inputs))
-    return LLMColumn(name, **_typed(spec, where, LLM_KEYS, ("endpoint", "prompt")))
+        function = resolve_function(kw["python"], base_dir, where)
+        return PythonColumn(name, function, tuple(inputs), kw.get("validates"))
+    kw = _typed(spec, where, LLM_KEYS, ("endpoint", "prompt"))
+    if isinstance(kw["endpoint"], list):
+        if not all(isinstance(e, str) for e in kw["endpoint"]):
+            raise JobError(f"{where}.endpoint: expected a name or a list of names")
+        kw["endpoint"] = tuple(kw["endpoint"])
+    return LLMColumn(name, **kw)
 
 
 def resolve_function(spec: str, base_dir: str | None, where: str) -> Callable[..., Any]:
@@ -126,16 +147,16 @@ def _mapping(
 
 
 def _typed(
-    data: Any, where: str, types: dict[str, type], required: tuple[str, ...]
+    data: Any, where: str, types: dict[str, Any], required: tuple[str, ...]
 ) -> dict[str, Any]:
-    """`data` checked against `types` (ints are accepted where floats are; null means unset)."""
+    """`data` checked against `types` (a type or a tuple of types; ints are accepted where
+    floats are; null means unset)."""
     out = {k: v for k, v in _mapping(data, where, set(types)).items() if v is not None}
     _mapping(out, where, required=required)
     for key, value in out.items():
-        want = types[key]
-        ok = isinstance(value, want) or (want is float and isinstance(value, int))
-        if not ok or (want is int and isinstance(value, bool)):
-            raise JobError(
-                f"{where}.{key}: expected {want.__name__}, got {type(value).__name__} {value!r}"
-            )
+        want = types[key] if isinstance(types[key], tuple) else (types[key],)
+        ok = isinstance(value, want) or (float in want and isinstance(value, int))
+        if not ok or (bool not in want and isinstance(value, bool)):
+            names = " or ".join(w.__name__ for w in want)
+            raise JobError(f"{where}.{key}: expected {names}, got {type(value).__name__} {value!r}")
     return out

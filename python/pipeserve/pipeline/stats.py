@@ -17,6 +17,7 @@ class ColumnStats:
     kept: int  # cells finished by an earlier run and kept
     done: int = 0
     failed: int = 0
+    regenerated: int = 0  # answers generated again (unparsable, off-schema or rejected)
     requests: int = 0  # HTTP requests that carried this column's cells (retries not counted)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -44,6 +45,8 @@ class RunSummary:
     records_skipped: int  # finished by an earlier run
     columns: dict[str, ColumnStats]
     overlap_s: float  # time during which two or more endpoints had requests in flight
+    records_unfinished: int = 0  # records with cells left when the run stopped early
+    stopped: str | None = None  # why the run stopped before every record was written
     record_end_s: list[float] = field(default_factory=list)  # when each written record finished
     requests: list[RequestSpan] = field(default_factory=list)
 
@@ -59,11 +62,11 @@ class RunSummary:
         return out
 
     def format(self) -> str:
-        head = f"{'column':<16}{'done':>8}{'failed':>8}{'kept':>8}{'prompt tok':>12}{'gen tok':>10}"
-        lines = [head]
+        head = f"{'column':<16}{'done':>8}{'failed':>8}{'kept':>8}{'again':>7}"
+        lines = [head + f"{'prompt tok':>12}{'gen tok':>10}"]
         for c in self.columns.values():
             lines.append(
-                f"{c.name:<16}{c.done:>8}{c.failed:>8}{c.kept:>8}"
+                f"{c.name:<16}{c.done:>8}{c.failed:>8}{c.kept:>8}{c.regenerated:>7}"
                 f"{c.prompt_tokens:>12}{c.completion_tokens:>10}"
             )
         share = self.overlap_s / self.wall_s if self.wall_s > 0 else 0.0
@@ -71,6 +74,14 @@ class RunSummary:
             f"{self.records_written} records written ({self.records_skipped} already done) in "
             f"{self.wall_s:.1f} s; endpoints overlapped {self.overlap_s:.1f} s ({share:.0%})"
         )
+        if self.stopped is not None:
+            lines.append(f"stopped: {self.stopped}")
+        if self.stopped is not None or self.cells_failed:
+            left = f"{self.records_unfinished} records not finished, " * (self.stopped is not None)
+            lines.append(
+                f"{left}{self.cells_failed} cells failed: run the same command again to resume "
+                "(finished cells are kept)"
+            )
         return "\n".join(lines)
 
 
@@ -110,10 +121,23 @@ class RunStats:
             if c.failed:
                 bar.set_postfix(failed=c.failed, refresh=False)
 
+    def regenerated(self, column: str, counted: bool) -> None:
+        """An answer goes for another generation; `counted`: it had been counted as done."""
+        c = self.columns[column]
+        c.regenerated += 1
+        if counted:
+            c.done -= 1
+            if bar := self._bars.get(column):
+                bar.update(-1)
+
+    @property
+    def written(self) -> int:
+        return len(self._record_end)
+
     def record_written(self) -> None:
         self._record_end.append(self.now())
 
-    def finish(self) -> RunSummary:
+    def finish(self, stopped: str | None = None, unfinished: int = 0) -> RunSummary:
         for bar in self._bars.values():
             bar.close()
         return RunSummary(
@@ -122,6 +146,8 @@ class RunStats:
             records_skipped=self.records_skipped,
             columns=self.columns,
             overlap_s=overlap_s(self._requests),
+            records_unfinished=unfinished,
+            stopped=stopped,
             record_end_s=self._record_end,
             requests=sorted(self._requests, key=lambda r: (r.start_s, r.record, r.column)),
         )
