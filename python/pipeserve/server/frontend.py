@@ -65,8 +65,7 @@ WATCH_PERIOD_S = 0.5  # rank liveness is also polled, besides the process sentin
 class JobRun:
     """The engine requests of one HTTP request, and what changed since its consumer looked."""
 
-    def __init__(self, frontend: Frontend, rids: list[str]) -> None:
-        self.frontend = frontend
+    def __init__(self, rids: list[str]) -> None:
         self.rids = rids
         self.states: list[RequestState] = []
         self.tracks: list[RequestTrack] = []
@@ -120,7 +119,7 @@ class Frontend:
         self.max_queued = max_queued
         self.routes: dict[str, tuple[JobRun, int]] = {}  # rid: (its job, its choice index)
         self.stats: dict[str, Any] = {}
-        self.metrics = ServerMetrics(self._stats, kv_slots)
+        self.metrics = ServerMetrics(lambda: self.stats, kv_slots)
         self.dead: str | None = None
         self.draining = False
         self.on_dead: Callable[[str], None] | None = None  # the launcher stops the server
@@ -145,9 +144,6 @@ class Frontend:
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Runs `work` as a task that lives until it ends or the front end shuts down."""
         self.tasks.append(asyncio.ensure_future(work))
-
-    def _stats(self) -> dict[str, Any]:
-        return self.stats
 
     # ---- liveness --------------------------------------------------------------------------------
     def is_alive(self) -> bool:
@@ -202,7 +198,7 @@ class Frontend:
             raise QueueFull(
                 f"{len(self.routes)} requests are unfinished; the server's bound is {self.max_queued}"
             )
-        job = JobRun(self, [self.client.new_rid() for _ in range(count)])
+        job = JobRun([self.client.new_rid() for _ in range(count)])
         self.routes.update((rid, (job, i)) for i, rid in enumerate(job.rids))
         self.metrics.unfinished.set(len(self.routes))
         try:
