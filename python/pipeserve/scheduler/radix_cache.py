@@ -1,0 +1,133 @@
+"""Stage 0's prefix cache: a radix tree over token ids whose nodes hold the KV slots of those
+tokens (page size 1). Only stage 0 keeps it: every later stage and TP peer follows the slots that
+the batch descriptor carries, so all of them reuse and evict the same KV by construction.
+
+A request matches its prompt at admission and locks the path it matched (`lock`), so no eviction
+takes those slots while it runs; at its release its computed tokens are inserted (`insert`) and the
+path unlocked. Unlocked leaves are evicted least recently used first (`evict`); "recent" is a
+counter of matches and inserts, never a clock, so the same request stream evicts the same slots.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+
+class Node:
+    __slots__ = ("children", "key", "lock", "order", "parent", "slots", "tick")
+
+    def __init__(
+        self, parent: Node | None, key: list[int], slots: list[int], tick: int, order: int = 0
+    ) -> None:
+        self.parent = parent
+        self.order = order  # creation order: breaks ties of `tick` without set or memory order
+        self.key = key  # the tokens of this edge
+        self.slots = slots  # their KV slots, one each
+        self.children: dict[int, Node] = {}  # by first token
+        self.lock = 0  # requests running on this node or below it
+        self.tick = tick  # last match or insert through it
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class RadixCache:
+    def __init__(self) -> None:
+        self.root = Node(None, [], [], 0)
+        self.root.lock = 1  # never evicted
+        self.size = 0  # slots held by the tree
+        self.evictable = 0  # of those, the slots no running request has locked
+        self.tick = 0
+        self.created = 0
+
+    def _node(self, parent: Node, key: list[int], slots: list[int], tick: int) -> Node:
+        self.created += 1
+        return Node(parent, key, slots, tick, self.created)
+
+    def match(self, tokens: list[int]) -> tuple[list[int], Node]:
+        """The slots of the longest cached prefix of `tokens`, and the node to lock for them (it
+        may hold more tokens than matched: locking it protects those too)."""
+        self.tick += 1
+        node, i, slots = self.root, 0, []
+        while i < len(tokens) and (child := node.children.get(tokens[i])) is not None:
+            k = _common(child.key, tokens[i:])
+            slots.extend(child.slots[:k])
+            child.tick = self.tick
+            node, i = child, i + k
+            if k < len(child.key):
+                break
+        return slots, node
+
+    def lock(self, node: Node) -> None:
+        while node is not None:
+            if node.lock == 0:
+                self.evictable -= len(node.slots)
+            node.lock += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not None:
+            node.lock -= 1
+            if node.lock == 0:
+                self.evictable += len(node.slots)
+            node = node.parent
+
+    def insert(self, tokens: list[int], slots: list[int]) -> int:
+        """Adds `tokens` with their `slots`; returns how many leading tokens the tree held already
+        (their slots in `slots` are duplicates, the caller's to free)."""
+        self.tick += 1
+        node, i = self.root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                new = self._node(node, tokens[i:], slots[i:], self.tick)
+                node.children[tokens[i]] = new
+                self.size += len(new.slots)
+                self.evictable += len(new.slots)
+                return i
+            k = _common(child.key, tokens[i:])
+            if k < len(child.key):
+                child = self._split(child, k)
+            child.tick = self.tick
+            node, i = child, i + k
+        return i
+
+    def _split(self, child: Node, k: int) -> Node:
+        """Cuts `child`'s edge after k tokens; returns the new upper node (same lock count: a lock
+        below it is a lock on it)."""
+        upper = self._node(child.parent, child.key[:k], child.slots[:k], child.tick)
+        upper.lock = child.lock
+        upper.children[child.key[k]] = child
+        child.parent.children[upper.key[0]] = upper
+        child.parent, child.key, child.slots = upper, child.key[k:], child.slots[k:]
+        return upper
+
+    def evict(self, num_slots: int) -> list[int]:
+        """Frees at least `num_slots` slots (fewer if the tree has no more unlocked), leaves least
+        recently used first; returns them."""
+        leaves = [(n.tick, n.order, n) for n in self._nodes() if not n.children and n.lock == 0]
+        heapq.heapify(leaves)
+        freed: list[int] = []
+        while leaves and len(freed) < num_slots:
+            _, _, node = heapq.heappop(leaves)
+            freed.extend(node.slots)
+            parent = node.parent
+            del parent.children[node.key[0]]
+            self.size -= len(node.slots)
+            self.evictable -= len(node.slots)
+            if parent is not self.root and not parent.children and parent.lock == 0:
+                heapq.heappush(leaves, (parent.tick, parent.order, parent))
+        return freed
+
+    def _nodes(self) -> list[Node]:
+        out, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            out.extend(node.children.values())
+            stack.extend(node.children.values())
+        return out
