@@ -169,7 +169,7 @@ def test_a_request_runs_again_once_its_tokens_arrived_before_the_host_saw_them()
     assert r.finished and r.holders == 1 and r.req_pool_idx is not None  # d2 still holds it
     assert s.next_microbatch(2) is None  # ended: never scheduled again
     assert s.process_result(d2, reqs2, _tokens(9)) == []  # the overshoot token is dropped
-    assert r.output_ids == [7] and r.req_pool_idx is None and s.slots.num_free == 64
+    assert r.output_ids == [7] and r.req_pool_idx is None and s.slots.available == 64
 
 
 def test_max_new_tokens_is_never_overshot():
@@ -239,7 +239,8 @@ def test_descriptor_packs_for_tp_peers_and_carries_no_step_tokens():
         assert np.array_equal(np.asarray(a), np.asarray(b))
     rows, _, ids = desc.fill_parts()
     assert rows.tolist() == [reqs[0].req_pool_idx] and ids.tolist() == [10, 11, 12, 13]
-    assert set(desc.to_dict()) == {"kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills"}
+    keys = {"kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills", "prefixes"}
+    assert set(desc.to_dict()) == keys
 
 
 def test_token_pool_fill_write_read():

@@ -39,6 +39,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch", "triton" or "auto" (triton on CUDA, torch on CPU)
     cuda_graph_max_bs: int = 512  # decode microbatches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False  # stage 0's prefix cache (SGLang's RadixAttention) off
     pp_trace: str | None = None  # write a Chrome/Perfetto trace of the pipeline to this path
     nnodes: int = 1
     node_rank: int = 0

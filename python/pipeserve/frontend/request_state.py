@@ -26,12 +26,15 @@ class RequestState:
     finish_reason: dict | None = None
     prompt_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens stage 0's prefix cache gave
     ended_here: bool = False  # a stop string ended it while stage 0 still runs it: abort it there
 
     def apply(self, out: TokenOut) -> None:
         if self.finished:
             return
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        if out.cached_tokens is not None:
+            self.cached_tokens = out.cached_tokens
         self.error = out.error
         taken = self._take(out.token_ids)
         self.logprobs.extend((out.logprobs or [])[:taken])
@@ -78,6 +81,7 @@ def format_result(s: RequestState) -> dict:
     meta: dict[str, Any] = {
         "id": s.rid,
         "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.cached_tokens,
         "completion_tokens": len(s.output_ids),
         "finish_reason": s.finish_reason,
     }

@@ -60,6 +60,7 @@ class StepOut(msgspec.Struct, tag=True):
     completion_tokens: list[int] = msgspec.field(default_factory=list)
     errors: dict[int, str] = msgspec.field(default_factory=dict)  # row: why it never ran
     queue_times: dict[int, float] = msgspec.field(default_factory=dict)  # row: s at stage 0
+    cached_tokens: dict[int, int] = msgspec.field(default_factory=dict)  # row: prompt from cache
     stats: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def deltas(self) -> Iterator[TokenOut]:
@@ -78,6 +79,7 @@ class StepOut(msgspec.Struct, tag=True):
                 self.completion_tokens[i],
                 self.errors.get(i),
                 self.queue_times.get(i),
+                self.cached_tokens.get(i),
             )
             start = end
 
@@ -95,6 +97,7 @@ class TokenOut:
     completion_tokens: int = 0
     error: str | None = None
     queue_time_s: float | None = None  # on a request's first token: seconds it waited at stage 0
+    cached_tokens: int | None = None  # on its first token: prompt tokens the prefix cache gave
 
 
 @dataclass

@@ -50,6 +50,11 @@ class ReqToToken:
     def write(self, batch: ForwardBatch) -> None:
         self.slots[batch.token_rows, batch.positions] = batch.out_slots.to(torch.int32)
 
+    def fill(self, rows: np.ndarray, lens: np.ndarray, slots: np.ndarray) -> None:
+        """Row rows[i] maps its first lens[i] positions to `slots` (concatenated): the prefix
+        cache's KV of a request admitted with a cached prefix."""
+        fill_rows(self.slots, rows, lens, slots)
+
 
 class TokenPool:
     """Per request pool row, the token id at every position, on the device: stage 0 reads its input
@@ -61,15 +66,20 @@ class TokenPool:
 
     def fill(self, rows: np.ndarray, lens: np.ndarray, ids: np.ndarray) -> None:
         """Row rows[i] gets its first lens[i] tokens from `ids` (concatenated)."""
-        if not len(rows):
-            return
-        cols = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        packed = to_device(np.concatenate([np.repeat(rows, lens), cols, ids]), self.ids.device)
-        r, c, v = packed.view(3, -1)
-        self.ids[r, c] = v.to(torch.int32)
+        fill_rows(self.ids, rows, lens, ids)
 
     def write(self, rows: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
         self.ids[rows, positions] = tokens.to(torch.int32)
 
     def read(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.ids[rows, positions].to(torch.int64)
+
+
+def fill_rows(table: torch.Tensor, rows: np.ndarray, lens: np.ndarray, values: np.ndarray) -> None:
+    """table[rows[i], :lens[i]] = the next lens[i] of `values`, in one copy to the device."""
+    if not len(rows):
+        return
+    cols = np.arange(len(values), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    packed = to_device(np.concatenate([np.repeat(rows, lens), cols, values]), table.device)
+    r, c, v = packed.view(3, -1)
+    table[r, c] = v.to(table.dtype)

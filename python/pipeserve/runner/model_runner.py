@@ -158,6 +158,7 @@ class ModelRunner:
     def _forward(self, desc: BatchDescriptor, proxy: dict | None) -> dict | SampledTokens:
         if self.tokens is not None:
             self.tokens.fill(*desc.fill_parts())
+        self.table.fill(*desc.prefix_parts())  # cached prefixes' KV, on every stage
         hidden_in = residual_in = None
         if proxy is not None:
             hidden_in, residual_in = proxy["hidden_states"], proxy["residual"]

@@ -9,14 +9,14 @@ token pools, and the last stage gets them only for requests with penalties, whic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 # Descriptor keys are never TP-split: every TP rank of the next stage needs all of it.
-DESCRIPTOR_KEYS = ("kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills")
+DESCRIPTOR_KEYS = ("kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills", "prefixes")
 NO_SPLIT = {k: False for k in DESCRIPTOR_KEYS}
 KINDS = ("batch", "keepalive", "shutdown")
 
@@ -101,6 +101,9 @@ class BatchDescriptor:
     req_floats: np.ndarray  # (B, len(REQ_FLOAT_COLUMNS)) float32
     out_slots: np.ndarray  # (N,) int64 KV slot of each new token
     fills: np.ndarray  # (1 + 2F + T,) int64: F, F rows, F lengths, then their T tokens; or empty
+    # (1 + 2P + S,) int64, as fills: P rows, P lengths, then the KV slots of their cached prefixes
+    # (the prefix cache's), which every stage writes into its slot table; or empty
+    prefixes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def control(cls, kind: str, mb_id: int) -> BatchDescriptor:
@@ -138,8 +141,11 @@ class BatchDescriptor:
 
     def fill_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, lengths, tokens) of the requests whose tokens enter the token pools now."""
-        f = int(self.fills[0]) if len(self.fills) else 0
-        return self.fills[1 : 1 + f], self.fills[1 + f : 1 + 2 * f], self.fills[1 + 2 * f :]
+        return unpack_fills(self.fills)
+
+    def prefix_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, lengths, slots) of the requests admitted now with a cached prefix."""
+        return unpack_fills(self.prefixes)
 
     def with_fills(self, keep: np.ndarray) -> BatchDescriptor:
         """A copy whose fills are only the rows in `keep`."""
@@ -149,7 +155,13 @@ class BatchDescriptor:
         tokens = [ids[s : s + n] for s, n, c in zip(starts, lens, chosen, strict=True) if c]
         fills = pack_fills(rows[chosen], lens[chosen], tokens)
         return BatchDescriptor(
-            self.kind, self.mb_id, self.req_ints, self.req_floats, self.out_slots, fills
+            self.kind,
+            self.mb_id,
+            self.req_ints,
+            self.req_floats,
+            self.out_slots,
+            fills,
+            self.prefixes,
         )
 
     def to_dict(self) -> dict:
@@ -160,6 +172,7 @@ class BatchDescriptor:
             "req_floats": torch.from_numpy(self.req_floats),
             "out_slots": torch.from_numpy(self.out_slots),
             "fills": torch.from_numpy(self.fills),
+            "prefixes": torch.from_numpy(self.prefixes),
         }
 
     @classmethod
@@ -171,31 +184,47 @@ class BatchDescriptor:
             d["req_floats"].numpy(),
             d["out_slots"].numpy(),
             d["fills"].numpy(),
+            d["prefixes"].numpy(),
         )
 
     # ---- as tensors, for stage 0's TP peers (no pickle on the hot path) ---------------------------
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 tensor, float32 tensor) holding everything; `unpack` reverses it."""
         head = np.array(
-            [KINDS.index(self.kind), self.mb_id, self.num_reqs, self.num_tokens, len(self.fills)],
+            [
+                KINDS.index(self.kind),
+                self.mb_id,
+                self.num_reqs,
+                self.num_tokens,
+                len(self.fills),
+                len(self.prefixes),
+            ],
             np.int64,
         )
-        ints = np.concatenate([head, self.req_ints.reshape(-1), self.out_slots, self.fills])
+        parts = [head, self.req_ints.reshape(-1), self.out_slots, self.fills, self.prefixes]
+        ints = np.concatenate(parts)
         return torch.from_numpy(ints), torch.from_numpy(self.req_floats.reshape(-1).copy())
 
     @classmethod
     def unpack(cls, ints: torch.Tensor, floats: torch.Tensor) -> BatchDescriptor:
         a = ints.numpy()
-        kind, mb_id, b, n, f = (int(x) for x in a[:5])
+        kind, mb_id, b, n, f, p = (int(x) for x in a[:6])
         c = len(REQ_INT_COLUMNS)
-        req_ints = a[5 : 5 + b * c].reshape(b, c)
-        out_slots = a[5 + b * c : 5 + b * c + n]
-        fills = a[5 + b * c + n : 5 + b * c + n + f]
+        ends = np.cumsum([6, b * c, n, f, p])
+        req_ints = a[ends[0] : ends[1]].reshape(b, c)
+        out_slots, fills, prefixes = (
+            a[ends[1] : ends[2]],
+            a[ends[2] : ends[3]],
+            a[ends[3] : ends[4]],
+        )
         req_floats = floats.numpy()[: b * len(REQ_FLOAT_COLUMNS)].reshape(b, len(REQ_FLOAT_COLUMNS))
-        return cls(KINDS[kind], mb_id, req_ints, req_floats, out_slots, fills)
+        return cls(KINDS[kind], mb_id, req_ints, req_floats, out_slots, fills, prefixes)
 
-    def packed_sizes(self) -> tuple[int, int]:
-        return 5 + self.req_ints.size + self.num_tokens + len(self.fills), self.req_floats.size
+
+def unpack_fills(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, lengths, values) of a `pack_fills` array."""
+    f = int(packed[0]) if len(packed) else 0
+    return packed[1 : 1 + f], packed[1 + f : 1 + 2 * f], packed[1 + 2 * f :]
 
 
 def pack_fills(rows: np.ndarray, lens: np.ndarray, tokens: list) -> np.ndarray:

@@ -30,6 +30,12 @@ class Req:
     aborted: bool = False
     finish_reason: dict | None = None
     num_preemptions: int = 0
+    # the prefix cache: the first `cached_len` of `slots` are its (locked through `cache_node`);
+    # `needs_fill`: its tokens have not entered the token pools since its (re)admission
+    cached_len: int = 0
+    prompt_cached: int = 0  # of its prompt, the tokens its last admission took from the cache
+    cache_node: Any = None
+    needs_fill: bool = True
     float_row: Any = None  # its sampling floats as the descriptor carries them (set at admission)
     added_at: float = 0.0  # monotonic seconds: arrival at stage 0, then its first launch,
     started_at: float | None = None  # for the queue-time metric only, never for a decision

@@ -26,6 +26,7 @@ from pipeserve.scheduler.descriptor import (
     TokenReply,
     pack_fills,
 )
+from pipeserve.scheduler.kv_slots import KVSlots
 from pipeserve.scheduler.req import Req
 from pipeserve.utils import all_plain_ints
 
@@ -50,7 +51,7 @@ class Scheduler:
         self.cfg = cfg
         self.context_length = context_length
         self.vocab_size = vocab_size
-        self.slots = IndexAllocator(num_slots, first=1)  # slot 0 is the pad slot
+        self.slots = KVSlots(num_slots, not cfg.disable_radix_cache)
         self.rows = IndexAllocator(cfg.max_running_requests)
         self.waiting: list[Req] = []  # sorted by (priority, arrival); preempted ones first
         self.running: list[Req] = []
@@ -150,22 +151,23 @@ class Scheduler:
             if uncached < 0:
                 continue  # also a request preempted earlier in this loop
             n = min(uncached, budget)
-            if self.slots.num_free < promised + n and not self._make_room(
+            if self.slots.available < promised + n and not self._make_room(
                 promised + n, chosen, req
             ):
                 break
             chosen.append((req, n))
             budget -= n
             promised += n
-        while self.waiting and len(chosen) < cap and budget > 0:
+        while self.waiting and len(chosen) < cap and budget > 0 and self.rows.can_allocate(1):
             req = self.waiting[0]
+            self.slots.match(req)  # its cached prefix: only the rest counts below
             n = min(req.num_uncached, budget)
             # kept back: the slots promised this round, plus one decode step for every running
             # request, so that admitting never forces an immediate preemption
-            if not self.rows.can_allocate(1) or self.slots.num_free - n < promised + len(
-                self.running
-            ):
+            if self.slots.available - n < promised + len(self.running):
+                self.slots.unmatch(req)
                 break
+            self.slots.admitted(req)
             self.waiting.pop(0)
             req.req_pool_idx = self.rows.allocate(1)[0]
             self.running.append(req)
@@ -176,7 +178,7 @@ class Scheduler:
 
     def _make_room(self, n: int, chosen: list[tuple[Req, int]], req: Req) -> bool:
         """Frees slots by preempting the newest requests that no microbatch holds or has chosen."""
-        while not self.slots.can_allocate(n):
+        while self.slots.available < n:
             protected = {id(r) for r, _ in chosen} | {id(req)}
             victims = [
                 r for r in self.running if r.holders == 0 and not r.done and id(r) not in protected
@@ -190,6 +192,7 @@ class Scheduler:
         """Drops `req`'s KV (recomputed later) and puts it at the head of the queue."""
         self._release(req)
         req.kv_len = 0
+        req.needs_fill = True
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.insert(0, req)
@@ -200,8 +203,16 @@ class Scheduler:
         # every new slot in one allocation, in the order the requests take them (the same slots as
         # one allocation per request)
         out_slots = self.slots.allocate(sum(counts))
-        fills = [r for r in reqs if r.kv_len == 0]  # (re)admitted: its tokens enter the pools
+        fills = [r for r in reqs if r.needs_fill]  # (re)admitted: its tokens enter the pools
         fill_ids = [r.prompt_ids + r.output_ids for r in fills]
+        cached = [r for r in fills if r.cached_len]  # and its cached prefix's slots, every stage
+        prefixes = pack_fills(
+            np.array([r.req_pool_idx for r in cached], np.int64),
+            np.array([r.cached_len for r in cached], np.int64),
+            [r.slots[: r.cached_len] for r in cached],
+        )
+        for r in fills:
+            r.needs_fill = False
         prefix, steps, samples, taken = [], [], [], 0
         for req, n in chosen:
             prefix.append(req.kv_len)
@@ -244,6 +255,7 @@ class Scheduler:
                 np.array([len(ids) for ids in fill_ids], np.int64),
                 fill_ids,
             ),
+            prefixes,
         )
 
     # ---- results -----------------------------------------------------------------------------------
@@ -277,8 +289,7 @@ class Scheduler:
         return SampledToken(req, token, logprob, top)
 
     def _release(self, req: Req) -> None:
-        self.slots.free(req.slots)
-        req.slots = []
+        self.slots.release(req)
         if req.req_pool_idx is not None:
             self.rows.free([req.req_pool_idx])
             req.req_pool_idx = None

@@ -111,6 +111,12 @@ _ENGINE_FLAGS = [
         "largest decode batch replayed as a CUDA graph",
     ),
     ("--disable-cuda-graph", "disable_cuda_graph", bool, "run decode eagerly on CUDA"),
+    (
+        "--disable-radix-cache",
+        "disable_radix_cache",
+        bool,
+        "no prefix cache: every prompt is prefilled from scratch",
+    ),
     ("--pp-trace", "pp_trace", str, "write a Chrome/Perfetto trace of the pipeline to this path"),
     ("--nnodes", "nnodes", int, "nodes taking part"),
     ("--node-rank", "node_rank", int, "this node's index; node 0 serves HTTP"),

@@ -140,6 +140,25 @@ class _StageCollector:
         free = s.get("free_slots", self.kv_slots)
         yield _gauge("pipeserve_kv_slots_free", "Free KV cache slots.", free)
         yield _counter("pipeserve_preemptions", "Preempted requests.", s.get("num_preemptions", 0))
+        yield _gauge(
+            "pipeserve_kv_slots_cached",
+            "KV slots held by the prefix cache.",
+            s.get("cached_slots", 0),
+        )
+        hits, queried = s.get("num_cached_tokens", 0), s.get("num_admitted_tokens", 0)
+        yield _counter(
+            "pipeserve_prefix_cache_hit_tokens",
+            "Prompt tokens admitted from the prefix cache.",
+            hits,
+        )
+        yield _counter(
+            "pipeserve_prefix_cache_query_tokens", "Prompt tokens admitted, cached or not.", queried
+        )
+        yield _gauge(
+            "pipeserve_prefix_cache_hit_rate",
+            "Hit tokens over query tokens so far.",
+            hits / max(1, queried),
+        )
         yield _counter(
             "pipeserve_microbatches", "Microbatches built.", s.get("num_microbatches", 0)
         )

@@ -234,13 +234,18 @@ def _finish(state: RequestState) -> str:
 
 
 def _usage(states: list[RequestState], prompts: list[list[int]]) -> dict:
-    """OpenAI counts each prompt once, however many choices (n) it has."""
+    """OpenAI counts each prompt once, however many choices (n) it has; `states` in choice order
+    (prompt by prompt, n choices each). Cached tokens: each prompt's first choice's, as stage 0's
+    prefix cache gave them."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(len(s.output_ids) for s in states)
+    n = max(1, len(states) // max(1, len(prompts)))
+    cached = sum(s.cached_tokens for s in states[::n])
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -363,5 +368,5 @@ async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIter
             finals[i] = s
         yield chunk([choice])
     if job.include_usage:
-        yield chunk([], _usage(list(finals.values()), job.prompts))
+        yield chunk([], _usage([finals[i] for i in sorted(finals)], job.prompts))
     yield DONE

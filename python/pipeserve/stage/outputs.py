@@ -57,3 +57,5 @@ def _token_row(req: Req, s: SampledToken, rows: StepOutBuilder) -> None:
     if len(req.output_ids) == 1 and req.started_at is not None:
         # seconds from arrival at stage 0 to its first launch, with its first token only
         rows.out.queue_times[row] = req.started_at - req.added_at
+    if len(req.output_ids) == 1:
+        rows.out.cached_tokens[row] = req.prompt_cached

@@ -121,8 +121,11 @@ class StageWorker(SchedulerPPMixin):
         return {
             "running": len(s.running),
             "waiting": len(s.waiting),
-            "free_slots": s.slots.num_free,
+            "free_slots": s.slots.available,  # cached slots that no request holds count as free
             "num_slots": s.slots.size,
+            "cached_slots": s.slots.num_cached,
+            "num_cached_tokens": s.slots.num_cached_tokens,
+            "num_admitted_tokens": s.slots.num_admitted_tokens,
             "num_preemptions": s.num_preemptions,
             "num_microbatches": s.num_microbatches,
             "stage_busy_s": list(self.stage_busy),

@@ -1,0 +1,70 @@
+"""Stage 0's KV slots: the free ones in an allocator, the cached ones in the prefix cache. A
+request's slots are the cache's for its first `cached_len` positions (matched at admission, locked
+while it runs) and its own after them; at its release its computed tokens join the cache, and the
+slots the cache held already for them are freed."""
+
+from __future__ import annotations
+
+from pipeserve.scheduler.allocator import IndexAllocator
+from pipeserve.scheduler.radix_cache import RadixCache
+from pipeserve.scheduler.req import Req
+
+
+class KVSlots:
+    def __init__(self, num_slots: int, prefix_cache: bool) -> None:
+        self.free_slots = IndexAllocator(num_slots, first=1)  # slot 0 is the pad slot
+        self.cache = RadixCache() if prefix_cache else None
+        self.num_cached_tokens = 0  # prompt tokens admitted from the cache, for the hit rate
+        self.num_admitted_tokens = 0
+
+    @property
+    def size(self) -> int:
+        return self.free_slots.size
+
+    @property
+    def available(self) -> int:
+        """Slots an allocation may take: the free ones and the cached ones nobody has locked."""
+        return self.free_slots.num_free + (self.cache.evictable if self.cache else 0)
+
+    @property
+    def num_cached(self) -> int:
+        return self.cache.size if self.cache else 0
+
+    def allocate(self, n: int) -> list[int]:
+        short = n - self.free_slots.num_free
+        if short > 0 and self.cache is not None:
+            self.free_slots.free(self.cache.evict(short))
+        return self.free_slots.allocate(n)
+
+    def match(self, req: Req) -> None:
+        """A request about to be admitted takes the cached KV of its longest cached prefix (all
+        of its tokens but the last at most: that one's forward gives the next token)."""
+        if self.cache is None or req.kv_len:
+            return
+        slots, node = self.cache.match((req.prompt_ids + req.output_ids)[:-1])
+        self.cache.lock(node)
+        req.cache_node, req.cached_len = node, len(slots)
+        req.slots, req.kv_len = slots, len(slots)
+
+    def unmatch(self, req: Req) -> None:
+        """Undoes `match` for a request that was not admitted after all."""
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.cache_node, req.cached_len, req.slots, req.kv_len = None, 0, [], 0
+
+    def admitted(self, req: Req) -> None:
+        req.prompt_cached = min(req.cached_len, len(req.prompt_ids))
+        self.num_cached_tokens += req.cached_len
+        self.num_admitted_tokens += req.seq_len
+
+    def release(self, req: Req) -> None:
+        """Frees a request's slots; with the cache, its computed tokens join it."""
+        if self.cache is None:
+            self.free_slots.free(req.slots)
+        else:
+            tokens = (req.prompt_ids + req.output_ids)[: len(req.slots)]
+            held = self.cache.insert(tokens, req.slots)
+            self.free_slots.free(req.slots[req.cached_len : held])  # the cache had them already
+            if req.cache_node is not None:
+                self.cache.unlock(req.cache_node)
+        req.slots, req.cache_node, req.cached_len = [], None, 0

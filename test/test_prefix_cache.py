@@ -1,0 +1,120 @@
+"""Stage 0's prefix cache through the real engine: the same greedy tokens with the cache on and
+off at pp 1-3 and pp2 x tp2 (fp32) and equal to `transformers`, prompts sharing prefixes in one
+batch and across batches, a whole prompt cached, eviction under a small pool, and aborts and
+preemption of requests sharing a prefix; no slot is lost."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from checkpoints import hf_greedy, make_checkpoint
+from pipeserve import Engine
+
+GREEDY = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("pc")), "llama", layers=4)
+
+
+def shared_prefix_prompts(seed: int, groups: int = 4, per_group: int = 4) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(groups):
+        prefix = [rng.randrange(4, 128) for _ in range(rng.randrange(8, 30))]
+        out += [
+            prefix + [rng.randrange(4, 128) for _ in range(rng.randrange(1, 6))]
+            for _ in range(per_group)
+        ]
+    rng.shuffle(out)
+    return out
+
+
+def run(path: str, batches: list[list[list[int]]], **engine: object) -> tuple[list, dict]:
+    with Engine(model_path=path, device="cpu", cpu_threads=1, **engine) as e:
+        outs = [
+            [o["output_ids"] for o in e.generate(input_ids=b, sampling_params=GREEDY)]
+            for b in batches
+        ]
+        return outs, dict(e.stats)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(pp_size=1), dict(pp_size=2), dict(pp_size=3), dict(pp_size=2, tp_size=2)],
+    ids=["pp1", "pp2", "pp3", "pp2xtp2"],
+)
+def test_the_cache_changes_no_token(model_path, layout):
+    first = shared_prefix_prompts(1)
+    second = shared_prefix_prompts(1)[:6] + shared_prefix_prompts(2)[:6]  # cached and new
+    batches = [first, second, second[:3]]  # the last: whole prompts cached but their last token
+    cached, stats = run(model_path, batches, **layout)
+    plain, plain_stats = run(model_path, batches, disable_radix_cache=True, **layout)
+    assert cached == plain
+    assert cached[0] == hf_greedy(model_path, first, 10)
+    assert stats["num_cached_tokens"] > sum(len(p) for p in second[:6]) // 2
+    assert plain_stats["num_cached_tokens"] == 0 and plain_stats["cached_slots"] == 0
+    assert stats["free_slots"] == stats["num_slots"]  # every cached slot unlocked at rest
+
+
+def test_eviction_under_a_small_pool_and_aborts_and_preemption_lose_nothing(model_path):
+    rng = random.Random(5)
+    many = [[rng.randrange(4, 128) for _ in range(rng.randrange(10, 30))] for _ in range(40)]
+    shared = shared_prefix_prompts(9, groups=3, per_group=6)
+    want = hf_greedy(model_path, many[:8] + shared, 10)
+    with Engine(model_path=model_path, device="cpu", cpu_threads=1, max_total_tokens=200) as e:
+        e.generate(input_ids=many, sampling_params=GREEDY)  # fills the cache past its pool
+        states = e.submit_many([(ids, GREEDY) for ids in many[:8] + shared])
+        e.poll(0.05)
+        aborted = {3, 11, 17}
+        for i in aborted:
+            e.abort(states[i])
+        e.wait(states)
+        stats = dict(e.stats)
+    assert stats["num_preemptions"] > 0 and stats["cached_slots"] > 0
+    assert stats["free_slots"] == stats["num_slots"]
+    for i, (s, ref) in enumerate(zip(states, want, strict=True)):
+        if i in aborted:
+            assert s.output_ids == ref[: len(s.output_ids)]
+        else:
+            assert s.output_ids == ref
+
+
+def test_through_the_server_cached_tokens_are_reported_and_change_no_text():
+    import httpx
+
+    from server_harness import Server
+
+    prompt = "12+34=" * 20  # the embedded model; a long shared prefix, then the same prompt
+    texts = {}
+    for flags in ((), ("--disable-radix-cache",)):
+        srv = Server("--cpu-threads", "1", *flags)
+        try:
+            answers = [
+                httpx.post(
+                    f"{srv.url}/v1/completions",
+                    json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                    timeout=60,
+                ).json()
+                for _ in range(2)
+            ]
+            metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
+        finally:
+            assert srv.stop() == 0
+        cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
+        texts[flags] = [a["choices"][0]["text"] for a in answers]
+        if flags:
+            assert cached == [0, 0]
+        else:
+            # all of the prompt but its last token, the second time
+            assert cached == [0, answers[1]["usage"]["prompt_tokens"] - 1]
+            hits = next(
+                line
+                for line in metrics.splitlines()
+                if line.startswith("pipeserve_prefix_cache_hit_tokens_total ")
+            )
+            assert float(hits.split()[1]) == cached[1]
+    assert texts[()] == texts[("--disable-radix-cache",)] and len(set(texts[()])) == 1
