@@ -46,13 +46,13 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "pipeline"))
 from make_records import make_records  # noqa: E402
 
 from pipeserve.pipeline import Job, load_job, run_job_async  # noqa: E402
-from pipeserve.pipeline.client import CellError, EndpointClient  # noqa: E402
-from pipeserve.pipeline.config import LLMColumn, PythonColumn  # noqa: E402
+from pipeserve.pipeline.endpoint.client import CellError, EndpointClient  # noqa: E402
+from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread, arithmetic  # noqa: E402
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier  # noqa: E402
 from pipeserve.pipeline.io import plan_records  # noqa: E402
-from pipeserve.pipeline.mock_server import MockConfig, MockThread, arithmetic  # noqa: E402
+from pipeserve.pipeline.job.config import LLMColumn, PythonColumn  # noqa: E402
+from pipeserve.pipeline.job.template import render  # noqa: E402
 from pipeserve.pipeline.stats import RequestSpan  # noqa: E402
-from pipeserve.pipeline.template import render  # noqa: E402
 
 GENERATOR, JUDGE = "sum", "check"
 

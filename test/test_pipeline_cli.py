@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from pipeserve.pipeline.mock_server import MockConfig, MockThread
+from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import json
 import time
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, RetryPolicy, run_job
-from pipeserve.pipeline.config import StopPolicy
-from pipeserve.pipeline.limit import AdaptiveLimit
-from pipeserve.pipeline.mock_server import MockConfig, MockThread
+from pipeserve.pipeline.endpoint.limit import AdaptiveLimit
+from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread
+from pipeserve.pipeline.job.config import StopPolicy
 from pipeserve.utils import free_port
 
 QUICK = RetryPolicy(max_attempts=20, backoff_s=0.001, max_backoff_s=0.01)

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, PythonColumn
-from pipeserve.pipeline.client import Answer, CellError, Generation
 from pipeserve.pipeline.dispatch import Dispatcher
+from pipeserve.pipeline.endpoint.client import Answer, CellError, Generation
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
 from pipeserve.pipeline.io import plan_records
 from pipeserve.pipeline.stats import RunStats

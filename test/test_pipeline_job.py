@@ -13,7 +13,7 @@ import pytest
 
 from pipeserve.pipeline import Endpoint, Job, JobError, LLMColumn, PythonColumn, load_job
 from pipeserve.pipeline.io import OutputWriter, check_records, compact_output, read_output
-from pipeserve.pipeline.template import TemplateError, render, template_fields
+from pipeserve.pipeline.job.template import TemplateError, render, template_fields
 
 GOOD = """
 endpoints:

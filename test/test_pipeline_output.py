@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, PythonColumn, run_job
-from pipeserve.pipeline.mock_server import MockConfig, MockThread
+from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread
 
 
 def cut_long(prompt: str) -> str | tuple[str, str]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, LLMColumn, run_job
-from pipeserve.pipeline.mock_server import MockConfig, MockThread
+from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from pipeserve.pipeline import Endpoint, Job, JobError, LLMColumn, PythonColumn, run_job
-from pipeserve.pipeline.mock_server import MockConfig, MockThread
+from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread
 
 REVIEW = {
     "type": "object",
@@ -136,13 +136,13 @@ def test_a_job_graph_waits_for_validators_and_refuses_two_on_one_column():
     ],
 )  # fmt: skip
 def test_schema_subset_reports_what_breaks_it(value, found):
-    from pipeserve.pipeline.schema import problems
+    from pipeserve.pipeline.job.schema import problems
 
     assert problems(value, REVIEW) == found
 
 
 def test_json_is_found_in_fenced_or_surrounded_answers():
-    from pipeserve.pipeline.schema import parse_json
+    from pipeserve.pipeline.job.schema import parse_json
 
     assert parse_json(' {"a": 1} ') == {"a": 1}
     assert parse_json('Sure:\n```json\n{"a": [1, 2]}\n```\nDone.') == {"a": [1, 2]}

@@ -1,7 +1,7 @@
 """Multi-model pipelines over OpenAI-compatible endpoints: columns over records, dispatched from
 an incrementally maintained ready frontier (see docs/pipeline.md)."""
 
-from pipeserve.pipeline.config import (
+from pipeserve.pipeline.job.config import (
     Endpoint,
     Job,
     JobError,
@@ -10,7 +10,7 @@ from pipeserve.pipeline.config import (
     RetryPolicy,
     StopPolicy,
 )
-from pipeserve.pipeline.jobfile import job_from_dict, load_job
+from pipeserve.pipeline.job.jobfile import job_from_dict, load_job
 from pipeserve.pipeline.runner import run_job, run_job_async
 from pipeserve.pipeline.stats import RunSummary
 

@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeserve.pipeline.client import CellError, Generation, Prompt
-from pipeserve.pipeline.config import LLMColumn, PythonColumn
-from pipeserve.pipeline.schema import parse_json, problems
-from pipeserve.pipeline.template import render
+from pipeserve.pipeline.endpoint.client import CellError, Generation, Prompt
+from pipeserve.pipeline.job.config import LLMColumn, PythonColumn
+from pipeserve.pipeline.job.schema import parse_json, problems
+from pipeserve.pipeline.job.template import render
 
 RENDER_ERRORS = (ValueError, TypeError, KeyError)
 

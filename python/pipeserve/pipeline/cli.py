@@ -16,9 +16,9 @@ import sys
 import tempfile
 from typing import Any
 
-from pipeserve.pipeline.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.io import check_records, read_records
-from pipeserve.pipeline.jobfile import load_job
+from pipeserve.pipeline.job.config import Job, JobError, LLMColumn
+from pipeserve.pipeline.job.jobfile import load_job
 from pipeserve.pipeline.runner import run_job_async
 from pipeserve.pipeline.stats import RunSummary
 

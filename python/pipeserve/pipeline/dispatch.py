@@ -31,10 +31,10 @@ from pipeserve.pipeline.cells import (
     python_value,
     rejection,
 )
-from pipeserve.pipeline.client import Answer, EndpointDown, Prompt
-from pipeserve.pipeline.config import Job, LLMColumn, PythonColumn
+from pipeserve.pipeline.endpoint.client import Answer, EndpointDown, Prompt
+from pipeserve.pipeline.endpoint.limit import AdaptiveLimit
 from pipeserve.pipeline.frontier import PYTHON_LANE, Cell, Frontier
-from pipeserve.pipeline.limit import AdaptiveLimit
+from pipeserve.pipeline.job.config import Job, LLMColumn, PythonColumn
 from pipeserve.pipeline.stats import RequestSpan, RunStats
 
 # (column, prompts, priority) -> a Generation or a CellError per prompt (see EndpointClient)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from pipeserve.pipeline.config import Job, LLMColumn
+from pipeserve.pipeline.job.config import Job, LLMColumn
 
 PYTHON_LANE = "<python>"  # not an identifier, so no endpoint has this name
 

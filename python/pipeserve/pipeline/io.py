@@ -22,8 +22,8 @@ import os
 from collections.abc import Iterable
 from typing import IO, Any
 
-from pipeserve.pipeline.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.frontier import RecordPlan
+from pipeserve.pipeline.job.config import Job, JobError, LLMColumn
 
 RESERVED = ("_index", "_hash", "_usage", "_errors")
 Key = tuple[str, Any]

@@ -6,9 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from pipeserve.pipeline.client import EndpointClient, priority_order, probe
-from pipeserve.pipeline.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.dispatch import Dispatcher
+from pipeserve.pipeline.endpoint.client import EndpointClient, priority_order, probe
 from pipeserve.pipeline.frontier import Frontier
 from pipeserve.pipeline.io import (
     OutputWriter,
@@ -20,6 +19,7 @@ from pipeserve.pipeline.io import (
     read_records,
     record_hashes,
 )
+from pipeserve.pipeline.job.config import Job, JobError, LLMColumn
 from pipeserve.pipeline.stats import RunStats, RunSummary
 
 

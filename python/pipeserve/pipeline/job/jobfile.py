@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeserve.pipeline.config import (
+from pipeserve.pipeline.job.config import (
     Endpoint,
     Job,
     JobError,

@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from pipeserve.pipeline.config import Endpoint, LLMColumn, RetryPolicy
-from pipeserve.pipeline.limit import AdaptiveLimit
+from pipeserve.pipeline.endpoint.limit import AdaptiveLimit
+from pipeserve.pipeline.job.config import Endpoint, LLMColumn, RetryPolicy
 
 RETRY_STATUS = frozenset({408, 409, 429})  # and every status >= 500
 OVERLOAD_STATUS = frozenset({429, 503})

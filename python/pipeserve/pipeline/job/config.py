@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeserve.pipeline.schema import SchemaError, check_schema
-from pipeserve.pipeline.template import SYNTAXES, TemplateError, template_fields
+from pipeserve.pipeline.job.schema import SchemaError, check_schema
+from pipeserve.pipeline.job.template import SYNTAXES, TemplateError, template_fields
 
 APIS = ("completions", "chat")
 # How an endpoint orders the `priority` request field: "auto" sends it lower-first to a server
@@ -201,7 +201,7 @@ class Job:
     graph: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from pipeserve.pipeline.dag import build_graph
+        from pipeserve.pipeline.job.dag import build_graph
 
         object.__setattr__(self, "endpoints", tuple(self.endpoints))
         object.__setattr__(self, "columns", tuple(self.columns))

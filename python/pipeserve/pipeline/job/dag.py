@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeserve.pipeline.config import JobError, LLMColumn, PythonColumn
+from pipeserve.pipeline.job.config import JobError, LLMColumn, PythonColumn
 
 if TYPE_CHECKING:
-    from pipeserve.pipeline.config import Job
+    from pipeserve.pipeline.job.config import Job
 
 
 @dataclass(frozen=True)
