@@ -29,10 +29,10 @@ def last_lines(path) -> list[dict]:
 
 
 def run(mock: MockThread, records: list[dict], path) -> list[str]:
-    """Runs the job; the prompts this run sent."""
+    """Runs the job; the prompts this run sent, sorted (two go out at once: either may arrive first)."""
     before = len(mock.servers[0].bodies)
     run_job(echo_job(mock.url), records, str(path))
-    return [b["prompt"] for b in mock.servers[0].bodies[before:]]
+    return sorted(b["prompt"] for b in mock.servers[0].bodies[before:])
 
 
 def test_a_record_prepended_without_ids_is_computed_and_no_record_twice(mock, tmp_path):

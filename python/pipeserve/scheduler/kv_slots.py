@@ -33,7 +33,8 @@ class KVSlots:
     def allocate(self, n: int) -> list[int]:
         short = n - self.free_slots.num_free
         if short > 0 and self.cache is not None:
-            self.free_slots.free(self.cache.evict(short))
+            # a 32nd of the pool at least: an eviction walks the tree, so it runs rarely
+            self.free_slots.free(self.cache.evict(max(short, self.size // 32)))
         return self.free_slots.allocate(n)
 
     def match(self, req: Req) -> None:
