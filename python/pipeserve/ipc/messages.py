@@ -105,8 +105,7 @@ class StepOutBuilder:
     """Stage 0's side: rows appended one request at a time, sent as one StepOut."""
 
     out: StepOut = field(default_factory=StepOut)
-    any_logprobs: bool = False
-    any_top: bool = False
+    any_logprobs: bool = False  # a row had logprobs: both columns follow token_ids from then on
 
     def add(
         self,
@@ -128,7 +127,7 @@ class StepOutBuilder:
         o.finish_reasons.append(finish_reason)
         o.prompt_tokens.append(prompt_tokens)
         o.completion_tokens.append(completion_tokens)
-        if logprob is not None or top is not None or self.any_logprobs or self.any_top:
+        if logprob is not None or top is not None or self.any_logprobs:
             self._add_logprobs(len(token_ids), logprob, top)
         return row
 
@@ -136,7 +135,7 @@ class StepOutBuilder:
         """Keeps both columns aligned with token_ids once any row has them (NaN / [] elsewhere)."""
         o = self.out
         if not self.any_logprobs:  # the first row with logprobs: pad the rows before it
-            self.any_logprobs = self.any_top = True
+            self.any_logprobs = True
             o.logprobs = [float("nan")] * (len(o.token_ids) - n)
             o.top_logprobs = [[] for _ in range(len(o.token_ids) - n)]
         if n:

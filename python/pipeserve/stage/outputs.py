@@ -34,14 +34,17 @@ def result_rows(
         s = by_req.get(id(req))
         if req.aborted:
             if live.pop(req.rid, None) is not None:
-                outputs[req.owner].add(
-                    req.rid, [], len(req.prompt_ids), len(req.output_ids), req.finish_reason
-                )
+                final_row(req, outputs[req.owner])
         elif s is not None:
             _token_row(req, s, outputs[req.owner])
             if req.finished:
                 live.pop(req.rid, None)
     return outputs
+
+
+def final_row(req: Req, rows: StepOutBuilder) -> None:
+    """The last row of a request that ends without a token (aborted): its finish reason."""
+    rows.add(req.rid, [], len(req.prompt_ids), len(req.output_ids), req.finish_reason)
 
 
 def _token_row(req: Req, s: SampledToken, rows: StepOutBuilder) -> None:

@@ -17,7 +17,7 @@ from pipeserve.sampling_params import SamplingParams
 from pipeserve.scheduler.descriptor import TokenReply
 from pipeserve.scheduler.req import Req
 from pipeserve.scheduler.scheduler import Scheduler
-from pipeserve.stage.outputs import Outputs, result_rows
+from pipeserve.stage.outputs import Outputs, final_row, result_rows
 from pipeserve.stage.pp_loop import InFlight, SchedulerPPMixin
 
 logger = logging.getLogger("pipeserve.scheduler")
@@ -92,7 +92,7 @@ class StageWorker(SchedulerPPMixin):
         if req is None or not self.scheduler.abort(req):
             return  # unknown or finished already; an in-flight one is reported when it returns
         del self.reqs[rid]
-        self._final(req, outputs)
+        final_row(req, outputs[req.owner])
 
     # ---- results out -------------------------------------------------------------------------------
     def apply_result(self, rec: InFlight, tokens: dict) -> None:
@@ -101,11 +101,6 @@ class StageWorker(SchedulerPPMixin):
         outputs = result_rows(rec.reqs, sampled, self.reqs, self.sockets.num_frontends)
         idle = not self.scheduler.running and not self.scheduler.waiting
         self._send(outputs, force=idle)  # an idle engine's stats show every slot free again
-
-    def _final(self, req: Req, outputs: Outputs) -> None:
-        outputs[req.owner].add(
-            req.rid, [], len(req.prompt_ids), len(req.output_ids), req.finish_reason
-        )
 
     def _send(self, outputs: Outputs, force: bool = False) -> None:
         """One message per front end that has rows (every front end when `force`), each with the
