@@ -15,6 +15,17 @@ from typing import Any
 import msgspec
 
 
+class ImageIn(msgspec.Struct):
+    """One preprocessed image of a request (a vision-language model's input): its patches as raw
+    float32 bytes, row-major (t * h * w, channels * temporal_patch * patch * patch), and its grid
+    in patches (t, h, w). Its tokens are in the request's `input_ids` already: t * h * w //
+    merge_size**2 image-pad tokens per image, the images in order."""
+
+    pixels: bytes
+    grid: tuple[int, int, int]
+    digest: int  # 63-bit hash of the pixel values: the prefix cache's key for its tokens
+
+
 class GenerateReq(msgspec.Struct, tag=True):
     rid: str
     input_ids: list[int]
@@ -24,6 +35,7 @@ class GenerateReq(msgspec.Struct, tag=True):
     top_logprobs_num: int = 0
     priority: int = 0  # lower is admitted first
     owner: int = 0  # the front end that gets its outputs
+    images: list[ImageIn] = msgspec.field(default_factory=list)
 
 
 class GenerateBatch(msgspec.Struct, tag=True):
