@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeserve.model.attention import BackendSpec, create_backend
-from pipeserve.model.forward_batch import ForwardBatch
+from pipeserve.model.forward_batch import INDEX_ROWS, ROW, ForwardBatch
 from pipeserve.model.fused import store_kv
 
 triton = pytest.importorskip("triton")  # on CPU, conftest.py sets TRITON_INTERPRET=1
@@ -309,9 +309,13 @@ def test_decode_pack_written_in_place_equals_the_padded_pack():
     """A graph replay's index rows, written into a reused block (over stale values), are the
     padded `pack` of the same decode batch."""
     rows, prefix, slots = np.array([5, 0, 3]), np.array([9, 2, 40]), np.array([17, 4, 99])
+    delta = np.array([0, -6, 0])  # a multimodal request's rotary runs behind its positions
+    k = len(INDEX_ROWS)
     for bs in (3, 4, 8):
-        want, *_ = ForwardBatch.pack(rows, prefix, np.ones(3, np.int64), slots, bs, pad_row=7)
-        block = np.full(8 * 8 + 5, -1, np.int64)
-        ForwardBatch.pack_decode_into(block, bs, rows, prefix, slots, pad_row=7)
-        np.testing.assert_array_equal(block[: 8 * bs], want)
-        assert (block[8 * bs :] == -1).all()
+        ones = np.ones(3, np.int64)
+        want, *_ = ForwardBatch.pack(rows, prefix, ones, slots, bs, pad_row=7, rope_delta=delta)
+        block = np.full(k * 8 + 5, -1, np.int64)
+        ForwardBatch.pack_decode_into(block, bs, rows, prefix, slots, pad_row=7, rope_delta=delta)
+        np.testing.assert_array_equal(block[: k * bs], want)
+        assert (block[k * bs :] == -1).all()
+        assert block[ROW["rope_positions"] * bs + 1] == 2 - 6

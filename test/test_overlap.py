@@ -240,6 +240,7 @@ def test_descriptor_packs_for_tp_peers_and_carries_no_step_tokens():
     rows, _, ids = desc.fill_parts()
     assert rows.tolist() == [reqs[0].req_pool_idx] and ids.tolist() == [10, 11, 12, 13]
     keys = {"kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills", "prefixes"}
+    keys |= {"mrope", "visual"}  # image columns, empty for text
     assert set(desc.to_dict()) == keys
 
 

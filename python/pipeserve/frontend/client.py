@@ -12,7 +12,7 @@ from typing import Any
 from pipeserve.capacity import kv_slots_needed
 from pipeserve.frontend.detokenizer import Detokenizer
 from pipeserve.frontend.request_state import RequestState
-from pipeserve.ipc.messages import GenerateReq, StepOut, TokenOut
+from pipeserve.ipc.messages import GenerateReq, ImageIn, StepOut, TokenOut
 from pipeserve.sampling_params import SamplingParams
 
 
@@ -62,9 +62,15 @@ class RequestClient:
         return uuid.uuid4().hex
 
     def new_request(
-        self, ids: list[int], params: SamplingParams, opts: RequestOptions, rid: str | None = None
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        opts: RequestOptions,
+        rid: str | None = None,
+        images: list[ImageIn] | None = None,
     ) -> tuple[GenerateReq, RequestState]:
-        """The message for stage 0 and the state that gathers its outputs (now outstanding)."""
+        """The message for stage 0 and the state that gathers its outputs (now outstanding).
+        `images`: a vision-language prompt's preprocessed images, their tokens in `ids`."""
         rid = rid or self.new_rid()
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         msg = GenerateReq(
@@ -76,6 +82,7 @@ class RequestClient:
             opts.top_logprobs_num,
             opts.priority,
             self.owner,
+            images or [],
         )
         text = None if self.detokenizer is None else self.detokenizer.stream(params, opts.streamed)
         state = RequestState(rid, params, text, prompt_tokens=len(ids))

@@ -21,7 +21,7 @@ from pipeserve.frontend.main_guard import check_main_guard
 from pipeserve.frontend.ranks import RankFailure, RankGroup
 from pipeserve.frontend.request_state import RequestState, format_result
 from pipeserve.frontend.tokenizer import load_tokenizer
-from pipeserve.ipc.messages import AbortReq, GenerateBatch, ShutdownReq
+from pipeserve.ipc.messages import AbortReq, GenerateBatch, ImageIn, ShutdownReq
 from pipeserve.ipc.sockets import FrontendSockets, IpcAddresses
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.utils import all_plain_ints
@@ -133,8 +133,20 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         priority: int = 0,
+        images: list[ImageIn] | None = None,
     ) -> RequestState:
-        return self.submit_many([(ids, params)], return_logprob, top_logprobs_num, priority)[0]
+        """One request; `images`: a vision-language prompt's preprocessed images, their tokens
+        in `ids` (stage 0 checks that they agree)."""
+        if not images:
+            return self.submit_many([(ids, params)], return_logprob, top_logprobs_num, priority)[0]
+        self._check_open()
+        ids = self._check_prompt(list(ids), "request 0")
+        params = SamplingParams.from_dict(params) if isinstance(params, dict) else params
+        self._check_fits([(ids, params)])
+        opts = RequestOptions(return_logprob, top_logprobs_num, priority)
+        msg, state = self.client.new_request(ids, params, opts, images=images)
+        self._send(msg)
+        return state
 
     def submit_many(
         self,

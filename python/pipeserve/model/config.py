@@ -36,6 +36,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    # multimodal rotary (Qwen-VL): frequencies per position axis (t, h, w), in blocks or interleaved
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class ModelConfig:
     torch_dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
+    # a vision-language model's vision tower (its config.json `vision_config`) and image token
+    vision: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    image_token_id: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -77,9 +83,12 @@ class ModelConfig:
             raise ValueError(
                 "config.json names no `architectures`; cannot tell which model to build"
             )
+        top = raw
+        # a vision-language checkpoint keeps its language model's numbers in `text_config`
+        raw = {**raw, **raw.get("text_config", {})}
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
-        eos = raw.get("eos_token_id")
+        eos = top.get("eos_token_id", raw.get("eos_token_id"))
         return cls(
             architecture=archs[0],
             vocab_size=raw["vocab_size"],
@@ -98,6 +107,8 @@ class ModelConfig:
             torch_dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             hidden_act=raw.get("hidden_act", "silu"),
+            vision=top.get("vision_config"),
+            image_token_id=top.get("image_token_id"),
             raw=raw,
         )
 
@@ -109,6 +120,7 @@ def _rope(raw: dict[str, Any]) -> RopeConfig:
     params = {**scaling, **params}
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    kind = "default" if kind == "mrope" else kind  # older Qwen-VL configs: the section alone
     if kind not in ("default", "linear", "llama3"):
         raise ValueError(
             f"rope type {kind!r} is not supported (supported: default, linear, llama3)"
@@ -120,4 +132,9 @@ def _rope(raw: dict[str, Any]) -> RopeConfig:
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        mrope_section=tuple(int(x) for x in params.get("mrope_section") or ()),
+        # Qwen3-VL interleaves the axes (its transformers code always does), Qwen2.5-VL does not
+        mrope_interleaved=bool(
+            params.get("mrope_interleaved", raw.get("model_type", "").startswith("qwen3_vl"))
+        ),
     )

@@ -15,7 +15,7 @@ import torch
 # The index rows of a packed batch, by name: (B,) per request, then (N,) per new token. A decode
 # batch (N == B) packs them as one (len(INDEX_ROWS), B) block (CUDA graphs replay from it).
 REQ_ROWS = ("req_pool_idx", "prefix_lens", "extend_lens", "seq_lens", "extend_start")
-TOKEN_ROWS = ("positions", "token_rows", "out_slots")
+TOKEN_ROWS = ("positions", "token_rows", "out_slots", "rope_positions")
 INDEX_ROWS = REQ_ROWS + TOKEN_ROWS
 ROW = {name: i for i, name in enumerate(INDEX_ROWS)}
 
@@ -34,6 +34,10 @@ class ForwardBatch:
     positions: torch.Tensor  # (N,) int64
     token_rows: torch.Tensor  # (N,) int64 request pool row of each new token
     out_slots: torch.Tensor  # (N,) int64 KV slot each new token writes
+    # (N,) int64 the rotary's position: `positions` plus the request's rope delta (a multimodal
+    # rotary's text positions after an image, whose tokens take fewer positions than tokens)
+    rope_positions: torch.Tensor
+    mrope_positions: torch.Tensor | None = None  # (3, N) a multimodal prefill's (t, h, w) positions
     host_req_pool_idx: np.ndarray | None = None  # (B,) the same columns on the host
     host_prefix_lens: np.ndarray | None = None
     host_extend_lens: np.ndarray | None = None
@@ -49,12 +53,13 @@ class ForwardBatch:
         device: torch.device,
         pad_to: int = 0,
         pad_row: int = 0,
+        rope_delta: np.ndarray | None = None,
     ) -> ForwardBatch:
         """From host index columns; every derived column is computed on the host and the lot
         crosses to the device in one (pinned, non-blocking) copy. `pad_to` adds one-token pad
         requests on `pad_row`, writing the pad slot 0, up to that many requests (CUDA graphs)."""
         packed, columns, max_extend = cls.pack(
-            req_pool_idx, prefix_lens, extend_lens, out_slots, pad_to, pad_row
+            req_pool_idx, prefix_lens, extend_lens, out_slots, pad_to, pad_row, rope_delta
         )
         b = len(columns[0])
         num_tokens = (len(packed) - len(REQ_ROWS) * b) // len(TOKEN_ROWS)
@@ -71,6 +76,7 @@ class ForwardBatch:
         out_slots: np.ndarray,
         pad_to: int = 0,
         pad_row: int = 0,
+        rope_delta: np.ndarray | None = None,
     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray], int]:
         """(packed int64 array: the REQ_ROWS columns (B,) then the TOKEN_ROWS columns (N,),
         the padded (req_pool_idx, prefix_lens, extend_lens), the largest extend length)."""
@@ -78,19 +84,22 @@ class ForwardBatch:
             np.asarray(a, dtype=np.int64)
             for a in (req_pool_idx, prefix_lens, extend_lens, out_slots)
         )
+        delta = np.zeros(len(req_pool_idx), np.int64) if rope_delta is None else rope_delta
         pad = max(0, pad_to - len(req_pool_idx))
         if pad:
             req_pool_idx = np.concatenate([req_pool_idx, np.full(pad, pad_row, np.int64)])
             prefix_lens = np.concatenate([prefix_lens, np.zeros(pad, np.int64)])
             extend_lens = np.concatenate([extend_lens, np.ones(pad, np.int64)])
             out_slots = np.concatenate([out_slots, np.zeros(pad, np.int64)])
+            delta = np.concatenate([delta, np.zeros(pad, np.int64)])
         n = int(extend_lens.sum())
         starts = np.cumsum(extend_lens) - extend_lens
         offsets = np.arange(n, dtype=np.int64) - np.repeat(starts, extend_lens)
         positions = np.repeat(prefix_lens, extend_lens) + offsets
         token_rows = np.repeat(req_pool_idx, extend_lens)
+        rope_positions = positions + np.repeat(delta, extend_lens)
         columns = [req_pool_idx, prefix_lens, extend_lens, prefix_lens + extend_lens, starts]
-        packed = np.concatenate([*columns, positions, token_rows, out_slots])
+        packed = np.concatenate([*columns, positions, token_rows, out_slots, rope_positions])
         max_extend = int(extend_lens.max()) if len(extend_lens) else 0
         return packed, (req_pool_idx, prefix_lens, extend_lens), max_extend
 
@@ -102,6 +111,7 @@ class ForwardBatch:
         prefix_lens: np.ndarray,
         out_slots: np.ndarray,
         pad_row: int,
+        rope_delta: np.ndarray | None = None,
     ) -> None:
         """`pack` of a decode batch (one new token per request) padded to `bs` requests, written
         into out[: len(INDEX_ROWS) * bs] as its rows: no temporaries beyond the rows themselves."""
@@ -115,6 +125,9 @@ class ForwardBatch:
         rows[r["positions"]] = rows[r["prefix_lens"]]
         rows[r["token_rows"]] = rows[r["req_pool_idx"]]
         rows[r["out_slots"], :b], rows[r["out_slots"], b:] = out_slots, 0
+        rows[r["rope_positions"]] = rows[r["positions"]]
+        if rope_delta is not None:
+            rows[r["rope_positions"], :b] += rope_delta
 
     @classmethod
     def of_packed(

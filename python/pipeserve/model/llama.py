@@ -21,6 +21,7 @@ from pipeserve.model.parallel import (
     VocabParallelEmbedding,
 )
 from pipeserve.model.rotary import RotaryEmbedding
+from pipeserve.model.vision import VisionTower
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,18 @@ class ArchSpec:
     qkv_bias: bool | None = None
     o_bias: bool | None = None
     qk_norm: bool = False
+    vision: str = ""  # a vision-language model's tower: "qwen2_5" or "qwen3"; "" for text only
+
+
+@dataclass
+class VisualRows:
+    """A microbatch's image tokens, for the layers: their rows in the batch, and on stage 0 their
+    embeddings (which replace the image-pad embeddings); DeepStack features (k, M, H) on every
+    stage that holds one of the first k layers (they are added to those layers' outputs)."""
+
+    rows: torch.Tensor  # (M,) int64
+    embeds: torch.Tensor | None = None  # (M, H)
+    deepstack: torch.Tensor | None = None  # (k, M, H)
 
 
 class Attention(nn.Module):
@@ -142,6 +155,12 @@ class DecoderForCausalLM(nn.Module):
             ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx) if ctx.is_last_stage else None
         )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, device)
+        self.visual = None
+        if spec.vision and ctx.is_first_stage:
+            self.visual = VisionTower(cfg.vision, spec.vision == "qwen3", device)
+        self.num_deepstack = (
+            len(cfg.vision.get("deepstack_visual_indexes") or []) if spec.vision == "qwen3" else 0
+        )
 
     def forward(
         self,
@@ -151,14 +170,24 @@ class DecoderForCausalLM(nn.Module):
         input_ids: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
+        visual: VisualRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs this stage's layers. The first stage embeds `input_ids`; later stages continue from
-        the previous stage's (hidden, residual). Returns (hidden, residual), not yet added."""
+        """Runs this stage's layers. The first stage embeds `input_ids` (image tokens: their
+        `visual` embeddings); later stages continue from the previous stage's (hidden, residual).
+        Returns (hidden, residual), not yet added."""
         if self.embed_tokens is not None:
             hidden, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary.cos_sin(batch.positions, hidden.dtype)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            if visual is not None:
+                hidden[visual.rows] = visual.embeds.to(hidden.dtype)
+        if batch.mrope_positions is not None:  # a multimodal prefill: three positions a token
+            rope = self.rotary.cos_sin_3d(batch.mrope_positions, hidden.dtype)
+        else:
+            rope = self.rotary.cos_sin(batch.rope_positions, hidden.dtype)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden, residual = layer(hidden, residual, rope, batch, kv, backend)
+            if visual is not None and self.start + i < self.num_deepstack:
+                # DeepStack: added to the layer's output (the residual add follows in the next norm)
+                hidden.index_add_(0, visual.rows, visual.deepstack[self.start + i].to(hidden.dtype))
         return hidden, residual
 
     def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -168,6 +197,8 @@ class DecoderForCausalLM(nn.Module):
     def checkpoint_name(self, name: str, shard: int) -> str:
         """The Hugging Face name of shard `shard` of this stage's parameter `name`."""
         parts = name.split(".")
+        if parts[0] == "visual":
+            return name
         if parts[0] == "layers":
             parts[1] = str(int(parts[1]) + self.start)
             merged = [hf for hf, (ours, i) in _MERGED.items() if ours == parts[-2] and i == shard]
@@ -176,6 +207,13 @@ class DecoderForCausalLM(nn.Module):
 
     def weight_targets(self, name: str) -> list[tuple[nn.Module, str, int]]:
         """Where a checkpoint tensor goes on this stage: (module, parameter, shard); [] to skip."""
+        # Qwen-VL checkpoints: `visual.*` or `model.visual.*`; the language model's tensors under
+        # `model.*` or `model.language_model.*`
+        name = name.replace("model.language_model.", "model.", 1).replace(
+            "model.visual.", "visual."
+        )
+        if name.startswith("visual."):
+            return self._visual_target(name.split(".")[1:])
         parts = name.removeprefix("model.").split(".")
         if parts[0] == "embed_tokens":
             targets = [(self.embed_tokens, "weight", 0)] if self.embed_tokens is not None else []
@@ -197,3 +235,11 @@ class DecoderForCausalLM(nn.Module):
         return (
             [(target, param, shard)] if isinstance(target, nn.Module) else []
         )  # e.g. rotary_emb.inv_freq
+
+    def _visual_target(self, parts: list[str]) -> list[tuple[nn.Module, str, int]]:
+        if self.visual is None:
+            return []
+        module: Any = self.visual
+        for p in parts[:-1]:
+            module = getattr(module, p, None)
+        return [(module, parts[-1], 0)] if hasattr(module, "load") else []

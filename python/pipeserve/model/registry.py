@@ -14,6 +14,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "MistralForCausalLM": ArchSpec(),
     "Qwen2ForCausalLM": ArchSpec(qkv_bias=True, o_bias=False),
     "Qwen3ForCausalLM": ArchSpec(qk_norm=True),
+    "Qwen2_5_VLForConditionalGeneration": ArchSpec(qkv_bias=True, o_bias=False, vision="qwen2_5"),
+    "Qwen3VLForConditionalGeneration": ArchSpec(qk_norm=True, vision="qwen3"),
 }
 
 

@@ -33,10 +33,32 @@ def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def mrope_axes(head_dim: int, rope: RopeConfig) -> torch.Tensor | None:
+    """(head_dim // 2,) int64: which position axis (0 = t, 1 = h, 2 = w) turns each frequency of a
+    multimodal rotary (Qwen-VL); None for a one-axis rotary. In blocks (Qwen2.5-VL: the first
+    section's frequencies follow t, the next h, then w) or interleaved (Qwen3-VL: t h w t h w ...,
+    the rest t)."""
+    if not rope.mrope_section:
+        return None
+    half = head_dim // 2
+    if sum(rope.mrope_section) != half:
+        raise ValueError(
+            f"mrope_section {rope.mrope_section} does not sum to head_dim / 2 = {half}"
+        )
+    if not rope.mrope_interleaved:
+        return torch.repeat_interleave(torch.arange(3), torch.tensor(rope.mrope_section))
+    axes = torch.zeros(half, dtype=torch.int64)
+    for axis in (1, 2):
+        axes[axis : 3 * rope.mrope_section[axis] : 3] = axis
+    return axes
+
+
 class RotaryEmbedding:
     def __init__(self, head_dim: int, rope: RopeConfig, device: torch.device) -> None:
         self.inv_freq = inverse_frequencies(head_dim, rope).to(device)
         self.table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin of every position
+        axes = mrope_axes(head_dim, rope)
+        self.axes = None if axes is None else axes.to(device)
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -47,6 +69,16 @@ class RotaryEmbedding:
         if self.table is not None and self.table[0].dtype == dtype:
             return self.table[0][positions], self.table[1][positions]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def cos_sin_3d(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A multimodal rotary's cos, sin (N, head_dim) for (3, N) positions (t, h, w): each
+        frequency turns with its axis's position. Where the three agree it equals `cos_sin`."""
+        picked = positions[self.axes].float()  # (head_dim // 2, N): each frequency's axis
+        freqs = picked.T * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -76,6 +76,7 @@ class CudaGraphRunner:
         return (
             0 < desc.num_reqs <= self.max_bs
             and bool((ext == 1).all())
+            and not len(desc.visual)  # image tokens are replaced by their embeddings: eager
             and (not self.runner.ctx.is_last_stage or bool(desc.sampled().all()))
         )
 
@@ -142,6 +143,7 @@ class CudaGraphRunner:
             desc.ints("prefix_len"),
             desc.out_slots,
             self.runner.table.pad_row,
+            desc.ints("rope_delta"),
         )
         self.index[: ROWS * bs].copy_(block[: ROWS * bs], non_blocking=True)
         self.staging.copied()

@@ -16,6 +16,7 @@ from pipeserve.config import EngineConfig
 from pipeserve.model.attention import BackendSpec, create_backend, resolve_backend_name
 from pipeserve.model.config import ModelConfig, parse_dtype
 from pipeserve.model.forward_batch import ForwardBatch, to_device
+from pipeserve.model.llama import VisualRows
 from pipeserve.model.loader import load_weights
 from pipeserve.model.parallel import ParallelContext
 from pipeserve.model.registry import build_stage_model
@@ -23,6 +24,7 @@ from pipeserve.runner.busy import BusyClock
 from pipeserve.runner.kv_cache import KVPool, ReqToToken, TokenPool
 from pipeserve.runner.memory import reserved_bytes
 from pipeserve.runner.sample_step import SampledTokens, sample_step
+from pipeserve.runner.visual import VisualStore
 from pipeserve.scheduler.descriptor import BatchDescriptor
 
 logger = logging.getLogger("pipeserve.runner")
@@ -66,6 +68,10 @@ class ModelRunner:
             TokenPool(cfg.max_running_requests, self.context_length, device)
             if needs_tokens
             else None
+        )
+        # stage 0 of a vision-language model: the images encoded and not yet consumed
+        self.visual_store = (
+            VisualStore(self.model, device) if self.model.visual is not None else None
         )
         self.backend_name = resolve_backend_name(cfg.attention_backend, device.type)
         self.backend = None
@@ -162,23 +168,44 @@ class ModelRunner:
         hidden_in = residual_in = None
         if proxy is not None:
             hidden_in, residual_in = proxy["hidden_states"], proxy["residual"]
+        visual = self._visual_rows(desc, proxy)
         replayed = self.graphs is not None and self.graphs.can_run(desc)
         if replayed:
             out = self.graphs.replay(desc, hidden_in, residual_in)
         else:
             args = (desc.ints("req_pool_idx"), desc.ints("prefix_len"), desc.ints("extend_len"))
-            fb = ForwardBatch.build(*args, desc.out_slots, self.device)
+            fb = ForwardBatch.build(
+                *args, desc.out_slots, self.device, rope_delta=desc.ints("rope_delta")
+            )
+            if len(desc.mrope):
+                fb.mrope_positions = to_device(desc.mrope, self.device).view(3, -1)
             rows = None  # every row samples: a decode batch whose requests all sample
             if self.ctx.is_last_stage and not (fb.is_decode and desc.sampled().all()):
                 rows = to_device(desc.sample_rows(), self.device)
-            out = self.run_model(fb, hidden_in, residual_in, rows)
+            out = self.run_model(fb, hidden_in, residual_in, rows, visual)
         if not self.ctx.is_last_stage:
             hidden, residual = out
-            return {"hidden_states": hidden, "residual": residual}
+            proxy_out = {"hidden_states": hidden, "residual": residual}
+            later = self.model.end < self.model.num_deepstack  # a later stage adds DeepStack
+            if later and visual is not None and visual.deepstack is not None:
+                proxy_out["deepstack"] = visual.deepstack
+            return proxy_out
         logits = out[: int(desc.sampled().sum())]
         # the sampled tokens' token-pool places: on the device already after a replay
         places = self.graphs.sample_places(desc.num_reqs) if replayed else None
         return sample_step(self, desc, logits, places)
+
+    def _visual_rows(self, desc: BatchDescriptor, proxy: dict | None) -> VisualRows | None:
+        """The step's image tokens: stage 0 encodes the step's images and takes their embeddings;
+        a later stage takes the DeepStack features that came with the proxy."""
+        if self.visual_store is not None:
+            self.visual_store.forget_rows(desc.fill_parts()[0])
+            self.visual_store.encode(desc)
+            return self.visual_store.rows_of(desc)
+        if proxy is not None and "deepstack" in proxy:
+            rows = to_device(desc.visual_parts()[0], self.device)
+            return VisualRows(rows, deepstack=proxy["deepstack"])
+        return None
 
     def run_model(
         self,
@@ -186,6 +213,7 @@ class ModelRunner:
         hidden: torch.Tensor | None,
         residual: torch.Tensor | None,
         sample_rows: torch.Tensor | None = None,
+        visual: VisualRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """The stage's layers on one batch (the body CUDA graphs capture): the slot table update,
         stage 0's input ids from the token pool, the layers, and on the last stage the logits of
@@ -197,7 +225,7 @@ class ModelRunner:
         if self.ctx.is_first_stage:
             input_ids = self.tokens.read(fb.token_rows, fb.positions)
         hidden, residual = self.model(
-            fb, self.kv.layers, self.backend, input_ids=input_ids, hidden=hidden, residual=residual
+            fb, self.kv.layers, self.backend, input_ids, hidden, residual, visual
         )
         if not self.ctx.is_last_stage:
             return hidden, residual

@@ -9,6 +9,7 @@ token pools, and the last stage gets them only for requests with penalties, whic
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,20 @@ import numpy as np
 import torch
 
 # Descriptor keys are never TP-split: every TP rank of the next stage needs all of it.
-DESCRIPTOR_KEYS = ("kind", "mb_id", "req_ints", "req_floats", "out_slots", "fills", "prefixes")
-NO_SPLIT = {k: False for k in DESCRIPTOR_KEYS}
+DESCRIPTOR_KEYS = (
+    "kind",
+    "mb_id",
+    "req_ints",
+    "req_floats",
+    "out_slots",
+    "fills",
+    "prefixes",
+    "mrope",
+    "visual",
+)
+# ... nor are DeepStack features (k, M, H): every stage that holds one of the first k layers adds
+# them whole
+NO_SPLIT = {k: False for k in (*DESCRIPTOR_KEYS, "deepstack")}
 KINDS = ("batch", "keepalive", "shutdown")
 
 # Columns of the per-request tensors.
@@ -32,6 +45,7 @@ REQ_INT_COLUMNS = (
     "top_logprobs_num",
     "return_logprob",
     "ban_eos",  # 1 while min_new_tokens forbids an EOS at this step (and EOS would end it)
+    "rope_delta",  # a multimodal rotary's position minus the token's (0 without images)
 )
 REQ_FLOAT_COLUMNS = (
     "temperature",
@@ -104,6 +118,14 @@ class BatchDescriptor:
     # (1 + 2P + S,) int64, as fills: P rows, P lengths, then the KV slots of their cached prefixes
     # (the prefix cache's), which every stage writes into its slot table; or empty
     prefixes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # images (vision-language models): (3 * N,) the (t, h, w) rotary positions of every new token
+    # when some are image tokens of a prompt, else empty; (4 * M,) `VISUAL_ROWS` of the M image
+    # tokens among the new ones; the images stage 0 encodes now (`IMAGE_COLUMNS` per image) and
+    # their float32 patches, which only stage 0 reads
+    mrope: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    visual: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    images: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @classmethod
     def control(cls, kind: str, mb_id: int) -> BatchDescriptor:
@@ -154,71 +176,74 @@ class BatchDescriptor:
         chosen = np.isin(rows, keep)
         tokens = [ids[s : s + n] for s, n, c in zip(starts, lens, chosen, strict=True) if c]
         fills = pack_fills(rows[chosen], lens[chosen], tokens)
-        return BatchDescriptor(
-            self.kind,
-            self.mb_id,
-            self.req_ints,
-            self.req_floats,
-            self.out_slots,
-            fills,
-            self.prefixes,
+        return dataclasses.replace(self, fills=fills)
+
+    def for_later_stages(self) -> BatchDescriptor:
+        """What stages after the first read: no images to encode; fills (penalty history, for the
+        last stage) only of the rows with penalties."""
+        if not len(self.fills) and not len(self.images):
+            return self
+        desc = dataclasses.replace(
+            self, images=np.zeros(0, np.int64), pixels=np.zeros(0, np.float32)
         )
+        return desc.with_fills(desc.ints("req_pool_idx")[penalised(desc.req_floats)])
+
+    def visual_parts(self) -> np.ndarray:
+        """(4, M): `VISUAL_ROWS` of this step's image tokens."""
+        return self.visual.reshape(len(VISUAL_ROWS), -1)
+
+    def image_parts(self) -> np.ndarray:
+        """(K, len(IMAGE_COLUMNS)): the images stage 0 encodes in this step."""
+        return self.images.reshape(-1, len(IMAGE_COLUMNS))
 
     def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "mb_id": self.mb_id,
-            "req_ints": torch.from_numpy(self.req_ints),
-            "req_floats": torch.from_numpy(self.req_floats),
-            "out_slots": torch.from_numpy(self.out_slots),
-            "fills": torch.from_numpy(self.fills),
-            "prefixes": torch.from_numpy(self.prefixes),
-        }
+        d: dict[str, Any] = {"kind": self.kind, "mb_id": self.mb_id}
+        for name in DESCRIPTOR_KEYS[2:]:
+            d[name] = torch.from_numpy(getattr(self, name))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> BatchDescriptor:
-        return cls(
-            d["kind"],
-            d["mb_id"],
-            d["req_ints"].numpy(),
-            d["req_floats"].numpy(),
-            d["out_slots"].numpy(),
-            d["fills"].numpy(),
-            d["prefixes"].numpy(),
-        )
+        arrays = {name: d[name].numpy() for name in DESCRIPTOR_KEYS[2:]}
+        return cls(d["kind"], d["mb_id"], **arrays)
 
     # ---- as tensors, for stage 0's TP peers (no pickle on the hot path) ---------------------------
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 tensor, float32 tensor) holding everything; `unpack` reverses it."""
+        parts = [getattr(self, name).reshape(-1) for name in _PACKED_INTS]
         head = np.array(
-            [
-                KINDS.index(self.kind),
-                self.mb_id,
-                self.num_reqs,
-                self.num_tokens,
-                len(self.fills),
-                len(self.prefixes),
-            ],
-            np.int64,
+            [KINDS.index(self.kind), self.mb_id, self.num_reqs] + [len(x) for x in parts]
         )
-        parts = [head, self.req_ints.reshape(-1), self.out_slots, self.fills, self.prefixes]
-        ints = np.concatenate(parts)
-        return torch.from_numpy(ints), torch.from_numpy(self.req_floats.reshape(-1).copy())
+        ints = np.concatenate([head.astype(np.int64), *parts])
+        floats = np.concatenate([self.req_floats.reshape(-1), self.pixels.reshape(-1)])
+        return torch.from_numpy(ints), torch.from_numpy(floats.astype(np.float32, copy=False))
 
     @classmethod
     def unpack(cls, ints: torch.Tensor, floats: torch.Tensor) -> BatchDescriptor:
         a = ints.numpy()
-        kind, mb_id, b, n, f, p = (int(x) for x in a[:6])
-        c = len(REQ_INT_COLUMNS)
-        ends = np.cumsum([6, b * c, n, f, p])
-        req_ints = a[ends[0] : ends[1]].reshape(b, c)
-        out_slots, fills, prefixes = (
-            a[ends[1] : ends[2]],
-            a[ends[2] : ends[3]],
-            a[ends[3] : ends[4]],
+        head = 3 + len(_PACKED_INTS)
+        kind, mb_id, b = (int(x) for x in a[:3])
+        ends = np.cumsum([head, *a[3:head]])
+        arrays = {name: a[ends[i] : ends[i + 1]] for i, name in enumerate(_PACKED_INTS)}
+        arrays["req_ints"] = arrays["req_ints"].reshape(b, len(REQ_INT_COLUMNS))
+        f, nf = floats.numpy(), b * len(REQ_FLOAT_COLUMNS)
+        return cls(
+            KINDS[kind],
+            mb_id,
+            req_floats=f[:nf].reshape(b, len(REQ_FLOAT_COLUMNS)),
+            pixels=f[nf:],
+            **arrays,
         )
-        req_floats = floats.numpy()[: b * len(REQ_FLOAT_COLUMNS)].reshape(b, len(REQ_FLOAT_COLUMNS))
-        return cls(KINDS[kind], mb_id, req_ints, req_floats, out_slots, fills, prefixes)
+
+
+# the int64 arrays of a descriptor, in `pack` order
+_PACKED_INTS = ("req_ints", "out_slots", "fills", "prefixes", "mrope", "visual", "images")
+# an image token among a step's new tokens: its row in the batch, its request's pool row, which
+# image of the request and which of that image's tokens it is
+VISUAL_ROWS = ("batch_row", "req_pool_idx", "image", "token")
+# an image stage 0 encodes in a step: the request's pool row, which image of it, its grid in
+# patches, and where its patches start in the descriptor's `pixels` (in patches)
+IMAGE_COLUMNS = ("req_pool_idx", "image", "t", "h", "w", "patch_start")
 
 
 def unpack_fills(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ class KVSlots:
         of its tokens but the last at most: that one's forward gives the next token)."""
         if self.cache is None or req.kv_len:
             return
-        slots, node = self.cache.match((req.prompt_ids + req.output_ids)[:-1])
+        slots, node = self.cache.match(req.key_ids()[:-1])
         self.cache.lock(node)
         req.cache_node, req.cached_len = node, len(slots)
         req.slots, req.kv_len = slots, len(slots)
@@ -63,7 +63,7 @@ class KVSlots:
         if self.cache is None:
             self.free_slots.free(req.slots)
         else:
-            tokens = (req.prompt_ids + req.output_ids)[: len(req.slots)]
+            tokens = req.key_ids()[: len(req.slots)]
             held = self.cache.insert(tokens, req.slots)
             self.free_slots.free(req.slots[req.cached_len : held])  # the cache had them already
             if req.cache_node is not None:

@@ -37,12 +37,23 @@ class Req:
     cache_node: Any = None
     needs_fill: bool = True
     float_row: Any = None  # its sampling floats as the descriptor carries them (set at admission)
+    # a vision-language request's images (scheduler.images.ReqImage), its prompt's (3, L) rotary
+    # positions and the delta of the positions after it; its prefix-cache key (image tokens keyed
+    # by their pixels); empty / None / 0 for text
+    images: list[Any] = field(default_factory=list)
+    mrope: Any = None
+    rope_delta: int = 0
+    cache_key: list[int] | None = None
     added_at: float = 0.0  # monotonic seconds: arrival at stage 0, then its first launch,
     started_at: float | None = None  # for the queue-time metric only, never for a decision
 
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def key_ids(self) -> list[int]:
+        """Its tokens as the prefix cache keys them."""
+        return (self.cache_key or self.prompt_ids) + self.output_ids
 
     @property
     def future_len(self) -> int:

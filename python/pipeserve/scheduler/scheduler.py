@@ -26,6 +26,7 @@ from pipeserve.scheduler.descriptor import (
     TokenReply,
     pack_fills,
 )
+from pipeserve.scheduler.images import describe_images
 from pipeserve.scheduler.kv_slots import KVSlots
 from pipeserve.scheduler.req import Req
 from pipeserve.utils import all_plain_ints
@@ -213,9 +214,10 @@ class Scheduler:
         )
         for r in fills:
             r.needs_fill = False
-        prefix, steps, samples, taken = [], [], [], 0
+        prefix = [req.kv_len for req, _ in chosen]
+        images = describe_images(chosen, prefix, {id(r) for r in fills})
+        steps, samples, taken = [], [], 0
         for req, n in chosen:
-            prefix.append(req.kv_len)
             req.slots.extend(out_slots[taken : taken + n])
             taken += n
             req.kv_len += n
@@ -240,6 +242,7 @@ class Scheduler:
                 not r.params.ignore_eos and step + 1 < r.params.min_new_tokens
                 for r, step in zip(reqs, steps, strict=True)
             ],
+            "rope_delta": [r.rope_delta for r in reqs],
         }
         req_ints = np.array([columns[name] for name in REQ_INT_COLUMNS], dtype=np.int64)
         return BatchDescriptor(
@@ -256,6 +259,10 @@ class Scheduler:
                 fill_ids,
             ),
             prefixes,
+            images.mrope,
+            images.visual,
+            images.images,
+            images.pixels,
         )
 
     # ---- results -----------------------------------------------------------------------------------

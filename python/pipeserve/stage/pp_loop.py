@@ -32,7 +32,6 @@ from pipeserve.scheduler.descriptor import (
     NO_SPLIT,
     TOKEN_IDS,
     BatchDescriptor,
-    penalised,
     sampled_token_places,
 )
 from pipeserve.scheduler.req import Req
@@ -165,7 +164,7 @@ class SchedulerPPMixin:
         if self.ctx.pp_size == 1:
             return out
         with self.tracer.span("send", desc.mb_id):
-            return self._send_forward(_for_later_stages(desc), out)
+            return self._send_forward(desc.for_later_stages(), out)
 
     def _arrive(self, rec: InFlight) -> InFlight:
         """Makes the microbatch's tokens the next inputs of its requests (pp = 1: they are, by
@@ -337,10 +336,3 @@ class ReceiveRings:
 
 
 PROXY_KEYS = ("hidden_states", "residual")
-
-
-def _for_later_stages(desc: BatchDescriptor) -> BatchDescriptor:
-    """Only the last stage reads fills (penalty history); only for rows with penalties."""
-    if not len(desc.fills):
-        return desc
-    return desc.with_fills(desc.ints("req_pool_idx")[penalised(desc.req_floats)])

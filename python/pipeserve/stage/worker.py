@@ -15,6 +15,7 @@ from pipeserve.model.parallel import ParallelContext
 from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.scheduler.descriptor import TokenReply
+from pipeserve.scheduler.images import VisionSpec, attach_images
 from pipeserve.scheduler.req import Req
 from pipeserve.scheduler.scheduler import Scheduler
 from pipeserve.stage.outputs import Outputs, final_row, result_rows
@@ -39,6 +40,8 @@ class StageWorker(SchedulerPPMixin):
         self.liveness = liveness
         self.scheduler, self.sockets = scheduler, sockets
         self.reqs: dict[str, Req] = {}
+        model_cfg = runner.model_cfg
+        self.vision = VisionSpec.of(model_cfg.vision, model_cfg.image_token_id)
 
     # ---- requests in -------------------------------------------------------------------------------
     def accept_requests(self, timeout_s: float) -> bool:
@@ -73,6 +76,7 @@ class StageWorker(SchedulerPPMixin):
                 int(msg.priority),
                 owner=owner,
             )
+            attach_images(req, msg.images, self.vision)
         except (ValueError, TypeError, OverflowError) as e:
             outputs.error(owner, msg.rid, len(msg.input_ids), str(e))
             return

@@ -1,0 +1,99 @@
+"""Vision-language models (Qwen2.5-VL, Qwen3-VL): greedy tokens identical to `transformers` on
+tiny random checkpoints, with images of several sizes and counts, at pp 1-3, tp 2 and with chunk
+boundaries inside an image."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import VL_END, VL_PAD, VL_START, hf_vl_greedy, make_vl_checkpoint
+from pipeserve import Engine
+from pipeserve.ipc.messages import ImageIn
+
+NEW = 8
+
+
+def _image(rng: np.random.Generator, grid: tuple[int, int, int], patch: int) -> ImageIn:
+    t, h, w = grid
+    pixels = rng.standard_normal((t * h * w, 3 * 2 * patch * patch)).astype(np.float32)
+    digest = int.from_bytes(hashlib.blake2b(pixels.tobytes(), digest_size=8).digest()) >> 1
+    return ImageIn(pixels.tobytes(), grid, digest)
+
+
+def _prompt(rng, text_lens: list[int], images: list[ImageIn]) -> list[int]:
+    """Text runs and images in turn: text_lens has one more entry than images."""
+    ids: list[int] = []
+    for i, n in enumerate(text_lens):
+        ids += rng.integers(3, 100, n).tolist()
+        if i < len(images):
+            t, h, w = images[i].grid
+            ids += [VL_START] + [VL_PAD] * (t * h * w // 4) + [VL_END]
+    return ids
+
+
+def workload(patch: int) -> list[tuple[list[int], list[ImageIn]]]:
+    rng = np.random.default_rng(7)
+    shapes = [
+        [(1, 4, 6)],  # one small image
+        [(1, 8, 8), (1, 4, 4)],  # two images, windows of several sizes
+        [],  # text only, in the same batches
+        [(1, 6, 10)],
+        [(2, 4, 4)],  # two frames: temporal positions
+    ]
+    items = []
+    for i, grids in enumerate(shapes):
+        images = [_image(rng, g, patch) for g in grids]
+        items.append((_prompt(rng, [5 + i] + [3 + i] * len(images), images), images))
+    return items
+
+
+def _pixels(images: list[ImageIn]) -> torch.Tensor | None:
+    if not images:
+        return None
+    return torch.cat([torch.from_numpy(np.frombuffer(im.pixels, np.float32)) for im in images])
+
+
+def run(engine: Engine, items) -> list[list[int]]:
+    params = {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True}
+    states = [engine.submit(ids, params, images=images) for ids, images in items]
+    engine.wait(states)
+    return [s.output_ids for s in states]
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def family(request, tmp_path_factory):
+    path = make_vl_checkpoint(str(tmp_path_factory.mktemp(request.param)), request.param)
+    patch = 16 if request.param == "qwen3_vl" else 14
+    items = workload(patch)
+    prompts = []
+    for ids, images in items:
+        dim = 3 * 2 * patch * patch
+        pixels = _pixels(images)
+        prompts.append(
+            (ids, None if pixels is None else pixels.view(-1, dim), [im.grid for im in images])
+        )
+    return path, items, hf_vl_greedy(path, prompts, NEW)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"chunked_prefill_size": 16},  # chunk boundaries inside images
+        {"pp_size": 2},
+        {"pp_size": 3, "pp_layer_partition": "1,1,2"},  # DeepStack features travel two stages
+        {"pp_size": 2, "tp_size": 2},
+    ],
+    ids=["pp1", "pp1-chunked", "pp2", "pp3", "pp2xtp2"],
+)
+def test_greedy_tokens_equal_transformers(family, extra):
+    path, items, want = family
+    with Engine(
+        model_path=path, device="cpu", skip_tokenizer_init=True, cpu_threads=1, **extra
+    ) as engine:
+        assert run(engine, items) == want
+        assert engine.stats["free_slots"] == engine.stats["num_slots"]
