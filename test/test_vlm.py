@@ -12,6 +12,8 @@ import torch
 
 from checkpoints import VL_END, VL_PAD, VL_START, hf_vl_greedy, make_vl_checkpoint
 from pipeserve import Engine
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 from pipeserve.ipc.messages import ImageIn
 
 NEW = 8
@@ -86,7 +88,7 @@ def family(request, tmp_path_factory):
         {"chunked_prefill_size": 16},  # chunk boundaries inside images
         {"pp_size": 2},
         {"pp_size": 3, "pp_layer_partition": "1,1,2"},  # DeepStack features travel two stages
-        {"pp_size": 2, "tp_size": 2},
+        {"pp_size": 2, "tp_size": 2, "pp_layer_partition": "1,3"},  # DeepStack across, TP
     ],
     ids=["pp1", "pp1-chunked", "pp2", "pp3", "pp2xtp2"],
 )
@@ -97,3 +99,62 @@ def test_greedy_tokens_equal_transformers(family, extra):
     ) as engine:
         assert run(engine, items) == want
         assert engine.stats["free_slots"] == engine.stats["num_slots"]
+
+
+def test_prefix_cache_keys_image_tokens_by_the_image(family):
+    """The same text with another image must not reuse the first image's KV (every image's tokens
+    are the same pad id); the same image again does."""
+    path, items, want = family
+    ids, images = items[0]
+    patch = 16 if "qwen3" in path else 14
+    other = [_image(np.random.default_rng(99), images[0].grid, patch)]
+    with Engine(model_path=path, device="cpu", skip_tokenizer_init=True, cpu_threads=1) as engine:
+        params = {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True}
+        first = engine.submit(ids, params, images=images)
+        engine.wait([first])
+        changed = engine.submit(ids, params, images=other)
+        engine.wait([changed])
+        again = engine.submit(ids, params, images=images)
+        engine.wait([again])
+    assert first.output_ids == again.output_ids == want[0]
+    start = ids.index(VL_PAD)
+    assert changed.cached_tokens == start  # the text before the image only
+    assert again.cached_tokens > start + images[0].grid[1] * images[0].grid[2] // 4
+    dim = 3 * 2 * patch * patch
+    ref = hf_vl_greedy(path, [(ids, _pixels(other).view(-1, dim), [other[0].grid])], NEW)
+    assert changed.output_ids == ref[0]
+
+
+def test_mismatched_images_are_the_requests_error_not_the_engines(family):
+    path, items, _ = family
+    ids, images = items[1]  # two images
+    with Engine(model_path=path, device="cpu", skip_tokenizer_init=True, cpu_threads=1) as engine:
+        params = {"temperature": 0, "max_new_tokens": 2}
+        bad = [
+            engine.submit(ids, params, images=images[:1]),  # one image for two placeholders
+            engine.submit(ids, params, images=images[::-1]),  # runs of the wrong lengths
+            engine.submit(ids, params, images=[images[0], ImageIn(b"xx", images[1].grid, 1)]),
+        ]
+        good = engine.submit(ids, params, images=images)
+        engine.wait([*bad, good])
+    assert "2 image placeholder(s) for 1 image(s)" in bad[0].error
+    assert "placeholder tokens" in bad[1].error
+    assert "bytes of patches" in bad[2].error
+    assert good.error is None and len(good.output_ids) == 2
+
+
+@cuda
+def test_cuda_graphs_decode_multimodal_requests_as_transformers(family):
+    """Decode graphs replay image requests' steps (their rotary runs behind their positions)."""
+    path, items, want = family
+    outs = {}
+    for graphs in (True, False):
+        with Engine(
+            model_path=path,
+            device="cuda",
+            dtype="float32",
+            skip_tokenizer_init=True,
+            disable_cuda_graph=not graphs,
+        ) as engine:
+            outs[graphs] = run(engine, items)
+    assert outs[True] == outs[False] == want

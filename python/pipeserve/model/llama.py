@@ -213,7 +213,7 @@ class DecoderForCausalLM(nn.Module):
             "model.visual.", "visual."
         )
         if name.startswith("visual."):
-            return self._visual_target(name.split(".")[1:])
+            return [] if self.visual is None else self.visual.weight_target(name[len("visual.") :])
         parts = name.removeprefix("model.").split(".")
         if parts[0] == "embed_tokens":
             targets = [(self.embed_tokens, "weight", 0)] if self.embed_tokens is not None else []
@@ -235,11 +235,3 @@ class DecoderForCausalLM(nn.Module):
         return (
             [(target, param, shard)] if isinstance(target, nn.Module) else []
         )  # e.g. rotary_emb.inv_freq
-
-    def _visual_target(self, parts: list[str]) -> list[tuple[nn.Module, str, int]]:
-        if self.visual is None:
-            return []
-        module: Any = self.visual
-        for p in parts[:-1]:
-            module = getattr(module, p, None)
-        return [(module, parts[-1], 0)] if hasattr(module, "load") else []

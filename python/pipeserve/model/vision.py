@@ -273,6 +273,14 @@ class VisionTower(nn.Module):
     def num_deepstack(self) -> int:
         return len(self.deepstack_indexes)
 
+    def weight_target(self, name: str) -> list[tuple[nn.Module, str, int]]:
+        """Where the tower's checkpoint tensor `name` (after `visual.`) goes; [] if nowhere."""
+        *path, param = name.split(".")
+        module: Any = self
+        for p in path:
+            module = getattr(module, p, None)
+        return [(module, param, 0)] if isinstance(module, Loads) else []
+
     def forward(
         self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
