@@ -126,6 +126,7 @@ def _scheduler(chunk: int):
     from pipeserve.scheduler.scheduler import Scheduler
 
     cfg = resolve_config(device="cpu", max_running_requests=8, chunked_prefill_size=chunk)
+
     def finish(req):
         return {"type": "length"} if len(req.output_ids) >= req.params.max_new_tokens else None
 
@@ -158,7 +159,7 @@ def test_a_prompt_joins_the_cache_as_its_chunks_are_scheduled():
     s.add(a)
     _step(s, 0)
     _step(s, 1)
-    b = _req("b", prompt[:18] + [100, 101])
+    b = _req("b", [*prompt[:18], 100, 101])
     s.add(b)
     assert _step(s, 2) == [a, b]  # a's last 4 tokens, then b with the 4 left of the budget
     assert b.prompt_cached == 16 and not a.finished
@@ -176,11 +177,11 @@ def test_waiting_requests_with_the_longest_cached_prefix_go_first_and_none_starv
     monkeypatch.setattr(sched, "LPM_PATIENCE", 2)
     s = _scheduler(chunk=12)  # one 12-token prompt per step
     shared = list(range(10, 20))
-    s.add(_req("warm", shared + [1, 2]))
+    s.add(_req("warm", [*shared, 1, 2]))
     while s.has_work:
         _step(s, s.num_microbatches)
     x = _req("x", list(range(50, 62)))  # nothing cached
-    ys = [_req(f"y{i}", shared + [60 + i, 3]) for i in range(4)]
+    ys = [_req(f"y{i}", [*shared, 60 + i, 3]) for i in range(4)]
     for r in [x, *ys]:
         s.add(r)
     order = []
