@@ -192,3 +192,24 @@ def test_waiting_requests_with_the_longest_cached_prefix_go_first_and_none_starv
     assert order[:2] == ["y0", "y1"]  # the cached prefix first
     assert order[2] == "x"  # passed over twice (LPM_PATIENCE): its turn
     assert ys[0].prompt_cached == 10 and x.prompt_cached == 0
+
+
+def test_a_request_aborted_with_samples_in_flight_frees_every_slot():
+    """Its prompt joined the cache when scheduled; it was launched again before its first token
+    reached the host (the overlap loop), and aborted then: both samples are dropped, so its last
+    slot has no token to key it. Freed, not lost."""
+    from pipeserve.scheduler.descriptor import TokenReply
+
+    s = _scheduler(chunk=64)
+    a = _req("a", list(range(10, 30)))
+    s.add(a)
+    first, reqs = s.next_microbatch(0)  # the prompt; samples the first token
+    s.arrived(reqs)  # its token is in the device's token pool: it may go again
+    second, _ = s.next_microbatch(1)  # a decode step reading that token: a slot for it
+    assert s.abort(a) is False  # held by the launched steps
+    s.process_result(first, reqs, TokenReply([7]))
+    s.arrived(reqs)
+    s.process_result(second, reqs, TokenReply([8]))
+    assert a.output_ids == [] and len(a.prompt_ids) == 20
+    assert a not in s.running and s.slots.available == s.slots.size
+    assert s.slots.num_cached == 20  # the prompt; the slot past it freed

@@ -85,9 +85,11 @@ class KVSlots:
         if self.cache is None:
             self.free_slots.free(req.slots)
         else:
+            # an aborted request's slots may run past its known tokens (its last samples dropped)
             tokens = req.key_ids()[: len(req.slots)]
-            held = self.cache.insert(tokens, req.slots)
-            self.free_slots.free(req.slots[req.cached_len : held])  # the cache had them already
+            held = self.cache.insert(tokens, req.slots[: len(tokens)])
+            # the cache had [cached_len, held) already; nothing keys the slots past the tokens
+            self.free_slots.free(req.slots[req.cached_len : held] + req.slots[len(tokens) :])
             if req.cache_node is not None:
                 self.cache.unlock(req.cache_node)
         req.slots, req.cache_node, req.cached_len = [], None, 0
