@@ -12,6 +12,7 @@ per merged patch for each image; stage 0 takes the i-th run of them as image i.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -111,10 +112,16 @@ class VisionSpec:
         rgb = to_rgb(image)
         height, width = self.resized_size(rgb.height, rgb.width, name)
         resized = np.asarray(rgb.resize((width, height), resample=self.resample))  # (H, W, 3) u8
-        pixels = (resized.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        return self.to_image_in(self.value_table[resized, np.arange(3)])
+
+    @functools.cached_property
+    def value_table(self) -> np.ndarray:
+        """(256, 3) float32: each byte value rescaled (float64, then float32) and normalised
+        (float32) per channel. A lookup gives the processor's values exactly: each depends on the
+        byte and the channel alone."""
+        scaled = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
         mean = np.asarray(self.image_mean, np.float32)
-        pixels = (pixels - mean) / np.asarray(self.image_std, np.float32)
-        return self.to_image_in(pixels)
+        return (scaled[:, None] - mean) / np.asarray(self.image_std, np.float32)
 
     def to_image_in(self, pixels: np.ndarray) -> ImageIn:
         """(H, W, C) float32 pixels as patches (grid_h * grid_w, C * temporal * patch * patch),
