@@ -92,8 +92,12 @@ def test_the_checkpoints_normalisation_is_read_not_assumed(tmp_path):
     assert (qwen25.image_token_id, qwen25.vision_start_token_id) == (VL_PAD, VL_START)
 
 
-def test_a_text_model_has_no_vision_spec():
+def test_a_text_model_has_no_vision_spec_and_a_vision_model_needs_its_preprocessing(tmp_path):
     assert VisionSpec.from_dir(EngineConfig.model_path) is None
+    vision_dir(tmp_path, "qwen3_vl")
+    (tmp_path / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no preprocessor_config\.json"):
+        VisionSpec.from_dir(str(tmp_path))
 
 
 def test_images_with_an_extreme_aspect_ratio_are_refused(tmp_path):

@@ -63,6 +63,11 @@ class VisionSpec:
         vision = config.get("vision_config")
         if vision is None or "image_token_id" not in config:
             return None
+        if not os.path.isfile(os.path.join(path, PREPROCESSOR_CONFIG)):
+            raise FileNotFoundError(
+                f"{path} holds a vision-language model but no {PREPROCESSOR_CONFIG} (how its "
+                "images are preprocessed)"
+            )
         prep = _read_json(os.path.join(path, PREPROCESSOR_CONFIG))
         geometry = {
             "patch_size": vision.get("patch_size"),
