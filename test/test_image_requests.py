@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -309,3 +311,42 @@ def test_engine_generate_with_image_data_equals_transformers(vl_path):
             engine.generate(text, params, image_data=images[0])
     assert out["output_ids"] == want
     assert out["meta_info"]["prompt_tokens"] == len(ids)
+
+
+# ---- the real server, pp=2 ---------------------------------------------------------------------------
+def test_the_server_at_pp2_answers_a_chat_with_images_as_the_engine_does(vl_path):
+    """Through HTTP (the launcher, its front end, two stages): a chat with two images, streamed and
+    not, gives the offline engine's greedy text for the same prompt and images; a broken image is
+    a 400 and the server keeps serving."""
+    from pipeserve import Engine
+    from server_harness import Server
+
+    messages, images = two_image_chat()
+    body = {"messages": messages, "max_tokens": 6, "temperature": 0}
+    server = Server("--model-path", vl_path, "--pp-size", "2", "--cpu-threads", "1")
+    try:
+        url = server.url + "/v1/chat/completions"
+        plain = httpx.post(url, json=body, timeout=120).json()
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        bad = {**body, "messages": [{"role": "user", "content": [image_part(images[0])]}]}
+        bad["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,AAAA"
+        refused = httpx.post(url, json=bad, timeout=60)
+        again = httpx.post(url, json=body, timeout=120).json()
+    finally:
+        server.stop()
+    text = plain["choices"][0]["message"]["content"]
+    streamed = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+    )
+    assert streamed == text == again["choices"][0]["message"]["content"]
+    assert plain["usage"]["completion_tokens"] == 6
+    assert refused.status_code == 400 and "image" in refused.json()["error"]["message"]
+    job = parse_chat({"messages": messages, "max_tokens": 6}, model_info(vl_path))
+    with Engine(model_path=vl_path, device="cpu", cpu_threads=1) as engine:
+        params = {"temperature": 0, "max_new_tokens": 6}
+        state = engine.submit(job.prompts[0], params, images=job.images_of(0))
+        engine.wait([state])
+        want = engine.result(state)
+    assert plain["usage"]["prompt_tokens"] == want["meta_info"]["prompt_tokens"]
+    assert text == want["text"]
