@@ -78,13 +78,12 @@ def cache_counters(url: str) -> tuple[float, float] | None:
     values = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("pipeserve_prefix_cache_hit_tokens", "pipeserve_prefix_cache_query_tokens"):
-            values[name] = float(value)
-    if len(values) < 2:
+        values[name.removesuffix("_total")] = value
+    try:
+        hits = float(values["pipeserve_prefix_cache_hit_tokens"])
+        return hits, float(values["pipeserve_prefix_cache_query_tokens"])
+    except (KeyError, ValueError):
         return None
-    return values["pipeserve_prefix_cache_hit_tokens"], values[
-        "pipeserve_prefix_cache_query_tokens"
-    ]
 
 
 def server_cpu(usage: list[proc_cpu.ProcUsage], output_tokens: int) -> dict:
