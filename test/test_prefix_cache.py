@@ -171,27 +171,31 @@ def test_a_prompt_joins_the_cache_as_its_chunks_are_scheduled():
     assert s.slots.available == s.slots.size  # every slot free or cached and unlocked
 
 
-def test_waiting_requests_with_the_longest_cached_prefix_go_first_and_none_starve(monkeypatch):
-    from pipeserve.scheduler import scheduler as sched
+def test_waiting_requests_with_the_longest_cached_prefix_go_first_and_none_starve():
+    from pipeserve.scheduler.scheduler import LPM_PATIENCE
 
-    monkeypatch.setattr(sched, "LPM_PATIENCE", 2)
-    s = _scheduler(chunk=12)  # one 12-token prompt per step
+    s = _scheduler(chunk=12)
     shared = list(range(10, 20))
     s.add(_req("warm", [*shared, 1, 2]))
     while s.has_work:
         _step(s, s.num_microbatches)
     x = _req("x", list(range(50, 62)))  # nothing cached
     ys = [_req(f"y{i}", [*shared, 60 + i, 3]) for i in range(4)]
-    for r in [x, *ys]:
+    near = _req("near", [*shared, 1, 9])  # 11 tokens cached: the longest
+    for r in [x, *ys, near]:
         s.add(r)
-    order = []
-    while s.has_work:
-        for r in _step(s, s.num_microbatches):
-            if r.rid not in order:
-                order.append(r.rid)
-    assert order[:2] == ["y0", "y1"]  # the cached prefix first
-    assert order[2] == "x"  # passed over twice (LPM_PATIENCE): its turn
-    assert ys[0].prompt_cached == 10 and x.prompt_cached == 0
+    assert [r.rid for r in s._admission_order()] == ["near", "y0", "y1", "y2", "y3", "x"]
+    reqs = _step(s, s.num_microbatches)  # 3 + 4 x 2 uncached tokens, then x: 1 of 12
+    assert [r.rid for r in reqs] == ["near", "y0", "y1", "y2", "y3", "x"]
+    assert near.prompt_cached == 11 and ys[0].prompt_cached == 10 and x.prompt_cached == 0
+    # a head passed over LPM_PATIENCE times goes first, whatever the others have cached
+    late = _req("late", list(range(70, 82)))
+    again = [_req(f"z{i}", [*shared, 80 + i, 3]) for i in range(2)]
+    for r in [late, *again]:
+        s.add(r)
+    assert s._admission_order()[0] is again[0]
+    late.passed_over = LPM_PATIENCE
+    assert s._admission_order()[0] is late
 
 
 def test_a_request_aborted_with_samples_in_flight_frees_every_slot():

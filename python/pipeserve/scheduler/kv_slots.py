@@ -57,11 +57,12 @@ class KVSlots:
         later steps reuse it while this one still runs. Only where the tree holds exactly its
         matched prefix of those tokens; else they stay its own until its release, as before."""
         n = min(req.kv_len, len(req.prompt_ids))
-        if self.cache is None or n <= req.cached_len:
+        if self.cache is None or n <= max(req.cached_len, req.declined_len):
             return
         tokens = req.key_ids()[:n]
         if self.cache.peek(tokens) != req.cached_len:
-            return  # another request cached some of them meanwhile
+            req.declined_len = n  # another request cached some of them meanwhile: not again
+            return
         self.cache.insert(tokens, req.slots[:n])
         _, node = self.cache.match(tokens)
         self.cache.lock(node)
@@ -92,4 +93,4 @@ class KVSlots:
             self.free_slots.free(req.slots[req.cached_len : held] + req.slots[len(tokens) :])
             if req.cache_node is not None:
                 self.cache.unlock(req.cache_node)
-        req.slots, req.cache_node, req.cached_len = [], None, 0
+        req.slots, req.cache_node, req.cached_len, req.declined_len = [], None, 0, 0

@@ -163,9 +163,11 @@ class Scheduler:
             chosen.append((req, n))
             budget -= n
             promised += n
-        while self.waiting and len(chosen) < cap and budget > 0 and self.rows.can_allocate(1):
-            i = self._pick_waiting()
-            req = self.waiting[i]
+        order = self._admission_order()
+        admitted = []
+        for req in order:
+            if len(chosen) >= cap or budget <= 0 or not self.rows.can_allocate(1):
+                break
             self.slots.match(req)  # its cached prefix: only the rest counts below
             n = min(req.num_uncached, budget)
             # kept back: the slots promised this round, plus one decode step for every running
@@ -174,31 +176,39 @@ class Scheduler:
                 self.slots.unmatch(req)
                 break
             self.slots.admitted(req)
-            for skipped in self.waiting[:i]:
-                skipped.passed_over += 1
-            self.waiting.pop(i)
+            admitted.append(req)
             req.req_pool_idx = self.rows.allocate(1)[0]
             self.running.append(req)
             chosen.append((req, n))
             budget -= n
             promised += n
+        if admitted:
+            self._took(admitted)
         return chosen
 
-    def _pick_waiting(self) -> int:
-        """Which waiting request to admit next: among the first LPM_WINDOW of the head's priority,
-        the one with the longest cached prefix (SGLang's `lpm`; ties to the earlier arrival), unless
-        the head has been passed over LPM_PATIENCE times (then it goes: nothing starves)."""
-        head = self.waiting[0]
-        if self.slots.cache is None or len(self.waiting) == 1 or head.passed_over >= LPM_PATIENCE:
-            return 0
-        best, best_len = 0, -1
-        for i, req in enumerate(self.waiting[:LPM_WINDOW]):
-            if req.priority != head.priority:
-                break
-            n = self.slots.peek(req)
-            if n > best_len:
-                best, best_len = i, n
-        return best
+    def _admission_order(self) -> list[Req]:
+        """The waiting requests in the order this step may admit them: of the first LPM_WINDOW of
+        the head's priority, the longest cached prefix first (SGLang's `lpm`; ties to the earlier
+        arrival), then the rest in (priority, arrival) order; a head passed over LPM_PATIENCE
+        times goes first (nothing starves). The tree does not change while a step is chosen, so
+        each candidate is looked up once."""
+        waiting = self.waiting
+        if self.slots.cache is None or len(waiting) < 2 or waiting[0].passed_over >= LPM_PATIENCE:
+            return list(waiting)
+        head = waiting[0].priority
+        window = [r for r in waiting[:LPM_WINDOW] if r.priority == head]
+        cached = [self.slots.peek(r) for r in window]
+        ranked = sorted(range(len(window)), key=lambda i: -cached[i])  # stable: arrival order
+        return [window[i] for i in ranked] + waiting[len(window) :]
+
+    def _took(self, admitted: list[Req]) -> None:
+        """Removes the admitted from the queue; a waiting request that arrived before one of them
+        was passed over once more."""
+        taken = {id(r) for r in admitted}
+        last = max(i for i, r in enumerate(self.waiting) if id(r) in taken)
+        for r in self.waiting[:last]:
+            r.passed_over += id(r) not in taken
+        self.waiting = [r for r in self.waiting if id(r) not in taken]
 
     def _make_room(self, n: int, chosen: list[tuple[Req, int]], req: Req) -> bool:
         """Frees slots by preempting the newest requests that no microbatch holds or has chosen."""
@@ -244,7 +254,8 @@ class Scheduler:
             req.slots.extend(out_slots[taken : taken + n])
             taken += n
             req.kv_len += n
-            self.slots.commit(req)
+            if req.kv_len - n < len(req.prompt_ids):  # a prompt chunk: it joins the cache
+                self.slots.commit(req)
             step = len(req.output_ids) + req.pending  # output index of the token sampled now
             steps.append(step)
             sample = req.kv_len == len(req.prompt_ids) + step  # its future_len
