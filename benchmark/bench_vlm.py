@@ -103,6 +103,12 @@ def make_vl_model(path: str, shape: dict, dtype: torch.dtype, device: str) -> st
     sec[0] += half - sum(sec)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+    clip = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    prep = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2}
+    prep |= {"temporal_patch_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280}
+    prep |= {"image_mean": clip[0], "image_std": clip[1]}  # Qwen2.5-VL's own
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(prep, f)
     return path
 
 

@@ -112,6 +112,9 @@ vlm)  # one GPU: VL parity with decode graphs, the graphs' own tests, 8B-shape V
     -k "cuda or graphs or triton or padded"
   step 330 python3 benchmark/bench_vlm.py --shape vl8b --pp 1,2 --requests 256 --json "$O/vlm_8b.json"
   ;;
+vlmbench)  # the benchmark of `vlm` alone
+  step 230 python3 benchmark/bench_vlm.py --shape vl8b --pp 1,2 --requests 256 --json "$O/vlm_8b.json"
+  ;;
 prefix8b)  # one GPU, 8B: 1024 requests in 16 groups, 2048-token prefixes + 32 unique, 64 new
   step 560 python3 benchmark/bench_prefix.py --shape 8b --burst --groups 16 --per-group 64 \
     --prefix 2048 --unique 32 --new 64 --json "$O/prefix_8b.json"
