@@ -44,6 +44,9 @@ class EngineConfig:
     cuda_graph_max_bs: int = 512  # decode microbatches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False  # stage 0's prefix cache (SGLang's RadixAttention) off
+    # batch-invariant kernels: a request's tokens and logprobs do not depend on its batch, the
+    # pipeline size or prefill chunking (the tensor-parallel size excepted)
+    deterministic: bool = False
     pp_trace: str | None = None  # write a Chrome/Perfetto trace of the pipeline to this path
     nnodes: int = 1
     node_rank: int = 0

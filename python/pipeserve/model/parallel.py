@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeserve.model import gemv
+from pipeserve.model import batch_invariant, gemv
 from pipeserve.model.fused import add_rmsnorm
 
 if TYPE_CHECKING:
@@ -23,6 +23,8 @@ class ParallelContext:
     pp_rank: int = 0
     pp_size: int = 1
     tp_group: GroupCoordinator | None = None
+    # deterministic mode: projections reduce every row in one order, whatever shares the batch
+    batch_invariant: bool = False
 
     @property
     def is_first_stage(self) -> bool:
@@ -37,6 +39,11 @@ class ParallelContext:
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x if self.tp_size == 1 else self.tp_group.all_gather(x, dim)
+
+    @property
+    def projections(self) -> Any:
+        """The module whose `linear`, `norm_linear` and `silu_mul_linear` the layers call."""
+        return batch_invariant if self.batch_invariant else gemv
 
     def shard(self, size: int, what: str) -> int:
         if size % self.tp_size:
@@ -57,7 +64,7 @@ class ColumnParallelLinear(nn.Module):
         self, in_features: int, out_sizes: list[int], bias: bool, ctx: ParallelContext, what: str
     ) -> None:
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.ops = ctx, ctx.projections
         self.local_sizes = [ctx.shard(s, f"{what} output size") for s in out_sizes]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(out_sizes))]
         out_local = sum(self.local_sizes)
@@ -69,13 +76,13 @@ class ColumnParallelLinear(nn.Module):
         getattr(self, param).data[off : off + n].copy_(_rows(loaded, self.ctx.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     def norm_forward(
         self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual); one kernel at batch 1 on CUDA (gemv)."""
-        return gemv.norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        return self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -85,7 +92,7 @@ class RowParallelLinear(nn.Module):
         self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext, what: str
     ) -> None:
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.ops = ctx, ctx.projections
         self.in_local = ctx.shard(in_features, f"{what} input size")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
@@ -98,11 +105,11 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(loaded[:, start : start + self.in_local])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(gemv.linear(x, self.weight))
+        return self._reduce(self.ops.linear(x, self.weight))
 
     def silu_mul_forward(self, gate_up: torch.Tensor, inter: int) -> torch.Tensor:
         """self(silu(gate) * up) for gate_up (N, 2 * inter); one kernel at batch 1 on CUDA (gemv)."""
-        return self._reduce(gemv.silu_mul_linear(gate_up, inter, self.weight))
+        return self._reduce(self.ops.silu_mul_linear(gate_up, inter, self.weight))
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         y = self.ctx.all_reduce(partial)
@@ -139,8 +146,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-parallel output projection: local logits, all-gathered, the padding cut off."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext) -> None:
+        super().__init__(vocab_size, hidden_size, ctx)
+        self.matmul = batch_invariant.linear if ctx.batch_invariant else F.linear
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, V)
-        logits = self.ctx.all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = self.ctx.all_gather(self.matmul(hidden, self.weight), dim=-1)
         return logits[..., : self.vocab_size]
 
 

@@ -73,7 +73,9 @@ class ModelRunner:
         self.visual_store = (
             VisualStore(self.model, device) if self.model.visual is not None else None
         )
-        self.backend_name = resolve_backend_name(cfg.attention_backend, device.type)
+        self.backend_name = resolve_backend_name(
+            cfg.attention_backend, device.type, cfg.deterministic
+        )
         self.backend = None
         self.graphs = None
         self.busy = BusyClock(device)

@@ -117,6 +117,12 @@ _ENGINE_FLAGS = [
         bool,
         "no prefix cache: every prompt is prefilled from scratch",
     ),
+    (
+        "--deterministic",
+        "deterministic",
+        bool,
+        "batch-invariant kernels: the same tokens and logprobs whatever a request is batched with",
+    ),
     ("--pp-trace", "pp_trace", str, "write a Chrome/Perfetto trace of the pipeline to this path"),
     ("--nnodes", "nnodes", int, "nodes taking part"),
     ("--node-rank", "node_rank", int, "this node's index; node 0 serves HTTP"),

@@ -117,7 +117,9 @@ def _build(cfg: EngineConfig, spec: RankSpec, report: Any) -> StageWorker:
     init_distributed(dcfg)
     device = torch.device("cuda", spec.local_rank) if cfg.device == "cuda" else torch.device("cpu")
     model_cfg = ModelConfig.from_dir(cfg.model_path)
-    ctx = ParallelContext(dcfg.tp_rank, cfg.tp_size, dcfg.pp_rank, cfg.pp_size, get_tp_group())
+    ctx = ParallelContext(
+        dcfg.tp_rank, cfg.tp_size, dcfg.pp_rank, cfg.pp_size, get_tp_group(), cfg.deterministic
+    )
     # stage 0's scheduler checks for EOS; the last stage bans it before min_new_tokens
     eos = None
     if spec.rank == 0 or ctx.is_last_stage:

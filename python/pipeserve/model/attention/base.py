@@ -73,10 +73,11 @@ def register(name: str):
     return deco
 
 
-def resolve_backend_name(name: str, device_type: str) -> str:
-    """'auto' is triton on CUDA and torch on CPU."""
+def resolve_backend_name(name: str, device_type: str, deterministic: bool = False) -> str:
+    """'auto' is triton on CUDA and torch on CPU; deterministic mode takes the batch-invariant
+    variant of either (`torch_invariant`, `triton_invariant`)."""
     if name == "auto":
-        return "triton" if device_type == "cuda" else "torch"
+        name = "triton" if device_type == "cuda" else "torch"
     if name not in ("torch", "triton"):
         raise ValueError(f"attention backend must be auto, torch or triton, got {name!r}")
     if name == "triton" and device_type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
@@ -84,7 +85,7 @@ def resolve_backend_name(name: str, device_type: str) -> str:
             "the triton attention backend runs on CPU only under Triton's interpreter "
             "(TRITON_INTERPRET=1, slow: for tests); use the torch backend on CPU"
         )
-    return name
+    return f"{name}_invariant" if deterministic else name
 
 
 def create_backend(name: str, spec: BackendSpec, req_to_token: torch.Tensor) -> AttentionBackend:
@@ -92,4 +93,8 @@ def create_backend(name: str, spec: BackendSpec, req_to_token: torch.Tensor) -> 
         from pipeserve.model.attention import triton_backend  # noqa: F401
     if name == "torch":
         from pipeserve.model.attention import torch_backend  # noqa: F401
+    if name == "torch_invariant":
+        from pipeserve.model.attention import torch_invariant  # noqa: F401
+    if name == "triton_invariant":
+        from pipeserve.model.attention import triton_invariant  # noqa: F401
     return BACKENDS[name](spec, req_to_token)
