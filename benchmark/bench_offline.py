@@ -9,7 +9,12 @@ Per shape it reports
   bandwidth bound of that step (weights + the KV cache read per step) for pipeserve;
 - prefill: --prefill-batch prompts of --prefill-len tokens, one new token each: prompt tokens/s.
 
+`--deterministic` also runs pipeserve in deterministic mode (batch-invariant kernels; CUDA graphs
+on) in the same run and reports its cost: its decode step over the default's at batch 1 and at
+each --batches size, and its prefill rate over the default's.
+
     python benchmark/bench_offline.py --shape 1b|8b|cpu [--model-path DIR] [--json PATH] [--plot PNG]
+        [--deterministic]
     python benchmark/bench_offline.py --plot-from RESULT.json [RESULT.json ...] --plot PNG
 
 `--plot` draws decode time against batch size per engine with the bandwidth floor (one panel per
@@ -32,6 +37,13 @@ import torch
 from bench_plots import decode_figure, load
 from pipeserve import Engine
 from pipeserve.model.config import ModelConfig
+
+# pipeserve's variants: what each changes in the engine's configuration
+VARIANTS = {
+    "pipeserve": {},
+    "pipeserve-eager": {"disable_cuda_graph": True},
+    "pipeserve-deterministic": {"deterministic": True},
+}
 
 SHAPES = {
     "cpu": dict(hidden=512, layers=8, inter=1536, heads=8, kv=4, vocab=4096),
@@ -255,8 +267,27 @@ def summarize(
     )
     if pre_ours and pre_hf:
         out.append({"prefill_vs_transformers": pre_ours["prefill_tok_s"] / pre_hf["prefill_tok_s"]})
+    out += deterministic_cost(by, args)
     for r in out:
         print("SUMMARY", json.dumps(r), flush=True)
+    return out
+
+
+def deterministic_cost(by: dict, args: argparse.Namespace) -> list:
+    """Deterministic mode's decode step (and prefill rate) against the default's, same run."""
+    det, default = "pipeserve-deterministic", "pipeserve"
+    out = []
+    points = [("batch1", None)] + [("throughput", int(x)) for x in args.batches.split(",") if x]
+    for what, b in points:
+        ours_row, base = by.get((det, what, b)), by.get((default, what, b))
+        if ours_row and base:
+            out.append({"deterministic_decode_step_cost": ours_row["decode_step_ms"]
+                        / base["decode_step_ms"], "batch": b or 1,
+                        "decode_step_ms": ours_row["decode_step_ms"],
+                        "default_decode_step_ms": base["decode_step_ms"]})  # fmt: skip
+    pre, base = by.get((det, "prefill", None)), by.get((default, "prefill", None))
+    if pre and base:
+        out.append({"deterministic_prefill_cost": base["prefill_tok_s"] / pre["prefill_tok_s"]})
     return out
 
 
@@ -276,12 +307,20 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=32)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cpu-threads", type=int, default=None, help="torch threads per rank (CPU)"
+    )
     parser.add_argument("--engines", default="pipeserve,pipeserve-eager,transformers")
     parser.add_argument(
         "--long",
         type=int,
         default=0,
         help="also decode one request of this many prompt tokens beside 127 short ones",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="also run pipeserve --deterministic and report its cost against the default",
     )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG: decode ms against batch size")
@@ -306,15 +345,14 @@ def main() -> None:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: list = []
-    engines = args.engines.split(",")
-    for name in ("pipeserve", "pipeserve-eager"):
+    engines = args.engines.split(",") + (["pipeserve-deterministic"] if args.deterministic else [])
+    for name, variant in VARIANTS.items():
         if name not in engines:
             continue
         cfg = dict(model_path=path, device=args.device, dtype=str(dtype).removeprefix("torch."),
                    max_running_requests=max([256, *[int(b) for b in args.batches.split(",") if b]]),
-                   disable_cuda_graph=name.endswith("eager"),
                    # each point re-sends prompts of earlier ones: measured uncached, as transformers
-                   disable_radix_cache=True)  # fmt: skip
+                   disable_radix_cache=True, cpu_threads=args.cpu_threads, **variant)  # fmt: skip
         with Engine(**cfg) as engine:
             ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up
             rows += measure(name, lambda b, n, e=engine: ours(e, b, n), args, shape, sync)

@@ -19,6 +19,7 @@ from pipeserve import Engine
 from pipeserve.model import batch_invariant
 
 DTYPES = [torch.float32, torch.bfloat16]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 # ---- kernels --------------------------------------------------------------------------------------
@@ -141,11 +142,10 @@ def mixed_runs(engine: Engine, items: list, rng: random.Random, size: int) -> li
     return [outcome(results[i]) for i in places]
 
 
-def engine(path: str, dtype: torch.dtype, **kwargs) -> Engine:
-    return Engine(
-        model_path=path, device="cpu", cpu_threads=1, dtype=str(dtype).removeprefix("torch."),
-        **kwargs,
-    )  # fmt: skip
+def engine(path: str, dtype: torch.dtype, device: str = "cpu", **kwargs) -> Engine:
+    threads = {"cpu_threads": 1} if device == "cpu" else {}
+    dtype_name = str(dtype).removeprefix("torch.")
+    return Engine(model_path=path, device=device, dtype=dtype_name, **threads, **kwargs)
 
 
 @pytest.fixture(scope="module", params=DTYPES, ids=["fp32", "bf16"])
@@ -192,3 +192,29 @@ def test_default_mode_is_not_batch_invariant_in_bf16(model_path):
         alone = solo_runs(e, items)
         mixed = mixed_runs(e, items, random.Random(3), 64)
     assert alone != mixed
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_cuda_outputs_are_the_same_alone_batched_chunked_and_with_graphs_on_or_off(tmp_path, dtype):
+    """The Triton path: the batch-invariant matmul and attention kernels, CUDA graphs replaying
+    decode batches padded to their bucket; pp=2 where two GPUs are visible."""
+    path = make_checkpoint(
+        str(tmp_path), "llama", layers=4, hidden=1024, heads=16, kv_heads=4, intermediate=4096
+    )
+    items = probes()
+    plain = dict(disable_cuda_graph=True, disable_radix_cache=True)
+    with engine(path, dtype, "cuda", deterministic=True, **plain) as e:
+        expected = solo_runs(e, items)
+    layouts = [{}, dict(chunked_prefill_size=16), dict(disable_cuda_graph=True)]
+    if torch.cuda.device_count() >= 2:
+        layouts.append(dict(pp_size=2, chunked_prefill_size=37))
+    rng = random.Random(9)
+    for layout in layouts:
+        with engine(path, dtype, "cuda", deterministic=True, **layout) as e:
+            got = {"solo": solo_runs(e, items)}
+            for size in (8, 64, 256):
+                got[f"batch of {size}"] = mixed_runs(e, items, rng, size)
+        for way, outcomes in got.items():
+            for i, (want, have) in enumerate(zip(expected, outcomes, strict=True)):
+                assert have == want, f"probe {i}, {way}, {layout}"

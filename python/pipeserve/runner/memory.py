@@ -1,5 +1,6 @@
 """What a CUDA rank keeps out of its KV budget: activations of the largest eager microbatch,
-the sampler's per-row vocabulary temporaries, and the CUDA graphs' buffers."""
+the sampler's per-row vocabulary temporaries, the CUDA graphs' buffers, and in deterministic mode
+the decode attention's per-split partials."""
 
 from __future__ import annotations
 
@@ -34,4 +35,17 @@ def reserved_bytes(
         rings = (
             (cfg.num_microbatches + 2) * cfg.chunked_prefill_size * model.hidden_size * 2 * width
         )
-    return activations + sampler + graphs + rings + SLACK_BYTES
+    return activations + sampler + graphs + rings + _invariant_scratch(cfg, model, tp) + SLACK_BYTES
+
+
+def _invariant_scratch(cfg: EngineConfig, model: ModelConfig, tp: int) -> int:
+    """Deterministic mode's decode partials: fp32 output and log-sum-exp per request, query head
+    and key split of the longest context (`attention/triton_invariant.py`)."""
+    if not cfg.deterministic:
+        return 0
+    from pipeserve.model.attention.invariant_kernels import SPLIT_TOKENS
+
+    context = cfg.context_length or model.max_position_embeddings
+    splits = -(-(context + 1) // SPLIT_TOKENS)
+    dim_pad = max(16, 1 << (model.head_dim - 1).bit_length())
+    return (cfg.micro_batch_cap + 1) * model.num_heads // tp * splits * (dim_pad + 1) * 4

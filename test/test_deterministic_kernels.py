@@ -1,0 +1,98 @@
+"""Deterministic mode's Triton kernels (the CUDA path): the batch-invariant matmul and paged
+attention give a row the same bits whatever M, batch, chunking or decode/extend. On CPU they run
+under Triton's interpreter with a row-exact tile product (see `row_exact_interpreter_dot`): that
+checks the kernels' schedule (fixed tiles and K ranges, fixed key splits, merges in order, the
+causal future adding exact zeros). Whether the GPU's MMA tiles keep a row's bits wherever it sits
+is checked by the CUDA tests here, on a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from invariance import probe_runs, row_exact_interpreter_dot
+
+pytest.importorskip("triton")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors in Triton need its interpreter"
+)
+
+
+def check_matmul_rows(device: torch.device, dtype: torch.dtype, sizes: list[int]) -> None:
+    from pipeserve.model import invariant_matmul as im
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(192, 64, False), (640, 320, True), (96, 1280, False)]
+    if device.type == "cuda":
+        shapes += [(4096, 4096, False), (6144, 4096, True), (128256, 2048, False)]
+    for n, k, bias in shapes:
+        w = (torch.randn(n, k, generator=gen) * 0.05).to(device, dtype)
+        b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
+        x = torch.randn(max(sizes), k, generator=gen).to(device, dtype)
+        full = im.matmul(x, w, b)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(full.float(), F.linear(x, w, b).float(), atol=tol, rtol=tol)
+        for m in sizes:
+            assert torch.equal(im.matmul(x[:m], w, b), full[:m]), (n, k, m)
+        assert torch.equal(im.matmul(x[7:8], w, b), full[7:8])  # a row alone (the GEMV case)
+
+
+@interpreted
+def test_matmul_rows_do_not_depend_on_m_interpreted():
+    with row_exact_interpreter_dot():
+        check_matmul_rows(torch.device("cpu"), torch.float32, [1, 2, 3, 17, 64, 65, 130, 200])
+
+
+@interpreted
+def test_matmul_k_ranges_are_a_function_of_the_shape_only():
+    from pipeserve.model.invariant_matmul import k_splits
+
+    assert k_splits(96, 1280, 4) == 4  # one tile of N: K split for parallelism
+    assert k_splits(4096, 4096, 132) == 8 and k_splits(128256, 4096, 132) == 1
+    assert k_splits(96, 64, 132) == 1  # too short a K to split
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(8, 2), (2, 2), (40, 2)], ids=["gqa4", "mha", "gqa20"])
+def test_attention_is_the_same_in_any_batch_and_chunking_interpreted(dtype, heads):
+    """A request attended whole, in chunks, a token at a time, and among random others."""
+    with row_exact_interpreter_dot():
+        whole, *others = probe_runs("triton_invariant", dtype, heads, 60, np.random.default_rng(0))
+    for run in others:
+        assert torch.equal(run, whole)
+
+
+@interpreted
+def test_attention_over_several_key_splits_interpreted():
+    """300 keys: two splits of 256, merged in order (decode) or as they come (extend)."""
+    with row_exact_interpreter_dot():
+        runs = probe_runs("triton_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0))
+        ref = probe_runs("torch_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0))
+    whole, *others = runs
+    for run in others:
+        assert torch.equal(run, whole)
+    torch.testing.assert_close(whole, ref[0], atol=1e-5, rtol=0)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matmul_rows_do_not_depend_on_m_cuda(dtype):
+    sizes = [1, 2, 3, 8, 17, 64, 65, 127, 128, 256, 300, 1000, 2048]
+    check_matmul_rows(torch.device("cuda"), dtype, sizes)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(8, 2), (2, 2), (40, 2)], ids=["gqa4", "mha", "gqa20"])
+def test_attention_is_the_same_in_any_batch_and_chunking_cuda(dtype, heads):
+    cuda_device = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    whole, *others = probe_runs("triton_invariant", dtype, heads, 300, rng, cuda_device)
+    for run in others:
+        assert torch.equal(run, whole)
