@@ -75,6 +75,19 @@ def test_default_attention_is_not_batch_invariant():
     assert not all(torch.equal(run, whole) for run in others)
 
 
+def test_the_flag_reaches_the_config_and_the_backends():
+    from pipeserve.model.attention import resolve_backend_name
+    from pipeserve.server.args import parse_args
+
+    assert parse_args(["--device", "cpu", "--deterministic"]).engine.deterministic
+    assert not parse_args(["--device", "cpu"]).engine.deterministic
+    assert resolve_backend_name("auto", "cpu", deterministic=True) == "torch_invariant"
+    assert resolve_backend_name("auto", "cuda", deterministic=True) == "triton_invariant"
+    assert resolve_backend_name("torch", "cuda", deterministic=False) == "torch"
+    with pytest.raises(ValueError, match="needs the triton attention backend"):
+        resolve_backend_name("torch", "cuda", deterministic=True)
+
+
 # ---- the engine -----------------------------------------------------------------------------------
 PROBE_PARAMS = [
     {"temperature": 0, "ignore_eos": True, "max_new_tokens": 14},

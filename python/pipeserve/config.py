@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from pipeserve.ipc.sockets import IpcAddresses
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_model")
+DETERMINISTIC_TORCH_ON_CUDA = (
+    "--deterministic on CUDA needs the triton attention backend (its torch variant relies on "
+    "cuBLAS, whose reductions may follow the batch); use --attention-backend triton or auto"
+)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     _check_dist_init_addr(cfg.dist_init_addr)
     device = _resolve_device(cfg.device)
     check_devices(cfg, device, visible_gpus() if device == "cuda" else 0)
+    if cfg.deterministic and device == "cuda" and cfg.attention_backend == "torch":
+        raise ValueError(DETERMINISTIC_TORCH_ON_CUDA)
     chunk = cfg.chunked_prefill_size or (8192 if device == "cuda" else 1024)
     return cfg.replace(device=device, dtype=_resolve_dtype(cfg), chunked_prefill_size=chunk)
 

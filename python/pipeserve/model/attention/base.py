@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeserve.config import DETERMINISTIC_TORCH_ON_CUDA
 from pipeserve.model.forward_batch import ForwardBatch
 
 
@@ -85,6 +86,8 @@ def resolve_backend_name(name: str, device_type: str, deterministic: bool = Fals
             "the triton attention backend runs on CPU only under Triton's interpreter "
             "(TRITON_INTERPRET=1, slow: for tests); use the torch backend on CPU"
         )
+    if deterministic and name == "torch" and device_type == "cuda":
+        raise ValueError(DETERMINISTIC_TORCH_ON_CUDA)
     return f"{name}_invariant" if deterministic else name
 
 
