@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|det1b|det8b
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -118,6 +118,16 @@ vlmbench)  # the benchmark of `vlm` alone
 prefix8b)  # one GPU, 8B: 1024 requests in 16 groups, 2048-token prefixes + 32 unique, 64 new
   step 560 python3 benchmark/bench_prefix.py --shape 8b --burst --groups 16 --per-group 64 \
     --prefix 2048 --unique 32 --new 64 --json "$O/prefix_8b.json"
+  ;;
+det)  # deterministic mode's CUDA tests: the Triton matmul's rows over M, the attention probes,
+  # the engine's outputs alone / batched / chunked / graphs on and off (pp=2 with two GPUs)
+  step 560 python3 -m pytest -q -p no:cacheprovider test/test_deterministic_kernels.py \
+    test/test_deterministic.py -k cuda
+  ;;
+det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 against the default
+  shape=${1#det}
+  step 560 python3 benchmark/bench_offline.py --shape "$shape" --engines pipeserve --deterministic \
+    --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40
