@@ -145,7 +145,7 @@ def heldout_file_problems() -> list[tuple[int, str, int]]:
 
 
 def write_heldout_file(path: Path) -> None:
-    """The lmms-eval / server set: images as PNG data URLs (about 350 bytes each)."""
+    """The lmms-eval / server set: images as PNG data URLs (about 420 bytes each)."""
     problems = heldout_file_problems()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
