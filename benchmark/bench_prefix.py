@@ -4,10 +4,15 @@ and off (`disable_radix_cache`), output tok/s, the mean time to a request's firs
 hit rate (prompt tokens admitted from the cache over all prompt tokens admitted).
 
     python benchmark/bench_prefix.py --groups 16 --per-group 8 --prefix 200 --unique 8 --new 16
+    python benchmark/bench_prefix.py --shape 8b --burst --groups 16 --per-group 64 \
+        --prefix 2048 --unique 32 --new 64          # the GPU target of the prefix-cache issue
 
-The embedded model by default (its context is 256 tokens); --model-path for another. Requests of a
-group arrive together after the group's first request has finished, as a harness sending n-shot
-prompts would: the first of each group fills the cache.
+The embedded model by default (its context is 256 tokens); --model-path for another, --shape 8b
+for bench_offline's random 8B shape (written to a temporary directory). By default the requests of
+a group arrive together after the group's first request has finished, as a harness sending n-shot
+prompts would: the first of each group fills the cache. `--burst`: every request at once, the
+groups interleaved (concurrent users; the cache fills while the first prompts are prefilled).
+The hit rate is over the shareable prompt tokens: every group's prefix but its first copy.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import tempfile
 import time
 
 from pipeserve import Engine
@@ -39,16 +46,26 @@ def run(args: argparse.Namespace, cache: bool) -> dict:
         kwargs["model_path"] = args.model_path
     with Engine(**kwargs) as engine:
         groups = workload(args, engine.info.get("vocab_size", 128))
-        engine.generate(input_ids=[groups[0][1][0]], sampling_params=params)  # warm-up
+        warm = [3] * len(groups[0][1][0])  # the workload draws tokens from 4 up: shares nothing
+        engine.generate(input_ids=[warm], sampling_params=params)
         start = time.perf_counter()
-        firsts = engine.submit_many([(g[1][0], params) for g in groups])  # one per group
-        engine.wait(firsts)
-        rest = [(ids, params) for _, prompts in groups for ids in prompts[1:]]
+        if args.burst:
+            firsts = []
+            rest = [
+                (ids, params)
+                for i in range(args.per_group)
+                for _, p in groups
+                for ids in p[i : i + 1]
+            ]
+        else:
+            firsts = engine.submit_many([(g[1][0], params) for g in groups])  # one per group
+            engine.wait(firsts)
+            rest = [(ids, params) for _, prompts in groups for ids in prompts[1:]]
         t0 = time.perf_counter()
         states = engine.submit_many(rest)
         first_token: dict[int, float] = {}
         while not all(s.finished for s in states):
-            engine.poll(0.01)
+            engine.poll(0.005)
             now = time.perf_counter()
             for i, s in enumerate(states):
                 if s.output_ids and i not in first_token:
@@ -56,12 +73,16 @@ def run(args: argparse.Namespace, cache: bool) -> dict:
         wall = time.perf_counter() - start
         stats = dict(engine.stats)
     tokens = args.new * (len(firsts) + len(states))
+    ttft = sorted(first_token.values())
+    shareable = (args.per_group - 1) * args.groups * args.prefix
     return {
         "cache": cache,
         "output_tok_per_s": tokens / wall,
         "wall_s": wall,
-        "mean_ttft_s": sum(first_token.values()) / max(1, len(first_token)),
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
         "hit_rate": stats["num_cached_tokens"] / max(1, stats["num_admitted_tokens"]),
+        "shareable_hit": stats["num_cached_tokens"] / shareable,
     }
 
 
@@ -74,20 +95,35 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model-path", default=None)
+    ap.add_argument("--shape", choices=["8b"], default=None, help="a random-weight shape (GPU)")
+    ap.add_argument("--burst", action="store_true", help="every request at once")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.shape:
+        import torch
+
+        from bench_offline import SHAPES, make_model
+
+        args.device = "cuda"
+        path = tempfile.mkdtemp(prefix="pipeserve-prefix-")
+        args.model_path = make_model(path, SHAPES[args.shape], torch.bfloat16, "cuda")
+        torch.cuda.empty_cache()
     rows = [run(args, cache) for cache in (True, False)]
     on, off = rows
-    print("| cache | output tok/s | mean TTFT s (the rest of each group) | hit rate | wall s |")
-    print("|---|---|---|---|---|")
+    what = "every request" if args.burst else "the rest of each group"
+    print(
+        f"| cache | output tok/s | TTFT p50 / p99 s ({what}) | hit rate | of shareable | wall s |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {'on' if r['cache'] else 'off'} | {r['output_tok_per_s']:.0f} | "
-            f"{r['mean_ttft_s']:.3f} | {r['hit_rate']:.3f} | {r['wall_s']:.2f} |"
+            f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | {r['hit_rate']:.3f} | "
+            f"{r['shareable_hit']:.3f} | {r['wall_s']:.2f} |"
         )
     print(
         f"on/off: throughput {on['output_tok_per_s'] / off['output_tok_per_s']:.2f}x, "
-        f"mean TTFT {on['mean_ttft_s'] / off['mean_ttft_s']:.2f}x"
+        f"TTFT p50 {on['ttft_p50_s'] / off['ttft_p50_s']:.2f}x"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -50,10 +50,41 @@ class Target:
     engine_flags: list[str]  # launch flags, for the offline run of the same engine
 
 
-def make_prompts(n: int, words: int, seed: int = 0) -> list[str]:
+def make_prompts(
+    n: int, words: int, seed: int = 0, shared: tuple[int, int] | None = None
+) -> list[str]:
+    """n prompts of `words` random words; `shared` (G, P): in G groups, each group's prompts
+    starting with the same P words (the groups interleaved, as concurrent users' would be)."""
     rng = random.Random(seed)
     vocab = WORDS.split()
-    return [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)]
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(k))
+
+    if shared is None:
+        return [text(words) for _ in range(n)]
+    groups, prefix_words = shared
+    prefixes = [text(prefix_words) for _ in range(groups)]
+    return [prefixes[i % groups] + " " + text(words) for i in range(n)]
+
+
+def cache_counters(url: str) -> tuple[float, float] | None:
+    """(prompt tokens admitted from the prefix cache, prompt tokens admitted) from the server's
+    /metrics; None when it exports neither."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("pipeserve_prefix_cache_hit_tokens", "pipeserve_prefix_cache_query_tokens"):
+            values[name] = float(value)
+    if len(values) < 2:
+        return None
+    return values["pipeserve_prefix_cache_hit_tokens"], values[
+        "pipeserve_prefix_cache_query_tokens"
+    ]
 
 
 def server_cpu(usage: list[proc_cpu.ProcUsage], output_tokens: int) -> dict:
@@ -82,8 +113,13 @@ def measure(
         if pid is not None:
             before.update(proc_cpu.take(pid))
 
+    counters = cache_counters(target.url)
     run = run_point(shares, opts, f"c={point[0]} rate={point[1]} procs={len(shares)}", on_start)
     row = {"client_procs": len(shares), **summarize(run)}
+    after_counters = cache_counters(target.url)
+    if counters and after_counters:
+        hits, queried = (b - a for a, b in zip(counters, after_counters, strict=True))
+        row["cache_hit_rate"] = hits / queried if queried else None
     if pid is not None:
         after = proc_cpu.take(pid)
         row.update(server_cpu(proc_cpu.usage(before, after, run.wall_s), row["output_tokens"]))
@@ -167,6 +203,7 @@ TABLE_HEADER = (
     "client not the bottleneck",
     "offline tok/s",
     "served/offline",
+    "cache hit",
 )
 
 
@@ -188,6 +225,7 @@ def table_cells(row: dict) -> list[str]:
         verdict,
         _fmt(row.get("offline_output_tok_per_s"), ".1f"),
         _fmt(row.get("served_over_offline"), ".2f"),
+        _fmt(row.get("cache_hit_rate"), ".3f"),
     ]
 
 
@@ -214,18 +252,24 @@ def run_target(target: Target, args: argparse.Namespace) -> list[dict]:
     opts = ClientOptions(
         target.url, args.model, args.output_len, args.ignore_eos, args.stream, args.timeout
     )
-    prompts = make_prompts(args.num_prompts, args.input_len)
-    asyncio.run(run_share(Share(prompts[:8], 8, None), opts, None))  # warm-up
+    warm = make_prompts(8, args.input_len, seed=1)  # shares nothing with the measured prompts
+    asyncio.run(run_share(Share(warm, 8, None), opts, None))
+    runs = iter(range(2, 1 << 30))  # a shared-prefix run's prefixes are new to the cache
+
+    def prompts_for(c: int | None) -> list[str]:
+        seed = next(runs) if args.shared_prefix else 0
+        prompts = make_prompts(args.num_prompts, args.input_len, seed, args.shared_prefix)
+        if c is not None and args.per_client:  # short runs at low concurrency
+            prompts = prompts[: max(1, min(len(prompts), args.per_client * c))]
+        return prompts
+
     rows = []
     for c, r in sweep_points(args):
-        some = prompts
-        if c is not None and args.per_client:  # short runs at low concurrency
-            some = prompts[: max(1, min(len(prompts), args.per_client * c))]
         row = {"target": target.label, "concurrency": c, "request_rate": r, "stream": args.stream}
-        row.update(measure(target, some, (c, r), args.client_procs, opts))
+        row.update(measure(target, prompts_for(c), (c, r), args.client_procs, opts))
         row["client_check"] = None
         if args.check_client:
-            doubled = measure(target, some, (c, r), 2 * args.client_procs, opts)
+            doubled = measure(target, prompts_for(c), (c, r), 2 * args.client_procs, opts)
             row["client_check"] = client_check(row, doubled)
         print_point(row)
         rows.append(row)
@@ -247,10 +291,10 @@ def offline_tok_per_s(flags: list[str], args: argparse.Namespace) -> float:
     start-up and an 8-prompt warm-up are not timed."""
     from pipeserve import Engine
 
-    prompts = make_prompts(args.num_prompts, args.input_len)
+    prompts = make_prompts(args.num_prompts, args.input_len, shared=args.shared_prefix)
     params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": args.ignore_eos}
     with Engine(**engine_kwargs(flags)) as engine:
-        engine.generate(prompts[:8], params)
+        engine.generate(make_prompts(8, args.input_len, seed=1), params)
         start = time.perf_counter()
         out = engine.generate(prompts, params)
         wall = time.perf_counter() - start
@@ -317,7 +361,14 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="with --concurrency: send min(num-prompts, this x concurrency) requests per point",
     )
-    add("--input-len", type=int, default=32, help="words per prompt")
+    add("--input-len", type=int, default=32, help="words per prompt (after a shared prefix)")
+    add(
+        "--shared-prefix",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=None,
+        metavar="G,P",
+        help="G groups of prompts, each group's starting with the same P words",
+    )
     add("--output-len", type=int, default=64)
     add("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     add("--stream", action=argparse.BooleanOptionalAction, default=True, help="or --no-stream")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -106,6 +106,15 @@ make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
   step 300 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-8b --launch "$flags" \
     --num-prompts 1024 --concurrency 256 --input-len 30 --output-len 128 --client-procs ${PROCS:-24} \
     --check-client --offline-engine --json "$O/serving8b_stream.json"
+  ;;
+vlm)  # one GPU: VL parity with decode graphs, the graphs' own tests, 8B-shape VL serving (pp=1)
+  step 240 python3 -m pytest -q -p no:cacheprovider test/test_vlm.py test/test_cuda_graphs.py \
+    -k "cuda or graphs or triton or padded"
+  step 330 python3 benchmark/bench_vlm.py --shape vl8b --pp 1,2 --requests 256 --json "$O/vlm_8b.json"
+  ;;
+prefix8b)  # one GPU, 8B: 1024 requests in 16 groups, 2048-token prefixes + 32 unique, 64 new
+  step 560 python3 benchmark/bench_prefix.py --shape 8b --burst --groups 16 --per-group 64 \
+    --prefix 2048 --unique 32 --new 64 --json "$O/prefix_8b.json"
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 
 import torch
@@ -139,7 +140,34 @@ def make_vl_checkpoint(
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     write_char_tokenizer(path, 128)
+    write_preprocessor_config(path, family)
     return path
+
+
+# the families' own normalisations: Qwen2.5-VL's CLIP mean/std, Qwen3-VL's 0.5
+IMAGE_STATS = {
+    "qwen2_5_vl": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+    "qwen3_vl": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+}
+
+
+def write_preprocessor_config(
+    path: str, family: str = "qwen2_5_vl", min_tokens: int = 4, max_tokens: int = 36
+) -> None:
+    """The checkpoint's preprocessor_config.json, laid out as each family's own (Qwen2.5-VL:
+    min/max_pixels; Qwen3-VL: a size dict), bounding an image to [min_tokens, max_tokens] merged
+    patches so that prompts stay short."""
+    patch = 16 if family == "qwen3_vl" else 14
+    window = (patch * 2) ** 2  # one merged patch's pixels
+    mean, std = IMAGE_STATS[family]
+    prep: dict = {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2}
+    prep |= {"image_mean": mean, "image_std": std, "image_processor_type": "Qwen2VLImageProcessor"}
+    if family == "qwen3_vl":
+        prep["size"] = {"shortest_edge": min_tokens * window, "longest_edge": max_tokens * window}
+    else:
+        prep |= {"min_pixels": min_tokens * window, "max_pixels": max_tokens * window}
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(prep, f, indent=2)
 
 
 def hf_vl_greedy(

@@ -118,3 +118,98 @@ def test_through_the_server_cached_tokens_are_reported_and_change_no_text():
             )
             assert float(hits.split()[1]) == cached[1]
     assert texts[()] == texts[("--disable-radix-cache",)] and len(set(texts[()])) == 1
+
+
+# ---- stage 0's scheduler alone: when prompts join the cache, and which waiting request goes first
+def _scheduler(chunk: int):
+    from pipeserve.config import resolve_config
+    from pipeserve.scheduler.scheduler import Scheduler
+
+    cfg = resolve_config(device="cpu", max_running_requests=8, chunked_prefill_size=chunk)
+
+    def finish(req):
+        return {"type": "length"} if len(req.output_ids) >= req.params.max_new_tokens else None
+
+    return Scheduler(cfg, 512, 128, finish, vocab_size=200)
+
+
+def _req(rid: str, ids: list[int]):
+    from pipeserve.sampling_params import SamplingParams
+    from pipeserve.scheduler.req import Req
+
+    return Req(rid, ids, SamplingParams(max_new_tokens=4), seed=1)
+
+
+def _step(s, mb_id: int) -> list:
+    """One microbatch decided, arrived and applied (each sampled request gets token 7)."""
+    from pipeserve.scheduler.descriptor import TokenReply
+
+    desc, reqs = s.next_microbatch(mb_id)
+    s.arrived(reqs)
+    s.process_result(desc, reqs, TokenReply([7] * int(desc.sampled().sum())))
+    return reqs
+
+
+def test_a_prompt_joins_the_cache_as_its_chunks_are_scheduled():
+    """A second request sharing a long prompt's prefix reuses the chunks scheduled so far, while
+    the first still runs (not only after it finishes); slots are all accounted for at the end."""
+    s = _scheduler(chunk=8)
+    prompt = list(range(10, 30))  # 20 tokens: chunks of 8, 8, 4
+    a = _req("a", prompt)
+    s.add(a)
+    _step(s, 0)
+    _step(s, 1)
+    b = _req("b", [*prompt[:18], 100, 101])
+    s.add(b)
+    assert _step(s, 2) == [a, b]  # a's last 4 tokens, then b with the 4 left of the budget
+    assert b.prompt_cached == 16 and not a.finished
+    for mb in range(3, 20):
+        if not s.has_work:
+            break
+        _step(s, mb)
+    assert a.finished and b.finished
+    assert s.slots.available == s.slots.size  # every slot free or cached and unlocked
+
+
+def test_waiting_requests_with_the_longest_cached_prefix_go_first_and_none_starve(monkeypatch):
+    from pipeserve.scheduler import scheduler as sched
+
+    monkeypatch.setattr(sched, "LPM_PATIENCE", 2)
+    s = _scheduler(chunk=12)  # one 12-token prompt per step
+    shared = list(range(10, 20))
+    s.add(_req("warm", [*shared, 1, 2]))
+    while s.has_work:
+        _step(s, s.num_microbatches)
+    x = _req("x", list(range(50, 62)))  # nothing cached
+    ys = [_req(f"y{i}", [*shared, 60 + i, 3]) for i in range(4)]
+    for r in [x, *ys]:
+        s.add(r)
+    order = []
+    while s.has_work:
+        for r in _step(s, s.num_microbatches):
+            if r.rid not in order:
+                order.append(r.rid)
+    assert order[:2] == ["y0", "y1"]  # the cached prefix first
+    assert order[2] == "x"  # passed over twice (LPM_PATIENCE): its turn
+    assert ys[0].prompt_cached == 10 and x.prompt_cached == 0
+
+
+def test_a_request_aborted_with_samples_in_flight_frees_every_slot():
+    """Its prompt joined the cache when scheduled; it was launched again before its first token
+    reached the host (the overlap loop), and aborted then: both samples are dropped, so its last
+    slot has no token to key it. Freed, not lost."""
+    from pipeserve.scheduler.descriptor import TokenReply
+
+    s = _scheduler(chunk=64)
+    a = _req("a", list(range(10, 30)))
+    s.add(a)
+    first, reqs = s.next_microbatch(0)  # the prompt; samples the first token
+    s.arrived(reqs)  # its token is in the device's token pool: it may go again
+    second, _ = s.next_microbatch(1)  # a decode step reading that token: a slot for it
+    assert s.abort(a) is False  # held by the launched steps
+    s.process_result(first, reqs, TokenReply([7]))
+    s.arrived(reqs)
+    s.process_result(second, reqs, TokenReply([8]))
+    assert a.output_ids == [] and len(a.prompt_ids) == 20
+    assert a not in s.running and s.slots.available == s.slots.size
+    assert s.slots.num_cached == 20  # the prompt; the slot past it freed

@@ -26,7 +26,9 @@ def test_random_operations_agree_with_a_reference_model():
         op = rng.random()
         tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 12))]  # small alphabet: sharing
         if op < 0.45 and len(free) >= len(tokens):
+            peeked = cache.peek(tokens)
             slots_matched, node = cache.match(tokens)
+            assert peeked == len(slots_matched)
             m = len(slots_matched)
             assert slots_matched == [ref[tuple(tokens[: i + 1])] for i in range(m)]
             assert m == max(k for k in range(len(tokens) + 1) if tuple(tokens[:k]) in ref or k == 0)

@@ -12,9 +12,9 @@ import torch
 
 from checkpoints import VL_END, VL_PAD, VL_START, hf_vl_greedy, make_vl_checkpoint
 from pipeserve import Engine
+from pipeserve.ipc.messages import ImageIn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-from pipeserve.ipc.messages import ImageIn
 
 NEW = 8
 

@@ -21,6 +21,10 @@ class EngineConfig:
     model_path: str = DEFAULT_MODEL_DIR
     tokenizer_path: str | None = None  # None: the model directory
     skip_tokenizer_init: bool = False  # no tokenizer: token ids in, token ids out
+    # a vision-language model's images, checked by the front ends (frontend/image_sources.py)
+    max_images_per_request: int = 8
+    max_image_pixels: int = 4096 * 4096  # decoded width * height of one image, before resizing
+    allow_image_fetch: bool = False  # http(s) image URLs are fetched (else refused)
     tp_size: int = 1
     pp_size: int = 1
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
@@ -127,6 +131,8 @@ def _validate(cfg: EngineConfig) -> None:
             f"attention_backend must be 'auto', 'torch' or 'triton', got {cfg.attention_backend!r}",
         ),
         (cfg.cuda_graph_max_bs >= 1, "cuda_graph_max_bs must be >= 1"),
+        (cfg.max_images_per_request >= 0, "max_images_per_request must be >= 0"),
+        (cfg.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from numbers import Integral
 from typing import Any
@@ -17,6 +18,7 @@ import zmq
 from pipeserve.config import EngineConfig, resolve_config
 from pipeserve.frontend.client import EngineLimits, RequestClient, RequestOptions
 from pipeserve.frontend.detokenizer import Detokenizer
+from pipeserve.frontend.images import ImageProcessor
 from pipeserve.frontend.main_guard import check_main_guard
 from pipeserve.frontend.ranks import RankFailure, RankGroup
 from pipeserve.frontend.request_state import RequestState, format_result
@@ -42,6 +44,8 @@ class Engine:
             else load_tokenizer(cfg.tokenizer_path or cfg.model_path)
         )
         self.detokenizer = None if self.tokenizer is None else Detokenizer(self.tokenizer)
+        name = os.path.basename(cfg.model_path.rstrip("/"))
+        self.images = ImageProcessor.load(cfg, name, self.tokenizer)
         self.ipc = IpcAddresses.fresh()
         self.sockets = FrontendSockets(self.ipc)
         self.ranks = RankGroup(self.config, self.ipc)
@@ -64,12 +68,20 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         priority: int = 0,
+        image_data: Any = None,
     ) -> dict | list[dict]:
         """One dict per prompt and choice: text, output_ids and meta_info (token counts, finish
         reason, and logprobs when asked). With `n` > 1 in a prompt's sampling params its n choices
         come one after another. A single prompt with n = 1 gives a single dict. Every prompt is
-        checked before any is submitted."""
+        checked before any is submitted.
+
+        `image_data` (a vision-language model): for one prompt an image or a list of them, for
+        several prompts one entry per prompt (None, an image or a list); an image is a PIL image,
+        encoded bytes, a path, a data:, file:// or (with allow_image_fetch) http(s) URL, or
+        base64. Each image needs its placeholder in its prompt, in order (for Qwen-VL
+        <|vision_start|><|image_pad|><|vision_end|>, as the chat template writes it)."""
         prompts, single = self._normalize(prompt if input_ids is None else input_ids)
+        prompts, images = self.images.prepare_prompts(prompts, image_data, not single, "prompt")
         raw = (
             sampling_params
             if isinstance(sampling_params, list)
@@ -80,9 +92,10 @@ class Engine:
         params = [SamplingParams.from_dict(p) for p in raw]
         prompts = [self._check_prompt(ids, f"prompt {i}") for i, ids in enumerate(prompts)]
         items = [(ids, c) for ids, p in zip(prompts, params, strict=True) for c in p.choices()]
+        item_images = [ims for ims, p in zip(images, params, strict=True) for _ in p.choices()]
         self._check_fits(items)
         self._check_open()
-        states = self._submit(items, return_logprob, top_logprobs_num, priority)
+        states = self._submit(items, return_logprob, top_logprobs_num, priority, item_images)
         self.wait(states)
         results = [self.result(s) for s in states]
         return results[0] if single and len(results) == 1 else results
@@ -183,8 +196,9 @@ class Engine:
         return_logprob: bool,
         top_logprobs_num: int,
         priority: int = 0,
+        images: list[list[ImageIn]] | None = None,
     ) -> list[RequestState]:
-        """Sends checked (ids, params) pairs as one message."""
+        """Sends checked (ids, params) pairs (and each one's images, if any) as one message."""
         if self.detokenizer is None and any(params.stop for _, params in items):
             raise ValueError(
                 "stop strings need a tokenizer, and the engine runs with skip_tokenizer_init=True: "
@@ -192,8 +206,10 @@ class Engine:
             )
         opts = RequestOptions(return_logprob, top_logprobs_num, priority)
         reqs, states = [], []
-        for ids, params in items:
-            req, state = self.client.new_request(ids, params, opts)
+        for i, (ids, params) in enumerate(items):
+            req, state = self.client.new_request(
+                ids, params, opts, images=images[i] if images else None
+            )
             reqs.append(req)
             states.append(state)
         self._send(reqs[0] if len(reqs) == 1 else GenerateBatch(reqs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,4 +25,17 @@ def load_tokenizer(path: str) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = _processor_chat_template(path)
+    return tokenizer
+
+
+def _processor_chat_template(path: str) -> str | None:
+    """The template of a processor's chat_template.json (vision-language checkpoints may keep
+    their template only there, where a tokenizer does not look)."""
+    file = os.path.join(path, "chat_template.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f).get("chat_template")

@@ -47,6 +47,28 @@ class KVSlots:
         req.cache_node, req.cached_len = node, len(slots)
         req.slots, req.kv_len = slots, len(slots)
 
+    def peek(self, req: Req) -> int:
+        """The cached prefix `match` would give `req` now."""
+        return 0 if self.cache is None else self.cache.peek(req.key_ids()[:-1])
+
+    def commit(self, req: Req) -> None:
+        """The prompt KV scheduled for `req` so far joins the cache now (its chunks are computed
+        before any later microbatch reads them, on every stage), so that requests admitted in
+        later steps reuse it while this one still runs. Only where the tree holds exactly its
+        matched prefix of those tokens; else they stay its own until its release, as before."""
+        n = min(req.kv_len, len(req.prompt_ids))
+        if self.cache is None or n <= req.cached_len:
+            return
+        tokens = req.key_ids()[:n]
+        if self.cache.peek(tokens) != req.cached_len:
+            return  # another request cached some of them meanwhile
+        self.cache.insert(tokens, req.slots[:n])
+        _, node = self.cache.match(tokens)
+        self.cache.lock(node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.cache_node, req.cached_len = node, n
+
     def unmatch(self, req: Req) -> None:
         """Undoes `match` for a request that was not admitted after all."""
         if req.cache_node is not None:
@@ -63,9 +85,11 @@ class KVSlots:
         if self.cache is None:
             self.free_slots.free(req.slots)
         else:
+            # an aborted request's slots may run past its known tokens (its last samples dropped)
             tokens = req.key_ids()[: len(req.slots)]
-            held = self.cache.insert(tokens, req.slots)
-            self.free_slots.free(req.slots[req.cached_len : held])  # the cache had them already
+            held = self.cache.insert(tokens, req.slots[: len(tokens)])
+            # the cache had [cached_len, held) already; nothing keys the slots past the tokens
+            self.free_slots.free(req.slots[req.cached_len : held] + req.slots[len(tokens) :])
             if req.cache_node is not None:
                 self.cache.unlock(req.cache_node)
         req.slots, req.cache_node, req.cached_len = [], None, 0

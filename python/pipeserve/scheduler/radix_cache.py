@@ -29,11 +29,18 @@ class Node:
 
 
 def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix: list comparisons (C loops), bisecting on a mismatch."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class RadixCache:
@@ -62,6 +69,16 @@ class RadixCache:
             if k < len(child.key):
                 break
         return slots, node
+
+    def peek(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` are cached (no effect on eviction order)."""
+        node, i = self.root, 0
+        while i < len(tokens) and (child := node.children.get(tokens[i])) is not None:
+            k = _common(child.key, tokens[i : i + len(child.key)])
+            node, i = child, i + k
+            if k < len(child.key):
+                break
+        return i
 
     def lock(self, node: Node) -> None:
         while node is not None:

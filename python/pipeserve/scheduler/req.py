@@ -36,6 +36,7 @@ class Req:
     prompt_cached: int = 0  # of its prompt, the tokens its last admission took from the cache
     cache_node: Any = None
     needs_fill: bool = True
+    passed_over: int = 0  # admissions of later requests with longer cached prefixes (LPM)
     float_row: Any = None  # its sampling floats as the descriptor carries them (set at admission)
     # a vision-language request's images (scheduler.images.ReqImage), its prompt's (3, L) rotary
     # positions and the delta of the positions after it; its prefix-cache key (image tokens keyed

@@ -40,6 +40,10 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None
 
 
+LPM_WINDOW = 64  # waiting requests compared by cached prefix at each admission
+LPM_PATIENCE = 64  # admissions a request may be passed over before it goes first
+
+
 class Scheduler:
     def __init__(
         self,
@@ -160,7 +164,8 @@ class Scheduler:
             budget -= n
             promised += n
         while self.waiting and len(chosen) < cap and budget > 0 and self.rows.can_allocate(1):
-            req = self.waiting[0]
+            i = self._pick_waiting()
+            req = self.waiting[i]
             self.slots.match(req)  # its cached prefix: only the rest counts below
             n = min(req.num_uncached, budget)
             # kept back: the slots promised this round, plus one decode step for every running
@@ -169,13 +174,31 @@ class Scheduler:
                 self.slots.unmatch(req)
                 break
             self.slots.admitted(req)
-            self.waiting.pop(0)
+            for skipped in self.waiting[:i]:
+                skipped.passed_over += 1
+            self.waiting.pop(i)
             req.req_pool_idx = self.rows.allocate(1)[0]
             self.running.append(req)
             chosen.append((req, n))
             budget -= n
             promised += n
         return chosen
+
+    def _pick_waiting(self) -> int:
+        """Which waiting request to admit next: among the first LPM_WINDOW of the head's priority,
+        the one with the longest cached prefix (SGLang's `lpm`; ties to the earlier arrival), unless
+        the head has been passed over LPM_PATIENCE times (then it goes: nothing starves)."""
+        head = self.waiting[0]
+        if self.slots.cache is None or len(self.waiting) == 1 or head.passed_over >= LPM_PATIENCE:
+            return 0
+        best, best_len = 0, -1
+        for i, req in enumerate(self.waiting[:LPM_WINDOW]):
+            if req.priority != head.priority:
+                break
+            n = self.slots.peek(req)
+            if n > best_len:
+                best, best_len = i, n
+        return best
 
     def _make_room(self, n: int, chosen: list[tuple[Req, int]], req: Req) -> bool:
         """Frees slots by preempting the newest requests that no microbatch holds or has chosen."""
@@ -221,6 +244,7 @@ class Scheduler:
             req.slots.extend(out_slots[taken : taken + n])
             taken += n
             req.kv_len += n
+            self.slots.commit(req)
             step = len(req.output_ids) + req.pending  # output index of the token sampled now
             steps.append(step)
             sample = req.kv_len == len(req.prompt_ids) + step  # its future_len

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from pipeserve.frontend.image_sources import ImageError
 from pipeserve.server import native, openai_api
 from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull, ShuttingDown
 from pipeserve.server.metrics import CONTENT_TYPE
@@ -188,6 +189,8 @@ async def _guard_stream(first: bytes, events: AsyncIterator[bytes]) -> AsyncIter
 def _as_api_error(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, ImageError):
+        return ApiError(str(e), e.param)
     if isinstance(e, OverBound):
         return ApiError(str(e), "n")
     if isinstance(e, QueueFull):

@@ -136,6 +136,24 @@ _ENGINE_FLAGS = [
     ),
     ("--log-level", "log_level", str, "debug, info, warning or error"),
     ("--skip-tokenizer-init", "skip_tokenizer_init", bool, "no tokenizer: token ids in and out"),
+    (
+        "--max-images-per-request",
+        "max_images_per_request",
+        int,
+        "vision-language models: images one request may carry (more: 400)",
+    ),
+    (
+        "--max-image-pixels",
+        "max_image_pixels",
+        int,
+        "vision-language models: decoded width x height of one image, before resizing (more: 400)",
+    ),
+    (
+        "--allow-image-fetch",
+        "allow_image_fetch",
+        bool,
+        "fetch http(s) image URLs (bounded in time and size); without it they are a 400",
+    ),
 ]
 _SERVER_FLAGS = [
     ("--host", "host", str, "address to listen on"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeserve.frontend.detokenizer import Detokenizer
+from pipeserve.frontend.images import ImageProcessor
 from pipeserve.frontend.tokenizer import load_tokenizer
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.app import build_app
@@ -62,6 +63,7 @@ def assemble(
         context,
         slots,
         max_prompt_chars(tokenizer, min(context, slots)),
+        ImageProcessor.load(engine, cfg.model_name, tokenizer),
     )
     frontend = Frontend(
         ranks, ipc, cfg.max_queued_requests, detokenizer, slots, owner, cfg.stream_interval

@@ -21,6 +21,7 @@ from pipeserve.frontend.request_state import RequestState
 from pipeserve.ipc.messages import (
     AbortReq,
     GenerateBatch,
+    ImageIn,
     ShutdownReq,
     ToStage0,
     decode_output,
@@ -226,12 +227,15 @@ class Frontend:
         self.check_alive()
 
     async def submit(
-        self, job: JobRun, items: list[tuple[list[int], SamplingParams]], opts: RequestOptions
+        self,
+        job: JobRun,
+        items: list[tuple[list[int], SamplingParams, list[ImageIn]]],
+        opts: RequestOptions,
     ) -> None:
-        """Sends the job's requests (one per rid, in order) as one message."""
+        """Sends the job's requests (one per rid, in order: ids, params, images) as one message."""
         reqs = []
-        for rid, (ids, params) in zip(job.rids, items, strict=True):
-            req, state = self.client.new_request(ids, params, opts, rid)
+        for rid, (ids, params, images) in zip(job.rids, items, strict=True):
+            req, state = self.client.new_request(ids, params, opts, rid, images)
             reqs.append(req)
             job.states.append(state)
             job.tracks.append(self.metrics.track())

@@ -8,14 +8,15 @@ from typing import Any
 
 from pipeserve.frontend.client import RequestOptions
 from pipeserve.frontend.request_state import RequestState
+from pipeserve.ipc.messages import ImageIn
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.server.protocol import ApiError, Job
 
 
-def expand(job: Job) -> list[tuple[list[int], SamplingParams]]:
-    """One (prompt, params) per choice of every prompt (see SamplingParams.choices)."""
+def expand(job: Job) -> list[tuple[list[int], SamplingParams, list[ImageIn]]]:
+    """One (prompt, params, images) per choice of every prompt (see SamplingParams.choices)."""
     choice_params = dataclasses.replace(job.params, n=job.n).choices()
-    return [(ids, p) for ids in job.prompts for p in choice_params]
+    return [(ids, p, job.images_of(i)) for i, ids in enumerate(job.prompts) for p in choice_params]
 
 
 def _options(job: Job) -> RequestOptions:

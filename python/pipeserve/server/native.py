@@ -40,6 +40,12 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
             )
         batch = bool(ids) and isinstance(ids[0], list)
         prompts = token_lists(ids, "input_ids", m.vocab_size)
+    prompt_param = "text" if text is not None else "input_ids"
+    # SGLang's image_data: each image needs its placeholder in the prompt, in order (for Qwen-VL
+    # the chat template's <|vision_start|><|image_pad|><|vision_end|>)
+    prompts, images = m.image_processor.prepare_prompts(
+        prompts, body.get("image_data"), batch, prompt_param
+    )
     params = checked_params(get(body, "sampling_params", dict, {}), {}, "sampling_params.")
     if params.max_new_tokens < 1:
         raise ApiError(
@@ -48,13 +54,13 @@ def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
     check_stop_ids(params, m.vocab_size, "sampling_params.stop_token_ids")
     for p in prompts:
         too_long = len(p) >= m.capacity.max_sequence
-        prompt_param = "text" if text is not None else "input_ids"
         param = prompt_param if too_long else "sampling_params.max_new_tokens"
         m.capacity.check(len(p), params.max_new_tokens, param)
     top = logprobs_count(body, "top_logprobs_num", 0)
     logprobs = top if get(body, "return_logprob", bool, False) else None
     stream = get(body, "stream", bool, False)
-    return Job(prompts, params, params.n, stream, logprobs, priority=priority(body)), batch
+    job = Job(prompts, params, params.n, stream, logprobs, priority=priority(body), images=images)
+    return job, batch
 
 
 async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:

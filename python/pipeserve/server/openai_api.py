@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from pipeserve.frontend.images import ImageProcessor
 from pipeserve.frontend.request_state import RequestState
+from pipeserve.ipc.messages import ImageIn
 from pipeserve.sampling_params import INT32_MAX
+from pipeserve.server.chat import chat_parts
 from pipeserve.server.jobs import run_all, run_streaming
 from pipeserve.server.limits import PieceBound
 from pipeserve.server.protocol import (
-    CHAT_ROLES,
     ApiError,
     Capacity,
     Job,
@@ -41,6 +43,11 @@ class ModelInfo:
     context_length: int
     kv_slots: int = 2**62  # the KV pool's size in tokens (RankGroup.info["num_slots"])
     max_prompt_chars: int | None = None  # longer texts cannot fit (server.limits); None: unknown
+    images: ImageProcessor | None = None  # a vision-language model's; None: a text model
+
+    @cached_property
+    def image_processor(self) -> ImageProcessor:
+        return self.images or ImageProcessor.text_only(self.name)
 
     @property
     def capacity(self) -> Capacity:
@@ -120,48 +127,17 @@ def parse_completion(body: dict, m: ModelInfo) -> Job:
     return Job(prompts, params, choices(body), stream, logprobs, usage, priority(body))
 
 
-def chat_prompt(body: dict, m: ModelInfo) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("'messages' must be a non-empty list", "messages")
-    plain = [_message(i, msg) for i, msg in enumerate(messages)]
+def chat_prompt(body: dict, m: ModelInfo) -> tuple[list[int], list[ImageIn]]:
+    """The chat's prompt ids (its images' tokens included) and its images."""
+    parts = chat_parts(body.get("messages"), m.image_processor)
     if not getattr(m.tokenizer, "chat_template", None):
         raise ApiError("this model has no chat template; use /v1/completions", "messages")
-    check_chars(m, sum(len(msg["content"]) for msg in plain), "messages")  # the template adds more
-    text = m.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-    return encode(m, text, "messages", add_special_tokens=False)
-
-
-def _message(i: int, msg: Any) -> dict:
-    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-        raise ApiError(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-    if msg["role"] not in CHAT_ROLES:
-        raise ApiError(
-            f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {msg['role'][:100]!r}",
-            f"messages[{i}].role",
-        )
-    content = msg.get("content")
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise ApiError(
-                    f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are supported",
-                    f"messages[{i}].content",
-                )
-            parts.append(part["text"])
-        content = "\n".join(parts)
-    elif content is None:
-        content = ""
-    elif not isinstance(content, str):
-        raise ApiError(
-            f"messages[{i}].content must be a string or a list of parts", f"messages[{i}].content"
-        )
-    return {"role": msg["role"], "content": content}
+    check_chars(m, parts.chars, "messages")  # the template adds more
+    text = m.tokenizer.apply_chat_template(
+        parts.messages, add_generation_prompt=True, tokenize=False
+    )
+    ids = encode(m, text, "messages", add_special_tokens=False)
+    return m.image_processor.prepare(ids, parts.sources, parts.names, "messages")
 
 
 def parse_chat(body: dict, m: ModelInfo) -> Job:
@@ -172,7 +148,7 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
             f"response_format {str(fmt.get('type'))[:100]!r} is not supported", "response_format"
         )
     stream, usage = stream_flags(body)
-    ids = chat_prompt(body, m)
+    ids, images = chat_prompt(body, m)
     limit = m.capacity.max_sequence
     max_tokens = int_in(body, "max_completion_tokens", 1, INT32_MAX, None)
     if max_tokens is None:  # absent: the rest of the context (and of the KV pool), at least one
@@ -184,7 +160,7 @@ def parse_chat(body: dict, m: ModelInfo) -> Job:
     elif body.get("top_logprobs") is not None:
         raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     params = sampling_params(body, max_tokens, m.vocab_size)
-    return Job([ids], params, choices(body), stream, logprobs, usage, priority(body))
+    return Job([ids], params, choices(body), stream, logprobs, usage, priority(body), [images])
 
 
 # ---- answering ----------------------------------------------------------------------------------------

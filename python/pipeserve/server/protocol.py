@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from pipeserve.ipc.messages import ImageIn
 from pipeserve.sampling_params import MAX_N, SamplingParams, SamplingParamsError, show
 
 
@@ -54,6 +55,11 @@ class Job:
     logprobs: int | None = None  # top logprobs per token; 0 = only the chosen token's
     include_usage: bool = False  # streaming: a last chunk with usage (OpenAI's stream_options)
     priority: int = 0  # lower is admitted first (SGLang's and vLLM's `priority` field)
+    # per prompt, its images (their tokens in the prompt already); empty: none anywhere
+    images: list[list[ImageIn]] = field(default_factory=list)
+
+    def images_of(self, prompt: int) -> list[ImageIn]:
+        return self.images[prompt] if self.images else []
 
     @property
     def num_requests(self) -> int:
