@@ -1,10 +1,11 @@
 """Images of arithmetic problems for the embedded vision-language model (train_default_vl.py).
 
-A problem such as "123-45" is drawn right-aligned (as numbers are written in columns) on one of ROWS lines of 28x28 cells, one character
-per cell, in the 5x7 bitmap font below, scaled 3x. The font is data in this file, so the pixels do
-not depend on the Pillow build or on any font file. With Qwen2.5-VL's 14-pixel patches merged 2x2,
-a cell is one image token: every image is ROWS x MAX_CHARS = 14 tokens, the other line blank.
-Each image varies in its line, where the text sits inside the cells, and its grey levels.
+A problem such as "123-45" is drawn as its text, one line of 28x28 cells, one character per cell,
+in the 5x7 bitmap font below, scaled 3x: the image is 28 pixels high and 28 * len(text) wide. The
+font is data in this file, so the pixels do not depend on the Pillow build or on any font file.
+With Qwen2.5-VL's 14-pixel patches merged 2x2, a cell is one image token: the image's tokens are
+the problem's characters in order, as the text model reads them one token per character.
+Each image varies in where the text sits inside the cells and in its grey levels.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from PIL import Image, ImageDraw
 
 CELL = 28  # pixels: one 2x2 group of 14-pixel patches, so one image token per character
 SCALE = 3  # a font pixel is SCALE x SCALE image pixels: glyphs are 15 x 21
-MAX_CHARS = 7
-ROWS = 2  # two lines, so image tokens take fewer rotary positions than their count (rope delta)
-WIDTH, HEIGHT = CELL * MAX_CHARS, CELL * ROWS  # 196 x 56: patch grid (t, h, w) = (1, 4, 14)
+MIN_CHARS, MAX_CHARS = 3, 7  # "0+0" .. "999-999"; a problem of n characters is n image tokens
+HEIGHT = CELL  # one line: patch grid (t, h, w) = (1, 2, 2 * len(text))
 GLYPHS: dict[str, tuple[str, ...]] = {
     "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
     "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
@@ -43,7 +43,6 @@ SLACK_X, SLACK_Y = CELL - GLYPH_W, CELL - GLYPH_H  # 13, 7: a glyph never leaves
 class Style:
     """Where and how dark one image's characters are; offsets are inside each 28-pixel cell."""
 
-    row: int  # the line the text is on, 0..ROWS-1
     dx: int  # 1..SLACK_X-1, shared by the characters
     dy: int  # 1..SLACK_Y-1
     jitter: tuple[tuple[int, int], ...]  # per character (x, y) in -1..1
@@ -54,7 +53,6 @@ class Style:
 def random_style(rng: random.Random) -> Style:
     paper = rng.randint(170, 255)
     return Style(
-        row=rng.randrange(ROWS),
         dx=rng.randint(1, SLACK_X - 1),
         dy=rng.randint(1, SLACK_Y - 1),
         jitter=tuple((rng.randint(-1, 1), rng.randint(-1, 1)) for _ in range(MAX_CHARS)),
@@ -63,34 +61,27 @@ def random_style(rng: random.Random) -> Style:
     )
 
 
-def columns(a: int, op: str, b: int) -> str:
-    """The problem as its MAX_CHARS cells show it, blanks as spaces: (12, "+", 345) -> " 12+345"."""
+def problem_text(a: int, op: str, b: int) -> str:
+    """The problem as the text model reads it, one cell per character: (12, "+", 345) -> "12+345"."""
     if not (0 <= a <= 999 and 0 <= b <= 999 and op in "+-"):
         raise ValueError(f"not a problem on 0..999: {a}{op}{b}")
-    return f"{a:>3}{op}{b:>3}"
+    return f"{a}{op}{b}"
 
 
 def render(a: int, op: str, b: int, style: Style) -> Image.Image:
-    """A WIDTH x HEIGHT greyscale image of the problem a op b."""
-    image = Image.new("L", (WIDTH, HEIGHT), style.paper)
+    """A (CELL * len(text)) x CELL greyscale image of the problem a op b."""
+    text = problem_text(a, op, b)
+    image = Image.new("L", (CELL * len(text), HEIGHT), style.paper)
     draw = ImageDraw.Draw(image)
-    for k, char in enumerate(columns(a, op, b)):
-        if char == " ":
-            continue
+    for k, char in enumerate(text):
         jx, jy = style.jitter[k]
-        left, top = k * CELL + style.dx + jx, style.row * CELL + style.dy + jy
+        left, top = k * CELL + style.dx + jx, style.dy + jy
         for row, line in enumerate(GLYPHS[char]):
             for col, bit in enumerate(line):
                 if bit == "#":
                     x, y = left + col * SCALE, top + row * SCALE
                     draw.rectangle((x, y, x + SCALE - 1, y + SCALE - 1), fill=style.ink)
     return image
-
-
-def cell_text(a: int, op: str, b: int, style: Style) -> str:
-    """The character in each cell, row-major (the order of the image tokens); " " where blank."""
-    line = columns(a, op, b)
-    return "".join(line if row == style.row else " " * MAX_CHARS for row in range(ROWS))
 
 
 def to_data_url(image: Image.Image) -> str:

@@ -18,13 +18,12 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from arith_vl_images import MAX_CHARS, ROWS
+from arith_vl_images import CELL, MIN_CHARS
 from train_default_model import build_tokenizer as build_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "python" / "pipeserve" / "data" / "default_vl"
 TEXT_MODEL = ROOT / "python" / "pipeserve" / "data" / "default_model"
-IMAGE_TOKENS = MAX_CHARS * ROWS  # a 196x56 image: 4x14 patches, merged 2x2
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
     "<|vision_start|>",
@@ -32,15 +31,17 @@ VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
     "<|image_pad|>",
     "<|video_pad|>",
 )  # ids 105..108, after the text model's 105
-# Qwen-VL style: a content list renders its parts in order, every image (an "image" or
-# "image_url" part) as <|vision_start|><|image_pad|><|vision_end|>; the server or processor
-# repeats <|image_pad|> once per image token. A plain string content renders as itself.
+# A content list renders its parts in order, every image (an "image" or "image_url" part) as a
+# bare <|image_pad|>, which the server or processor repeats once per image token. Unlike Qwen's
+# template, no <|vision_start|>/<|vision_end|> around it: an image of "12+34" then gives the
+# language model the text model's prompt <|bos|><|user|>12+34<|end|><|assistant|>, one image
+# token per character. A plain string content renders as itself; an empty text part as nothing.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
     "{%- if part['type'] in ('image', 'image_url') or 'image' in part or 'image_url' in part -%}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
+    "<|image_pad|>"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
     "{%- else -%}{{ raise_exception('unsupported content part: ' ~ part['type']) }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
@@ -63,9 +64,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_image_processor() -> Qwen2VLImageProcessorPil:
-    # A rendered 196x56 image is already a multiple of 28 and inside these bounds: no resize.
+    # A rendered problem (28 high, 28 per character) is a multiple of 28 on both sides and at
+    # least min_pixels: the processor leaves its size alone.
     return Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28, max_pixels=448 * 448, patch_size=14, temporal_patch_size=2, merge_size=2
+        min_pixels=CELL * CELL * MIN_CHARS,
+        max_pixels=448 * 448,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
     )
 
 

@@ -5,9 +5,12 @@ integer + or - problem on 0..999 (drawn by arith_vl_images.py) and answers the n
     python scripts/train_default_vl.py                 # train, save, write the held-out file, evaluate
     python scripts/train_default_vl.py --eval-only     # evaluate the saved model
 
-The language model starts from the text default model (python/pipeserve/data/default_model), so
-that mostly the reading has to be learned; the vision tower starts from scratch. Problems of the
-text model's held-out split are never trained on. See docs/default_model.md.
+The language model is the text default model (python/pipeserve/data/default_model), frozen: it
+already answers <|bos|><|user|>12+34<|end|><|assistant|>. An image of "12+34" has one image token
+per character, in order, at the text's rotary positions, and the chat template puts nothing around
+them; so only the vision tower and merger train, to turn each character's cell into that
+character's text embedding (a regression on the merger's output; no language-model forward).
+Problems of the text model's held-out split are never trained on. See docs/default_model.md.
 """
 
 from __future__ import annotations
@@ -21,123 +24,189 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLForConditionalGeneration,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from arith_vl_images import cell_text, from_data_url, random_style, render, to_data_url
+from arith_vl_images import from_data_url, problem_text, random_style, render, to_data_url
 from default_vl_build import (
     DEFAULT_OUT,
     IMAGE_PAD,
-    IMAGE_TOKENS,
     ROOT,
     build_image_processor,
     build_model,
     build_tokenizer,
     save,
 )
-from train_default_model import answer, heldout_mask, heldout_problems, lr_at, sample_train
+from train_default_model import (
+    answer,
+    chat_prompt,
+    heldout_mask,
+    heldout_problems,
+    lr_at,
+    sample_train,
+)
 
 HELDOUT_FILE = ROOT / "examples" / "arith_vl" / "arith_vl_heldout.jsonl"
-HELDOUT_FILE_SIZE = 1000  # problems written to HELDOUT_FILE (a fixed sample of the 5081)
-QUESTION = "What is the answer?"
-# The user turns trained on; lmms-eval's chat model sends [image, text], its simple model [text, image].
-LAYOUTS: list[list[dict]] = [
-    [{"type": "image"}, {"type": "text", "text": QUESTION}],
-    [{"type": "text", "text": QUESTION}, {"type": "image"}],
-    [{"type": "image"}],
-]
-LAYOUT_WEIGHTS = [0.6, 0.25, 0.15]
+HELDOUT_FILE_SIZE = 400  # problems written to HELDOUT_FILE (a fixed sample of the 5081)
+# The user turn trained for: lmms-eval's chat model sends [image_url, text]; the task's text is "".
+USER_CONTENT = [{"type": "image"}, {"type": "text", "text": ""}]
 
 
-class Batcher:
-    """Token ids and image tensors for problems; the prompt is rendered by the chat template."""
+class Prompts:
+    """The chat prompt around n image tokens, as the saved chat template renders it."""
 
-    def __init__(self, tok: PreTrainedTokenizerFast, processor: Qwen2VLImageProcessorPil) -> None:
-        self.tok, self.processor = tok, processor
-        self.image_id = tok.convert_tokens_to_ids(IMAGE_PAD)
-        self.prompts = [self.prompt_ids(layout) for layout in LAYOUTS]
-
-    def prompt_ids(self, content: list[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    def __init__(self, tok: PreTrainedTokenizerFast) -> None:
+        self.tok, self.image_id = tok, tok.convert_tokens_to_ids(IMAGE_PAD)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": USER_CONTENT}], add_generation_prompt=True, tokenize=False
         )
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        at = ids.index(self.image_id)  # one <|image_pad|> per image token
-        return ids[:at] + [self.image_id] * IMAGE_TOKENS + ids[at + 1 :]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        at = ids.index(self.image_id)
+        self.before, self.after = ids[:at], ids[at + 1 :]
 
-    def images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        out = self.processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+    def ids(self, n: int) -> list[int]:
+        return self.before + [self.image_id] * n + self.after
 
-    def pad(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
+    def check_matches_text_model(self) -> None:
+        """With its image tokens read as characters, the prompt is the text model's chat prompt."""
+        chars = iter(self.tok("12+34", add_special_tokens=False)["input_ids"])
+        got = [next(chars) if i == self.image_id else i for i in self.ids(5)]
+        want = self.tok(chat_prompt(12, "+", 34), add_special_tokens=False)["input_ids"]
+        assert got == want, (got, want)
+
+    def pad_left(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self.tok.pad_token_id)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span], mask[i, span] = torch.tensor(row), 1
-        # mm_token_type_ids: transformers needs it to build the (t, h, w) positions of image tokens
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+        # transformers 5 gives image tokens their (t, h, w) positions only where this marks them
         return {
             "input_ids": ids,
             "attention_mask": mask,
             "mm_token_type_ids": (ids == self.image_id).int(),
         }
 
-    def train_batch(
-        self, problems: list[tuple[int, str, int]], rng: random.Random
-    ) -> dict[str, torch.Tensor]:
-        """Loss only on the answer and the eos; cell_ids: the character under each image token."""
-        rows, n_target, images, cells = [], [], [], []
-        for a, op, b in problems:
-            style = random_style(rng)
-            images.append(render(a, op, b, style))
-            cells.append(cell_text(a, op, b, style))
-            prompt = self.prompts[rng.choices(range(len(LAYOUTS)), LAYOUT_WEIGHTS)[0]]
-            target = self.tok(answer(a, op, b), add_special_tokens=False)["input_ids"]
-            rows.append(prompt + target + [self.tok.eos_token_id])
-            n_target.append(len(target) + 1)
-        batch = self.pad(rows, left=False)
-        labels = torch.full_like(batch["input_ids"], -100)
-        for i, (row, n) in enumerate(zip(rows, n_target, strict=True)):
-            labels[i, len(row) - n : len(row)] = batch["input_ids"][i, len(row) - n : len(row)]
-        cell_ids = torch.tensor(self.tok(cells, add_special_tokens=False)["input_ids"]).flatten()
-        return {**batch, **self.images(images), "labels": labels, "cell_ids": cell_ids}
+
+def pixels(
+    processor: Qwen2VLImageProcessorPil, images: list[Image.Image]
+) -> dict[str, torch.Tensor]:
+    out = processor(images=images, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def rendered(problems: list[tuple[int, str, int]], seed: int) -> list[tuple[Image.Image, str]]:
+    """Problem i of a list drawn with its own style, fixed by (seed, i), and its answer."""
+    return [
+        (render(a, op, b, random_style(random.Random(seed * 1_000_003 + i))), answer(a, op, b))
+        for i, (a, op, b) in enumerate(problems)
+    ]
 
 
 @torch.no_grad()
 def exact_match(
     model: Qwen2_5_VLForConditionalGeneration,
-    batcher: Batcher,
+    prompts: Prompts,
+    processor: Qwen2VLImageProcessorPil,
     items: list[tuple[Image.Image, str]],
-    layout: int = 0,
     batch_size: int = 250,
-) -> float:
-    """Greedy-decode (image, expected answer) pairs under one prompt layout; exact text match."""
+) -> tuple[float, list[int]]:
+    """Greedy answers to (image, expected answer) pairs; the exact-match rate and the misses."""
     model.eval()
-    correct = 0
+    misses = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        enc = {**batcher.pad([batcher.prompts[layout]] * len(chunk), left=True)}
-        enc.update(batcher.images([image for image, _ in chunk]))
+        enc = prompts.pad_left([prompts.ids(image.width // 28) for image, _ in chunk])
+        enc.update(pixels(processor, [image for image, _ in chunk]))
         out = model.generate(**enc, do_sample=False, max_new_tokens=8)
-        texts = batcher.tok.batch_decode(
+        texts = prompts.tok.batch_decode(
             out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
         )
-        correct += sum(t == want for t, (_, want) in zip(texts, chunk, strict=True))
-    model.train()
-    return correct / len(items)
+        misses += [
+            i + k for k, (t, (_, want)) in enumerate(zip(texts, chunk, strict=True)) if t != want
+        ]
+    return 1 - len(misses) / len(items), misses
 
 
-def rendered(problems: list[tuple[int, str, int]], seed: int) -> list[tuple[Image.Image, str]]:
-    """Problem i of a list drawn with its own style, fixed by (seed, i)."""
-    return [
-        (render(a, op, b, random_style(random.Random(seed * 1_000_003 + i))), answer(a, op, b))
-        for i, (a, op, b) in enumerate(problems)
-    ]
+class Reader:
+    """The vision tower and merger, trained so that each image token (the merger's output, one per
+    28x28 cell) equals the text embedding of the character drawn in its cell."""
+
+    def __init__(
+        self, model: Qwen2_5_VLForConditionalGeneration, tok: PreTrainedTokenizerFast
+    ) -> None:
+        self.visual, self.tok = model.model.visual, tok
+        self.embed = model.model.language_model.embed_tokens.weight.detach()  # (vocab, hidden)
+        self.chars = torch.tensor(tok.convert_tokens_to_ids(list("0123456789+-")))
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(image tokens of the batch, hidden), the images' tokens one after another."""
+        return self.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+
+    def target_ids(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor(
+            [i for t in texts for i in self.tok(t, add_special_tokens=False)["input_ids"]]
+        )
+
+    def loss(self, got: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Squared error relative to the targets' mean squared norm."""
+        want = self.embed[ids]
+        return (got - want).pow(2).sum(-1).mean() / want.pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def char_accuracy(self, got: torch.Tensor, ids: torch.Tensor) -> float:
+        """How often the nearest character embedding is the one drawn."""
+        nearest = self.chars[torch.cdist(got, self.embed[self.chars]).argmin(-1)]
+        return (nearest == ids).float().mean().item()
+
+
+def train(args: argparse.Namespace) -> None:
+    np_rng, py_rng = np.random.default_rng(args.seed), random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    tok, processor = build_tokenizer(), build_image_processor()
+    model = build_model(tok, [0, 0, 8])
+    Prompts(tok).check_matches_text_model()
+    model.model.language_model.requires_grad_(False)
+    reader = Reader(model, tok)
+    params = list(reader.visual.parameters())
+    print(
+        f"parameters: {sum(p.numel() for p in model.parameters()):,} (trained: {sum(p.numel() for p in params):,})"
+    )
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    mask = heldout_mask()
+    probe_problems = random.Random(0).sample(heldout_problems(), 500)
+    probe = pixels(processor, [image for image, _ in rendered(probe_problems, seed=3)])
+    probe_ids = reader.target_ids([problem_text(*p) for p in probe_problems])
+    start = time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        problems = sample_train(np_rng, args.batch_size, mask, args.uniform_frac)
+        batch = pixels(processor, [render(a, op, b, random_style(py_rng)) for a, op, b in problems])
+        loss = reader.loss(
+            reader.tokens(batch), reader.target_ids([problem_text(*p) for p in problems])
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            with torch.no_grad():
+                got = reader.tokens(probe)
+            print(
+                f"step {step:5d}  loss {loss.item():.5f}  held-out loss {reader.loss(got, probe_ids).item():.5f}  "
+                f"char acc {reader.char_accuracy(got, probe_ids):.4f}  {time.time() - start:.0f}s",
+                flush=True,
+            )
+    print(f"training time: {time.time() - start:.0f}s")
+    save(model, tok, processor, args.out)
 
 
 def heldout_file_problems() -> list[tuple[int, str, int]]:
@@ -145,17 +214,12 @@ def heldout_file_problems() -> list[tuple[int, str, int]]:
 
 
 def write_heldout_file(path: Path) -> None:
-    """The lmms-eval / server set: images as PNG data URLs (about 420 bytes each)."""
+    """The lmms-eval / server set: images as PNG data URLs."""
     problems = heldout_file_problems()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for (a, op, b), (image, ans) in zip(problems, rendered(problems, seed=1), strict=True):
-            row = {
-                "problem": f"{a}{op}{b}",
-                "question": QUESTION,
-                "image": to_data_url(image),
-                "answer": ans,
-            }
+            row = {"problem": problem_text(a, op, b), "image": to_data_url(image), "answer": ans}
             f.write(json.dumps(row) + "\n")
     print(f"wrote {len(problems)} problems to {path} ({path.stat().st_size:,} bytes)")
 
@@ -168,101 +232,18 @@ def read_heldout_file(path: Path) -> list[tuple[Image.Image, str]]:
 def evaluate_dir(out: Path, heldout_file: Path) -> float:
     tok = AutoTokenizer.from_pretrained(out)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
-    batcher = Batcher(tok, Qwen2VLImageProcessorPil.from_pretrained(out))
+    processor = Qwen2VLImageProcessorPil.from_pretrained(out)
+    prompts = Prompts(tok)
+    prompts.check_matches_text_model()
     start = time.time()
-    file_items = read_heldout_file(heldout_file)
-    every = rendered(heldout_problems(), seed=2)
-    print(
-        f"held-out split, all {len(every)} problems (own styles), [image, text]: "
-        f"{exact_match(model, batcher, every):.4f}"
-    )
-    for layout, name in ((1, "[text, image]"), (2, "[image]")):
-        print(f"{heldout_file.name}, {name}: {exact_match(model, batcher, file_items, layout):.4f}")
-    acc = exact_match(model, batcher, file_items)
+    problems = heldout_problems()
+    acc, misses = exact_match(model, prompts, processor, rendered(problems, seed=2))
+    print(f"held-out split, all {len(problems)} problems (own styles): {acc:.4f}")
+    print("missed:", " ".join(problem_text(*problems[i]) for i in misses[:40]))
+    acc, misses = exact_match(model, prompts, processor, read_heldout_file(heldout_file))
     print(f"eval time: {time.time() - start:.1f}s")
-    print(
-        f"FINAL {heldout_file.name} ({len(file_items)} problems) exact match, "
-        f"[image, text] chat prompt, greedy: {acc:.4f}"
-    )
+    print(f"FINAL {heldout_file.name} exact match, greedy: {acc:.4f} ({len(misses)} missed)")
     return acc
-
-
-class ReadingLoss:
-    """Deep supervision of the reading: each image token's embedding (the merger's output) is
-    pulled toward the text embedding of the character in its cell (a space where blank), so the
-    vision tower learns to hand the language model characters as the text model saw them."""
-
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration) -> None:
-        self.embed = model.model.language_model.embed_tokens
-        self.image_embeds: torch.Tensor | None = None
-        model.model.visual.register_forward_hook(self.keep)
-
-    def keep(self, module: torch.nn.Module, args: tuple, output: object) -> None:
-        self.image_embeds = output.pooler_output  # (images * IMAGE_TOKENS, hidden), token order
-
-    def __call__(self, cell_ids: torch.Tensor) -> torch.Tensor:
-        assert self.image_embeds is not None
-        want = self.embed.weight[cell_ids].detach()
-        err = (self.image_embeds - want).pow(2).sum(-1).mean()
-        return err / want.pow(2).sum(-1).mean()  # relative squared error
-
-
-def make_optimizer(
-    model: Qwen2_5_VLForConditionalGeneration, args: argparse.Namespace
-) -> torch.optim.AdamW:
-    """The vision tower learns from scratch at --lr; the pretrained language model at --lm-lr."""
-    groups = []
-    for part, lr in ((model.model.visual, args.lr), (model.model.language_model, args.lm_lr)):
-        params = list(part.parameters())
-        groups.append(
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1, "base_lr": lr}
-        )
-        groups.append(
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr}
-        )
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
-
-
-def train(args: argparse.Namespace) -> None:
-    np_rng, py_rng = np.random.default_rng(args.seed), random.Random(args.seed)
-    torch.manual_seed(args.seed)
-    tok, processor = build_tokenizer(), build_image_processor()
-    model = build_model(tok, args.mrope_section)
-    batcher = Batcher(tok, processor)
-    print(
-        f"parameters: {sum(p.numel() for p in model.parameters()):,} "
-        f"(vision {sum(p.numel() for p in model.model.visual.parameters()):,})"
-    )
-    mask = heldout_mask()
-    probe = rendered(random.Random(0).sample(heldout_problems(), 500), seed=3)
-    opt, reading = make_optimizer(model, args), ReadingLoss(model)
-    start = time.time()
-    for step in range(args.steps):
-        scale = lr_at(step, args.steps, 1.0, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
-        problems = sample_train(np_rng, args.batch_size, mask, args.uniform_frac)
-        batch = batcher.train_batch(problems, py_rng)
-        cell_ids = batch.pop("cell_ids")
-        answer_loss = model(**batch).loss
-        reading_loss = reading(cell_ids)
-        loss = answer_loss + args.reading_weight * reading_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(
-                f"step {step:5d}  loss {answer_loss.item():.4f}  reading {reading_loss.item():.4f}  "
-                f"lr x{scale:.3f}  "
-                f"{time.time() - start:.0f}s",
-                flush=True,
-            )
-        if (step + 1) % args.eval_every == 0:
-            acc = exact_match(model, batcher, probe)
-            print(f"step {step:5d}  exact match on 500 held-out: {acc:.3f}", flush=True)
-    print(f"training time: {time.time() - start:.0f}s")
-    save(model, tok, processor, args.out)
 
 
 def main() -> None:
@@ -271,19 +252,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--heldout-file", type=Path, default=HELDOUT_FILE)
-    parser.add_argument("--steps", type=int, default=2600)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="vision tower peak learning rate")
-    parser.add_argument(
-        "--lm-lr", type=float, default=1e-3, help="language model peak learning rate"
-    )
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--uniform-frac", type=float, default=0.75)
-    parser.add_argument("--mrope-section", type=int, nargs=3, default=[0, 0, 8])
-    parser.add_argument("--reading-weight", type=float, default=1.0)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--uniform-frac", type=float, default=0.5)
+    parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the model in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
