@@ -16,6 +16,11 @@ def doc_to_visual(doc: dict) -> list[Image.Image]:
     return [image]
 
 
+def doc_to_text(doc: dict) -> str:
+    """No question: the image is the problem."""
+    return ""
+
+
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """Exact match of the generated text (surrounding whitespace dropped) with the answer."""
     return {"exact_match": float(results[0].strip() == doc["answer"])}
