@@ -18,6 +18,32 @@ DETERMINISTIC_TORCH_ON_CUDA = (
     "--deterministic on CUDA needs the triton attention backend (its torch variant relies on "
     "cuBLAS, whose reductions may follow the batch); use --attention-backend triton or auto"
 )
+DEFAULT_VL_MODEL_DIR = os.path.join(os.path.dirname(__file__), "data", "default_vl")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped in the package: its directory and the name the API serves it under."""
+
+    path: str
+    served_name: str
+
+
+# --model-path names of the embedded models (a name, not a directory: it wins over a relative
+# directory of that name, which "./default" still reaches); no model path means "default"
+EMBEDDED_MODELS = {
+    "default": EmbeddedModel(DEFAULT_MODEL_DIR, "pipeserve-default"),
+    "default-vl": EmbeddedModel(DEFAULT_VL_MODEL_DIR, "pipeserve-default-vl"),
+}
+
+
+def model_name(model_path: str) -> str:
+    """The name a resolved model path is served under: an embedded model's, else the directory's."""
+    path = model_path.rstrip("/")
+    for model in EMBEDDED_MODELS.values():
+        if path == model.path:
+            return model.served_name
+    return os.path.basename(path)
 
 
 @dataclass(frozen=True)
@@ -91,8 +117,9 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     if kwargs.get("pp_trace") is None:
         kwargs["pp_trace"] = Env.read().trace
     cfg = EngineConfig(**{k: v for k, v in kwargs.items() if v is not None or k == "model_path"})
-    if cfg.model_path is None:
-        cfg = cfg.replace(model_path=DEFAULT_MODEL_DIR)
+    embedded = EMBEDDED_MODELS.get(cfg.model_path or "default")
+    if embedded is not None:
+        cfg = cfg.replace(model_path=embedded.path)
     _validate(cfg)
     _validate_model(cfg)
     _check_dist_init_addr(cfg.dist_init_addr)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from numbers import Integral
 from typing import Any
 
 import zmq
 
-from pipeserve.config import EngineConfig, resolve_config
+from pipeserve.config import EngineConfig, model_name, resolve_config
 from pipeserve.frontend.client import EngineLimits, RequestClient, RequestOptions
 from pipeserve.frontend.detokenizer import Detokenizer
 from pipeserve.frontend.images import ImageProcessor
@@ -44,8 +43,7 @@ class Engine:
             else load_tokenizer(cfg.tokenizer_path or cfg.model_path)
         )
         self.detokenizer = None if self.tokenizer is None else Detokenizer(self.tokenizer)
-        name = os.path.basename(cfg.model_path.rstrip("/"))
-        self.images = ImageProcessor.load(cfg, name, self.tokenizer)
+        self.images = ImageProcessor.load(cfg, model_name(cfg.model_path), self.tokenizer)
         self.ipc = IpcAddresses.fresh()
         self.sockets = FrontendSockets(self.ipc)
         self.ranks = RankGroup(self.config, self.ipc)

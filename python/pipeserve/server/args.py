@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeserve.config import EngineConfig, resolve_config
+from pipeserve.config import EngineConfig, model_name, resolve_config
 from pipeserve.utils import usable_cores
 
 
@@ -32,8 +32,7 @@ class ServerConfig:
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        path = self.engine.model_path.rstrip("/")
-        return "pipeserve-default" if path == EngineConfig.model_path else path.split("/")[-1]
+        return model_name(self.engine.model_path)
 
     @property
     def url(self) -> str:
@@ -46,7 +45,8 @@ _ENGINE_FLAGS = [
         "--model-path",
         "model_path",
         str,
-        "Hugging Face model directory (default: the embedded model)",
+        "Hugging Face model directory, or an embedded model: default (text) or default-vl "
+        "(vision-language) (default: default)",
     ),
     (
         "--tokenizer-path",
