@@ -158,3 +158,24 @@ def test_cuda_graphs_decode_multimodal_requests_as_transformers(family):
         ) as engine:
             outs[graphs] = run(engine, items)
     assert outs[True] == outs[False] == want
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["cache-off", "cache-on"])
+def test_preempted_image_requests_are_encoded_again_and_lose_nothing(family, cache):
+    """A KV pool too small for the workload at once (each request alone fits): requests are
+    preempted and readmitted, their images encoded again on readmission (with the cache: from
+    where their cached prefix ends, which may be inside an image), with 8-token prefill chunks;
+    the tokens stay transformers'."""
+    path, items, want = family
+    with Engine(
+        model_path=path,
+        device="cpu",
+        skip_tokenizer_init=True,
+        cpu_threads=1,
+        max_total_tokens=64,
+        chunked_prefill_size=8,
+        disable_radix_cache=not cache,
+    ) as engine:
+        assert run(engine, items) == want
+        assert engine.stats["num_preemptions"] > 0
+        assert engine.stats["free_slots"] == engine.stats["num_slots"]
