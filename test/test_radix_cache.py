@@ -55,6 +55,7 @@ def test_random_operations_agree_with_a_reference_model():
             # a prefix stays cached only with every shorter prefix of it
             assert all(p[:-1] in ref for p in ref if len(p) > 1)
         assert cache.size == len(ref) and len(free) + cache.size == 5000
+        assert cache.leaves == {n for n in cache._nodes() if not n.children}  # kept, not walked
         assert len(set(ref.values())) == len(ref) and not set(ref.values()) & set(free)
         unlocked_paths = {p for p in ref} - {
             tuple(t[: i + 1]) for _, t in locked for i in range(len(t))
@@ -81,3 +82,29 @@ def test_eviction_is_least_recently_used_and_deterministic():
     assert cache.evict(5) == [] and cache.evictable == 0
     cache.unlock(node)
     assert sorted(cache.evict(5)) == [10, 11, 12]
+
+
+def test_extend_adds_only_past_exactly_the_cached_prefix():
+    """`extend` (a running request's prompt joining the tree) inserts in one walk where the tree
+    holds exactly `cached` of the tokens, inside an edge too, and changes nothing otherwise."""
+    rng = random.Random(3)
+    for _ in range(300):
+        cache = RadixCache()
+        next_slot = iter(range(1, 10**6))
+        for _ in range(rng.randrange(0, 6)):  # some cached paths over a small alphabet
+            tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 8))]
+            cache.insert(tokens, [next(next_slot) for _ in tokens])
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 10))]
+        have = cache.peek(tokens)
+        cached = have + rng.choice([-1, 0, 0, 1])
+        before = (cache.size, sorted(s for n in cache._nodes() for s in n.slots))
+        mine = cache.match(tokens)[0] + [next(next_slot) for _ in tokens[have:]]
+        leaf = cache.extend(tokens, mine, cached)
+        if cached != have or have == len(tokens):
+            assert leaf is None
+            assert (cache.size, sorted(s for n in cache._nodes() for s in n.slots)) == before
+            continue
+        assert not leaf.children and leaf in cache.leaves
+        assert cache.match(tokens) == (mine, leaf)
+        assert cache.size == before[0] + len(tokens) - have
+        assert cache.leaves == {n for n in cache._nodes() if not n.children}

@@ -59,12 +59,10 @@ class KVSlots:
         n = min(req.kv_len, len(req.prompt_ids))
         if self.cache is None or n <= max(req.cached_len, req.declined_len):
             return
-        tokens = req.key_ids()[:n]
-        if self.cache.peek(tokens) != req.cached_len:
+        node = self.cache.extend(req.key_ids()[:n], req.slots[:n], req.cached_len)
+        if node is None:
             req.declined_len = n  # another request cached some of them meanwhile: not again
             return
-        self.cache.insert(tokens, req.slots[:n])
-        _, node = self.cache.match(tokens)
         self.cache.lock(node)
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)

@@ -51,6 +51,9 @@ class RadixCache:
         self.evictable = 0  # of those, the slots no running request has locked
         self.tick = 0
         self.created = 0
+        # nodes without children (never the root): what an eviction looks at, kept as the tree
+        # changes so that an eviction does not walk the tree (the heap orders them, not the set)
+        self.leaves: set[Node] = set()
 
     def _node(self, parent: Node, key: list[int], slots: list[int], tick: int) -> Node:
         self.created += 1
@@ -104,6 +107,8 @@ class RadixCache:
             if child is None:
                 new = self._node(node, tokens[i:], slots[i:], self.tick)
                 node.children[tokens[i]] = new
+                self.leaves.discard(node)
+                self.leaves.add(new)
                 self.size += len(new.slots)
                 self.evictable += len(new.slots)
                 return i
@@ -113,6 +118,30 @@ class RadixCache:
             child.tick = self.tick
             node, i = child, i + k
         return i
+
+    def extend(self, tokens: list[int], slots: list[int], cached: int) -> Node | None:
+        """`insert` of a running request's tokens, made only where the tree holds exactly their
+        first `cached` (its own cached path): one walk, and the new leaf to lock, or None (and no
+        change) where it holds more or fewer of them."""
+        node, i = self.root, 0
+        while i < len(tokens) and (child := node.children.get(tokens[i])) is not None:
+            k = _common(child.key, tokens[i : i + len(child.key)])
+            if k < len(child.key):
+                if i + k != cached:
+                    return None
+                node, i = self._split(child, k), i + k
+                break
+            node, i = child, i + k
+        if i != cached or i >= len(tokens):
+            return None
+        self.tick += 1
+        new = self._node(node, tokens[i:], slots[i:], self.tick)
+        node.children[tokens[i]] = new
+        self.leaves.discard(node)
+        self.leaves.add(new)
+        self.size += len(new.slots)
+        self.evictable += len(new.slots)
+        return new
 
     def _split(self, child: Node, k: int) -> Node:
         """Cuts `child`'s edge after k tokens; returns the new upper node (same lock count: a lock
@@ -127,7 +156,7 @@ class RadixCache:
     def evict(self, num_slots: int) -> list[int]:
         """Frees at least `num_slots` slots (fewer if the tree has no more unlocked), leaves least
         recently used first; returns them."""
-        leaves = [(n.tick, n.order, n) for n in self._nodes() if not n.children and n.lock == 0]
+        leaves = [(n.tick, n.order, n) for n in self.leaves if n.lock == 0]
         heapq.heapify(leaves)
         freed: list[int] = []
         while leaves and len(freed) < num_slots:
@@ -135,10 +164,13 @@ class RadixCache:
             freed.extend(node.slots)
             parent = node.parent
             del parent.children[node.key[0]]
+            self.leaves.discard(node)
             self.size -= len(node.slots)
             self.evictable -= len(node.slots)
-            if parent is not self.root and not parent.children and parent.lock == 0:
-                heapq.heappush(leaves, (parent.tick, parent.order, parent))
+            if parent is not self.root and not parent.children:
+                self.leaves.add(parent)
+                if parent.lock == 0:
+                    heapq.heappush(leaves, (parent.tick, parent.order, parent))
         return freed
 
     def _nodes(self) -> list[Node]:
