@@ -44,8 +44,15 @@ def run(path: str, batches: list[list[list[int]]], **engine: object) -> tuple[li
 
 @pytest.mark.parametrize(
     "layout",
-    [dict(pp_size=1), dict(pp_size=2), dict(pp_size=3), dict(pp_size=2, tp_size=2)],
-    ids=["pp1", "pp2", "pp3", "pp2xtp2"],
+    [
+        dict(pp_size=1),
+        dict(pp_size=2),
+        dict(pp_size=3),
+        dict(pp_size=2, tp_size=2),
+        # the CUDA backend's kernels (Triton's interpreter on CPU) read cached prefixes too
+        dict(pp_size=1, attention_backend="triton"),
+    ],
+    ids=["pp1", "pp2", "pp3", "pp2xtp2", "pp1-triton"],
 )
 def test_the_cache_changes_no_token(model_path, layout):
     first = shared_prefix_prompts(1)
