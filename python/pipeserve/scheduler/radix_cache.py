@@ -105,12 +105,7 @@ class RadixCache:
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
-                new = self._node(node, tokens[i:], slots[i:], self.tick)
-                node.children[tokens[i]] = new
-                self.leaves.discard(node)
-                self.leaves.add(new)
-                self.size += len(new.slots)
-                self.evictable += len(new.slots)
+                self._add_leaf(node, tokens[i:], slots[i:])
                 return i
             k = _common(child.key, tokens[i:])
             if k < len(child.key):
@@ -135,9 +130,13 @@ class RadixCache:
         if i != cached or i >= len(tokens):
             return None
         self.tick += 1
-        new = self._node(node, tokens[i:], slots[i:], self.tick)
-        node.children[tokens[i]] = new
-        self.leaves.discard(node)
+        return self._add_leaf(node, tokens[i:], slots[i:])
+
+    def _add_leaf(self, parent: Node, key: list[int], slots: list[int]) -> Node:
+        """A new unlocked leaf under `parent` holding `key` with `slots`."""
+        new = self._node(parent, key, slots, self.tick)
+        parent.children[key[0]] = new
+        self.leaves.discard(parent)
         self.leaves.add(new)
         self.size += len(new.slots)
         self.evictable += len(new.slots)
