@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -20,6 +19,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from arith_vl_images import CELL, MIN_CHARS
 from train_default_model import build_tokenizer as build_text_tokenizer
+from train_default_model import greedy_generation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "python" / "pipeserve" / "data" / "default_vl"
@@ -150,13 +150,7 @@ def build_model(
     model.tie_weights()
     assert model.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()
     check_text_equal(model, llama)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        do_sample=False,
-        max_new_tokens=8,
-    )
+    model.generation_config = greedy_generation_config(tok)
     return model
 
 
