@@ -231,6 +231,10 @@ def table_cells(row: dict) -> list[str]:
 def print_point(row: dict) -> None:
     cells = dict(zip(TABLE_HEADER, table_cells(row), strict=True))
     print("  ".join(f"{k}={v}" for k, v in cells.items() if k != "offline tok/s"), flush=True)
+    if row["errors"]:
+        print(
+            f"WARNING: {row['errors']} requests failed; the first: {row['first_error']}", flush=True
+        )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -399,6 +403,9 @@ def main() -> None:
             json.dump(rows, f, indent=1)
     if args.plot:
         serving_figure(rows, args.plot, args.plot_title)
+    failed = sum(row["errors"] for row in rows)
+    if failed:  # a point's figures count only its answered requests: say so, and exit non-zero
+        sys.exit(f"error: {failed} requests failed (see each point's 'errors' in the JSON)")
 
 
 if __name__ == "__main__":

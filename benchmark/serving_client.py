@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Barrier
+from urllib.parse import urlsplit
 
-import httpx
 from tqdm import tqdm
 
 from proc_cpu import self_cpu_s
@@ -63,6 +63,7 @@ class Share:
 class ShareResult:
     samples: list[Sample]
     errors: int
+    first_error: str | None  # what the first failed request saw
     start: float  # time.monotonic(): one clock for every process of the host
     end: float
     cpu_s: float  # this client process's own CPU over its share
@@ -79,55 +80,205 @@ def request_body(prompt: str, opts: ClientOptions) -> dict:
     return body
 
 
-async def one_request(http: httpx.AsyncClient, prompt: str, opts: ClientOptions) -> Sample:
-    url, body = f"{opts.url}/v1/completions", request_body(prompt, opts)
-    start = time.perf_counter()
+class HttpError(Exception):
+    """A request that got no complete 2xx answer (a refused connection, a non-2xx status, a cut
+    stream, a timeout): counted as an error of its point."""
+
+
+class Stale(HttpError):
+    """A kept-alive connection that the server had closed before this request's answer began
+    (an idle timeout): the request is sent again on a new connection."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection with just enough of the protocol for the benchmark:
+    POST a JSON body, read a Content-Length or chunked answer. A streamed answer is handed on as
+    its SSE events' data without parsing them: the client's cost per token is a buffer scan, so
+    that a few client processes can load a server that streams tens of thousands of tokens/s."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.buf = b""
+
+    async def _read(self) -> bytes:
+        assert self.reader is not None
+        async with asyncio.timeout(self.timeout):
+            data = await self.reader.read(1 << 16)
+        if not data:
+            raise HttpError("the server closed the connection mid-answer")
+        return data
+
+    async def _head(self) -> tuple[int, dict[str, str]]:
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            try:
+                self.buf += await self._read()
+            except (HttpError, ConnectionResetError) as e:
+                raise (Stale(str(e)) if not self.buf else e) from None
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        self.buf = self.buf[end + 4 :]
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    async def _body(self, headers: dict[str, str], on_data: Callable[[bytes], None]) -> None:
+        """Feeds the body to `on_data` as it arrives (chunked) or whole (Content-Length)."""
+        if headers.get("transfer-encoding", "").lower() != "chunked":
+            size = int(headers.get("content-length", "0"))
+            while len(self.buf) < size:
+                self.buf += await self._read()
+            on_data(self.buf[:size])
+            self.buf = self.buf[size:]
+            return
+        while True:  # chunk: size in hex CRLF, data CRLF; a zero size ends the body
+            while (nl := self.buf.find(b"\r\n")) < 0:
+                self.buf += await self._read()
+            size = int(self.buf[:nl].split(b";")[0], 16)
+            end = nl + 2 + size + 2
+            while len(self.buf) < end:
+                self.buf += await self._read()
+            if size == 0:
+                self.buf = self.buf[end:]
+                return
+            on_data(self.buf[nl + 2 : nl + 2 + size])
+            self.buf = self.buf[end:]
+
+    async def post(self, path: str, body: bytes, on_data: Callable[[bytes], None]) -> bool:
+        """POSTs `body`; the answer's body goes to `on_data`; whether the connection may be kept.
+        A non-2xx status raises HttpError once its body has been read."""
+        if self.writer is None:
+            async with asyncio.timeout(self.timeout):
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status, headers = await self._head()
+        error: list[bytes] = []
+        await self._body(headers, on_data if 200 <= status < 300 else error.append)
+        if error:
+            raise HttpError(f"HTTP {status}: {b''.join(error)[:200]!r}")
+        return headers.get("connection", "").lower() != "close"
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class Pool:
+    """Idle keep-alive connections to one server, reused in turn."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.prefix, self.timeout = parts.path.rstrip("/"), timeout
+        self.idle: list[Connection] = []
+
+    async def post(self, path: str, body: dict, on_data: Callable[[bytes], None]) -> None:
+        data, reused = json.dumps(body).encode(), bool(self.idle)
+        conn = self.idle.pop() if reused else Connection(self.host, self.port, self.timeout)
+        try:
+            await self._send(conn, self.prefix + path, data, on_data)
+        except Stale:
+            if not reused:
+                raise
+            conn = Connection(self.host, self.port, self.timeout)
+            await self._send(conn, self.prefix + path, data, on_data)
+
+    async def _send(
+        self, conn: Connection, path: str, data: bytes, on_data: Callable[[bytes], None]
+    ) -> None:
+        try:
+            keep = await conn.post(path, data, on_data)
+        except BaseException:
+            conn.close()
+            raise
+        if keep:
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class StreamReading:
+    """A streamed answer's SSE events as they arrive: the time of the first one that carries
+    text (TTFT), and the usage of the one that has it. Only those events are parsed."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.pending = start, b""
+        self.ttft: float | None = None
+        self.tokens: int | None = None
+
+    def __call__(self, data: bytes) -> None:
+        self.pending += data
+        *events, self.pending = self.pending.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: {"):
+                continue  # [DONE], comments
+            if self.ttft is None and b'"text":""' not in event and has_text(event):
+                self.ttft = time.perf_counter() - self.start
+            if b'"usage"' in event:
+                usage = json.loads(event[6:]).get("usage") or {}
+                self.tokens = usage.get("completion_tokens", self.tokens)
+
+
+def has_text(event: bytes) -> bool:
+    choices = json.loads(event[6:]).get("choices") or [{}]
+    return bool(choices[0].get("text"))
+
+
+async def one_request(pool: Pool, prompt: str, opts: ClientOptions) -> Sample:
+    body, start = request_body(prompt, opts), time.perf_counter()
     if not opts.stream:
-        r = await http.post(url, json=body)
-        r.raise_for_status()
-        usage = r.json().get("usage") or {}
+        parts: list[bytes] = []
+        await pool.post("/v1/completions", body, parts.append)
+        usage = json.loads(b"".join(parts)).get("usage") or {}
         return Sample(None, time.perf_counter() - start, usage.get("completion_tokens"))
-    ttft, tokens = None, None
-    async with http.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                tokens = data["usage"]["completion_tokens"]
-            if ttft is None and data.get("choices") and data["choices"][0].get("text"):
-                ttft = time.perf_counter() - start
-    return Sample(ttft, time.perf_counter() - start, tokens)
+    reading = StreamReading(start)
+    await pool.post("/v1/completions", body, reading)
+    return Sample(reading.ttft, time.perf_counter() - start, reading.tokens)
 
 
 async def run_share(share: Share, opts: ClientOptions, done: Synchronized | None) -> ShareResult:
     limit = asyncio.Semaphore(share.concurrency or max(1, len(share.prompts)))
-    rng, errors = random.Random(1), 0
+    rng, errors, first_error = random.Random(1), 0, None
+    pool = Pool(opts.url, opts.timeout)
 
-    async def guarded(http: httpx.AsyncClient, p: str) -> Sample | None:
-        nonlocal errors
+    async def guarded(p: str) -> Sample | None:
+        nonlocal errors, first_error
         async with limit:
             try:
-                return await one_request(http, p, opts)
-            except httpx.HTTPError:
+                return await one_request(pool, p, opts)
+            except (HttpError, OSError, ValueError, TimeoutError) as e:
                 errors += 1
+                first_error = first_error or f"{type(e).__name__}: {e}"
                 return None
             finally:
                 if done is not None:
                     with done.get_lock():
                         done.value += 1
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=opts.timeout, limits=limits) as http:
-        cpu0, start, tasks = self_cpu_s(), time.monotonic(), []
+    cpu0, start, tasks = self_cpu_s(), time.monotonic(), []
+    try:
         for p in share.prompts:
-            tasks.append(asyncio.create_task(guarded(http, p)))
+            tasks.append(asyncio.create_task(guarded(p)))
             if share.rate:
                 await asyncio.sleep(rng.expovariate(share.rate))
         samples = [s for s in await asyncio.gather(*tasks) if s is not None]
         end = time.monotonic()
-    return ShareResult(samples, errors, start, end, self_cpu_s() - cpu0)
+    finally:
+        pool.close()
+    return ShareResult(samples, errors, first_error, start, end, self_cpu_s() - cpu0)
 
 
 def _worker(
@@ -202,6 +353,7 @@ def summarize(run: PointRun) -> dict:
     row = {
         "requests": len(samples),
         "errors": sum(r.errors for r in run.results),
+        "first_error": next((r.first_error for r in run.results if r.first_error), None),
         "missing_usage": sum(s.output_tokens is None for s in samples),
         "output_tokens": out_tokens,
         "wall_s": run.wall_s,
