@@ -90,85 +90,126 @@ class Stale(HttpError):
     (an idle timeout): the request is sent again on a new connection."""
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection with just enough of the protocol for the benchmark:
-    POST a JSON body, read a Content-Length or chunked answer. A streamed answer is handed on as
-    its SSE events' data without parsing them: the client's cost per token is a buffer scan, so
-    that a few client processes can load a server that streams tens of thousands of tokens/s."""
+class Answer(asyncio.Protocol):
+    """Reads HTTP/1.1 answers off one connection as bytes arrive (no task wakes per read): the
+    head, then a Content-Length or chunked body whose data goes to the request's `on_data`."""
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
         self.buf = b""
+        self.done: asyncio.Future | None = None  # the request in flight: (status, keep-alive)
+        self.on_data: Callable[[bytes], None] = lambda _: None
+        self.status, self.keep, self.chunked, self.left = 0, True, False, -1  # left: head unread
+        self.started = False  # a byte of the current answer has arrived
+        self.error_body: list[bytes] = []  # a non-2xx answer's body
 
-    async def _read(self) -> bytes:
-        assert self.reader is not None
-        async with asyncio.timeout(self.timeout):
-            data = await self.reader.read(1 << 16)
-        if not data:
-            raise HttpError("the server closed the connection mid-answer")
-        return data
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
-    async def _head(self) -> tuple[int, dict[str, str]]:
-        while (end := self.buf.find(b"\r\n\r\n")) < 0:
-            try:
-                self.buf += await self._read()
-            except (HttpError, ConnectionResetError) as e:
-                raise (Stale(str(e)) if not self.buf else e) from None
-        lines = self.buf[:end].decode("latin-1").split("\r\n")
-        self.buf = self.buf[end + 4 :]
-        status = int(lines[0].split(" ", 2)[1])
+    def begin(self, on_data: Callable[[bytes], None]) -> asyncio.Future:
+        self.on_data, self.left, self.started, self.error_body = on_data, -1, False, []
+        self.done = asyncio.get_running_loop().create_future()
+        return self.done
+
+    def data_received(self, data: bytes) -> None:
+        self.started = True
+        self.buf += data
+        try:
+            self._parse()
+        except ValueError as e:
+            self._end(HttpError(f"malformed answer: {e}"))
+
+    def _parse(self) -> None:
+        while self.done is not None and not self.done.done():
+            if self.left < 0:  # the head
+                end = self.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                self._head(self.buf[:end].decode("latin-1").split("\r\n"))
+                self.buf = self.buf[end + 4 :]
+            elif not self.chunked:
+                if len(self.buf) < self.left:
+                    return
+                self.on_data(self.buf[: self.left])
+                self.buf = self.buf[self.left :]
+                self._end(None)
+            else:  # chunk: size in hex CRLF, data CRLF; a zero size ends the body
+                nl = self.buf.find(b"\r\n")
+                if nl < 0:
+                    return
+                size = int(self.buf[:nl].split(b";")[0], 16)
+                end = nl + 2 + size + 2
+                if len(self.buf) < end:
+                    return
+                if size:
+                    self.on_data(self.buf[nl + 2 : nl + 2 + size])
+                self.buf = self.buf[end:]
+                if not size:
+                    self._end(None)
+
+    def _head(self, lines: list[str]) -> None:
+        self.status = int(lines[0].split(" ", 2)[1])
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers
+            headers[name.strip().lower()] = value.strip().lower()
+        self.keep = headers.get("connection") != "close"
+        self.chunked = headers.get("transfer-encoding") == "chunked"
+        self.left = 0 if self.chunked else int(headers.get("content-length", "0"))
+        if not 200 <= self.status < 300:
+            self.on_data = self.error_body.append
 
-    async def _body(self, headers: dict[str, str], on_data: Callable[[bytes], None]) -> None:
-        """Feeds the body to `on_data` as it arrives (chunked) or whole (Content-Length)."""
-        if headers.get("transfer-encoding", "").lower() != "chunked":
-            size = int(headers.get("content-length", "0"))
-            while len(self.buf) < size:
-                self.buf += await self._read()
-            on_data(self.buf[:size])
-            self.buf = self.buf[size:]
+    def _end(self, error: BaseException | None) -> None:
+        if self.done is None or self.done.done():
             return
-        while True:  # chunk: size in hex CRLF, data CRLF; a zero size ends the body
-            while (nl := self.buf.find(b"\r\n")) < 0:
-                self.buf += await self._read()
-            size = int(self.buf[:nl].split(b";")[0], 16)
-            end = nl + 2 + size + 2
-            while len(self.buf) < end:
-                self.buf += await self._read()
-            if size == 0:
-                self.buf = self.buf[end:]
-                return
-            on_data(self.buf[nl + 2 : nl + 2 + size])
-            self.buf = self.buf[end:]
+        if error is None and not 200 <= self.status < 300:
+            body = b"".join(self.error_body)[:200]
+            error = HttpError(f"HTTP {self.status}: {body!r}")
+        if error is None:
+            self.done.set_result(self.keep)
+        else:
+            self.done.set_exception(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.keep = False
+        if self.started:
+            self._end(HttpError("the server closed the connection mid-answer"))
+        else:
+            self._end(Stale("the server had closed the kept-alive connection"))
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection with just enough of the protocol for the benchmark:
+    POST a JSON body, read the answer. A streamed answer is handed on as its SSE events' data,
+    parsed no further than needed: the client's cost per token is a buffer scan in a protocol
+    callback, so that a few client processes can load a server streaming tens of thousands of
+    tokens/s."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.answer: Answer | None = None
 
     async def post(self, path: str, body: bytes, on_data: Callable[[bytes], None]) -> bool:
         """POSTs `body`; the answer's body goes to `on_data`; whether the connection may be kept.
         A non-2xx status raises HttpError once its body has been read."""
-        if self.writer is None:
-            async with asyncio.timeout(self.timeout):
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (
-            f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-        )
-        self.writer.write(head.encode() + body)
-        status, headers = await self._head()
-        error: list[bytes] = []
-        await self._body(headers, on_data if 200 <= status < 300 else error.append)
-        if error:
-            raise HttpError(f"HTTP {status}: {b''.join(error)[:200]!r}")
-        return headers.get("connection", "").lower() != "close"
+        async with asyncio.timeout(self.timeout):
+            if self.answer is None:
+                loop = asyncio.get_running_loop()
+                _, self.answer = await loop.create_connection(Answer, self.host, self.port)
+            head = (
+                f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            )
+            done = self.answer.begin(on_data)
+            if self.answer.transport is None or self.answer.transport.is_closing():
+                raise Stale("the kept-alive connection is closed")
+            self.answer.transport.write(head.encode() + body)
+            return await done
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.answer is not None and self.answer.transport is not None:
+            self.answer.transport.close()
+        self.answer = None
 
 
 class Pool:
