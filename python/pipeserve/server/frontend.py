@@ -64,10 +64,13 @@ WATCH_PERIOD_S = 0.5  # rank liveness is also polled, besides the process sentin
 
 
 class JobRun:
-    """The engine requests of one HTTP request, and what changed since its consumer looked."""
+    """The engine requests of one HTTP request, and what changed since its consumer looked. A
+    consumer that wants only the final states (`each_step` False) is woken when a choice ends, not
+    at every step (one wake per request instead of one per token)."""
 
-    def __init__(self, rids: list[str]) -> None:
+    def __init__(self, rids: list[str], each_step: bool = True) -> None:
         self.rids = rids
+        self.each_step = each_step
         self.states: list[RequestState] = []
         self.tracks: list[RequestTrack] = []
         self.changed: dict[int, None] = {}  # choice indices, in order of change
@@ -185,7 +188,7 @@ class Frontend:
 
     # ---- requests ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def admitted(self, count: int) -> Iterator[JobRun]:
+    def admitted(self, count: int, each_step: bool = True) -> Iterator[JobRun]:
         """A JobRun with request ids for all `count` engine requests of one HTTP request, or
         ShuttingDown / EngineDead / QueueFull / OverBound before any of them starts: a request is
         admitted whole or not at all. On exit, its unfinished requests are aborted at stage 0."""
@@ -199,7 +202,7 @@ class Frontend:
             raise QueueFull(
                 f"{len(self.routes)} requests are unfinished; the server's bound is {self.max_queued}"
             )
-        job = JobRun([self.client.new_rid() for _ in range(count)])
+        job = JobRun([self.client.new_rid() for _ in range(count)], each_step)
         self.routes.update((rid, (job, i)) for i, rid in enumerate(job.rids))
         self.metrics.unfinished.set(len(self.routes))
         try:
@@ -278,7 +281,8 @@ class Frontend:
                 track.output(out)
                 if state.finished:
                     track.finished(state.error is None)
-                job.notify(index)
+                if job.each_step or state.finished or state.error is not None:
+                    job.notify(index)
             for rid in ended_here:
                 self._send_nowait(AbortReq(rid))
 

@@ -47,7 +47,7 @@ async def run_streaming(frontend: Any, job: Job) -> AsyncIterator[tuple[int, Req
 
 async def run_all(frontend: Any, job: Job) -> list[RequestState]:
     """Every choice's final state; the first error raises (and aborts the others)."""
-    with frontend.admitted(job.num_requests) as run:
+    with frontend.admitted(job.num_requests, each_step=False) as run:
         await _submit(frontend, job, run)
         while not run.finished:
             for i in await run.next_changes():
