@@ -93,8 +93,10 @@ def split_size(k: int, splits: int) -> int:
 @triton.jit
 def _zero_tile(SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     if SWAP:
-        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        tile = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return tile
 
 
 @triton.jit
@@ -123,15 +125,19 @@ def _range_dot(x, w, rm, rn, k_start, k_end, K, stride_x, stride_w, SWAP: tl.con
 def _tile_offsets(rm, rn, N, SWAP: tl.constexpr):
     """Row-major (M, N) offsets of a tile, laid out as _range_dot's result."""
     if SWAP:
-        return rm[None, :] * N + rn[:, None]
-    return rm[:, None] * N + rn[None, :]
+        offs = rm[None, :] * N + rn[:, None]
+    else:
+        offs = rm[:, None] * N + rn[None, :]
+    return offs
 
 
 @triton.jit
 def _tile_mask(m_ok, n_ok, SWAP: tl.constexpr):
     if SWAP:
-        return m_ok[None, :] & n_ok[:, None]
-    return m_ok[:, None] & n_ok[None, :]
+        mask = m_ok[None, :] & n_ok[:, None]
+    else:
+        mask = m_ok[:, None] & n_ok[None, :]
+    return mask
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
@@ -177,8 +183,10 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
 def _bias_tile(bias, rn, SWAP: tl.constexpr):
     b = tl.load(bias + rn).to(tl.float32)
     if SWAP:
-        return b[:, None]
-    return b[None, :]
+        tile = b[:, None]
+    else:
+        tile = b[None, :]
+    return tile
 
 
 def matmul(
