@@ -54,6 +54,7 @@ def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
 
 def graph_us(fn, calls: int, replays: int) -> float:
     fn()
+    torch.cuda.synchronize()  # the matmul's split counters take one launch at a time
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         fn()
@@ -86,10 +87,11 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
     x = torch.randn(300, k, generator=gen, device="cuda").bfloat16()
     rule = im.k_splits(n, k, im.num_sms(x.device))
     base = {"shape": shape, "layer": layer, "n": n, "k": k, "rule_splits": rule}
-    rows = [
-        {**base, "what": "cublas", **{f"us{m}": graph_us(lambda m=m: F.linear(x[:m], w), args.calls, args.replays) for m in SIZES}},  # fmt: skip
-        {**base, "what": "default", "us1": graph_us(lambda: gemv.linear(x[:1], w), args.calls, args.replays)},  # fmt: skip
-    ]
+    cublas = {
+        f"us{m}": graph_us(lambda m=m: F.linear(x[:m], w), args.calls, args.replays) for m in SIZES
+    }
+    gemv_us = graph_us(lambda: gemv.linear(x[:1], w), args.calls, args.replays)
+    rows = [{**base, "what": "cublas", **cublas}, {**base, "what": "default", "us1": gemv_us}]
     tried = {1, rule, rule // 2, rule * 2} & {s for s in (1, 2, 4, 8, 16) if k >= s * im.K_GRANULE}
     for splits in sorted(tried | {rule}):
         ref = im.matmul(x, w, None, im.REFERENCE, splits)
@@ -98,7 +100,7 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
             row = {**base, "what": name, "splits": splits}
             row["mismatch_m"] = mismatches(x, w, tiles, splits, ref, every)
             for m in SIZES:
-                fn = lambda m=m: im.matmul(x[:m], w, None, tiles, splits)  # noqa: E731
+                fn = lambda m=m, t=tiles, s=splits: im.matmul(x[:m], w, None, t, s)  # noqa: E731
                 row[f"us{m}"] = graph_us(fn, args.calls, args.replays)
             rows.append(row)
             if row["mismatch_m"]:
@@ -118,7 +120,9 @@ def summarize(rows: list[dict]) -> None:
         for m in SIZES:
             best = sorted(ok, key=lambda r: r[f"us{m}"])[:5]
             line = ", ".join(f"{r['what']}/s{r['splits']} {r[f'us{m}']:.1f}" for r in best)
-            base = f"cublas {cublas[f'us{m}']:.1f}" + (f" gemv {default['us1']:.1f}" if m == 1 else "")
+            base = f"cublas {cublas[f'us{m}']:.1f}" + (
+                f" gemv {default['us1']:.1f}" if m == 1 else ""
+            )
             print(f"  M={m:<4} {base} | {line}")
     for name in CANDIDATES:
         bad = [r for r in rows if r.get("what") == name and r["mismatch_m"]]

@@ -30,7 +30,8 @@ import triton.language as tl
 
 K_GRANULE = 128  # K ranges start on multiples of this (a multiple of every BLOCK_K)
 MAX_SPLITS = 16
-MIN_SPLIT_K = 512  # K per range at least (shorter ranges cost more in partials than they give)
+MIN_SPLIT_K = 2048  # K per range at least: shorter ranges restart the K pipeline too often at
+# large M (swept: 1B down, K 8192, at M = 256 took 36.7 us in 4 ranges, 49.2 us in 8)
 SPLIT_BLOCK_N = 64  # the output width per work item that `k_splits` plans the grid with
 MAX_TILES_APART = 4096  # tiles whose ranges run apart, at most (the counters' length)
 
@@ -50,8 +51,14 @@ class Tiles:
 
 
 REFERENCE = Tiles(64, 128, 64, 4, 3)
-# bfloat16: (largest M, tiles), from the sweep on an H100 (docs/benchmarks-log.md)
-TABLE: tuple[tuple[int, Tiles], ...] = ((2**62, REFERENCE),)
+# bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B
+# projections at M = 1, 32 and 256 (docs/benchmarks-log.md); every one of them, and REFERENCE,
+# gave every row the same bits at M = 1..300
+TABLE: tuple[tuple[int, Tiles], ...] = (
+    (16, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),
+    (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),
+    (2**62, Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2)),
+)
 
 
 def tiles_for(m: int, dtype: torch.dtype) -> Tiles:
@@ -70,7 +77,9 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _counters(device: torch.device) -> torch.Tensor:
     """Per-tile arrival counts of the ranges run apart; every launch leaves them at zero. Made at
-    the first small-M call (the runner's warm-up, before any CUDA graph capture)."""
+    the first small-M call (the runner's warm-up, before any CUDA graph capture). One set per
+    device: launches on one device must run one after the other (one stream, as a rank's
+    forward does); two at once on two streams would mix their counts."""
     return torch.zeros(MAX_TILES_APART, dtype=torch.int32, device=device)
 
 
@@ -124,20 +133,12 @@ def _range_dot(x, w, rm, rn, k_start, k_end, K, stride_x, stride_w, SWAP: tl.con
 @triton.jit
 def _tile_offsets(rm, rn, N, SWAP: tl.constexpr):
     """Row-major (M, N) offsets of a tile, laid out as _range_dot's result."""
-    if SWAP:
-        offs = rm[None, :] * N + rn[:, None]
-    else:
-        offs = rm[:, None] * N + rn[None, :]
-    return offs
+    return rm[None, :] * N + rn[:, None] if SWAP else rm[:, None] * N + rn[None, :]
 
 
 @triton.jit
 def _tile_mask(m_ok, n_ok, SWAP: tl.constexpr):
-    if SWAP:
-        mask = m_ok[None, :] & n_ok[:, None]
-    else:
-        mask = m_ok[:, None] & n_ok[None, :]
-    return mask
+    return m_ok[None, :] & n_ok[:, None] if SWAP else m_ok[:, None] & n_ok[None, :]
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
@@ -182,11 +183,7 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
 @triton.jit
 def _bias_tile(bias, rn, SWAP: tl.constexpr):
     b = tl.load(bias + rn).to(tl.float32)
-    if SWAP:
-        tile = b[:, None]
-    else:
-        tile = b[None, :]
-    return tile
+    return b[:, None] if SWAP else b[None, :]
 
 
 def matmul(
