@@ -1,7 +1,8 @@
 """Tile shapes for deterministic mode's matmul (`model/invariant_matmul.py`), chosen from data: for
 each projection of the 1B and 8B shapes, every candidate `Tiles` is checked bitwise against the
-REFERENCE tiles (every row at M = 1..300, and a row alone) and timed at M = 1, 32 and 256 under
-each K split, beside what the default engine runs there (the one-row GEMV at M = 1, cuBLAS).
+REFERENCE tiles (every row at M = 1..300, and a row alone) and timed at M = 1, 32, 256 and 2048
+(a prefill chunk; not for lm_head, which sees a prompt's last token alone) under each K split,
+beside what the default engine runs there (the one-row GEMV at M = 1, cuBLAS).
 
     python benchmark/sweep_invariant_matmul.py --shapes 1b,8b --json /tmp/sweep.json
 
@@ -40,7 +41,8 @@ CANDIDATES = {
     "swap64x256w8": Tiles(64, 256, 64, 8, 3, swap=True),
     "swap128x128w8": Tiles(128, 128, 64, 8, 3, swap=True),
 }
-SIZES = (1, 32, 256)
+SIZES = (1, 32, 256, 2048)
+HEAD_SIZES = (1, 32, 256)  # lm_head: decode batches
 
 
 def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -87,11 +89,12 @@ def mismatches(x, w, tiles: Tiles, splits: int, ref: torch.Tensor, sizes) -> lis
 def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).bfloat16()
-    x = torch.randn(300, k, generator=gen, device="cuda").bfloat16()
+    sizes = HEAD_SIZES if layer == "lm_head" else SIZES
+    x = torch.randn(max(300, *sizes), k, generator=gen, device="cuda").bfloat16()
     rule = im.k_splits(n, k, im.num_sms(x.device))
     base = {"shape": shape, "layer": layer, "n": n, "k": k, "rule_splits": rule}
     cublas = {
-        f"us{m}": graph_us(lambda m=m: F.linear(x[:m], w), args.calls, args.replays) for m in SIZES
+        f"us{m}": graph_us(lambda m=m: F.linear(x[:m], w), args.calls, args.replays) for m in sizes
     }
     gemv_us = graph_us(lambda: gemv.linear(x[:1], w), args.calls, args.replays)
     rows = [{**base, "what": "cublas", **cublas}, {**base, "what": "default", "us1": gemv_us}]
@@ -99,10 +102,11 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
     for splits in sorted(tried | {rule}):
         ref = im.matmul(x, w, None, im.REFERENCE, splits)
         every = range(1, 301) if splits in (1, rule) else (1, 2, 17, 32, 64, 65, 129, 256, 300)
+        every = [*every, *(m for m in sizes if m > 300)]
         for name, tiles in CANDIDATES.items():
             row = {**base, "what": name, "splits": splits}
             row["mismatch_m"] = mismatches(x, w, tiles, splits, ref, every)
-            for m in SIZES:
+            for m in sizes:
                 fn = lambda m=m, t=tiles, s=splits: im.matmul(x[:m], w, None, t, s)  # noqa: E731
                 row[f"us{m}"] = graph_us(fn, args.calls, args.replays)
             rows.append(row)
@@ -120,7 +124,7 @@ def summarize(rows: list[dict]) -> None:
         default = next(r for r in mine if r["what"] == "default")
         ok = [r for r in mine if "splits" in r and not r["mismatch_m"]]
         print(f"\n{shape} {layer} N={mine[0]['n']} K={mine[0]['k']} rule={mine[0]['rule_splits']}")
-        for m in SIZES:
+        for m in (m for m in SIZES if f"us{m}" in cublas):
             best = sorted(ok, key=lambda r: r[f"us{m}"])[:5]
             line = ", ".join(f"{r['what']}/s{r['splits']} {r[f'us{m}']:.1f}" for r in best)
             base = f"cublas {cublas[f'us{m}']:.1f}" + (
