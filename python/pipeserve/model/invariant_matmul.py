@@ -54,8 +54,9 @@ class Tiles:
 
 REFERENCE = Tiles(64, 128, 64, 4, 3)
 # bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B
-# projections at M = 1, 32 and 256 (docs/benchmarks-log.md); every one of them, and REFERENCE,
-# gave every row the same bits at M = 1..300
+# projections at M = 1, 32 and 256 (docs/benchmarks-log.md); each gave every row REFERENCE's
+# bits (M = 1..300 with K in one range and in the sweep's number of ranges; 9 values of M at
+# the other numbers of ranges tried)
 TABLE: tuple[tuple[int, Tiles], ...] = (
     (16, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),
     (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),
