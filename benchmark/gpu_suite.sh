@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|det1b|det8b
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|detsweep|det1b|det8b
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -123,6 +123,9 @@ det)  # deterministic mode's CUDA tests: the Triton matmul's rows over M, the at
   # the engine's outputs alone / batched / chunked / graphs on and off (pp=2 with two GPUs)
   step 560 python3 -m pytest -q -p no:cacheprovider test/test_deterministic_kernels.py \
     test/test_deterministic.py -k cuda
+  ;;
+detsweep)  # deterministic mode's matmul: candidate tiles checked bitwise and timed (1B, 8B shapes)
+  step 300 python3 benchmark/sweep_invariant_matmul.py --shapes 1b,8b --json "$O/sweep_invariant.json"
   ;;
 det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 against the default
   shape=${1#det}

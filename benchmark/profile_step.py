@@ -7,6 +7,7 @@ runtime call.
 
 Decodes of `--seq-len` tokens each (prefix seq-len - 1, one new token), on random weights
 (bench_offline's checkpoint); the floor is the weight bytes over the device copy bandwidth.
+`--deterministic` profiles deterministic mode's step (batch-invariant kernels) instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_offline import SHAPES, copy_bandwidth, make_model
 
 
-def build_runner(path: str, max_bs: int, slots: int):
+def build_runner(path: str, max_bs: int, slots: int, deterministic: bool = False):
     from pipeserve.config import resolve_config
     from pipeserve.distributed import DistConfig, get_tp_group, init_distributed
     from pipeserve.model.config import ModelConfig
@@ -42,8 +43,9 @@ def build_runner(path: str, max_bs: int, slots: int):
         dtype="bfloat16",
         max_running_requests=max_bs,
         cuda_graph_max_bs=max_bs,
+        deterministic=deterministic,
     )
-    ctx = ParallelContext(tp_group=get_tp_group())
+    ctx = ParallelContext(tp_group=get_tp_group(), batch_invariant=deterministic)
     runner = ModelRunner(cfg, ModelConfig.from_dir(path), ctx, torch.device("cuda", 0))
     runner.allocate_kv(slots)
     runner.warm_up()
@@ -156,13 +158,14 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--model-path", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--deterministic", action="store_true", help="deterministic mode's kernels")
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     path = args.model_path or os.path.join(tempfile.gettempdir(), f"ckpt-{args.shape}")
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         make_model(path, SHAPES[args.shape], torch.bfloat16, "cuda")
     slots = max(batches) * args.seq_len + 8
-    runner = build_runner(path, max(batches), slots)
+    runner = build_runner(path, max(batches), slots, args.deterministic)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     bw = copy_bandwidth("cuda")
     floor_ms = weight_bytes / bw * 1e3

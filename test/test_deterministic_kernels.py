@@ -50,11 +50,36 @@ def test_matmul_rows_do_not_depend_on_m_interpreted():
 
 @interpreted
 def test_matmul_k_ranges_are_a_function_of_the_shape_only():
-    from pipeserve.model.invariant_matmul import k_splits
+    from pipeserve.model.invariant_matmul import k_splits, split_size
 
-    assert k_splits(96, 1280, 4) == 4  # one tile of N: K split for parallelism
-    assert k_splits(4096, 4096, 132) == 8 and k_splits(128256, 4096, 132) == 1
-    assert k_splits(96, 64, 132) == 1  # too short a K to split
+    assert k_splits(2048, 8192, 132) == 4  # few output tiles, a long K: split for parallelism
+    assert k_splits(4096, 4096, 132) == 2 and k_splits(128256, 4096, 132) == 1
+    assert k_splits(3072, 2048, 132) == 1  # too short a K to split
+    assert split_size(14336, 4) == 3584 and split_size(640, 3) == 256  # whole 128-wide granules
+
+
+@interpreted
+def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
+    """The table's tiles (operands swapped) and REFERENCE, with K in one range or split in ranges
+    that run apart (few tiles: the last range to arrive adds them up) or in one program (many
+    tiles), give each row the same bits at any M."""
+    from pipeserve.model import invariant_matmul as im
+
+    gen = torch.Generator().manual_seed(0)
+    every = [im.REFERENCE] + [tiles for _, tiles in im.TABLE]
+    with row_exact_interpreter_dot():
+        for n, k, splits, bias in [(300, 640, 3, True), (96, 1280, 2, False), (200, 256, 1, False)]:
+            w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+            b = torch.randn(n, generator=gen).bfloat16() if bias else None
+            x = torch.randn(70, k, generator=gen).bfloat16()
+            full = im.matmul(x, w, b, im.REFERENCE, splits)
+            torch.testing.assert_close(
+                full.float(), F.linear(x, w, b).float(), atol=2e-2, rtol=2e-2
+            )
+            for tiles in every:
+                for m in (1, 5, 70):
+                    got = im.matmul(x[:m], w, b, tiles, splits)
+                    assert torch.equal(got, full[:m]), (n, k, tiles, m)
 
 
 @interpreted
@@ -83,7 +108,7 @@ def test_attention_over_several_key_splits_interpreted():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matmul_rows_do_not_depend_on_m_cuda(dtype):
-    sizes = [1, 2, 3, 8, 17, 64, 65, 127, 128, 256, 300, 1000, 2048]
+    sizes = [1, 2, 3, 8, 16, 17, 64, 65, 127, 128, 256, 300, 1000, 2048]  # the table's bounds
     check_matmul_rows(torch.device("cuda"), dtype, sizes)
 
 

@@ -16,7 +16,7 @@ SiLU runs as exp, add and divide: torch's fused SiLU (and sigmoid) rounds the el
 vector's scalar tail differently from the vectorised body, so an element's value would depend on
 where the batch ends.
 
-CUDA. A persistent Triton matmul with one tile shape and one K order for every M
+CUDA. A persistent Triton matmul with one K order for every M and tiles chosen by M
 (`invariant_matmul.py`); the one-row GEMV kernels are bypassed.
 """
 

@@ -1,135 +1,223 @@
 """A batch-invariant matmul for CUDA (deterministic mode): y = x @ w^T (+ b), where an output
 element's reduction over K is the same whatever M is.
 
-One tile shape for every M (BLOCK_M x BLOCK_N, K in BLOCK_K steps, one compiled kernel: M is not
-specialised), so every element is the same chain of MMA steps. K is cut into a fixed number of
-ranges (`k_splits`, from N, K and the device alone, never from M); each range accumulates from
-zero and the ranges are added in order, range 0 first. How the ranges are computed is free to
-follow M, because the arithmetic is the same either way:
-- few output tiles (small M): each range is a program of its own, and a second kernel adds the
-  ranges' fp32 partials in order (the parallelism a one-row GEMV gets from split-K);
-- many tiles: each program runs its tile's ranges one after the other, adding them in order.
-Programs are persistent: one per SM at most, looping over tiles, M fastest (neighbours share
-the weight tile in L2).
+What fixes an element's bits is its chain of MMA steps over K, not the tile around it: K is cut
+into `k_splits` ranges (from N, K and the device alone, never from M) on K_GRANULE boundaries;
+each range accumulates from zero in 16-wide MMA steps, in ascending K, and the ranges are added
+in order, range 0 first. The tile shape (`Tiles`) is therefore free to follow M: small tiles and
+many programs for a few rows, big ones for many. That the GPU's MMA gives an element the same
+bits under every shape in TABLE is a measured fact, not a given (benchmark/sweep_invariant_matmul.py
+checks every shape's rows bitwise at M = 1..300 on the device; the CUDA tests check it again).
+Other dtypes than bfloat16 run the REFERENCE tiles at every M.
+
+How a tile's ranges are computed is free to follow M too, because the arithmetic is the same:
+- few tiles (small M): each range is a work item of its own; it stores its fp32 partial, and the
+  last of a tile's ranges to arrive (an atomic counter per tile) adds the partials in order and
+  stores the output (the parallelism a one-row GEMV gets from split-K, in one launch);
+- many tiles: one program runs its tile's ranges one after the other, adding them in order.
+The partials live for one launch: at most splits x programs x one tile of fp32 (17 MB on an H100
+at 4 ranges), within the runner's slack.
+Programs are persistent (`Tiles.per_sm` per SM), looping over work items, M fastest (neighbours
+share the weight tile in L2).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
-NUM_WARPS, NUM_STAGES = 4, 3
-MAX_SPLITS = 8
+K_GRANULE = 128  # K ranges start on multiples of this (a multiple of every BLOCK_K)
+MAX_SPLITS = 16
+MIN_SPLIT_K = 2048  # K per range at least: shorter ranges restart the K pipeline too often at
+# large M (swept: 1B down, K 8192, at M = 256 took 36.7 us in 4 ranges, 49.2 us in 8)
+SPLIT_BLOCK_N = 64  # the output width per work item that `k_splits` plans the grid with
+MAX_TILES_APART = 4096  # tiles whose ranges run apart, at most (the counters' length)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tile shape. `swap`: the MMA runs over (weight rows, batch rows), so that a
+    few batch rows fill its narrow side instead of padding its 64-row side."""
+
+    block_m: int  # batch rows
+    block_n: int  # output features (weight rows)
+    block_k: int
+    warps: int
+    stages: int
+    swap: bool = False
+    per_sm: int = 1  # persistent programs per SM
+
+
+REFERENCE = Tiles(64, 128, 64, 4, 3)
+# bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B
+# projections at M = 1, 32 and 256 (docs/benchmarks-log.md); each gave every row REFERENCE's
+# bits (M = 1..300 with K in one range and in the sweep's number of ranges; 9 values of M at
+# the other numbers of ranges tried)
+TABLE: tuple[tuple[int, Tiles], ...] = (
+    (16, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),
+    (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),
+    (2**62, Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2)),
+)
+
+
+def tiles_for(m: int, dtype: torch.dtype) -> Tiles:
+    if dtype != torch.bfloat16:
+        return REFERENCE
+    return next(tiles for most, tiles in TABLE if m <= most)
 
 
 @functools.cache
-def num_programs(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # Triton's interpreter on CPU (tests)
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def k_splits(n: int, k: int, programs: int) -> int:
-    """K ranges per output element: enough for the output tiles of one M tile to cover the
-    device, at least 4 K steps per range, a power of two. A function of N and K (and the
+@functools.cache
+def _counters(device: torch.device) -> torch.Tensor:
+    """Per-tile arrival counts of the ranges run apart; every launch leaves them at zero. Made at
+    the first small-M call (the runner's warm-up, before any CUDA graph capture). One set per
+    device: launches on one device must run one after the other (one stream, as a rank's
+    forward does); two at once on two streams would mix their counts."""
+    return torch.zeros(MAX_TILES_APART, dtype=torch.int32, device=device)
+
+
+def k_splits(n: int, k: int, sms: int) -> int:
+    """K ranges per output element: enough for SPLIT_BLOCK_N-wide work items to cover the
+    device, at least MIN_SPLIT_K of K per range, a power of two. A function of N and K (and the
     device) only, so that every M reduces an element the same way."""
-    tiles_n = triton.cdiv(n, BLOCK_N)
+    tiles_n = triton.cdiv(n, SPLIT_BLOCK_N)
     splits = 1
-    while splits < MAX_SPLITS and tiles_n * splits < programs and k >= 8 * splits * BLOCK_K:
+    while splits < MAX_SPLITS and tiles_n * splits < sms and k >= 2 * splits * MIN_SPLIT_K:
         splits *= 2
     return splits
 
 
+def split_size(k: int, splits: int) -> int:
+    """K per range: whole granules, so the ranges are the same under every BLOCK_K."""
+    return triton.cdiv(triton.cdiv(k, splits), K_GRANULE) * K_GRANULE
+
+
 @triton.jit
-def _range_dot(x, w, rm, rn, k_start, k_end, K, stride_x, stride_w, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """x[rm, k_start:k_end] @ w[rn, k_start:k_end]^T, from zero, in BLOCK_K steps: (BLOCK_M,
-    BLOCK_N) fp32."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+def _zero_tile(SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if SWAP:
+        tile = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return tile
+
+
+@triton.jit
+def _range_dot(x, w, rm, rn, k_start, k_end, K, stride_x, stride_w, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """x[rm, k_start:k_end] @ w[rn, k_start:k_end]^T, from zero, in BLOCK_K steps: fp32,
+    (BLOCK_M, BLOCK_N), or its transpose (BLOCK_N, BLOCK_M) when SWAP."""
+    acc = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
+        k_ok = rk < k_end
         a = tl.load(x + rm[:, None] * stride_x + rk[None, :], mask=k_ok[None, :], other=0.0)
         b = tl.load(w + rn[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
-        if IEEE:
+        if SWAP:
+            if IEEE:
+                acc = tl.dot(b, tl.trans(a), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b, tl.trans(a), acc)
+        elif IEEE:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
     return acc
 
 
-@triton.jit(do_not_specialize=["M"])
-def _matmul_kernel(x, w, bias, out, partial, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, RANGES_APART: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+@triton.jit
+def _tile_offsets(rm, rn, N, SWAP: tl.constexpr):
+    """Row-major (M, N) offsets of a tile, laid out as _range_dot's result."""
+    return rm[None, :] * N + rn[:, None] if SWAP else rm[:, None] * N + rn[None, :]
+
+
+@triton.jit
+def _tile_mask(m_ok, n_ok, SWAP: tl.constexpr):
+    return m_ok[None, :] & n_ok[:, None] if SWAP else m_ok[:, None] & n_ok[None, :]
+
+
+@triton.jit(do_not_specialize=["M", "splits"])
+def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride_w, splits, k_per_split, RANGES_APART: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_tile = SPLITS if RANGES_APART else 1  # programs' work items per output tile
-    for item in range(tl.program_id(0), tiles_m * tiles_n * per_tile, tl.num_programs(0)):
-        pid_m = item % tiles_m
-        pid_n = (item // tiles_m) % tiles_n
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tiles = tiles_m * tl.cdiv(N, BLOCK_N)
+    items = tiles * splits if RANGES_APART else tiles
+    for item in range(tl.program_id(0), items, tl.num_programs(0)):
+        tile = item % tiles
+        rm = (tile % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
         # rows and columns past the end read row 0 / column 0 (in bounds) and are never stored
         rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
-        o_mask = (rm < M)[:, None] & (rn < N)[None, :]
-        if RANGES_APART:  # one K range; its partial is added in order by _add_ranges_kernel
-            s = item // (tiles_m * tiles_n)
+        offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
+        o_mask = _tile_mask(rm < M, rn < N, SWAP)
+        if RANGES_APART:  # one K range; the tile's last range to arrive adds them up
+            s = item // tiles
             k_start = s * k_per_split
-            acc = _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-            at = partial + (s * M + rm_safe[:, None]) * N + rn_safe[None, :]
-            tl.store(at, acc, mask=o_mask)
+            acc = _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            tl.store(partial + s * M * N + offs, acc, mask=o_mask)
+            tl.debug_barrier()  # every thread's partial is stored before the count says so
+            if tl.atomic_add(counters + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
+                total = tl.zeros_like(acc)
+                for t in range(0, splits):
+                    at = partial + t * M * N + offs
+                    total += tl.load(at, mask=o_mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(counters + tile, 0, sem="relaxed", scope="gpu")
+                if HAS_BIAS:
+                    total += _bias_tile(bias, rn_safe, SWAP)
+                tl.store(out + offs, total.to(out.dtype.element_ty), mask=o_mask)
         else:
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, SPLITS):
+            total = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
+            for s in range(0, splits):
                 k_start = s * k_per_split
-                total += _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                total += _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             if HAS_BIAS:
-                total += tl.load(bias + rn_safe).to(tl.float32)[None, :]
-            at = out + rm_safe[:, None] * N + rn_safe[None, :]
-            tl.store(at, total.to(out.dtype.element_ty), mask=o_mask)
+                total += _bias_tile(bias, rn_safe, SWAP)
+            tl.store(out + offs, total.to(out.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _add_ranges_kernel(partial, bias, out, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """out = sum over s of partial[s] (in order, from zero) + bias: what one program of
-    _matmul_kernel adds up in registers."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLITS):
-        total += tl.load(partial + s * M * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        total += tl.load(bias + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + offs, total.to(out.dtype.element_ty), mask=mask)
+@triton.jit
+def _bias_tile(bias, rn, SWAP: tl.constexpr):
+    b = tl.load(bias + rn).to(tl.float32)
+    return b[:, None] if SWAP else b[None, :]
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T (+ bias) -> (M, N) in x's dtype."""
+def matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: Tiles | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T (+ bias) -> (M, N) in x's dtype. `tiles` and `splits`
+    override the table and `k_splits` (the sweep)."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    programs = num_programs(x.device)
-    splits = k_splits(n, k, programs)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), BLOCK_K) * BLOCK_K
-    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
-    apart = splits > 1 and tiles < programs  # the same sums either way (module docstring)
-    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if apart else out
-    has_bias = bias is not None
-    _matmul_kernel[(min(programs, tiles * (splits if apart else 1)),)](
-        x, weight, bias if has_bias else x, out, partial, m, n, k, x.stride(0), weight.stride(0),
-        k_per_split, SPLITS=splits, RANGES_APART=apart, HAS_BIAS=has_bias,
-        IEEE=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )  # fmt: skip
+    t = tiles or tiles_for(m, x.dtype)
+    sms = num_sms(x.device)
+    splits = splits or k_splits(n, k, sms)
+    n_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    programs = sms * t.per_sm
+    apart = splits > 1 and n_tiles < programs  # the same sums either way (module docstring)
+    partial, counters = out, out
     if apart:
-        block = 1024
-        _add_ranges_kernel[(triton.cdiv(m * n, block),)](
-            partial, bias if has_bias else x, out, m, n, SPLITS=splits, HAS_BIAS=has_bias,
-            BLOCK=block,
-        )  # fmt: skip
+        partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        counters = _counters(x.device)
+    has_bias = bias is not None
+    _matmul_kernel[(min(programs, n_tiles * (splits if apart else 1)),)](
+        x, weight, bias if has_bias else x, out, partial, counters, m, n, k, x.stride(0),
+        weight.stride(0), splits, split_size(k, splits), RANGES_APART=apart, HAS_BIAS=has_bias,
+        SWAP=t.swap, IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
+    )  # fmt: skip
     return out

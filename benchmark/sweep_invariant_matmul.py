@@ -1,0 +1,158 @@
+"""Tile shapes for deterministic mode's matmul (`model/invariant_matmul.py`), chosen from data: for
+each projection of the 1B and 8B shapes, every candidate `Tiles` is checked bitwise against the
+REFERENCE tiles (every row at M = 1..300, and a row alone) and timed at M = 1, 32, 256 and 2048
+(a prefill chunk; not for lm_head, which sees a prompt's last token alone) under each K split,
+beside what the default engine runs there (the one-row GEMV at M = 1, cuBLAS).
+
+    python benchmark/sweep_invariant_matmul.py --shapes 1b,8b --json /tmp/sweep.json
+
+Times are device microseconds per call: a CUDA graph of --calls calls, replayed, median of
+--replays. Only candidates whose rows all match may share a table (a mismatch is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench_offline import SHAPES
+from pipeserve.model import gemv
+from pipeserve.model import invariant_matmul as im
+from pipeserve.model.invariant_matmul import Tiles
+
+CANDIDATES = {
+    "ref": im.REFERENCE,
+    # rows as the MMA's M side: these spill at 255 registers (ptxas -v, sm_90a) and ran 1.5-3x
+    # slower than the swapped tiles at every M on an H100; 64x64 stays as a check of equality
+    "64x64w4": Tiles(64, 64, 64, 4, 4, per_sm=2),
+    "swap32x128": Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2),
+    "swap32x64": Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2),
+    "swap16x64": Tiles(16, 64, 64, 4, 4, swap=True, per_sm=4),
+    "swap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, per_sm=4),
+    "swap16x128": Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2),
+    "mma16x64": Tiles(16, 64, 64, 4, 4, per_sm=4),  # BLOCK_M 16: mma.sync, not wgmma
+    # not yet timed: larger swapped tiles for M = 256 (no spills under ptxas -v, sm_90a)
+    "swap64x128w8": Tiles(64, 128, 64, 8, 4, swap=True),
+    "swap32x256w8": Tiles(32, 256, 64, 8, 3, swap=True),
+    "swap64x256w8": Tiles(64, 256, 64, 8, 3, swap=True),
+    "swap128x128w8": Tiles(128, 128, 64, 8, 3, swap=True),
+}
+SIZES = (1, 32, 256, 2048)
+HEAD_SIZES = (1, 32, 256)  # lm_head: decode batches
+
+
+def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
+    s = SHAPES[name]
+    h, d = s["hidden"], s["hidden"] // s["heads"]
+    return {
+        "qkv": ((s["heads"] + 2 * s["kv"]) * d, h),
+        "o": (h, h),
+        "gate_up": (2 * s["inter"], h),
+        "down": (h, s["inter"]),
+        "lm_head": (s["vocab"], h),
+    }
+
+
+def graph_us(fn, calls: int, replays: int) -> float:
+    fn()
+    torch.cuda.synchronize()  # the matmul's split counters take one launch at a time
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def mismatches(x, w, tiles: Tiles, splits: int, ref: torch.Tensor, sizes) -> list[int]:
+    bad = [m for m in sizes if not torch.equal(im.matmul(x[:m], w, None, tiles, splits), ref[:m])]
+    if not torch.equal(im.matmul(x[7:8], w, None, tiles, splits), ref[7:8]):
+        bad.append(-7)  # row 7 alone
+    return bad
+
+
+def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).bfloat16()
+    sizes = HEAD_SIZES if layer == "lm_head" else SIZES
+    x = torch.randn(max(300, *sizes), k, generator=gen, device="cuda").bfloat16()
+    rule = im.k_splits(n, k, im.num_sms(x.device))
+    base = {"shape": shape, "layer": layer, "n": n, "k": k, "rule_splits": rule}
+    cublas = {
+        f"us{m}": graph_us(lambda m=m: F.linear(x[:m], w), args.calls, args.replays) for m in sizes
+    }
+    gemv_us = graph_us(lambda: gemv.linear(x[:1], w), args.calls, args.replays)
+    rows = [{**base, "what": "cublas", **cublas}, {**base, "what": "default", "us1": gemv_us}]
+    tried = {1, rule, rule // 2, rule * 2} & {s for s in (1, 2, 4, 8, 16) if k >= s * im.K_GRANULE}
+    for splits in sorted(tried | {rule}):
+        ref = im.matmul(x, w, None, im.REFERENCE, splits)
+        every = range(1, 301) if splits in (1, rule) else (1, 2, 17, 32, 64, 65, 129, 256, 300)
+        every = [*every, *(m for m in sizes if m > 300)]
+        for name, tiles in CANDIDATES.items():
+            row = {**base, "what": name, "splits": splits}
+            row["mismatch_m"] = mismatches(x, w, tiles, splits, ref, every)
+            for m in sizes:
+                fn = lambda m=m, t=tiles, s=splits: im.matmul(x[:m], w, None, t, s)  # noqa: E731
+                row[f"us{m}"] = graph_us(fn, args.calls, args.replays)
+            rows.append(row)
+            if row["mismatch_m"]:
+                print("MISMATCH", json.dumps(row), flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> None:
+    """Per layer and M: the baselines and the five fastest candidates whose rows all match."""
+    layers = {(r["shape"], r["layer"]) for r in rows}
+    for shape, layer in sorted(layers):
+        mine = [r for r in rows if (r["shape"], r["layer"]) == (shape, layer)]
+        cublas = next(r for r in mine if r["what"] == "cublas")
+        default = next(r for r in mine if r["what"] == "default")
+        ok = [r for r in mine if "splits" in r and not r["mismatch_m"]]
+        print(f"\n{shape} {layer} N={mine[0]['n']} K={mine[0]['k']} rule={mine[0]['rule_splits']}")
+        for m in (m for m in SIZES if f"us{m}" in cublas):
+            best = sorted(ok, key=lambda r: r[f"us{m}"])[:5]
+            line = ", ".join(f"{r['what']}/s{r['splits']} {r[f'us{m}']:.1f}" for r in best)
+            base = f"cublas {cublas[f'us{m}']:.1f}" + (
+                f" gemv {default['us1']:.1f}" if m == 1 else ""
+            )
+            print(f"  M={m:<4} {base} | {line}")
+    for name in CANDIDATES:
+        bad = [r for r in rows if r.get("what") == name and r["mismatch_m"]]
+        print(f"{name}: {'rows differ in ' + str(len(bad)) + ' runs' if bad else 'bitwise equal'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--replays", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    rows = []
+    for shape in args.shapes.split(","):
+        for layer, (n, k) in layer_shapes(shape).items():
+            rows += sweep_layer(shape, layer, n, k, args)
+            print(f"done {shape} {layer}", flush=True)
+            if args.json:  # after each layer: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    summarize(rows)
+
+
+if __name__ == "__main__":
+    main()
