@@ -7,15 +7,13 @@ server B, a Python `verified`) over N records, in three modes against the same t
             blocking on the endpoint's semaphore, so cells that become ready meanwhile wait until
             the snapshot is exhausted.
 
-All three share the frontier (dependency tracking), the HTTP client, the per-endpoint limits and
-the prompts per request (`max_batch_size`, cut the same way); only the dispatch order differs.
-It reports wall time, the share of generator requests finished when the first judge request
-started, records finished over time and the CPU time of each server and of the client; prints a
-table, writes JSON (and a PNG when matplotlib is installed).
+All three share the frontier, the HTTP client, the per-endpoint limits and the prompts per
+request; only the dispatch order differs. Each mode runs over records no earlier mode sent (its
+own seed), so that every mode meets the servers' prefix caches alike. It reports wall time, when
+the first judge request started, records finished over time, each server's and the client's CPU
+time and how each server batched (its /metrics); prints tables, writes JSON (and a PNG).
 
-    python benchmark/bench_pipeline.py --records 2000 --json docs/results/pipeline_cpu.json \\
-        --plot docs/results/pipeline_cpu.png
-    python benchmark/bench_pipeline.py --url-a http://127.0.0.1:30001/v1 --url-b http://127.0.0.1:30002/v1
+    python benchmark/bench_pipeline.py --records 2000 --cpus-a 0 --cpus-b 1 --json out.json
     python benchmark/bench_pipeline.py --mock  # A, B: in-process mocks (mock_server.py), no model
 """
 
@@ -27,8 +25,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -37,14 +33,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-import httpx
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.join(ROOT, "examples", "pipeline"))
 
 from make_records import make_records  # noqa: E402
 
+from launched_server import LaunchedServer  # noqa: E402
 from pipeserve.pipeline import Job, load_job, run_job_async  # noqa: E402
 from pipeserve.pipeline.endpoint.client import CellError, EndpointClient  # noqa: E402
 from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread, arithmetic  # noqa: E402
@@ -53,6 +48,7 @@ from pipeserve.pipeline.io import plan_records  # noqa: E402
 from pipeserve.pipeline.job.config import LLMColumn, PythonColumn  # noqa: E402
 from pipeserve.pipeline.job.template import render  # noqa: E402
 from pipeserve.pipeline.stats import RequestSpan  # noqa: E402
+from proc_cpu import self_cpu_s  # noqa: E402
 
 GENERATOR, JUDGE = "sum", "check"
 
@@ -79,17 +75,16 @@ class Baseline:
         column = self.job.column(cells[0].column)
         assert isinstance(column, LLMColumn)
         prompts = [render(column.prompt, self.frontier.row(c)) for c in cells]
-        start = self.now()
+        start, priority = self.now(), self.job.graph.priority[column.name]
         try:
-            answer = await self.clients[column.endpoint].generate(
-                column, prompts, self.job.graph.priority[column.name]
-            )
+            answer = await self.clients[column.endpoint].generate(column, prompts, priority)
         finally:
             self.limits[column.endpoint].release()
+        end = self.now()
         for cell, result in zip(cells, answer.results, strict=True):
             ok = not isinstance(result, CellError)
             self.spans.append(
-                RequestSpan(column.name, column.endpoint, cell.record, start, self.now(), ok)
+                RequestSpan(column.name, column.endpoint, cell.record, start, end, ok)
             )
             self.frontier.resolve(cell, result.text if ok else None, None if ok else str(result))
         self.settle()
@@ -98,9 +93,7 @@ class Baseline:
         """Consecutive cells of one column, cut at the endpoint's max_batch_size (as sent)."""
         out: list[list[Cell]] = []
         for cell in cells:
-            column = self.job.column(cell.column)
-            assert isinstance(column, LLMColumn)
-            limit = self.job.endpoint(column.endpoint).max_batch_size
+            limit = self.job.endpoint(self.frontier.lanes_of(cell.column)[0]).max_batch_size
             if out and out[-1][0].column == cell.column and len(out[-1]) < limit:
                 out[-1].append(cell)
             else:
@@ -181,6 +174,7 @@ def measure(
     return {
         "mode": mode, "wall_s": wall, "records": len(ends), "verified": verified,
         "failed_requests": sum(not s.ok for s in spans), "first_judge_start_s": first_judge,
+        **judge_load([s for s in spans if s.column == JUDGE]),
         "gen_done_at_first_judge": sum(t <= first_judge for t in gen_ends) / len(gen_ends),
         "first_record_s": ends[0] if ends else None,
         "half_records_s": ends[len(ends) // 2] if ends else None,
@@ -188,46 +182,15 @@ def measure(
     }  # fmt: skip
 
 
-class LaunchedServer:
-    """`python -m pipeserve.launch_server` on a free port, optionally pinned with taskset; its
-    process group's CPU time can be read, so that each mode's server work is measured."""
-
-    def __init__(self, flags: str, cpus: str | None) -> None:
-        from pipeserve.utils import free_port
-
-        port = free_port()
-        cmd = [sys.executable, "-m", "pipeserve.launch_server", "--port", str(port)]
-        pin = ["taskset", "-c", cpus] if cpus else []
-        self.proc = subprocess.Popen(
-            [*pin, *cmd, *shlex.split(flags)], stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.5)
-        self.stop()
-        raise SystemExit(f"server '{flags}' did not become ready (exit status {self.proc.poll()})")
-
-    def cpu_s(self) -> float:
-        """User + system seconds of every live process in the server's process group."""
-        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
-        total = 0.0
-        for pid in pids.stdout.split():
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # utime, stime: fields 14, 15
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
+def judge_load(spans: list[RequestSpan]) -> dict[str, float]:
+    """From the first judge request to the last answer: the judge's prompts in flight on average
+    and the seconds with none in flight (its server idle for want of work)."""
+    events = sorted([(s.start_s, 1) for s in spans] + [(s.end_s, -1) for s in spans])
+    in_flight, last, area, idle = 0, events[0][0], 0.0, 0.0
+    for t, step in events:
+        area, idle = area + in_flight * (t - last), idle + (t - last) * (in_flight == 0)
+        in_flight, last = in_flight + step, t
+    return {"judge_in_flight": area / max(last - events[0][0], 1e-9), "judge_idle_s": idle}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -236,78 +199,93 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in (r for r in rows if r["run"] == 0):
-        ends = row["record_end_s"]
-        ax.step([0, *ends], range(len(ends) + 1), where="post", label=row["mode"])
+    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
+    for ends, mode in ((r["record_end_s"], r["mode"]) for r in rows if r["run"] == 0):
+        ax.step([0, *ends], range(len(ends) + 1), where="post", label=mode)
     ax.set(xlabel="seconds since start", ylabel="records finished")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def table(rows: list[dict]) -> str:
-    """One line per run, then the median of each mode. `column / wall` divides the column-by-
-    column wall time of the same run (modes run back to back) by this mode's wall time; the
-    median line gives the median of those ratios."""
+    """Two tables, a line per run and then the median of each mode: timing, then how each server
+    batched. `column / wall` divides the column-by-column wall time of the same run (modes run
+    back to back) by this mode's; the median line gives the median of those ratios."""
     column = {r["run"]: r["wall_s"] for r in rows if r["mode"] == "column"}
     for r in rows:
         r["speedup_vs_column"] = column[r["run"]] / r["wall_s"] if r["run"] in column else None
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    medians = [median_row(m, [r for r in rows if r["mode"] == m]) for m in modes]
-    lines = [
-        "| mode | run | wall (s) | column / wall | gen done at 1st judge | 1st record (s) "
-        "| half the records (s) | CPU (s) A / B / client | load avg | verified |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in [*rows, *medians]:
-        speed = f"{r['speedup_vs_column']:.2f}x" if r["speedup_vs_column"] else "-"
-        cpu = [*(r.get("server_cpu_s") or {}).values(), r["client_cpu_s"]]
-        cpu_text = " / ".join(f"{v:.1f}" for v in cpu)
-        lines.append(
-            f"| {r['mode']} | {r['run']} | {r['wall_s']:.1f} | {speed} "
-            f"| {r['gen_done_at_first_judge']:.1%} | {r['first_record_s']:.2f} "
-            f"| {r['half_records_s']:.1f} | {cpu_text} | {r.get('load', '-')} "
-            f"| {r['verified']}/{r['records']} |"
-        )
-    return "\n".join(lines)
+    rows = [*rows, *(median(m, [r for r in rows if r["mode"] == m]) for m in modes)]
+    head = ["mode", "run", "wall (s)", "column / wall", "gen done at 1st judge", "1st record (s)",
+            "half the records (s)", "CPU (s) A / B / client", "load avg", "verified"]  # fmt: skip
+    batch_head = ["mode", "run"]
+    for n in rows[0]["servers"]:
+        batch_head += [f"{n}: CPU / busy (s)", f"{n}: microbatches (tokens each)"]
+        batch_head.append(f"{n}: prefix hits")
+    batch_head += ["judge prompts in flight", "judge idle (s)"]
+    timing = markdown(head, [timing_cells(r) for r in rows])
+    return timing + "\n\n" + markdown(batch_head, [batching_cells(r) for r in rows])
 
 
-def client_cpu_s() -> float:
-    """User + system seconds of this process (the client of every mode)."""
-    return sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # ru_utime + ru_stime
+def timing_cells(r: dict) -> list[str]:
+    speed = f"{r['speedup_vs_column']:.2f}x" if r["speedup_vs_column"] else "-"
+    cpu = [*(s["cpu_s"] for s in r["servers"].values()), r["client_cpu_s"]]
+    return [r["mode"], str(r["run"]), f"{r['wall_s']:.1f}", speed,
+            f"{r['gen_done_at_first_judge']:.1%}", f"{r['first_record_s']:.2f}",
+            f"{r['half_records_s']:.1f}", " / ".join(f"{v:.1f}" for v in cpu), r["load"],
+            f"{r['verified']:.0f}/{r['records']}"]  # fmt: skip
 
 
-def median_row(mode: str, runs: list[dict]) -> dict:
-    def med(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
+def batching_cells(r: dict) -> list[str]:
+    """Each server's CPU and forward (busy) seconds, its microbatches with the tokens sampled per
+    microbatch, the share of prompt tokens found in its prefix cache; then `judge_load`."""
+    cells = [r["mode"], str(r["run"])]
+    for s in r["servers"].values():
+        each = s["tokens"] / max(s["microbatches"], 1)
+        hits = s["hit_tokens"] / max(s["prompt_tokens"], 1)
+        cells += [f"{s['cpu_s']:.1f} / {s['busy_s']:.1f}", f"{s['microbatches']:.0f} ({each:.1f})"]
+        cells.append(f"{hits:.0%}")
+    return [*cells, f"{r['judge_in_flight']:.1f}", f"{r['judge_idle_s']:.2f}"]
 
-    keys = ("wall_s", "gen_done_at_first_judge", "first_record_s", "half_records_s", "client_cpu_s")
-    row = {"mode": mode, "run": "median", **{k: med(k) for k in keys}}
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(line) + " |" for line in [head, ["---"] * len(head), *rows])
+
+
+def median(mode: str, runs: list[dict]) -> dict:
+    """The median of every number of `runs` (of `servers` too); lists are left out."""
+
+    def med(values: list) -> object:
+        if isinstance(values[0], dict):
+            return {k: med([v[k] for v in values]) for k in values[0]}
+        return statistics.median(values) if isinstance(values[0], int | float) else None
+
+    row = {k: med([r[k] for r in runs]) for k in runs[0] if not isinstance(runs[0][k], list)}
     ratios = [r["speedup_vs_column"] for r in runs if r["speedup_vs_column"]]
+    row.update(mode=mode, run="median", load="-")
     row["speedup_vs_column"] = statistics.median(ratios) if ratios else None
-    row["server_cpu_s"] = {
-        name: statistics.median(r["server_cpu_s"][name] for r in runs)
-        for name in runs[0].get("server_cpu_s") or {}
-    }
-    row["verified"], row["records"] = runs[0]["verified"], runs[0]["records"]
     return row
 
 
 def run_all(args: argparse.Namespace, job: Job, servers: dict[str, LaunchedServer]) -> list[dict]:
-    records = make_records(args.records, seed=0)
-    asyncio.run(run_mode("runner", job, records[:64]))  # warm-up
-    rows = []
+    """Every mode `args.repeats` times, interleaved, each over records of its own seed (after a
+    warm-up over seed 0): a prompt one mode sent would hit the servers' prefix cache in the next,
+    so on shared records whichever mode went first ran the only cold pass."""
+    asyncio.run(run_mode("runner", job, make_records(args.records, seed=0)))  # warm-up
+    rows: list[dict] = []
     for run in range(args.repeats):
         for mode in args.modes.split(","):
-            cpu0 = {n: s.cpu_s() for n, s in servers.items()}
-            client0, load0 = client_cpu_s(), os.getloadavg()[0]
+            records = make_records(args.records, seed=1 + len(rows))
+            before = {n: s.usage() for n, s in servers.items()}
+            client0, load0 = self_cpu_s(), os.getloadavg()[0]
             row = asyncio.run(run_mode(mode, job, records))
-            row["run"] = run
-            row["server_cpu_s"] = {n: s.cpu_s() - cpu0[n] for n, s in servers.items()}
-            row["client_cpu_s"] = client_cpu_s() - client0
+            row["client_cpu_s"] = self_cpu_s() - client0
             row["load"] = f"{load0:.1f}-{os.getloadavg()[0]:.1f}"
+            row["run"], row["seed"] = run, 1 + len(rows)
+            row["servers"] = {
+                n: {k: v - before[n][k] for k, v in s.usage().items()} for n, s in servers.items()
+            }
             rows.append(row)
             print(f"{mode} run {run}: {row['wall_s']:.1f} s", flush=True)
     return rows
@@ -341,8 +319,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of every mode, interleaved")
     p.add_argument("--json", help="write results here")
     p.add_argument("--plot", help="PNG of records finished over time (needs matplotlib)")
+    p.add_argument("--cpus-client", help="pin this process (the client) to these CPUs, e.g. 0")
     args = p.parse_args()
     with endpoints(args) as (urls, servers):
+        if args.cpus_client:  # after the servers started: they must not inherit it
+            os.sched_setaffinity(0, {int(c) for c in args.cpus_client.split(",")})
         rows = run_all(args, job := example_job(urls, args), servers)
     print(table(rows))
     write_results(args, job, rows)
@@ -372,8 +353,11 @@ def endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict]]
 def write_results(args: argparse.Namespace, job: Job, rows: list[dict]) -> None:
     git = ["git", "rev-parse", "--short", "HEAD"]
     mock = f"mock: {args.mock_latency} s per request, {args.mock_concurrency} at a time"
-    launched = {"adder": args.url_a or f"{args.flags_a} cpus={args.cpus_a}"}
-    launched["checker"] = args.url_b or f"{args.flags_b} cpus={args.cpus_b}"
+    launched = {
+        "adder": args.url_a or f"{args.flags_a} cpus={args.cpus_a}",
+        "checker": args.url_b or f"{args.flags_b} cpus={args.cpus_b}",
+        "client": f"cpus={args.cpus_client}",
+    }
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
