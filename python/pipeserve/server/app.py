@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from pipeserve.frontend.image_sources import ImageError
 from pipeserve.server import native, openai_api
 from pipeserve.server.frontend import EngineDead, Frontend, OverBound, QueueFull, ShuttingDown
+from pipeserve.server.jobs import submitted
 from pipeserve.server.metrics import CONTENT_TYPE
 from pipeserve.server.openai_api import ModelInfo
 from pipeserve.server.protocol import ApiError, parse_json
-from pipeserve.server.sse import DONE, sse_event
+from pipeserve.server.push import PushStream
+from pipeserve.server.sse import sse_event
 
 logger = logging.getLogger("pipeserve.server")
 
@@ -71,6 +74,8 @@ def build_app(
     async def metrics() -> Response:
         return Response(frontend.metrics.render(), media_type=CONTENT_TYPE)
 
+    interval = frontend.stream_interval
+
     def _serve(request: Request, parse: Callable, run: Callable, stream: Callable) -> Any:
         return serve_request(frontend, max_body_bytes, request, parse, run, stream)
 
@@ -80,7 +85,7 @@ def build_app(
             request,
             lambda b: openai_api.parse_completion(b, model),
             lambda j: openai_api.complete(frontend, j, model, False),
-            lambda j: openai_api.stream(frontend, j, model, False),
+            lambda j, states: openai_api.CompletionEvents(j, model, False, states, interval),
         )
 
     @app.post("/v1/chat/completions")
@@ -89,7 +94,7 @@ def build_app(
             request,
             lambda b: openai_api.parse_chat(b, model),
             lambda j: openai_api.complete(frontend, j, model, True),
-            lambda j: openai_api.stream(frontend, j, model, True),
+            lambda j, states: openai_api.CompletionEvents(j, model, True, states, interval),
         )
 
     @app.post("/generate")
@@ -104,7 +109,7 @@ def build_app(
             request,
             parse,
             lambda j: native.generate(frontend, j, model, parsed["batch"]),
-            lambda j: native.generate_stream(frontend, j, model),
+            lambda j, states: native.GenerateEvents(j, model, states, interval),
         )
 
     return app
@@ -127,12 +132,28 @@ async def serve_request(
         raw = await _read_body(request, max_body_bytes)
         job = await asyncio.to_thread(lambda: parse(parse_json(raw)))
         if job.stream:
-            events = stream(job)
-            first = await _unless_disconnected(request, anext(events))
-            return StreamingResponse(_guard_stream(first, events), media_type="text/event-stream")
+            return await _unless_disconnected(request, _start_stream(frontend, job, stream))
         return JSONResponse(await _unless_disconnected(request, run(job)))
     except Exception as e:
         return _error_response(e)
+
+
+async def _start_stream(frontend: Frontend, job: Any, make_events: Callable) -> PushStream:
+    """Admits and submits the job, waits for its first events and hands the rest to a PushStream
+    (which, from then on, owns the admission: leaving it aborts what is unfinished)."""
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(frontend.admitted(job.num_requests))
+        await submitted(frontend, job, run)
+        events = make_events(job, run.states)
+        first: list[bytes] = []
+        while not first:
+            first = events.step(await run.next_changes())
+        return PushStream(run, events, first, stack.pop_all().close, _error_event)
+
+
+def _error_event(e: Exception) -> bytes:
+    """A stream's last event when it fails after it has started."""
+    return sse_event(_as_api_error(e).body())
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -172,18 +193,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
                 raise ApiError("client disconnected", status=499)
     finally:
         task.cancel()
-
-
-async def _guard_stream(first: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Errors after the stream has started travel as a final error event."""
-    try:
-        yield first
-        async for event in events:
-            yield event
-    except Exception as e:
-        error = _as_api_error(e)
-        yield sse_event(error.body())
-        yield DONE
 
 
 def _as_api_error(e: Exception) -> ApiError:

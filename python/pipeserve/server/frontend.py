@@ -63,10 +63,19 @@ SEND_TIMEOUT_S = 2.0  # stage 0 alive but not taking requests for this long is a
 WATCH_PERIOD_S = 0.5  # rank liveness is also polled, besides the process sentinels
 
 
+class Sink(Protocol):
+    """Takes a job's changes synchronously, from the output reader (server.push.PushStream)."""
+
+    def step(self, changed: list[int]) -> None: ...
+
+    def failed(self, error: Exception) -> None: ...
+
+
 class JobRun:
     """The engine requests of one HTTP request, and what changed since its consumer looked. A
     consumer that wants only the final states (`each_step` False) is woken when a choice ends, not
-    at every step (one wake per request instead of one per token)."""
+    at every step (one wake per request instead of one per token); an attached Sink is handed
+    each step's changes by the reader itself, waking no task."""
 
     def __init__(self, rids: list[str], each_step: bool = True) -> None:
         self.rids = rids
@@ -76,14 +85,34 @@ class JobRun:
         self.changed: dict[int, None] = {}  # choice indices, in order of change
         self.error: BaseException | None = None
         self.event = asyncio.Event()
+        self.sink: Sink | None = None
 
     def notify(self, index: int) -> None:
         self.changed[index] = None
-        self.event.set()
+        if self.sink is None:
+            self.event.set()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.event.set()
+        if self.sink is not None:
+            self.sink.failed(error)  # type: ignore[arg-type]
+        else:
+            self.event.set()
+
+    def attach(self, sink: Sink | None) -> None:
+        """From now on `sink` takes the changes (None: the event again); what changed or failed
+        before is handed over at once."""
+        self.sink = sink
+        if sink is not None and self.error is not None:
+            sink.failed(self.error)  # type: ignore[arg-type]
+        elif sink is not None and self.changed:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hands the step's changes to the sink (the reader calls it once per step and job)."""
+        if self.sink is not None and self.changed:
+            changed, self.changed = list(self.changed), {}
+            self.sink.step(changed)
 
     async def next_changes(self) -> list[int]:
         """Waits for the next change; the indices of the choices that changed, each once."""
@@ -272,6 +301,7 @@ class Frontend:
             self.stats = msg.stats
             applied, ended_here = self.client.apply(msg)
             self.metrics.generation_tokens.inc(sum(len(out.token_ids) for _, out in applied))
+            pushed: dict[int, JobRun] = {}  # jobs whose sinks take this step's changes
             for state, out in applied:
                 route = self.routes.get(state.rid)
                 if route is None:
@@ -283,6 +313,10 @@ class Frontend:
                     track.finished(state.error is None)
                 if job.each_step or state.finished or state.error is not None:
                     job.notify(index)
+                if job.sink is not None:
+                    pushed[id(job)] = job
+            for job in pushed.values():
+                job.flush()
             for rid in ended_here:
                 self._send_nowait(AbortReq(rid))
 

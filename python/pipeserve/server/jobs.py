@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from typing import Any
 
 from pipeserve.frontend.client import RequestOptions
@@ -23,33 +22,24 @@ def _options(job: Job) -> RequestOptions:
     return RequestOptions(job.logprobs is not None, job.logprobs or 0, job.priority, job.stream)
 
 
-async def _submit(frontend: Any, job: Job, run: Any) -> None:
-    frontend.metrics.count_prompts(job.prompts)  # once each, however many choices (n)
-    await frontend.submit(run, expand(job), _options(job))
-
-
-def _checked(state: RequestState) -> RequestState:
+def checked(state: RequestState) -> RequestState:
+    """`state`, or an ApiError if its request failed."""
     if state.error is not None:
         raise ApiError(state.error, "prompt")
     return state
 
 
-async def run_streaming(frontend: Any, job: Job) -> AsyncIterator[tuple[int, RequestState]]:
-    """(choice index, state) for every choice that changed, after each step's outputs, until every
-    choice has finished; a choice comes again only if it changed again. The job is admitted (or
-    refused) when the first item is asked for; leaving early aborts what is left."""
-    with frontend.admitted(job.num_requests) as run:
-        await _submit(frontend, job, run)
-        while not run.finished:
-            for i in await run.next_changes():
-                yield i, _checked(run.states[i])
+async def submitted(frontend: Any, job: Job, run: Any) -> None:
+    """Counts the job's prompts and sends its requests (one per choice) to stage 0."""
+    frontend.metrics.count_prompts(job.prompts)  # once each, however many choices (n)
+    await frontend.submit(run, expand(job), _options(job))
 
 
 async def run_all(frontend: Any, job: Job) -> list[RequestState]:
     """Every choice's final state; the first error raises (and aborts the others)."""
     with frontend.admitted(job.num_requests, each_step=False) as run:
-        await _submit(frontend, job, run)
+        await submitted(frontend, job, run)
         while not run.finished:
             for i in await run.next_changes():
-                _checked(run.states[i])
+                checked(run.states[i])
         return run.states

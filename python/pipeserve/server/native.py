@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-from pipeserve.frontend.request_state import format_result
-from pipeserve.server.jobs import run_all, run_streaming
+from pipeserve.frontend.request_state import RequestState, format_result
+from pipeserve.server.jobs import checked, run_all
 from pipeserve.server.openai_api import ModelInfo, check_text_free, encode, prompt_texts
 from pipeserve.server.protocol import (
     ApiError,
@@ -69,19 +68,28 @@ async def generate(frontend: Any, job: Job, m: ModelInfo, batch: bool) -> Any:
     return answers if batch or job.n > 1 else answers[0]
 
 
-async def generate_stream(frontend: Any, job: Job, m: ModelInfo) -> AsyncIterator[bytes]:
-    """Like SGLang: every event carries the text so far (what the request's TextStream has
-    released; the last event's is the final text), with an `index` for batches."""
-    check_text_free(job, m)
-    finished: set[int] = set()
-    sent: dict[int, int] = {}  # per choice: tokens when its last event went out
-    async for i, s in run_streaming(frontend, job):
-        if i in finished:
-            continue  # a state queued again after it finished: its last event is out
-        if s.finished:
-            finished.add(i)
-        elif len(s.output_ids) - sent.get(i, 0) < frontend.stream_interval:
-            continue  # --stream-interval: fewer, larger events
-        sent[i] = len(s.output_ids)
-        yield sse_event({**format_result(s), "index": i})
-    yield DONE
+class GenerateEvents:
+    """/generate's events, like SGLang's: each carries the text so far (what the request's
+    TextStream has released; the last event's is the final text), with an `index` for batches.
+    Built step by step, from the output reader (server.push)."""
+
+    def __init__(self, job: Job, m: ModelInfo, states: list[RequestState], interval: int) -> None:
+        check_text_free(job, m)
+        self.states, self.interval = states, interval
+        self.sent = [0] * job.num_requests  # per choice: tokens when its last event went out
+        self.ended = [False] * job.num_requests
+
+    def step(self, changed: list[int]) -> list[bytes]:
+        out = []
+        for i in changed:
+            s = checked(self.states[i])
+            if self.ended[i]:
+                continue  # changed again after it finished: its last event is out
+            if not s.finished and len(s.output_ids) - self.sent[i] < self.interval:
+                continue  # --stream-interval: fewer, larger events
+            self.ended[i], self.sent[i] = s.finished, len(s.output_ids)
+            out.append(sse_event({**format_result(s), "index": i}))
+        return out
+
+    def end(self) -> list[bytes]:
+        return [DONE]

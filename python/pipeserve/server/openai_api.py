@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -14,7 +13,8 @@ from pipeserve.frontend.request_state import RequestState
 from pipeserve.ipc.messages import ImageIn
 from pipeserve.sampling_params import INT32_MAX
 from pipeserve.server.chat import chat_parts
-from pipeserve.server.jobs import run_all, run_streaming
+from pipeserve.server.jobs import checked as _checked
+from pipeserve.server.jobs import run_all
 from pipeserve.server.limits import PieceBound
 from pipeserve.server.protocol import (
     ApiError,
@@ -290,59 +290,80 @@ def _id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
 
-async def stream(frontend: Any, job: Job, m: ModelInfo, chat: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per choice per step (for chat, led by one chunk that gives
-    every choice its role), a usage chunk if asked for, then [DONE]. The first event waits for the
-    first token, so that a refused request is still a plain HTTP error. A choice's text deltas are
-    the pieces its TextStream releases, so that they add up to the non-streamed text."""
-    check_text_free(job, m)
-    rid, created = _id(chat), int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    cursors: dict[int, int] = {}  # per choice: TextStream pieces sent
-    seen: dict[int, int] = {}  # per choice: tokens sent
-    text_offsets: dict[int, int] = {}  # per choice: where its next token's logprob text starts
-    finals: dict[int, RequestState] = {}
+class CompletionEvents:
+    """A streamed completion's server-sent events: one chunk per choice per step (for chat, led by
+    one chunk that gives every choice its role), then a usage chunk if asked for and [DONE]. A
+    choice's text deltas are the pieces its TextStream releases, so that they add up to the
+    non-streamed text. Built step by step, from the output reader (server.push)."""
 
-    def chunk(choices_: list[dict], usage: dict | None = None) -> bytes:
-        body = {"id": rid, "object": kind, "created": created, "model": m.name, "choices": choices_}
+    def __init__(
+        self, job: Job, m: ModelInfo, chat: bool, states: list[RequestState], interval: int
+    ) -> None:
+        check_text_free(job, m)
+        self.job, self.m, self.chat, self.states, self.interval = job, m, chat, states, interval
+        self.id, self.created = _id(chat), int(time.time())
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+        self.cursors = [0] * job.num_requests  # per choice: TextStream pieces sent
+        self.seen = [0] * job.num_requests  # per choice: tokens sent
+        self.text_offsets = [0] * job.num_requests  # where its next logprob text starts
+        self.ended = [False] * job.num_requests
+        self.roles_sent = not chat
+
+    def _chunk(self, choices_: list[dict], usage: dict | None = None) -> bytes:
+        body = {
+            "id": self.id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.m.name,
+            "choices": choices_,
+        }
         if usage is not None:
             body["usage"] = usage
         return sse_event(body)
 
-    role = {"role": "assistant", "content": ""}
-    roles = [
-        {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
-        for i in range(job.num_requests)
-    ]
-    async for i, s in run_streaming(frontend, job):
-        if chat and roles:
-            yield chunk(roles)
-            roles = []
-        if i in finals:
-            continue  # a state queued again after it finished: everything has been sent
-        if not s.finished and len(s.output_ids) - seen.get(i, 0) < frontend.stream_interval:
-            continue  # --stream-interval: fewer, larger chunks
+    def step(self, changed: list[int]) -> list[bytes]:
+        """The events for the choices that changed (raises ApiError for a failed one)."""
+        out = []
+        if not self.roles_sent:
+            role = {"role": "assistant", "content": ""}
+            roles = [
+                {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+                for i in range(self.job.num_requests)
+            ]
+            out.append(self._chunk(roles))
+            self.roles_sent = True
+        for i in changed:
+            s = _checked(self.states[i])
+            if self.ended[i]:
+                continue  # changed again after it finished: everything has been sent
+            if not s.finished and len(s.output_ids) - self.seen[i] < self.interval:
+                continue  # --stream-interval: fewer, larger chunks
+            out.append(self._choice(i, s))
+        return out
+
+    def _choice(self, i: int, s: RequestState) -> bytes:
         text = ""
         if s.stream is not None:
-            text, cursors[i] = s.stream.since(cursors.get(i, 0))
-        start = seen.get(i, 0)
-        seen[i] = len(s.output_ids)
+            text, self.cursors[i] = s.stream.since(self.cursors[i])
+        start, self.seen[i] = self.seen[i], len(s.output_ids)
         choice: dict[str, Any] = {
             "index": i,
             "finish_reason": _finish(s) if s.finished else None,
             "logprobs": None,
         }
-        if job.logprobs is not None and chat:
-            choice["logprobs"] = chat_logprobs(m, s, start)
-        elif job.logprobs is not None:
-            offset = text_offsets.get(i, 0)
-            choice["logprobs"] = completion_logprobs(m, s, start, offset)
-            text_offsets[i] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
-        fields = _text_fields(s, chat, text, start)
-        choice.update({"delta": fields} if chat else fields)
-        if s.finished:
-            finals[i] = s
-        yield chunk([choice])
-    if job.include_usage:
-        yield chunk([], _usage([finals[i] for i in sorted(finals)], job.prompts))
-    yield DONE
+        if self.job.logprobs is not None and self.chat:
+            choice["logprobs"] = chat_logprobs(self.m, s, start)
+        elif self.job.logprobs is not None:
+            offset = self.text_offsets[i]
+            choice["logprobs"] = completion_logprobs(self.m, s, start, offset)
+            self.text_offsets[i] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
+        fields = _text_fields(s, self.chat, text, start)
+        choice.update({"delta": fields} if self.chat else fields)
+        self.ended[i] = s.finished
+        return self._chunk([choice])
+
+    def end(self) -> list[bytes]:
+        """After every choice has finished: the usage chunk (if asked for) and [DONE]."""
+        if not self.job.include_usage:
+            return [DONE]
+        return [self._chunk([], _usage(self.states, self.job.prompts)), DONE]

@@ -1,0 +1,136 @@
+"""Streams written from the output reader: after each step, the reader hands every streaming
+request its changed choices, and the request's events go out at once as one HTTP chunk, with no
+task woken per request per step (the per-token cost of a streamed token is then its JSON and its
+socket write). The request's own task sends the first events, then only waits for the end: the
+last chunk, or the client going away (which aborts what is unfinished)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from starlette.responses import Response
+
+from pipeserve.server.sse import DONE
+
+Send = Callable[[dict], Awaitable[None]]
+logger = logging.getLogger("pipeserve.server")
+
+
+class Events(Protocol):
+    """A streamed answer's events, built step by step (openai_api.CompletionEvents,
+    native.GenerateEvents)."""
+
+    def step(self, changed: list[int]) -> list[bytes]: ...  # may raise (a failed choice)
+
+    def end(self) -> list[bytes]: ...  # once every choice has finished
+
+
+class Pusher:
+    """Calls an ASGI `send` from synchronous code, in order, never blocking the caller. A send
+    that completes without suspending (a socket that takes the bytes: the usual case) costs one
+    call; one that must wait (the client reads slowly) finishes in a task, and later messages
+    queue behind it."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.backlog: collections.deque[dict] = collections.deque()
+        self.task: asyncio.Task | None = None
+
+    def push(self, message: dict) -> None:
+        if self.task is not None:
+            self.backlog.append(message)
+            return
+        coro = self.send(message)
+        try:
+            waiting = coro.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            return
+        except Exception:  # the connection is broken: the request's task sees it go
+            logger.exception("a streamed chunk could not be sent")
+            return
+        self.task = asyncio.ensure_future(self._finish(coro, waiting))  # type: ignore[arg-type]
+
+    async def _finish(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        """Runs the suspended send to its end (as a task would), then the queued messages."""
+        try:
+            while True:
+                if waiting is None:  # a bare yield
+                    await asyncio.sleep(0)
+                else:  # the future it waits on, taken over as a task takes it over
+                    waiting._asyncio_future_blocking = False
+                    await waiting
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    break
+            while self.backlog:
+                await self.send(self.backlog.popleft())
+        except BaseException:
+            coro.close()
+            raise
+        finally:
+            self.task = None
+
+
+def _body(events: list[bytes], more: bool) -> dict:
+    return {"type": "http.response.body", "body": b"".join(events), "more_body": more}
+
+
+class PushStream(Response):
+    """The ASGI response of a streaming request whose first events are out of `events` already;
+    `close()` ends the request's admission (aborting what is unfinished) when the stream ends."""
+
+    def __init__(
+        self,
+        run: Any,  # server.frontend.JobRun
+        events: Events,
+        first: list[bytes],
+        close: Callable[[], None],
+        as_error: Callable[[Exception], bytes],
+    ) -> None:
+        super().__init__(media_type="text/event-stream")
+        self.run, self.events, self.first, self.close = run, events, first, close
+        self.as_error = as_error
+        self.pusher: Pusher | None = None
+        self.ended = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if self.run.finished:
+                await send(_body(self.first + self.events.end(), False))
+                return
+            await send(_body(self.first, True))
+            self.pusher = Pusher(send)
+            self.run.attach(self)
+            while not self.ended:  # the last chunk went out, or the client has gone
+                if (await receive())["type"] == "http.disconnect":
+                    break
+        finally:
+            self.run.attach(None)
+            self.close()
+
+    def step(self, changed: list[int]) -> None:
+        """The reader's call after a step in which some of the job's choices changed."""
+        try:
+            events = self.events.step(changed)
+            if self.run.finished:
+                self._end(events + self.events.end())
+            elif events:
+                self.pusher.push(_body(events, True))  # type: ignore[union-attr]
+        except Exception as e:
+            self.failed(e)
+
+    def failed(self, error: Exception) -> None:
+        """The job failed (a rank died, the server stops, a choice's error): a final error event."""
+        self._end([self.as_error(error), DONE])
+
+    def _end(self, events: list[bytes]) -> None:
+        if not self.ended:
+            self.ended = True
+            self.pusher.push(_body(events, False))  # type: ignore[union-attr]
