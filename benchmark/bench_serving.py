@@ -129,10 +129,11 @@ def client_check(row: dict, doubled: dict) -> dict:
     change = doubled["output_tok_per_s"] / row["output_tok_per_s"] - 1
     return {
         "client_procs": doubled["client_procs"],
+        "errors": doubled["errors"],
         "output_tok_per_s": doubled["output_tok_per_s"],
         "change": change,
         "client_cpu_pct_max": doubled["client_cpu_pct_max"],
-        "client_not_bottleneck": abs(change) < CLIENT_CHECK_TOLERANCE,
+        "client_not_bottleneck": abs(change) < CLIENT_CHECK_TOLERANCE and not doubled["errors"],
     }
 
 
@@ -255,24 +256,30 @@ def run_target(target: Target, args: argparse.Namespace) -> list[dict]:
     opts = ClientOptions(
         target.url, args.model, args.output_len, args.ignore_eos, args.stream, args.timeout
     )
-    warm = make_prompts(8, args.input_len, seed=1)  # shares nothing with the measured prompts
-    asyncio.run(run_share(Share(warm, 8, None), opts, None))
-    runs = iter(range(2, 1 << 30))  # a shared-prefix run's prefixes are new to the cache
+    seeds = iter(range(2, 1 << 30))  # every run sends prompts of its own: none is cached
 
-    def prompts_for(c: int | None) -> list[str]:
-        seed = next(runs) if args.shared_prefix else 0
+    def prompts_for(c: int | None, seed: int) -> list[str]:
         prompts = make_prompts(args.num_prompts, args.input_len, seed, args.shared_prefix)
         if c is not None and args.per_client:  # short runs at low concurrency
             prompts = prompts[: max(1, min(len(prompts), args.per_client * c))]
         return prompts
 
+    def warm_up(c: int | None) -> None:
+        """One wave at the point's concurrency (prompts measured nowhere), so that what the
+        server compiles or allocates on first use at that batch size is not in the first run."""
+        n = min(c or 8, args.num_prompts)
+        asyncio.run(run_share(Share(make_prompts(n, args.input_len, seed=1), n, None), opts, None))
+
     rows = []
     for c, r in sweep_points(args):
         row = {"target": target.label, "concurrency": c, "request_rate": r, "stream": args.stream}
-        row.update(measure(target, prompts_for(c), (c, r), args.client_procs, opts))
+        warm_up(c)
+        row.update(measure(target, prompts_for(c, next(seeds)), (c, r), args.client_procs, opts))
         row["client_check"] = None
         if args.check_client:
-            doubled = measure(target, prompts_for(c), (c, r), 2 * args.client_procs, opts)
+            doubled = measure(
+                target, prompts_for(c, next(seeds)), (c, r), 2 * args.client_procs, opts
+            )
             row["client_check"] = client_check(row, doubled)
         print_point(row)
         rows.append(row)
