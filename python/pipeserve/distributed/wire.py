@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -70,18 +71,14 @@ class ProtocolError(RuntimeError):
     """A header that cannot be decoded or does not match what the receiver expects."""
 
 
-@dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(NamedTuple):
     device_type: str
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -104,9 +101,9 @@ def proxy_message_bytes(
     return max_tokens * hidden_size * dtype.itemsize * num_tensors
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One key of a tensor dict: a tensor's meta (and whether it is TP-split) or a plain value."""
+class HeaderEntry(NamedTuple):
+    """One key of a tensor dict: a tensor's meta (and whether it is TP-split) or a plain value.
+    (TensorMeta and HeaderEntry are named tuples: every message builds one per key on each side.)"""
 
     key: str
     meta: TensorMeta | None
