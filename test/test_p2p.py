@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -301,3 +302,14 @@ def _into(rank: int) -> bool:
 
 def test_a_receive_lands_in_the_consumers_buffer_and_a_misfit_is_an_error():
     assert run_ranks(_into) == {0: True, 1: True}
+
+
+def test_latch_wakes_its_waiter_and_stays_set() -> None:
+    from pipeserve.distributed.work import Latch
+
+    latch = Latch()
+    assert not latch.is_set() and not latch.wait(0.01) and not latch.wait(-1.0)
+    threading.Timer(0.05, latch.set).start()
+    start = time.monotonic()
+    assert latch.wait(5.0) and time.monotonic() - start < 2.0
+    assert latch.is_set() and latch.wait(0.0) and latch.wait()  # later waits return at once
