@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,9 +236,15 @@ def _unsendable(rank: int) -> bool:
             {"x": torch.ones(2), "fn": print},
             {"t": torch.ones(2, dtype=torch.complex64)},
             {3: 1},
+            # subclasses of plain types pickle as classes, which the receiver refuses
+            {"channel": Channel.PROXY},
+            {"pair": [1, collections.namedtuple("Pair", "a b")(1, 2)]},
+            {"seconds": np.float64(0.5)},
         ):
             with pytest.raises(TypeError):
                 pp.isend_tensor_dict(bad)
+        with pytest.raises(TypeError):
+            pp.send_object({"kind": Channel.TOKENS})
         assert pp.stats.total_sent() == 0  # nothing reached the wire
         pp.send_tensor_dict({"ok": torch.arange(3)})
         return True

@@ -60,7 +60,10 @@ SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     )
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SUPPORTED_DTYPES.items()}
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
+# exact types: a subclass (an IntEnum, a namedtuple, numpy's float64) pickles as a class reference,
+# which the receiver's unpickler refuses
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SEQUENCES = frozenset({list, tuple})
 DEVICE_TYPES = ("cpu", "cuda")
 MAX_DIMS = 16
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 30  # tensor bytes a header may declare, unless configured
@@ -114,9 +117,9 @@ class HeaderEntry(NamedTuple):
 
 def check_plain(key: str, value: Any) -> None:
     """Raises TypeError unless `value` can ride in the header."""
-    if isinstance(value, _PLAIN_SCALARS):
+    if type(value) in _PLAIN_SCALARS:
         return
-    if isinstance(value, (list, tuple)):
+    if type(value) in _SEQUENCES:
         for item in value:
             check_plain(key, item)
         return
@@ -128,14 +131,14 @@ def check_plain(key: str, value: Any) -> None:
 
 def check_object(value: Any, where: str = "object") -> None:
     """Raises TypeError unless `value` is built of plain values and dicts (what `loads_plain` reads)."""
-    if isinstance(value, dict):
+    if type(value) is dict:
         for k, v in value.items():
             check_object(k, f"{where} key")
             check_object(v, f"{where}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
+    elif type(value) in _SEQUENCES:
         for i, item in enumerate(value):
             check_object(item, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN_SCALARS):
+    elif type(value) not in _PLAIN_SCALARS:
         raise TypeError(
             f"{where} has type {type(value).__name__}: objects on the wire are built of str, int, "
             "float, bool, None, lists, tuples and dicts"
