@@ -15,8 +15,11 @@ GroupCoordinator, sent by its `send_tensor_dict(async_send=True)`, and are recei
   sglang        as shipped: `recv_tensor_dict` (header, then each tensor waited in turn), then compute
   sglang+patch  by pipeserve's patch: `irecv_tensor_dict` posted, compute, then wait
 with the compute calibrated to each row's own receive time; sync is SGLang as shipped in both rows.
+`--sglang-wire` needs no SGLang (a device host has none): pipeserve's writer of SGLang's wire sends
+(byte-identical to SGLang's, test/test_sglang_interop.py) and the receive that the patch installs
+receives; with no shipped receive to compare, its sync is that receive, waited, then the compute.
 
-    python benchmark/p2p_overlap.py [--quick] [--sglang] [--json PATH]
+    python benchmark/p2p_overlap.py [--quick] [--sglang | --sglang-wire] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -167,6 +171,20 @@ def _sglang_group():
     )
 
 
+class SGLangWire:
+    """What `_measure_sglang` uses of an SGLang GroupCoordinator, on SGLang's wire without SGLang."""
+
+    def __init__(self, pp) -> None:
+        self.pp, self.rank_in_group = pp, pp.rank_in_group
+
+    def send_tensor_dict(self, payload: dict, async_send: bool = True) -> list:
+        works = self.pp.isend_tensor_dict(payload, channel=Channel.SGLANG)
+        return [SimpleNamespace(work=w) for w in works]  # SGLang's P2PWork: `.work.wait()`
+
+    def irecv_tensor_dict(self) -> tuple:
+        return self.pp.irecv_tensor_dict(channel=Channel.SGLANG)
+
+
 def _measure_sglang(
     mode: str, sgl, world, payload: dict, compute: Compute, iters: int, warmup: int
 ) -> float:
@@ -186,6 +204,11 @@ def _measure_sglang(
             sgl.recv_tensor_dict()
             if mode == "shipped":
                 compute.run()
+        elif mode == "serial":  # the patched receive, waited, then the compute
+            _, handles, post = sgl.irecv_tensor_dict()
+            _wait_all(handles)
+            post()
+            compute.run()
         else:
             _, handles, post = sgl.irecv_tensor_dict()
             if mode == "patched":
@@ -197,14 +220,20 @@ def _measure_sglang(
     return statistics.median(times) if times else 0.0
 
 
+SGLANG_STACKS = (("sglang", "shipped"), ("sglang+patch", "patched"))
+
+
 def _sglang_rows(sgl, world, payload: dict, compute: Compute, args, label: tuple) -> list[dict]:
     rows = []
-    for stack, mode in (("sglang", "shipped"), ("sglang+patch", "patched")):
+    wire = isinstance(sgl, SGLangWire)
+    stacks = (("sglang-wire+patch", "patched"),) if wire else SGLANG_STACKS
+    baseline = "serial" if wire else "shipped"
+    for stack, mode in stacks:
         run = lambda m: _measure_sglang(m, sgl, world, payload, compute, args.iters, args.warmup)  # noqa: E731
         comm = world.broadcast_object(run(f"{mode}_comm"), src=1)
         compute.calibrate(comm * args.compute_ratio)
-        ms = {m: run(m) for m in ("compute", "shipped", mode)}
-        res = {"comm": comm, "compute": ms["compute"], "sync": ms["shipped"], "async": ms[mode]}
+        ms = {m: run(m) for m in ("compute", baseline, mode)}
+        res = {"comm": comm, "compute": ms["compute"], "sync": ms[baseline], "async": ms[mode]}
         if sgl.rank_in_group == 1:
             rows.append({"stack": stack, **_row(*label, res, args.compute_ratio)})
     return rows
@@ -264,7 +293,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     device = pp.device
     compute = Compute(device, sleep=args.compute == "sleep")
     rows, overhead_rows, sglang_rows = [], [], []
-    sgl = _sglang_group() if args.sglang else None
+    sgl = SGLangWire(pp) if args.sglang_wire else _sglang_group() if args.sglang else None
     sizes = [] if args.overhead_only else QUICK_SIZES if args.quick else FULL_SIZES
     for dtype_name, dtype in DTYPES.items():
         for tokens, hidden in sizes:
@@ -333,7 +362,10 @@ def _print_row(r: dict) -> None:
 
 
 def _print_sglang(rows: list[dict]) -> None:
-    print("\nSGLang's GroupCoordinator (sync = SGLang as shipped: recv, then compute)")
+    print(
+        "\nSGLang's wire (sync = SGLang as shipped: recv, then compute; for sglang-wire+patch, "
+        "the patched receive, then compute)"
+    )
     print(f"{'stack':>12} {HEADER}")
     for r in rows:
         print(f"{r['stack']:>12}", end=" ")
@@ -365,6 +397,11 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even when GPUs are present")
     parser.add_argument(
         "--sglang", action="store_true", help="also SGLang as shipped and patched (CPU; see above)"
+    )
+    parser.add_argument(
+        "--sglang-wire",
+        action="store_true",
+        help="SGLang's wire and the patched receive, without SGLang installed (see above)",
     )
     args = parser.parse_args()
     out_path = args.json or os.path.join(

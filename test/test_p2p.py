@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,9 +236,15 @@ def _unsendable(rank: int) -> bool:
             {"x": torch.ones(2), "fn": print},
             {"t": torch.ones(2, dtype=torch.complex64)},
             {3: 1},
+            # subclasses of plain types pickle as classes, which the receiver refuses
+            {"channel": Channel.PROXY},
+            {"pair": [1, collections.namedtuple("Pair", "a b")(1, 2)]},
+            {"seconds": np.float64(0.5)},
         ):
             with pytest.raises(TypeError):
                 pp.isend_tensor_dict(bad)
+        with pytest.raises(TypeError):
+            pp.send_object({"kind": Channel.TOKENS})
         assert pp.stats.total_sent() == 0  # nothing reached the wire
         pp.send_tensor_dict({"ok": torch.arange(3)})
         return True
@@ -301,3 +310,14 @@ def _into(rank: int) -> bool:
 
 def test_a_receive_lands_in_the_consumers_buffer_and_a_misfit_is_an_error():
     assert run_ranks(_into) == {0: True, 1: True}
+
+
+def test_latch_wakes_its_waiter_and_stays_set() -> None:
+    from pipeserve.distributed.work import Latch
+
+    latch = Latch()
+    assert not latch.is_set() and not latch.wait(0.01) and not latch.wait(-1.0)
+    threading.Timer(0.05, latch.set).start()
+    start = time.monotonic()
+    assert latch.wait(5.0) and time.monotonic() - start < 2.0
+    assert latch.is_set() and latch.wait(0.0) and latch.wait()  # later waits return at once

@@ -87,10 +87,12 @@ def _missing_inline(rank: int) -> list[str]:
     if rank == 0:
         inject(pp, Channel.PROXY, header(tensor_row()))  # lists 16 inline bytes, carries none
         inject(pp, Channel.TOKENS, header(tensor_row(shape=(2,))), [torch.ones(4)])
+        inject(pp, Channel.REQUESTS, header(tensor_row(shape=(0,))))  # inline, yet of no bytes
         return []
     return [
         expect_error(recv(pp), "inline bytes"),
         expect_error(recv(pp, Channel.TOKENS), "inline bytes"),
+        expect_error(recv(pp, Channel.REQUESTS), "no bytes"),
     ]
 
 

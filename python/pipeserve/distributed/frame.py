@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ _TRAILER = struct.Struct("<I4s")
 _MAGIC = b"PSH3"
 _END = b"PSHE"
 _ALIGN = 8
+_KINDS = {int(kind): kind for kind in MessageKind}
 PREFIX_BYTES = _PREFIX.size
 TRAILER_BYTES = _TRAILER.size
 
@@ -58,8 +59,7 @@ def inline_fits(header_len: int, inline_len: int) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     channel: int
     kind: MessageKind
     seq: int
@@ -98,13 +98,13 @@ def pack_frame(
     if size > FRAME_BYTES or (inline and tail):
         raise ProtocolError(f"{inline_len} inline bytes do not fit a frame with this header")
     frame = torch.empty(size, dtype=torch.uint8)
-    raw = frame.numpy()
+    raw = memoryview(frame.numpy())
     fields = (int(channel), int(kind), seq, sender, len(header), inline_len, size, _crc(tail))
     _PREFIX.pack_into(raw, 0, _MAGIC, *fields)
-    raw[PREFIX_BYTES:end] = np.frombuffer(head, dtype=np.uint8)
+    raw[PREFIX_BYTES:end] = head
     offset = align(end)
     for t, n in zip(inline, sizes, strict=True):
-        raw[offset : offset + n] = t.reshape(-1).view(torch.uint8).numpy()
+        raw[offset : offset + n] = t.view(torch.uint8).numpy()  # `t` is flat
         offset += align(n)
     _TRAILER.pack_into(raw, offset, zlib.crc32(raw[:end]), _END)
     return frame, (torch.frombuffer(bytearray(tail), dtype=torch.uint8) if tail else None)
@@ -134,12 +134,10 @@ def unpack_frame(frame: torch.Tensor) -> Frame:
     crc, end_magic = _TRAILER.unpack_from(raw, size - TRAILER_BYTES)
     if end_magic != _END or crc != zlib.crc32(raw[:end]):
         raise ProtocolError(f"frame of {size} bytes is cut short or corrupt (trailer check failed)")
-    try:
-        kind = MessageKind(kind)
-    except ValueError:
-        raise ProtocolError(f"unknown message kind {kind}") from None
+    if kind not in _KINDS:
+        raise ProtocolError(f"unknown message kind {kind}")
     head = raw[PREFIX_BYTES:end].tobytes()
-    return Frame(channel, kind, seq, sender, header_len, inline_len, tail_crc, head)
+    return Frame(channel, _KINDS[kind], seq, sender, header_len, inline_len, tail_crc, head)
 
 
 def check_tail(frame: Frame, tail: bytes) -> None:
@@ -147,6 +145,7 @@ def check_tail(frame: Frame, tail: bytes) -> None:
         raise ProtocolError(f"header tail of {len(tail)} bytes is cut short or corrupt")
 
 
-def inline_view(frame: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor viewing `nbytes` of the frame at an aligned `offset` (no copy)."""
-    return frame[offset : offset + nbytes].view(dtype)
+def inline_view(raw: np.ndarray, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor viewing `nbytes` (> 0) of the frame's array `raw` at an aligned `offset`
+    (no copy; it keeps the frame alive)."""
+    return torch.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)

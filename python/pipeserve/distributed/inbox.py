@@ -27,7 +27,7 @@ import torch
 from pipeserve.distributed.frame import FRAME_BYTES
 from pipeserve.distributed.receive import decode_message, plan_receive, read_header
 from pipeserve.distributed.wire import Channel, MessageKind
-from pipeserve.distributed.work import P2PError, P2PTimeoutError, P2PWork
+from pipeserve.distributed.work import Latch, P2PError, P2PTimeoutError, P2PWork
 
 if TYPE_CHECKING:
     from pipeserve.distributed.coordinator import GroupCoordinator
@@ -49,7 +49,7 @@ class Incoming:
         self.frame_work = frame_work
         self.committed = False  # the thread has read the arguments below; they are fixed now
         self.set_arguments(gather_group, gather_keys, into, expected)
-        self.done = threading.Event()  # set once header and CPU tensors are in (or on error)
+        self.done = Latch()  # set once header and CPU tensors are in (or on error)
         self.error: BaseException | None = None
         self.kind: MessageKind | None = None
         self.tensor_dict: dict[str, Any] = {}

@@ -89,23 +89,24 @@ def plan_receive(
     to post, as (what, buffer, on CPU) in wire order. Checks that both sides agree on every split
     and that the inline entries fill exactly the frame's inline bytes."""
     group = incoming.gather_group
-    splits = _check_entries(coord, src, channel, entries, incoming, frame)
-    offset = frame.inline_offset
+    checked = _check_entries(coord, src, channel, entries, incoming, frame)
+    raw = frame_buf.numpy() if frame.inline_len else None
+    offset, inline_bytes = frame.inline_offset, 0
     targets = []
-    for e, split in zip(entries, splits, strict=True):
-        if e.meta is None:
+    for e, (split, nbytes) in zip(entries, checked, strict=True):
+        meta = e.meta
+        if meta is None:
             incoming.tensor_dict[e.key] = e.value
             continue
         view = None
         if e.inline:  # the bytes (this rank's row when split) sit in the frame
-            nbytes = _wire_bytes(e, split, group)
-            view = inline_view(frame_buf, offset, nbytes, e.meta.dtype)
+            view = inline_view(raw, offset, nbytes, meta.dtype)
             offset += align(nbytes)
-            coord.count_received(src, channel, nbytes)
+            inline_bytes += nbytes
             if not split:  # used in place: nothing to allocate or copy
-                incoming.tensor_dict[e.key] = view.view(e.meta.shape)
+                incoming.tensor_dict[e.key] = view.view(meta.shape)
                 continue
-        on_cpu = e.meta.device_type == "cpu"
+        on_cpu = meta.device_type == "cpu"
         full = receive_buffer(incoming.into.get(e.key), e, "cpu" if on_cpu else coord.device)
         target = full.view(-1)
         if split:
@@ -113,9 +114,11 @@ def plan_receive(
             incoming.gathers.append(full)
         if view is not None:
             target.copy_(view)
-        elif e.meta.numel:
+        elif meta.numel:
             targets.append((f"tensor {e.key!r}", target, on_cpu))
         incoming.tensor_dict[e.key] = full
+    if inline_bytes:
+        coord.count_received(src, channel, inline_bytes)
     return targets
 
 
@@ -126,12 +129,13 @@ def _check_entries(
     entries: list[HeaderEntry],
     incoming: Incoming,
     frame: Frame,
-) -> list[bool]:
-    """Each entry's split, checked against the sender's; the inline entries must add up to exactly
-    the inline bytes the frame carries."""
+) -> list[tuple[bool, int]]:
+    """Each entry's split, checked against the sender's, and its bytes in the frame (0 when not
+    inline); the inline entries must add up to exactly the inline bytes the frame carries."""
     group, keys = incoming.gather_group, incoming.gather_keys
-    splits, inline_bytes = [], 0
+    checked, inline_bytes = [], 0
     for e in entries:
+        nbytes = 0
         split = e.meta is not None and coord.should_split(e.key, e.meta.numel, group, keys)
         if e.meta is not None and split != e.split:
             raise P2PError(
@@ -140,12 +144,15 @@ def _check_entries(
                 "differ)"
             )
         if e.inline:
-            inline_bytes += align(_wire_bytes(e, split, group))
-        splits.append(split)
+            nbytes = _wire_bytes(e, split, group)
+            if not nbytes:
+                raise malformed(coord.ranks[src], channel, f"inline tensor {e.key!r} has no bytes")
+            inline_bytes += align(nbytes)
+        checked.append((split, nbytes))
     if inline_bytes != frame.inline_len:
         what = f"header lists {inline_bytes} inline bytes, frame has {frame.inline_len}"
         raise malformed(coord.ranks[src], channel, what)
-    return splits
+    return checked
 
 
 def _wire_bytes(e: HeaderEntry, split: bool, group: GroupCoordinator | None) -> int:

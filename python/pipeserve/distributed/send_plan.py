@@ -13,7 +13,6 @@ from pipeserve.distributed.frame import FRAME_BYTES, align, inline_fits
 from pipeserve.distributed.wire import (
     HeaderEntry,
     Limits,
-    TensorMeta,
     check_plain,
     encode_entries,
     tensor_meta,
@@ -42,39 +41,6 @@ def should_split(
     return (keys or {}).get(key, True)
 
 
-_Row = tuple[str, Any, TensorMeta | None, bool, torch.Tensor | None]
-
-
-def _rows(
-    tensor_dict: dict[str, Any], group: GroupCoordinator | None, keys: dict[str, bool] | None
-) -> list[_Row]:
-    """(key, plain value, meta, split, flat tensor on the wire) per key; raises TypeError first."""
-    rows: list[_Row] = []
-    for key, value in tensor_dict.items():
-        if not isinstance(key, str):
-            raise TypeError(f"tensor dict keys must be str, got {type(key).__name__}")
-        if not isinstance(value, torch.Tensor):
-            check_plain(key, value)
-            rows.append((key, value, None, False, None))
-            continue
-        meta = tensor_meta(key, value)
-        split = should_split(key, meta.numel, group, keys)
-        flat = value.contiguous().view(-1) if meta.numel else None
-        if split:
-            flat = flat.view(group.world_size, -1)[group.rank_in_group]
-        rows.append((key, None, meta, split, flat))
-    return rows
-
-
-def _check_size(rows: list[_Row], limits: Limits) -> None:
-    total = sum(meta.nbytes for _, _, meta, _, _ in rows if meta is not None)
-    if total > limits.max_message_bytes:
-        raise ValueError(
-            f"tensor dict of {total} bytes is over the receivers' limit of "
-            f"{limits.max_message_bytes} (max_message_bytes)"
-        )
-
-
 def plan_send(
     tensor_dict: dict[str, Any],
     group: GroupCoordinator | None,
@@ -82,21 +48,39 @@ def plan_send(
     limits: Limits,
     inline: bool = True,
 ) -> SendPlan:
-    """Validates the dict and decides, per tensor, TP split and inline. The frame never exceeds
-    FRAME_BYTES: when header and inline tensors would not fit together, every tensor goes out of line."""
-    rows = _rows(tensor_dict, group, keys)
-    _check_size(rows, limits)
+    """Validates the dict (TypeError for a key or value that cannot travel, ValueError over the
+    limits) and decides, per tensor, TP split and inline. The frame never exceeds FRAME_BYTES: when
+    header and inline tensors would not fit together, every tensor goes out of line."""
     plan = SendPlan([], [], [])
     budget = INLINE_BUDGET if inline else 0
-    for key, value, meta, split, flat in rows:
-        nbytes = 0 if flat is None else flat.numel() * flat.element_size()
+    total = 0
+    for key, value in tensor_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"tensor dict keys must be str, got {type(key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            check_plain(key, value)
+            plan.entries.append(HeaderEntry(key, None, value=value))
+            continue
+        meta = tensor_meta(key, value)
+        nbytes = meta.nbytes  # on the wire: this rank's row when split
+        total += nbytes
+        split = should_split(key, meta.numel, group, keys)
+        flat = value.contiguous().view(-1) if nbytes else None
+        if split:
+            flat = flat.view(group.world_size, -1)[group.rank_in_group]
+            nbytes //= group.world_size
         as_inline = flat is not None and not flat.is_cuda and align(nbytes) <= budget
         if as_inline:
             budget -= align(nbytes)
             plan.inline.append(flat)
         elif flat is not None:
             plan.out_of_line.append((key, flat))
-        plan.entries.append(HeaderEntry(key, meta, split=split, inline=as_inline, value=value))
+        plan.entries.append(HeaderEntry(key, meta, split, as_inline))
+    if total > limits.max_message_bytes:
+        raise ValueError(
+            f"tensor dict of {total} bytes is over the receivers' limit of "
+            f"{limits.max_message_bytes} (max_message_bytes)"
+        )
     plan.header = encode_entries(plan.entries)
     if plan.inline and not inline_fits(len(plan.header), INLINE_BUDGET - budget):
         return plan_send(tensor_dict, group, keys, limits, inline=False)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,7 +60,10 @@ SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     )
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SUPPORTED_DTYPES.items()}
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
+# exact types: a subclass (an IntEnum, a namedtuple, numpy's float64) pickles as a class reference,
+# which the receiver's unpickler refuses
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SEQUENCES = frozenset({list, tuple})
 DEVICE_TYPES = ("cpu", "cuda")
 MAX_DIMS = 16
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 30  # tensor bytes a header may declare, unless configured
@@ -70,18 +74,14 @@ class ProtocolError(RuntimeError):
     """A header that cannot be decoded or does not match what the receiver expects."""
 
 
-@dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(NamedTuple):
     device_type: str
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -104,9 +104,9 @@ def proxy_message_bytes(
     return max_tokens * hidden_size * dtype.itemsize * num_tensors
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One key of a tensor dict: a tensor's meta (and whether it is TP-split) or a plain value."""
+class HeaderEntry(NamedTuple):
+    """One key of a tensor dict: a tensor's meta (and whether it is TP-split) or a plain value.
+    (TensorMeta and HeaderEntry are named tuples: every message builds one per key on each side.)"""
 
     key: str
     meta: TensorMeta | None
@@ -117,9 +117,9 @@ class HeaderEntry:
 
 def check_plain(key: str, value: Any) -> None:
     """Raises TypeError unless `value` can ride in the header."""
-    if isinstance(value, _PLAIN_SCALARS):
+    if type(value) in _PLAIN_SCALARS:
         return
-    if isinstance(value, (list, tuple)):
+    if type(value) in _SEQUENCES:
         for item in value:
             check_plain(key, item)
         return
@@ -131,14 +131,14 @@ def check_plain(key: str, value: Any) -> None:
 
 def check_object(value: Any, where: str = "object") -> None:
     """Raises TypeError unless `value` is built of plain values and dicts (what `loads_plain` reads)."""
-    if isinstance(value, dict):
+    if type(value) is dict:
         for k, v in value.items():
             check_object(k, f"{where} key")
             check_object(v, f"{where}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
+    elif type(value) in _SEQUENCES:
         for i, item in enumerate(value):
             check_object(item, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN_SCALARS):
+    elif type(value) not in _PLAIN_SCALARS:
         raise TypeError(
             f"{where} has type {type(value).__name__}: objects on the wire are built of str, int, "
             "float, bool, None, lists, tuples and dicts"

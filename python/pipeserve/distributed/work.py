@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,9 +19,8 @@ class P2PTimeoutError(P2PError, TimeoutError):
     """A bounded wait ran out."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """What a handle moves and with whom, for error messages."""
+class Endpoint(NamedTuple):
+    """What a handle moves and with whom, for error messages (a tuple: one is built per post)."""
 
     peer: int  # global rank of the other side
     channel: Channel
@@ -56,7 +55,7 @@ class P2PWork:
         self._buffer: torch.Tensor | None = buffer
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self.nbytes = buffer.numel() * buffer.element_size()
+        self.nbytes = buffer.nbytes
         self._done = False
 
     @property
@@ -71,7 +70,7 @@ class P2PWork:
             return
         timeout_s = self.timeout_s if timeout is None else timeout
         try:
-            if self._buffer is not None and self._buffer.device.type != "cpu":
+            if self._buffer is not None and not self._buffer.is_cpu:
                 # NOTE: a device work's wait() orders the current stream after the transfer and does
                 # not block the host; the NCCL watchdog (process-group timeout) bounds it.
                 self._work.wait()
@@ -83,3 +82,35 @@ class P2PWork:
             raise_p2p_error(self.endpoint, timeout_s, e)
         self._done = True
         self._buffer = None
+
+
+class Latch:
+    """A flag that is set once and waited on, like `threading.Event` but one lock instead of a
+    condition: cheaper to make and to wake from, and a message makes one.
+
+    NOTE: `set` is called once per latch (a second call raises RuntimeError, releasing an unlocked
+    lock); whoever finishes a claimed message sets its latch, and only one party finishes it.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held until set
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set; False if `timeout` seconds pass first (None waits without bound)."""
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            self._lock.release()  # let later waits through
+            return True
+        return self._set
