@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from p2p_overlap import layer_one_way_ms
 from pipeserve.distributed import GroupCoordinator
 from pipeserve.utils import free_port
 
@@ -51,21 +52,6 @@ def load_base(base: str, into: str) -> type:
         (dst / path.name).write_text(text)
     sys.path.insert(0, into)
     return importlib.import_module(f"{BASE_PACKAGE}.distributed.coordinator").GroupCoordinator
-
-
-def one_way_ms(coord, barrier, payload: dict, me: int) -> float:
-    """One ping-pong round through a build's layer, the receive claimed before the round."""
-    _, handles, post = coord.irecv_tensor_dict(src=1 - me)
-    barrier()
-    start = time.perf_counter()
-    if me == 1:
-        _wait(handles)
-        post()
-    coord.send_tensor_dict(payload, dst=1 - me)
-    if me == 0:
-        _wait(handles)
-        post()
-    return (time.perf_counter() - start) * 1e3 / 2
 
 
 def raw_one_way_ms(group, barrier, payload: dict, me: int) -> float:
@@ -110,7 +96,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
         for b in range(args.blocks + 1):  # block 0 warms up
             for name in ("base", "this") if b % 2 == 0 else ("this", "base"):
                 block = [
-                    one_way_ms(coords[name], barrier, payload, rank) for _ in range(args.block)
+                    layer_one_way_ms(coords[name], barrier, payload, rank)
+                    for _ in range(args.block)
                 ]
                 times[name] += block if b else []
             raw = [

@@ -239,6 +239,22 @@ def _sglang_rows(sgl, world, payload: dict, compute: Compute, args, label: tuple
     return rows
 
 
+def layer_one_way_ms(coord, barrier, payload: dict, me: int) -> float:
+    """One ping-pong round through the layer (send_tensor_dict, a posted irecv_tensor_dict),
+    each side's receive claimed before the round starts: one-way milliseconds."""
+    _, handles, post = coord.irecv_tensor_dict(src=1 - me)
+    barrier()
+    start = time.perf_counter()
+    if me == 1:
+        _wait_all(handles)
+        post()
+    coord.send_tensor_dict(payload, dst=1 - me)
+    if me == 0:
+        _wait_all(handles)
+        post()
+    return (time.perf_counter() - start) * 1e3 / 2
+
+
 def _overhead(pp, world, payload: dict, iters: int) -> tuple[float, float]:
     """Ping-pong of the same two tensors, each side's receive posted before the round starts:
     (raw, layer) median one-way milliseconds."""
@@ -256,19 +272,10 @@ def _overhead(pp, world, payload: dict, iters: int) -> tuple[float, float]:
         if me == 0:
             _wait_all(recvs)
         raw_ms = (time.perf_counter() - start) * 1e3 / 2
-        _, handles, post = pp.irecv_tensor_dict(src=1 - me)
-        world.barrier()
-        start = time.perf_counter()
-        if me == 1:
-            _wait_all(handles)
-            post()
-        pp.send_tensor_dict(payload, dst=1 - me)
-        if me == 0:
-            _wait_all(handles)
-            post()
+        layer_ms = layer_one_way_ms(pp, world.barrier, payload, me)
         if i >= 5:
             raw.append(raw_ms)
-            layer.append((time.perf_counter() - start) * 1e3 / 2)
+            layer.append(layer_ms)
     return statistics.median(raw), statistics.median(layer)
 
 
