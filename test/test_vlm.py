@@ -179,3 +179,30 @@ def test_preempted_image_requests_are_encoded_again_and_lose_nothing(family, cac
         assert run(engine, items) == want
         assert engine.stats["num_preemptions"] > 0
         assert engine.stats["free_slots"] == engine.stats["num_slots"]
+
+
+def test_deterministic_image_requests_are_the_same_alone_and_batched(family):
+    """--deterministic, bf16: a request's tokens and logprobs do not depend on which other image
+    and text requests share its steps (their images encoded in the same step, their rows in the
+    same projections)."""
+    path, items, _ = family
+    params = {"temperature": 0, "max_new_tokens": NEW, "ignore_eos": True}
+
+    def outcomes(engine: Engine, batch) -> list[tuple[list[int], list[float]]]:
+        states = [engine.submit(ids, params, True, images=images) for ids, images in batch]
+        engine.wait(states)
+        return [(s.output_ids, s.logprobs) for s in states]
+
+    with Engine(
+        model_path=path,
+        device="cpu",
+        dtype="bfloat16",
+        deterministic=True,
+        disable_radix_cache=True,
+        skip_tokenizer_init=True,
+        cpu_threads=1,
+    ) as engine:
+        alone = [outcomes(engine, [item])[0] for item in items]
+        together = outcomes(engine, items)
+        reversed_ = outcomes(engine, items[::-1])[::-1]
+    assert together == alone and reversed_ == alone

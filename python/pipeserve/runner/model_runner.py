@@ -71,7 +71,9 @@ class ModelRunner:
         )
         # stage 0 of a vision-language model: the images encoded and not yet consumed
         self.visual_store = (
-            VisualStore(self.model, device) if self.model.visual is not None else None
+            VisualStore(self.model, device, cfg.deterministic)
+            if self.model.visual is not None
+            else None
         )
         self.backend_name = resolve_backend_name(
             cfg.attention_backend, device.type, cfg.deterministic

@@ -15,8 +15,15 @@ _COL = {name: i for i, name in enumerate(IMAGE_COLUMNS)}
 class VisualStore:
     """(request pool row, image) -> its embeddings (T, H) and DeepStack features (k, T, H)."""
 
-    def __init__(self, model: DecoderForCausalLM, device: torch.device) -> None:
+    def __init__(
+        self, model: DecoderForCausalLM, device: torch.device, one_by_one: bool = False
+    ) -> None:
         self.model, self.device = model, device
+        # deterministic mode: each image through the tower alone, so that its embeddings do not
+        # depend on which images share its step (the tower's projections take every patch as a
+        # row: on CUDA the matmul's kernel follows their count; on CPU, MKL's row blocks of 4
+        # divide every image's patches, whose grid sides are multiples of the merge size)
+        self.one_by_one = one_by_one
         self.encoded: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def forget_rows(self, rows: np.ndarray) -> None:
@@ -26,24 +33,30 @@ class VisualStore:
             self.encoded = {k: v for k, v in self.encoded.items() if k[0] not in gone}
 
     def encode(self, desc: BatchDescriptor) -> None:
-        """The step's images, as one batch through the vision tower."""
+        """The step's images, as one batch through the vision tower (one by one if asked)."""
         images = desc.image_parts()
         if not len(images):
             return
         grids = [tuple(int(x) for x in g) for g in images[:, [_COL["t"], _COL["h"], _COL["w"]]]]
+        keys = [tuple(k) for k in images[:, [_COL["req_pool_idx"], _COL["image"]]].tolist()]
         tower = self.model.visual
         patches = torch.from_numpy(desc.pixels).view(-1, tower.patch_dim).to(self.device)
+        if not self.one_by_one:
+            self._encode(patches, grids, keys)
+            return
+        for part, grid, key in zip(
+            patches.split([t * h * w for t, h, w in grids]), grids, keys, strict=True
+        ):
+            self._encode(part, [grid], [key])
+
+    def _encode(self, patches: torch.Tensor, grids: list[tuple], keys: list[tuple]) -> None:
+        tower = self.model.visual
         embeds, deepstack = tower(patches, grids)
         sizes = [t * h * w // tower.merge**2 for t, h, w in grids]
         per_image = embeds.split(sizes)
         stacked = torch.stack(deepstack).split(sizes, dim=1) if deepstack else [None] * len(sizes)
-        for (row, k), e, d in zip(
-            images[:, [_COL["req_pool_idx"], _COL["image"]]].tolist(),
-            per_image,
-            stacked,
-            strict=True,
-        ):
-            self.encoded[(row, k)] = (e, d)
+        for key, e, d in zip(keys, per_image, stacked, strict=True):
+            self.encoded[key] = (e, d)
 
     def rows_of(self, desc: BatchDescriptor) -> VisualRows | None:
         """The step's image tokens with their embeddings (and DeepStack features); an image whose
