@@ -21,8 +21,7 @@ from pipeserve.server.jobs import submitted
 from pipeserve.server.metrics import CONTENT_TYPE
 from pipeserve.server.openai_api import ModelInfo
 from pipeserve.server.protocol import ApiError, parse_json
-from pipeserve.server.push import PushStream
-from pipeserve.server.sse import sse_event
+from pipeserve.server.push import PushStream, sse_event
 
 logger = logging.getLogger("pipeserve.server")
 

@@ -17,7 +17,7 @@ from pipeserve.server.protocol import (
     priority,
     token_lists,
 )
-from pipeserve.server.sse import DONE, sse_event
+from pipeserve.server.push import DONE, sse_event
 
 
 def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:

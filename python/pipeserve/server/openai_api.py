@@ -31,7 +31,7 @@ from pipeserve.server.protocol import (
     stream_flags,
     token_lists,
 )
-from pipeserve.server.sse import DONE, sse_event
+from pipeserve.server.push import DONE, sse_event
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Streams written from the output reader: after each step, the reader hands every streaming
+"""Server-sent events, and streams written from the output reader. An event is one JSON object
+encoded by msgspec (a streamed token costs one). After each step, the reader hands every streaming
 request its changed choices, and the request's events go out at once as one HTTP chunk, with no
 task woken per request per step (the per-token cost of a streamed token is then its JSON and its
 socket write). The request's own task sends the first events, then only waits for the end: the
@@ -12,12 +13,18 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+import msgspec
 from starlette.responses import Response
-
-from pipeserve.server.sse import DONE
 
 Send = Callable[[dict], Awaitable[None]]
 logger = logging.getLogger("pipeserve.server")
+
+_json = msgspec.json.Encoder()
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(body: Any) -> bytes:
+    return b"data: " + _json.encode(body) + b"\n\n"
 
 
 class Events(Protocol):
