@@ -68,5 +68,6 @@ def test_bench_serving_counts_usage_tokens_and_server_cpu(tmp_path, stream):
     assert row["frontend_cpu_us_per_token"] > 0
     assert isinstance(row["client_check"]["client_not_bottleneck"], bool)
     assert row["client_check"]["client_procs"] == 4
+    assert row["client_check"]["repeat_output_tok_per_s"] > 0  # N, 2N, then N again
     if stream == "--stream":
         assert row["ttft_ms_p50"] > 0 and row["tpot_ms_p50"] > 0
