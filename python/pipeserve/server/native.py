@@ -17,7 +17,7 @@ from pipeserve.server.protocol import (
     priority,
     token_lists,
 )
-from pipeserve.server.push import DONE, sse_event
+from pipeserve.server.push import DONE, Throttle, sse_event
 
 
 def parse_generate(body: dict, m: ModelInfo) -> tuple[Job, bool]:
@@ -75,20 +75,14 @@ class GenerateEvents:
 
     def __init__(self, job: Job, m: ModelInfo, states: list[RequestState], interval: int) -> None:
         check_text_free(job, m)
-        self.states, self.interval = states, interval
-        self.sent = [0] * job.num_requests  # per choice: tokens when its last event went out
-        self.ended = [False] * job.num_requests
+        self.states, self.throttle = states, Throttle(job.num_requests, interval)
 
     def step(self, changed: list[int]) -> list[bytes]:
         out = []
         for i in changed:
             s = checked(self.states[i])
-            if self.ended[i]:
-                continue  # changed again after it finished: its last event is out
-            if not s.finished and len(s.output_ids) - self.sent[i] < self.interval:
-                continue  # --stream-interval: fewer, larger events
-            self.ended[i], self.sent[i] = s.finished, len(s.output_ids)
-            out.append(sse_event({**format_result(s), "index": i}))
+            if self.throttle.take(i, s) is not None:
+                out.append(sse_event({**format_result(s), "index": i}))
         return out
 
     def end(self) -> list[bytes]:

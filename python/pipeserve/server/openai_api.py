@@ -31,7 +31,7 @@ from pipeserve.server.protocol import (
     stream_flags,
     token_lists,
 )
-from pipeserve.server.push import DONE, sse_event
+from pipeserve.server.push import DONE, Throttle, sse_event
 
 
 @dataclass(frozen=True)
@@ -300,13 +300,12 @@ class CompletionEvents:
         self, job: Job, m: ModelInfo, chat: bool, states: list[RequestState], interval: int
     ) -> None:
         check_text_free(job, m)
-        self.job, self.m, self.chat, self.states, self.interval = job, m, chat, states, interval
+        self.job, self.m, self.chat, self.states = job, m, chat, states
+        self.throttle = Throttle(job.num_requests, interval)
         self.id, self.created = _id(chat), int(time.time())
         self.kind = "chat.completion.chunk" if chat else "text_completion"
         self.cursors = [0] * job.num_requests  # per choice: TextStream pieces sent
-        self.seen = [0] * job.num_requests  # per choice: tokens sent
         self.text_offsets = [0] * job.num_requests  # where its next logprob text starts
-        self.ended = [False] * job.num_requests
         self.roles_sent = not chat
 
     def _chunk(self, choices_: list[dict], usage: dict | None = None) -> bytes:
@@ -334,18 +333,16 @@ class CompletionEvents:
             self.roles_sent = True
         for i in changed:
             s = _checked(self.states[i])
-            if self.ended[i]:
-                continue  # changed again after it finished: everything has been sent
-            if not s.finished and len(s.output_ids) - self.seen[i] < self.interval:
-                continue  # --stream-interval: fewer, larger chunks
-            out.append(self._choice(i, s))
+            start = self.throttle.take(i, s)
+            if start is not None:
+                out.append(self._choice(i, s, start))
         return out
 
-    def _choice(self, i: int, s: RequestState) -> bytes:
+    def _choice(self, i: int, s: RequestState, start: int) -> bytes:
+        """Choice `i`'s chunk: its tokens from `start` on."""
         text = ""
         if s.stream is not None:
             text, self.cursors[i] = s.stream.since(self.cursors[i])
-        start, self.seen[i] = self.seen[i], len(s.output_ids)
         choice: dict[str, Any] = {
             "index": i,
             "finish_reason": _finish(s) if s.finished else None,
@@ -359,7 +356,6 @@ class CompletionEvents:
             self.text_offsets[i] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
         fields = _text_fields(s, self.chat, text, start)
         choice.update({"delta": fields} if self.chat else fields)
-        self.ended[i] = s.finished
         return self._chunk([choice])
 
     def end(self) -> list[bytes]:

@@ -27,6 +27,26 @@ def sse_event(body: Any) -> bytes:
     return b"data: " + _json.encode(body) + b"\n\n"
 
 
+class Throttle:
+    """Which changed choices of a stream get an event now: none after its last, and while it
+    runs only every `interval` tokens (--stream-interval)."""
+
+    def __init__(self, choices: int, interval: int) -> None:
+        self.interval = interval
+        self.sent = [0] * choices  # per choice: tokens when its last event went out
+        self.ended = [False] * choices
+
+    def take(self, i: int, s: Any) -> int | None:
+        """For choice `i` in state `s` (a RequestState): the tokens sent before this event, now
+        marked sent; None when no event is due."""
+        if self.ended[i]:
+            return None  # changed again after it finished: its last event is out
+        if not s.finished and len(s.output_ids) - self.sent[i] < self.interval:
+            return None
+        start, self.sent[i], self.ended[i] = self.sent[i], len(s.output_ids), s.finished
+        return start
+
+
 class Events(Protocol):
     """A streamed answer's events, built step by step (openai_api.CompletionEvents,
     native.GenerateEvents)."""
