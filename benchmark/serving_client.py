@@ -97,7 +97,7 @@ class Answer(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = b""
-        self.done: asyncio.Future | None = None  # the request in flight: (status, keep-alive)
+        self.done: asyncio.Future | None = None  # the request in flight: whether to keep alive
         self.on_data: Callable[[bytes], None] = lambda _: None
         self.status, self.keep, self.chunked, self.left = 0, True, False, -1  # left: head unread
         self.started = False  # a byte of the current answer has arrived
