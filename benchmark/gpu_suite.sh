@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|detsweep|det1b|det8b
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|detsweep|detserve|det1b|det8b
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -126,6 +126,17 @@ det)  # deterministic mode's CUDA tests: the Triton matmul's rows over M, the at
   ;;
 detsweep)  # deterministic mode's matmul: candidate tiles checked bitwise and timed (1B, 8B shapes)
   step 300 python3 benchmark/sweep_invariant_matmul.py --shapes 1b,8b --json "$O/sweep_invariant.json"
+  ;;
+detserve)  # deterministic mode on one GPU: the isolation stress test (2,000 requests), and its
+  # cost through the server (1B, streaming, 1 and 64 in flight, default and deterministic twice)
+  step 300 python3 -m pytest -q -p no:cacheprovider test/test_isolation.py -k cuda
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
+  flags="--device cuda"
+  step 280 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" \
+    --launch "$flags --deterministic" --launch "$flags" --launch "$flags --deterministic" \
+    --concurrency 1,64 --num-prompts 128 --input-len 30 --output-len 128 --client-procs 4 \
+    --json "$O/detserve_1b.json"
   ;;
 det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 against the default
   shape=${1#det}

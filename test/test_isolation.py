@@ -3,21 +3,29 @@ async loop, rings of receive buffers, the token pool), a KV pool small enough to
 thousands of requests of mixed lengths and sampling settings, random aborts and stop tokens, slots
 and pool rows reused hundreds of times: every request that completes equals its solo run. fp32 on
 CPU, where the default kernels give a row the same result whatever shares its batch, and bf16 in
-deterministic mode (where the default kernels would not)."""
+deterministic mode (where the default kernels would not); on a GPU, bf16 in deterministic mode
+with decode CUDA graphs (pp=2 where two GPUs are)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from checkpoints import make_checkpoint
 from pipeserve import Engine
 
 PER_WAVE = 200
+CUDA = torch.cuda.is_available()
 MODES = {  # waves of requests, engine arguments
     "fp32": (10, {}),  # 2,000 requests
     "bf16-deterministic": (10, {"dtype": "bfloat16", "deterministic": True}),  # 2,000 too
+    # on a GPU: the overlap loop with decode CUDA graphs, pp=2 where two GPUs are
+    "cuda-bf16-deterministic": (
+        10,
+        {"device": "cuda", "dtype": "bfloat16", "deterministic": True, "cuda_graph_max_bs": 32},
+    ),
 }
 
 
@@ -47,17 +55,19 @@ def mixed_requests(rng: random.Random, n: int) -> list[tuple[list[int], dict]]:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_completed_request_equals_its_solo_run(model_path, mode):
+    if mode.startswith("cuda") and not CUDA:
+        pytest.skip("needs CUDA")
     waves, extra = MODES[mode]
+    extra = {"device": "cpu", "pp_size": 2, "cpu_threads": 1, **extra}
+    if extra["device"] == "cuda":
+        extra["pp_size"] = min(2, torch.cuda.device_count())
     rng = random.Random(1234)
     done: list[tuple[list[int], dict, list[int]]] = []
     aborted = 0
     with Engine(
         model_path=model_path,
-        device="cpu",
-        pp_size=2,
         max_running_requests=24,
         max_total_tokens=360,
-        cpu_threads=1,
         **extra,
     ) as engine:
         for _ in range(waves):
