@@ -97,6 +97,7 @@ make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   done
   step 200 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
     --check-client --no-stream --json "$O/serving1b_nostream.json"
+  step 60 python3 benchmark/write_floor.py --conns 256 --steps 400 --json "$O/write_floor.json"
   ;;
 serving8b)  # one GPU, 8B: served streaming against offline, the serving1b workload, PROCS
   # client processes (default 24) checked against twice as many
