@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # SGLang's wheel and what its GroupCoordinator needs beyond a GPU host's Python 3.12 image (torch,
 # transformers, numpy, jinja2, httpx, ...), into DIR (default .whl-sglang/, git-ignored), for
-# `p2p_overlap.py --sglang` there. Kept apart from .whl/: about 55 MB, which every other device call
-# would carry for nothing. The version is scripts/setup.sh's (the one the interop tests run with).
+# `p2p_overlap.py --sglang` there. A device call carries at most 64 MiB with the working tree, so
+# SGLang's wheel is kept as a zip of its files less its compiled Rust extensions (19 of its 38 MB;
+# nothing on the parallel_state path loads them), and all of it stays out of .whl/, which every other
+# device call carries. The version is scripts/setup.sh's (the one the interop tests run with).
 # The list: what importing sglang.srt.distributed.parallel_state, building its GroupCoordinator over
 # gloo and one send and receive load in an image holding only those packages (found one missing
 # module at a time); the dev box's versions, but orjson, whose version there has no CPython 3.12 wheel.
 #   bash benchmark/gpu_wheels_sglang.sh [DIR] [PYTHON_VERSION]
-# On the host (the sglang wheel is manylinux_2_34, so it is unpacked rather than tag-checked; the
-# GPU is hidden so that SGLang takes its CPU path, as on a CPU-only machine):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-#     $(ls DIR/*.whl | grep -v /sglang-) && python3 -m zipfile -e DIR/sglang-*.whl /tmp/site
+# On the host (the GPU hidden, so that SGLang takes its CPU path, as on a CPU-only machine):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*.whl \
+#     && python3 -m zipfile -e DIR/sglang-*.zip /tmp/site
 #   export PYTHONPATH=/tmp/site:$PWD/python CUDA_VISIBLE_DEVICES=
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +31,16 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyv"
   ipython==8.12.3 traitlets==5.15.0 stack-data==0.6.3 executing==2.2.1 asttokens==3.0.1 \
   pure-eval==0.2.3 pexpect==4.8.0 ptyprocess==0.7.0 pickleshare==0.7.5 backcall==0.2.0 \
   decorator==5.2.1 prompt-toolkit==3.0.52 wcwidth==0.7.0 pygments==2.20.0
+python3 - "$dir" <<'EOF'
+import pathlib, sys, zipfile
+
+wheel = next(pathlib.Path(sys.argv[1]).glob("sglang-*.whl"))
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(
+    wheel.with_name(wheel.name.split("-cp")[0] + "-no-ext.zip"), "w", zipfile.ZIP_DEFLATED
+) as out:
+    for item in src.infolist():
+        if not item.filename.endswith(".so"):
+            out.writestr(item, src.read(item))
+wheel.unlink()
+EOF
 ls "$dir"
