@@ -2,7 +2,7 @@
 # SGLang's wheel and what its GroupCoordinator needs beyond a GPU host's Python 3.12 image (torch,
 # transformers, numpy, jinja2, httpx, ...), into DIR (default .whl-sglang/, git-ignored), for
 # `p2p_overlap.py --sglang` there. A device call carries at most 64 MiB with the working tree, so
-# SGLang's wheel is kept as a zip of its files less its compiled Rust extensions (19 of its 38 MB;
+# SGLang's wheel is kept as a zip of its files less its compiled Rust extensions (19 of its 39 MB;
 # nothing on the parallel_state path loads them), and all of it stays out of .whl/, which every other
 # device call carries. The version is scripts/setup.sh's (the one the interop tests run with).
 # The list: what importing sglang.srt.distributed.parallel_state, building its GroupCoordinator over
