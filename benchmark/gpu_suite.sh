@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|detsweep|detserve|det1b|det8b
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|detsweep|detserve|det1b|det8b|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -143,6 +143,17 @@ det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 aga
   shape=${1#det}
   step 560 python3 benchmark/bench_offline.py --shape "$shape" --engines pipeserve --deterministic \
     --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
+  ;;
+p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
+  # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of
+  # benchmark/gpu_wheels_sglang.sh (.whl/ is not needed)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl-sglang/*.whl >/dev/null 2>&1
+  python3 -m zipfile -e .whl-sglang/sglang-*.zip /tmp/site
+  for r in 1 2; do
+    CUDA_VISIBLE_DEVICES= step 90 python3 benchmark/p2p_overlap.py --cpu --quick --sglang \
+      --threads 1 --json "$O/p2p_cpu16_sglang_r$r.json"
+  done
   ;;
 esac
 grep -E "passed|failed|SUMMARY|error|Error|rc=" "$LOG" | tail -40
