@@ -255,7 +255,9 @@ def _validate(cfg: ServerConfig) -> None:
 
 
 def auto_api_servers(engine: EngineConfig) -> int:
-    """One front end per three cores that this node's ranks leave free, 1 to 8 (a streamed token
-    costs a front end a few microseconds: one keeps up with a small model on a few cores)."""
+    """One front end per five cores that this node's ranks leave free, 1 to 8. A front end streams
+    about 45k tokens/s on a core; summed CPU per token grows with processes that each take a
+    smaller share of every step (one H200, 1B: two front ends streamed as much as five, at 21
+    against 31 us per token; docs/benchmarks-log.md, serving run 6)."""
     free = usable_cores() - engine.ranks_per_node
-    return max(1, min(8, free // 3))
+    return max(1, min(8, free // 5))
