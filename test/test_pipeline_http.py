@@ -29,8 +29,8 @@ from pipeserve.utils import free_port
 
 class RawServer:
     """Answers by path: /ok (Content-Length, kept alive), /chunked, /close (no length: the body
-    ends with the connection), /cut (half a body, then closed), /garbage (not HTTP), /bye (kept
-    alive, then closed while idle), /silent (never). Counts connections and the most open at once."""
+    ends with the connection), /cut (half a body, then closed), /garbage (not HTTP), /drop (closed
+    unanswered), /bye (kept alive, then closed while idle), /silent (never). Counts connections and the most open at once."""
 
     def __init__(self) -> None:
         self.connections = 0
@@ -92,6 +92,8 @@ class RawServer:
         body = await reader.readexactly(length)
         path = head.split(" ")[1].removeprefix("/v1")
         data = json.dumps({"path": path, "echo": body.decode()}).encode()
+        if path == "/drop":
+            return False
         if path == "/silent":
             await self._quit.wait()
             return False
@@ -177,6 +179,10 @@ def test_a_cut_answer_a_silent_server_and_a_closed_port_say_what_happened(raw):
         call(HttpClient(raw.url, {}, 10, 1), ("/cut", b"{}"))
     with pytest.raises(RemoteProtocolError, match="malformed answer"):
         call(HttpClient(raw.url, {}, 10, 1), ("/garbage", b"{}"))
+    with pytest.raises(RemoteProtocolError, match="without answering") as dropped:
+        call(HttpClient(raw.url, {}, 10, 1), ("/drop", b"{}"))
+    assert type(dropped.value) is RemoteProtocolError  # a new connection is not sent again
+    assert len([h for h in raw.heads if h.startswith("POST /v1/drop")]) == 1
     start = time.monotonic()
     with pytest.raises(Timeout, match=r"no answer within 0.3 s"):
         call(HttpClient(raw.url, {}, 0.3, 1), ("/silent", b"{}"))

@@ -186,7 +186,10 @@ class HttpClient:
                     return await self._exchange(conn, data, deadline)
                 except _Stale:  # the server had closed it while idle: try the next
                     continue
-            return await self._exchange(await self._connect(deadline), data, deadline)
+            try:
+                return await self._exchange(await self._connect(deadline), data, deadline)
+            except _Stale as e:  # a new connection: the server closed it, not an idle timeout
+                raise RemoteProtocolError(str(e)) from None
 
     async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
