@@ -12,7 +12,7 @@ import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "python", "pipeserve", "pipeline")
-DISTRIBUTION = {"yaml": "pyyaml", "jinja2": "jinja2", "httpx": "httpx", "tqdm": "tqdm"}
+DISTRIBUTION = {"yaml": "pyyaml"}  # import name -> distribution name, where they differ
 
 
 def imported_roots(path: str) -> set[str]:
@@ -34,9 +34,10 @@ def test_every_third_party_import_of_the_runner_is_a_declared_dependency():
             for d in tomllib.load(f)["project"]["dependencies"]
         }
     third_party = set()
-    for name in os.listdir(PACKAGE):
-        if name.endswith(".py"):
-            third_party |= imported_roots(os.path.join(PACKAGE, name))
+    for folder, _, names in os.walk(PACKAGE):  # pipeline/ and its job/, endpoint/
+        for name in names:
+            if name.endswith(".py"):
+                third_party |= imported_roots(os.path.join(folder, name))
     third_party -= set(sys.stdlib_module_names) | {"pipeserve"}
     assert third_party, "no third-party imports found: the scan is broken"
     missing = sorted(

@@ -20,12 +20,12 @@ overload waits for a slot again under the lowered limit.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
+from pipeserve.pipeline.endpoint.http import ConnectError, HttpClient, HttpError, Response
 from pipeserve.pipeline.endpoint.limit import AdaptiveLimit
 from pipeserve.pipeline.job.config import Endpoint, LLMColumn, RetryPolicy
 
@@ -99,14 +99,8 @@ class EndpointClient:
         self.limit = limit or AdaptiveLimit(endpoint.max_concurrency, endpoint.adaptive)
         self._retry = retry
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=endpoint.base_url.rstrip("/"),
-            headers=headers,
-            timeout=endpoint.timeout_s,
-            limits=httpx.Limits(
-                max_connections=endpoint.max_concurrency,
-                max_keepalive_connections=endpoint.max_concurrency,
-            ),
+        self._http = HttpClient(
+            endpoint.base_url, headers, endpoint.timeout_s, endpoint.max_concurrency
         )
 
     async def aclose(self) -> None:
@@ -143,14 +137,14 @@ class EndpointClient:
 
     async def _post(self, column: LLMColumn, prompts: list[Prompt], priority: int) -> Answer:
         path = "/chat/completions" if column.api == "chat" else "/completions"
-        body = self.body(column, prompts, priority)
+        body = json.dumps(self.body(column, prompts, priority)).encode()
         for attempt in range(1, self._retry.max_attempts + 1):
             sent_at = time.monotonic()
             try:
-                response = await self._http.post(path, json=body)
-            except httpx.TransportError as e:
+                response = await self._http.post(path, body)
+            except HttpError as e:
                 problem, wait = _transport_problem(e), None
-                error = EndpointDown if isinstance(e, _CONNECT_ERRORS) else CellError
+                error = EndpointDown if isinstance(e, ConnectError) else CellError
             else:
                 if response.status_code == 200:
                     self.limit.succeeded()
@@ -171,10 +165,7 @@ class EndpointClient:
         raise error(f"{problem} (after {self._retry.max_attempts} attempts)")
 
 
-_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
-
-
-def _transport_problem(e: httpx.TransportError) -> str:
+def _transport_problem(e: HttpError) -> str:
     return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
@@ -182,13 +173,15 @@ async def probe(endpoint: Endpoint) -> Probe:
     """Any HTTP answer to `GET {base_url}/models` shows the endpoint is up (before a run)."""
     headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
     timeout = min(10.0, endpoint.timeout_s)
-    async with httpx.AsyncClient(headers=headers, timeout=timeout) as http:
-        try:
-            response = await http.get(endpoint.base_url.rstrip("/") + "/models")
-        except httpx.TransportError as e:
-            return Probe(False, _transport_problem(e))
+    http = HttpClient(endpoint.base_url, headers, timeout, 1)
     try:
-        return Probe(True, owned_by=str(response.json()["data"][0]["owned_by"]))
+        response = await http.get("/models")
+    except HttpError as e:
+        return Probe(False, _transport_problem(e))
+    finally:
+        await http.aclose()
+    try:
+        return Probe(True, owned_by=str(json.loads(response.content)["data"][0]["owned_by"]))
     except (ValueError, KeyError, IndexError, TypeError):
         return Probe(True)
 
@@ -204,23 +197,23 @@ def _retryable(status: int) -> bool:
     return status >= 500 or status in RETRY_STATUS
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: Response) -> float | None:
     try:
         return max(0.0, float(response.headers["retry-after"]))
     except (KeyError, ValueError):
         return None
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: Response) -> str:
     try:
-        return str(response.json()["error"]["message"])[:500]
+        return str(json.loads(response.content)["error"]["message"])[:500]
     except (ValueError, KeyError, TypeError):
         return response.text[:500]
 
 
-def _parse(response: httpx.Response, api: str, prompts: list[Prompt]) -> Answer:
+def _parse(response: Response, api: str, prompts: list[Prompt]) -> Answer:
     try:
-        data = response.json()
+        data = json.loads(response.content)
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if len(choices) != len(prompts):
             raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
