@@ -114,6 +114,9 @@ def build_app(
     return app
 
 
+INLINE_PARSE_BYTES = 4096  # bodies up to this are parsed and tokenized on the event loop
+
+
 async def serve_request(
     frontend: Frontend,
     max_body_bytes: int,
@@ -122,14 +125,18 @@ async def serve_request(
     run: Callable,
     stream: Callable,
 ) -> Response:
-    """Parses the body (off the event loop: tokenizing a long prompt must not stall the others),
-    then answers as JSON or SSE; every failure becomes an OpenAI-style error. A stream's first event
-    is awaited before the response starts, so that a request refused at admission (queue full,
-    engine dead, shutting down) or failing before its first token gets its own status."""
+    """Parses the body (a large one off the event loop: tokenizing a long prompt must not stall the
+    others), then answers as JSON or SSE; every failure becomes an OpenAI-style error. A stream's
+    first event is awaited before the response starts, so that a request refused at admission
+    (queue full, engine dead, shutting down) or failing before its first token gets its own
+    status."""
     try:
         frontend.check_open()
         raw = await _read_body(request, max_body_bytes)
-        job = await asyncio.to_thread(lambda: parse(parse_json(raw)))
+        if len(raw) <= INLINE_PARSE_BYTES:  # a thread's hand-off would cost more than the work
+            job = parse(parse_json(raw))
+        else:
+            job = await asyncio.to_thread(lambda: parse(parse_json(raw)))
         if job.stream:
             return await _unless_disconnected(request, _start_stream(frontend, job, stream))
         return JSONResponse(await _unless_disconnected(request, run(job)))
