@@ -121,7 +121,7 @@ def _x_tile(x, res, norm_w, rm, rk, k_ok, rstd, K, stride_x, PROLOGUE: tl.conste
     """The (BLOCK_M, BLOCK_K) block of the matmul's input: x's rows, or their prologue (NORM:
     rmsnorm(x + residual); SILU: silu(gate) * up of x = gate | up, K wide each)."""
     offs = rm[:, None] * stride_x + rk[None, :]
-    a = rows_in(x, res, offs, k_ok[None, :], HAS_RESIDUAL and PROLOGUE == 1)
+    a = rows_in(x, res, offs, k_ok[None, :], HAS_RESIDUAL)  # HAS_RESIDUAL: NORM only
     if PROLOGUE == 1:
         a = normalize(a, rstd, tl.load(norm_w + rk, mask=k_ok, other=0.0))
     elif PROLOGUE == 2:
@@ -217,12 +217,13 @@ def _split_kernel(x, w, bias, out, partial, counters, res, norm_w, summed, eps, 
     for item in range(tl.program_id(0), tiles * splits, tl.num_programs(0)):
         tile, s = item % tiles, item // tiles
         rm, rn, m_ok, n_ok = _tile_rows(tile, M, N, tiles_m, BLOCK_M, BLOCK_N)
-        offs = _tile_offsets(rm, rn, N, SWAP)
-        o_mask = _tile_mask(m_ok, n_ok, SWAP)
         first = item < tiles_m  # range 0 of the first column of tiles
         rstd = _prologue_rstd(x, res, summed, rm, m_ok, K, stride_x, eps, first, PROLOGUE, HAS_RESIDUAL, BLOCK_M)  # fmt: skip
         k_start = s * k_per_split
         acc = _range_dot(x, w, res, norm_w, rstd, rm, rn, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, PROLOGUE, HAS_RESIDUAL, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        # after the K loop, not live across it; int32: few tiles (splits x M x N < 2**31)
+        offs = _tile_offsets(rm.to(tl.int32), rn.to(tl.int32), N, SWAP)
+        o_mask = _tile_mask(m_ok, n_ok, SWAP)
         tl.store(partial + s * M * N + offs, acc, mask=o_mask)
         tl.debug_barrier()  # every thread's partial is stored before the count says so
         if tl.atomic_add(counters + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:

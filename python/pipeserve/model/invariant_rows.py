@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 FP_FUSION = False  # the launch option of every kernel that uses these helpers
-LANES = 128  # squares summed apart, then added in a fixed tree (module docstring)
+LANES = tl.constexpr(128)  # squares summed apart, then added in a fixed tree (docstring)
 
 
 @triton.jit
