@@ -18,6 +18,8 @@ import re
 import statistics
 
 from bench_offline import SHAPES
+from pipeserve.model import invariant_matmul as im
+from pipeserve.model.invariant_matmul import Tiles
 from sweep_invariant_matmul import CANDIDATES
 
 NARROW = 8192  # largest N of the few-rows table row for narrow projections
@@ -46,23 +48,34 @@ def step_ratio(rows: list[dict], name: str, most_n: int, least_n: int, m: int) -
     return statistics.mean(ratios) if ratios else None
 
 
-def pick(rows: list[dict]) -> list[tuple[int, int, str, float]]:
+def pick(rows: list[dict]) -> list[tuple[int, int, Tiles, str, float | None]]:
+    """(largest M, largest N, tiles, name, ratio) per table row; a row whose M was not swept
+    keeps the table's tiles."""
     bad = {r["what"] for r in rows if r.get("mismatch_m")}
     ok = [name for name in CANDIDATES if name not in bad and any(r["what"] == name for r in rows)]
     table, least_n = [], 0
-    for most_m, most_n, m in ROWS:
-        scored = [(step_ratio(rows, name, most_n, least_n, m), name) for name in ok]
-        ratio, name = min((s, n) for s, n in scored if s is not None)
-        table.append((most_m, most_n, name, ratio))
+    for (most_m, most_n, m), (_, _, kept) in zip(ROWS, im.TABLE, strict=True):
+        fits = [name for name in ok if m > 1 or CANDIDATES[name].block_m <= im.FUSE_MAX_ROWS]
+        scored = [(step_ratio(rows, name, most_n, least_n, m), name) for name in fits]
+        scored = [(ratio, name) for ratio, name in scored if ratio is not None]
+        if scored:
+            ratio, name = min(scored)
+            table.append((most_m, most_n, CANDIDATES[name], name, ratio))
+        else:
+            table.append((most_m, most_n, kept, "kept (not swept)", None))
         least_n = most_n if most_n < 2**62 and most_m == 16 else 0
     return table
 
 
-def table_source(table: list[tuple[int, int, str, float]]) -> str:
+def table_source(table: list[tuple[int, int, Tiles, str, float | None]]) -> str:
     lines = ["TABLE: tuple[tuple[int, int, Tiles], ...] = ("]
-    for most_m, most_n, name, _ in table:
+    for most_m, most_n, tiles, _, _ in table:
         bound = lambda v: "2**62" if v >= 2**62 else str(v)  # noqa: E731
-        lines.append(f"    ({bound(most_m)}, {bound(most_n)}, {CANDIDATES[name]!r}),")
+        fields = f"{tiles.block_m}, {tiles.block_n}, {tiles.block_k}, {tiles.warps}, {tiles.stages}"
+        extra = (", swap=True" if tiles.swap else "") + (
+            f", per_sm={tiles.per_sm}" if tiles.per_sm != 1 else ""
+        )
+        lines.append(f"    ({bound(most_m)}, {bound(most_n)}, Tiles({fields}{extra})),")
     return "\n".join(lines) + "\n)"
 
 
@@ -74,9 +87,13 @@ def main() -> None:
     with open(args.sweep) as f:
         rows = json.load(f)["rows"]
     table = pick(rows)
-    for most_m, most_n, name, ratio in table:
-        bounds = f"M <= {most_m}" + (f", N <= {most_n}" if most_n < 2**62 else "")
-        print(f"{bounds}: {name} ({ratio:.2f}x the baseline's projections)")
+    for most_m, most_n, _, name, ratio in table:
+        bounds = (f"M <= {most_m}" if most_m < 2**62 else "larger M") + (
+            f", N <= {most_n}" if most_n < 2**62 else ""
+        )
+        print(
+            f"{bounds}: {name}" + (f" ({ratio:.2f}x the baseline's projections)" if ratio else "")
+        )
     source = table_source(table)
     print(source)
     if args.write:

@@ -1,7 +1,7 @@
 """Tile shapes for deterministic mode's matmul (`model/invariant_matmul.py`), chosen from data: for
 each projection of the 1B and 8B shapes, every candidate `Tiles` is checked bitwise against the
-REFERENCE tiles (every row at M = 1..300, and a row alone) and timed at M = 1, 32, 256 and 2048
-(a prefill chunk; not for lm_head, which sees a prompt's last token alone), beside what the
+REFERENCE tiles (every row at M = 1..300, and a row alone) and timed at each M of --sizes
+(default 1 and 256; 2048 is a prefill chunk, never for lm_head), beside what the
 default engine runs there (cuBLAS; at M = 1 the one-row GEMV path). At M = 1 both run as the
 engine's batch-1 step does: qkv and gate_up with the input norm, down with SiLU(gate) * up
 (fused into the matmul where each path fuses them); `us1_plain` is the bare matmul.
@@ -32,10 +32,9 @@ from pipeserve.model.invariant_matmul import Tiles
 CANDIDATES = {
     "ref": im.REFERENCE,
     # a few rows: weight rows on the MMA's M side (swapped); 16 or 32 of them run on mma.sync
-    "swap16x16w1k256": Tiles(16, 16, 256, 1, 4, swap=True, per_sm=8),
+    "swap16x16w1k128": Tiles(16, 16, 128, 1, 4, swap=True, per_sm=8),
     "swap16x32w2k128": Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4),
     "swap16x32w2k256": Tiles(16, 32, 256, 2, 3, swap=True, per_sm=4),
-    "swap16x64": Tiles(16, 64, 64, 4, 4, swap=True, per_sm=4),
     "swap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, per_sm=4),
     "swap16x128": Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2),
     "swap32x64": Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2),
@@ -43,11 +42,8 @@ CANDIDATES = {
     # many rows: batch rows on the MMA's M side, in the plain kernel (one program per tile)
     "128x128w8": Tiles(128, 128, 64, 8, 3),
     "128x256w8": Tiles(128, 256, 64, 8, 3),
-    "64x256w4": Tiles(64, 256, 64, 4, 3),
-    "swap64x128w4": Tiles(64, 128, 64, 4, 4, swap=True),
 }
-SIZES = (1, 32, 256, 2048)
-HEAD_SIZES = (1, 32, 256)  # lm_head: decode batches
+HEAD_MAX = 256  # lm_head: decode batches only (a prompt's last token alone)
 
 
 def layer_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -113,7 +109,7 @@ def one_row(layer: str, x: torch.Tensor, w: torch.Tensor, det: bool, tiles=None,
 def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).bfloat16()
-    sizes = HEAD_SIZES if layer == "lm_head" else SIZES
+    sizes = [m for m in args.sizes if layer != "lm_head" or m <= HEAD_MAX]
     x = torch.randn(max(300, *sizes), k, generator=gen, device="cuda").bfloat16()
     rule = im.k_splits(n, k, im.num_sms(x.device))
     base = {"shape": shape, "layer": layer, "n": n, "k": k, "rule_splits": rule}
@@ -133,8 +129,9 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
             for m in sizes:
                 fn = lambda m=m, t=tiles, s=splits: im.matmul(x[:m], w, None, t, s)  # noqa: E731
                 row[f"us{m}"] = graph_us(fn, args.calls, args.replays)
-            row["us1_plain"] = row["us1"]  # us1: with the prologue, as at batch 1
-            row["us1"] = graph_us(one_row(layer, x, w, True, tiles, splits), args.calls, args.replays)  # fmt: skip
+            if 1 in sizes and tiles.block_m <= im.FUSE_MAX_ROWS:  # us1: as at batch 1
+                row["us1_plain"] = row["us1"]
+                row["us1"] = graph_us(one_row(layer, x, w, True, tiles, splits), args.calls, args.replays)  # fmt: skip
             rows.append(row)
             if row["mismatch_m"]:
                 print("MISMATCH", json.dumps(row), flush=True)
@@ -150,7 +147,7 @@ def summarize(rows: list[dict]) -> None:
         default = next(r for r in mine if r["what"] == "default")
         ok = [r for r in mine if "splits" in r and not r["mismatch_m"]]
         print(f"\n{shape} {layer} N={mine[0]['n']} K={mine[0]['k']} rule={mine[0]['rule_splits']}")
-        for m in (m for m in SIZES if f"us{m}" in cublas):
+        for m in (m for m in (1, 32, 256, 2048) if f"us{m}" in cublas):
             best = sorted(ok, key=lambda r: r[f"us{m}"])[:5]
             line = ", ".join(f"{r['what']}/s{r['splits']} {r[f'us{m}']:.1f}" for r in best)
             base = f"cublas {cublas[f'us{m}']:.1f}" + (
@@ -168,8 +165,10 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--replays", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--sizes", default="1,256", help="M to time (the table's rows: 1, 32, 256)")
     p.add_argument("--all-splits", action="store_true", help="also K in rule/2, rule*2, 1 ranges")
     args = p.parse_args()
+    args.sizes = [int(m) for m in args.sizes.split(",")]
     rows = []
     for shape in args.shapes.split(","):
         for layer, (n, k) in layer_shapes(shape).items():
