@@ -11,14 +11,19 @@ checks every shape's rows bitwise at M = 1..300 on the device; the CUDA tests ch
 Other dtypes than bfloat16 run the REFERENCE tiles at every M.
 
 How a tile's ranges are computed is free to follow M too, because the arithmetic is the same:
-- few tiles (small M): each range is a work item of its own; it stores its fp32 partial, and the
-  last of a tile's ranges to arrive (an atomic counter per tile) adds the partials in order and
-  stores the output (the parallelism a one-row GEMV gets from split-K, in one launch);
-- many tiles: one program runs its tile's ranges one after the other, adding them in order.
-The partials live for one launch: at most splits x programs x one tile of fp32 (17 MB on an H100
-at 4 ranges), within the runner's slack.
-Programs are persistent (`Tiles.per_sm` per SM), looping over work items, M fastest (neighbours
-share the weight tile in L2).
+- few tiles (small M, `_split_kernel`): each range is a work item of persistent programs
+  (`Tiles.per_sm` per SM); it stores its fp32 partial, and the last of a tile's ranges to arrive
+  (an atomic counter per tile) adds the partials in order and stores the output (the
+  parallelism a one-row GEMV gets from split-K, in one launch). The partials live for one
+  launch: at most splits x programs x one tile of fp32 (17 MB on an H100 at 4 ranges);
+- many tiles (`_tiles_kernel`): one program per tile runs its ranges one after the other
+  (unrolled: one accumulator live at a time beside the sum) and adds them in order.
+Tiles are numbered M fastest (neighbours share the weight tile in L2).
+
+The input may go through a prologue on its way to the MMA (`norm_matmul`: RMSNorm(x + residual);
+`silu_mul_matmul`: SiLU(gate) * up), as the one-row GEMV path fuses them; up to FUSE_MAX_ROWS
+rows, where a launch saved shows. Larger batches run the same elementwise steps as kernels of
+their own first (`invariant_rows.py`), so a row's input to the MMA has the same bits either way.
 """
 
 from __future__ import annotations
