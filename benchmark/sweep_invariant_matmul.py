@@ -30,16 +30,13 @@ from pipeserve.model import invariant_matmul as im
 from pipeserve.model.invariant_matmul import Tiles
 
 CANDIDATES = {
-    "ref": im.REFERENCE,
     # a few rows: weight rows on the MMA's M side (swapped); 16 or 32 of them run on mma.sync
     "swap16x16w1k128": Tiles(16, 16, 128, 1, 4, swap=True, per_sm=8),
     "swap16x32w2k128": Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4),
-    "swap16x32w2k256": Tiles(16, 32, 256, 2, 3, swap=True, per_sm=4),
     "swap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, per_sm=4),
     "swap16x128": Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2),
-    "swap32x64": Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2),
+    # many rows; the last two with the batch rows on the MMA's M side, one program per tile
     "swap32x128": Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2),
-    # many rows: batch rows on the MMA's M side, in the plain kernel (one program per tile)
     "128x128w8": Tiles(128, 128, 64, 8, 3),
     "128x256w8": Tiles(128, 256, 64, 8, 3),
 }
