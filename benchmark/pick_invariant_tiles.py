@@ -23,7 +23,13 @@ from pipeserve.model.invariant_matmul import Tiles
 from sweep_invariant_matmul import CANDIDATES
 
 NARROW = 8192  # largest N of the few-rows table row for narrow projections
-ROWS = ((16, NARROW, 1), (16, 2**62, 1), (64, 2**62, 32), (2**62, 2**62, 256))  # (M, N, at M)
+ROWS = (  # the table's rows: largest M, largest N, and the M that stands for the row
+    (16, NARROW, 1),
+    (16, 2**62, 1),
+    (64, 2**62, 32),
+    (2**62, NARROW, 256),
+    (2**62, 2**62, 256),
+)
 
 
 def step_ratio(rows: list[dict], name: str, most_n: int, least_n: int, m: int) -> float | None:
@@ -63,7 +69,7 @@ def pick(rows: list[dict]) -> list[tuple[int, int, Tiles, str, float | None]]:
             table.append((most_m, most_n, CANDIDATES[name], name, ratio))
         else:
             table.append((most_m, most_n, kept, "kept (not swept)", None))
-        least_n = most_n if most_n < 2**62 and most_m == 16 else 0
+        least_n = most_n if most_n < 2**62 else 0
     return table
 
 

@@ -35,8 +35,9 @@ CANDIDATES = {
     "swap16x32w2k128": Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4),
     "swap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, per_sm=4),
     "swap16x128": Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2),
-    # many rows; the last two with the batch rows on the MMA's M side, one program per tile
+    # many rows; the last three with the batch rows on the MMA's M side, one program per tile
     "swap32x128": Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2),
+    "64x128w4": Tiles(64, 128, 64, 4, 4),
     "128x128w8": Tiles(128, 128, 64, 8, 3),
     "128x256w8": Tiles(128, 256, 64, 8, 3),
 }

@@ -61,13 +61,14 @@ class Tiles:
 
 
 REFERENCE = Tiles(64, 128, 64, 4, 3)
-# bfloat16: (largest M, largest N, tiles), the first that fits; the fastest of the sweep on an
-# H100 over the 1B and 8B projections at M = 1, 32 and 256 (docs/benchmarks-log.md); each gave
-# every row REFERENCE's bits (M = 1..300, K in the rule's number of ranges)
+# bfloat16: (largest M, largest N, tiles), the first that fits: the fastest candidates of
+# benchmark/sweep_invariant_matmul.py per row (pick_invariant_tiles.py), each of which gave
+# every row REFERENCE's bits (M = 1..300, K in the rule's ranges) on the 1B and 8B projections
 TABLE: tuple[tuple[int, int, Tiles], ...] = (
     (16, 8192, Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)),
     (16, 2**62, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),
     (64, 2**62, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),
+    (2**62, 8192, Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2)),
     (2**62, 2**62, Tiles(128, 128, 64, 8, 3)),
 )
 FUSE_MAX_ROWS = 16  # prologues run inside the matmul up to this many rows (`norm_matmul`)
