@@ -13,7 +13,6 @@ from pipeserve.model.forward_batch import ForwardBatch
 from pipeserve.model.fused import store_kv
 
 D = 16
-MMA_K = 16  # K per MMA instruction (bf16 and tf32 alike here)
 ROWS, CTX, SLOTS = 16, 320, 8192
 CPU = torch.device("cpu")
 
@@ -95,10 +94,9 @@ def row_exact_interpreter_dot():
     """Triton's interpreter computes `tl.dot` with numpy's BLAS, whose result for a row depends on
     the row's place in the tile (OpenBLAS 0.3.31: 10 of 16 rows of a 16x16 @ 16x64 differ when
     moved), unlike a GPU's MMA, whose every output element is the same sequence of steps. Inside
-    this context the interpreter multiplies tiles with one sequential sum per element and MMA
-    step of 16 along K instead (bf16 operands widened exactly to fp32), added to the accumulator
-    step by step as a GPU's MMA instructions are, so that a kernel's batch invariance, whatever
-    its BLOCK_K, is testable on CPU."""
+    this context the interpreter multiplies tiles with one sequential sum per element instead
+    (bf16 operands widened exactly to fp32), so that a kernel's batch invariance is testable on
+    CPU."""
     from triton.runtime import interpreter
 
     original = interpreter.InterpreterBuilder.create_dot
@@ -109,11 +107,8 @@ def row_exact_interpreter_dot():
         return h.data.astype(np.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        wa, wb, acc = widened(a), widened(b), d.data
-        for k0 in range(0, wa.shape[1], MMA_K):  # one MMA step after the other, as a GPU does
-            step = np.einsum("ik,kj->ij", wa[:, k0 : k0 + MMA_K], wb[k0 : k0 + MMA_K], optimize=False)  # fmt: skip
-            acc = step.astype(acc.dtype) + acc
-        return interpreter.TensorHandle(acc, d.dtype.scalar)
+        product = np.einsum("ik,kj->ij", widened(a), widened(b), optimize=False)
+        return interpreter.TensorHandle(product.astype(d.data.dtype) + d.data, d.dtype.scalar)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
     try:

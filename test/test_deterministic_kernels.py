@@ -66,7 +66,7 @@ def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
     from pipeserve.model import invariant_matmul as im
 
     gen = torch.Generator().manual_seed(0)
-    every = [im.REFERENCE] + [tiles for _, _, tiles in im.TABLE]
+    every = [im.REFERENCE] + [tiles for _, tiles in im.TABLE]
     with row_exact_interpreter_dot():
         for n, k, splits, bias in [(300, 640, 3, True), (96, 1280, 2, False), (200, 256, 1, False)]:
             w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
@@ -80,67 +80,6 @@ def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
                 for m in (1, 5, 70):
                     got = im.matmul(x[:m], w, b, tiles, splits)
                     assert torch.equal(got, full[:m]), (n, k, tiles, m)
-
-
-def check_prologues(device, dtype, shapes, sizes: list[int], splits=(None,), every_tile=False):  # fmt: skip
-    """The input norm and SiLU(gate) * up run inside the matmul (fused) or before it (the row
-    kernels): a row gets the same bits either way, at any M, in any tile of the table."""
-    from pipeserve.model import invariant_matmul as im
-    from pipeserve.model.fused import silu_and_mul
-
-    gen = torch.Generator().manual_seed(1)
-    eps, tol = 1e-5, 1e-4 if dtype == torch.float32 else 3e-2
-    tiles = [None] + ([im.REFERENCE] + [t for _, _, t in im.TABLE] if every_tile else [])
-    for n, k, bias in shapes:
-        w = (torch.randn(n, k, generator=gen) * 0.05).to(device, dtype)
-        b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
-        nw = (1 + torch.randn(k, generator=gen) * 0.1).to(device, dtype)
-        x, res = (torch.randn(max(sizes), k, generator=gen).to(device, dtype) for _ in range(2))
-        gate_up = torch.randn(max(sizes), 2 * k, generator=gen).to(device, dtype) * 3
-        for s in splits:
-            ref, summed = im.norm_matmul(x, res, nw, eps, w, b, fuse=False, splits=s)
-            assert torch.equal(summed, x + res)
-            normed = F.rms_norm((x + res).float(), (k,), eps=eps).to(dtype) * nw
-            torch.testing.assert_close(ref.float(), F.linear(normed, w, b).float(), atol=tol, rtol=tol)  # fmt: skip
-            down = w[:, : k // 2]
-            ref_down = im.silu_mul_matmul(gate_up[:, :k], down, fuse=False, splits=s)
-            want = F.linear(silu_and_mul(gate_up[:, :k], k // 2), down)
-            torch.testing.assert_close(ref_down.float(), want.float(), atol=tol, rtol=tol)
-            for t in tiles:
-                for m in sizes:
-                    fused, fused_sum = im.norm_matmul(x[:m], res[:m], nw, eps, w, b, True, t, s)
-                    assert torch.equal(fused, ref[:m]) and torch.equal(fused_sum, summed[:m]), (n, k, t, m)  # fmt: skip
-                    alone, _ = im.norm_matmul(x[:m], None, nw, eps, w, b, True, t, s)
-                    assert torch.equal(alone, im.norm_matmul(x[:m], None, nw, eps, w, b, False, t, s)[0])  # fmt: skip
-                    got = im.silu_mul_matmul(gate_up[:m, :k], down, True, t, s)
-                    assert torch.equal(got, ref_down[:m]), (n, k, t, m)
-
-
-@interpreted
-def test_prologues_give_the_bits_of_the_row_kernels_interpreted(monkeypatch):
-    """fp32: the interpreter keeps bf16 as bits and cannot add them. The unfused SiLU is the
-    Triton kernel, as on CUDA."""
-    from pipeserve.model import fused
-
-    monkeypatch.setattr(fused, "FORCE_TRITON", True)
-    shapes = [(200, 256, True), (96, 640, False)]
-    with row_exact_interpreter_dot():
-        check_prologues(torch.device("cpu"), torch.float32, shapes, [1, 5, 40], (1, 3), True)
-
-
-@interpreted
-def test_norm_kernel_matches_the_reference_norm_interpreted():
-    from pipeserve.model import fused, invariant_rows
-
-    gen = torch.Generator().manual_seed(2)
-    x, res = (torch.randn(9, 1000, generator=gen) for _ in range(2))  # fp32: see above
-    nw = 1 + torch.randn(1000, generator=gen) * 0.1
-    normed, summed = invariant_rows.add_rmsnorm(x, res, nw, 1e-6)
-    want, want_sum = fused.add_rmsnorm(x, res, nw, 1e-6)  # torch ops on CPU
-    assert torch.equal(summed, want_sum)
-    torch.testing.assert_close(normed, want, atol=1e-5, rtol=1e-5)
-    alone = torch.cat([invariant_rows.add_rmsnorm(x[i : i + 1], res[i : i + 1], nw, 1e-6)[0] for i in range(9)])  # fmt: skip
-    assert torch.equal(alone, normed)
 
 
 @interpreted
@@ -182,10 +121,3 @@ def test_attention_is_the_same_in_any_batch_and_chunking_cuda(dtype, heads):
     whole, *others = probe_runs("triton_invariant", dtype, heads, 300, rng, cuda_device)
     for run in others:
         assert torch.equal(run, whole)
-
-
-@cuda
-def test_prologues_give_the_bits_of_the_row_kernels_cuda():
-    sizes = [1, 2, 3, 16, 17, 64, 65, 256, 300]  # the table's bounds, FUSE_MAX_ROWS
-    shapes = [(3072, 2048, False), (2048, 8192, False), (6144, 4096, True), (16384, 2048, False)]
-    check_prologues(torch.device("cuda"), torch.bfloat16, shapes, sizes)

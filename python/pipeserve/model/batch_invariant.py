@@ -16,10 +16,8 @@ SiLU runs as exp, add and divide: torch's fused SiLU (and sigmoid) rounds the el
 vector's scalar tail differently from the vectorised body, so an element's value would depend on
 where the batch ends.
 
-CUDA. A Triton matmul with one K order for every M and tiles chosen by M (`invariant_matmul.py`);
-the one-row GEMV kernels are bypassed. For a few rows the input norm and SiLU(gate) * up run in
-the matmul's prologue (`invariant_rows.py`), as the GEMV path fuses them, with the bits of the
-separate kernels that larger batches run.
+CUDA. A persistent Triton matmul with one K order for every M and tiles chosen by M
+(`invariant_matmul.py`); the one-row GEMV kernels are bypassed.
 """
 
 from __future__ import annotations
@@ -68,10 +66,6 @@ def norm_linear(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own."""
-    if x.is_cuda:
-        from pipeserve.model.invariant_matmul import norm_matmul
-
-        return norm_matmul(x, residual, norm_weight, eps, weight, bias)
     normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
     return linear(normed, weight, bias), summed
 
@@ -88,8 +82,4 @@ def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
 
 def silu_mul_linear(gate_up: torch.Tensor, inter: int, weight: torch.Tensor) -> torch.Tensor:
     """linear(silu(gate) * up, weight)."""
-    if gate_up.is_cuda and inter == weight.shape[1]:
-        from pipeserve.model.invariant_matmul import silu_mul_matmul
-
-        return silu_mul_matmul(gate_up.reshape(-1, 2 * inter), weight)
     return linear(silu_mul(gate_up, inter), weight)

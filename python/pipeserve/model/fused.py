@@ -175,19 +175,14 @@ def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def silu_times(g, u):
-        """silu(g) * u, elementwise: SiLU in fp32, cast back to g's dtype, then times u (the
-        deterministic matmul's prologue computes the same through this)."""
-        return (g.to(tl.float32) / (1.0 + tl.exp(-g.to(tl.float32)))).to(g.dtype) * u
-
-    @triton.jit
     def _silu_mul_kernel(gate_up, out, stride, inter, BLOCK: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
         g = tl.load(gate_up + n * stride + cols, mask=mask, other=0.0)
         u = tl.load(gate_up + n * stride + inter + cols, mask=mask, other=0.0)
-        tl.store(out + n * inter + cols, silu_times(g, u), mask=mask)
+        silu = (g.to(tl.float32) / (1.0 + tl.exp(-g.to(tl.float32)))).to(g.dtype)
+        tl.store(out + n * inter + cols, silu * u, mask=mask)
 
 
 # ---- KV cache store ---------------------------------------------------------------------------------
