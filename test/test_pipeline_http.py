@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -32,7 +36,8 @@ class RawServer:
     ends with the connection), /cut (half a body, then closed), /garbage (not HTTP), /drop (closed
     unanswered), /bye (kept alive, then closed while idle), /silent (never). Counts connections and the most open at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.connections = 0
         self.open = 0
         self.most_open = 0
@@ -45,9 +50,10 @@ class RawServer:
 
     def __enter__(self) -> RawServer:
         self._thread.start()
-        start = asyncio.start_server(self._serve, "127.0.0.1", 0)
+        start = asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -206,3 +212,119 @@ def test_a_request_costs_the_runner_little_cpu(tmp_path):
         per_request = (time.thread_time() - start) / summary.columns["echo"].requests
     assert summary.columns["echo"].requests == 600 and summary.cells_failed == 0
     assert per_request < 0.35e-3, f"{per_request * 1e3:.2f} ms of client CPU per request"
+
+
+class ProxyServer:
+    """An http proxy on 127.0.0.1 that keeps each connection's first head: a CONNECT is answered
+    200 and tunnelled to its target; another request goes on as it came (absolute form) to its
+    URL's host, and the bytes are piped both ways from then on."""
+
+    def __init__(self) -> None:
+        self.heads: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.address = ""
+
+    def __enter__(self) -> ProxyServer:
+        self._thread.start()
+        start = asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _stop(self) -> None:
+        self._server.close()
+        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in handlers:
+            t.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        self.heads.append(head)
+        method, target = head.split(" ")[:2]
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+        else:
+            url = urlsplit(target)
+            host, port = url.hostname, url.port
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        if method == "CONNECT":
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            up_writer.write(head.encode("latin-1"))
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def proxy_env(monkeypatch) -> Iterator[ProxyServer]:
+    """A ProxyServer that the environment names for http and https, nothing bypassing it."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with ProxyServer() as proxy:
+        monkeypatch.setenv("http_proxy", f"http://user:pa%20ss@{proxy.address}")
+        monkeypatch.setenv("https_proxy", f"http://{proxy.address}")
+        monkeypatch.setenv("no_proxy", "")
+        yield proxy
+
+
+def test_http_goes_through_the_proxy_in_absolute_form_with_its_credentials(raw, proxy_env):
+    responses = call(HttpClient(raw.url, {}, 10.0, 1), ("/ok", b"1"), ("/ok", b"2"))
+    assert [answer(r)["echo"] for r in responses] == ["1", "2"]
+    (head,) = proxy_env.heads  # one kept-alive connection through the proxy
+    port = urlsplit(raw.url).port
+    assert head.startswith(f"POST http://127.0.0.1:{port}/v1/ok HTTP/1.1\r\n")
+    assert "proxy-authorization: Basic dXNlcjpwYSBzcw==\r\n" in head  # user:pa ss
+
+
+def test_no_proxy_bypasses_the_proxy(raw, proxy_env, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    assert answer(call(HttpClient(raw.url, {}, 10.0, 1), ("/ok", b"x"))[0])["echo"] == "x"
+    assert proxy_env.heads == []
+
+
+def test_https_goes_through_a_connect_tunnel(tmp_path, proxy_env, monkeypatch):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client's default context trusts it
+    with RawServer(tls) as server:
+        responses = call(HttpClient(server.url, {}, 10.0, 1), ("/ok", b"1"), ("/ok", b"2"))
+        assert [answer(r)["echo"] for r in responses] == ["1", "2"]
+        assert server.heads[0].startswith("POST /v1/ok HTTP/1.1\r\n")  # origin form, in TLS
+    (head,) = proxy_env.heads
+    port = urlsplit(server.url).port
+    assert head.startswith(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n")
+
+
+def test_a_proxy_that_is_not_http_is_refused_by_name(monkeypatch):
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1080")
+    with pytest.raises(ValueError, match="only http:// proxies"):
+        HttpClient("https://example.invalid/v1", {}, 10.0, 1)

@@ -3,8 +3,12 @@ over kept-alive connections to one server (http or https), at most `max_connecti
 
 A request is one write (head and body together) and its answer is parsed by `httptools` (C) in
 the connection's protocol callbacks, with no task per read: the runner often shares its cores
-with the servers it feeds, and every CPU-second it spends there is one they lose. Proxy settings
-from the environment (`HTTP_PROXY`, ...) are not used.
+with the servers it feeds, and every CPU-second it spends there is one they lose.
+
+Proxies come from the environment as `urllib` reads them (`http_proxy`, `https_proxy`, `no_proxy`
+and their upper-case forms): an http:// server is asked through the proxy in absolute form, an
+https:// one through a CONNECT tunnel with TLS inside it; credentials in the proxy's URL go as
+Basic `Proxy-Authorization`. Only http:// proxies are supported (another scheme is a ValueError).
 
 Failures are `HttpError`s: `ConnectError` when no connection could be made (refused, unresolved,
 TLS refused, or not made before the timeout), `Timeout` when the answer did not arrive within
@@ -16,10 +20,12 @@ reached it is replaced by a new one once, unseen by the caller.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import httptools
 
@@ -139,6 +145,45 @@ class _Connection(asyncio.Protocol):
             self._answer.set_exception(outcome)
 
 
+class _Tunnel(asyncio.Protocol):
+    """A proxy connection until the proxy answers CONNECT: the answer's head, then TLS."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._data += data
+        if b"\r\n\r\n" in self._data and not self.head.done():
+            self.head.set_result(self._data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(_Stale("the proxy closed the connection without answering"))
+
+
+@dataclass(frozen=True)
+class Proxy:
+    host: str
+    port: int
+    authorization: str  # a Proxy-Authorization header line, or ""
+
+    @classmethod
+    def for_url(cls, url: SplitResult) -> Proxy | None:
+        """The proxy that the environment names for `url`, or None (none, or `no_proxy`)."""
+        proxy = urllib.request.getproxies().get(url.scheme)
+        if not proxy or urllib.request.proxy_bypass(url.hostname or ""):
+            return None
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if p.scheme != "http":
+            raise ValueError(f"{url.scheme}_proxy={proxy}: only http:// proxies are supported")
+        auth = ""
+        if p.username is not None:
+            pair = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+            auth = f"proxy-authorization: Basic {base64.b64encode(pair).decode()}\r\n"
+        return cls(p.hostname or "localhost", p.port or 80, auth)
+
+
 class HttpClient:
     def __init__(
         self, base_url: str, headers: dict[str, str], timeout_s: float, max_connections: int
@@ -148,9 +193,13 @@ class HttpClient:
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._prefix = url.path.rstrip("/")
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._proxy = Proxy.for_url(url)
         netloc = url.netloc.rpartition("@")[2]  # never user:password in a Host header
         fixed = {"host": netloc, "user-agent": "pipeserve-pipeline", **headers}
         self._head = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
+        if self._proxy is not None and self._ssl is None:  # absolute form, to the proxy
+            self._prefix = f"http://{netloc}{self._prefix}"
+            self._head += self._proxy.authorization
         self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []  # kept alive, no request in flight
@@ -192,16 +241,51 @@ class HttpClient:
                 raise RemoteProtocolError(str(e)) from None
 
     async def _connect(self, deadline: float) -> _Connection:
-        loop = asyncio.get_running_loop()
-        tls: dict[str, Any] = {"ssl": self._ssl, "server_hostname": self._host} if self._ssl else {}
+        where = f"{self._host}:{self._port}"
+        if self._proxy is not None:
+            where += f" through the proxy {self._proxy.host}:{self._proxy.port}"
         try:
             async with asyncio.timeout_at(deadline):
-                _, conn = await loop.create_connection(_Connection, self._host, self._port, **tls)
+                conn = await self._open_connection()
         except TimeoutError:
-            raise ConnectError(f"no connection to {self._host}:{self._port} in time") from None
+            raise ConnectError(f"no connection to {where} in time") from None
         except OSError as e:  # refused, unresolved, unreachable, TLS refused (ssl.SSLError)
-            raise ConnectError(str(e) or type(e).__name__) from None
+            raise ConnectError(f"{where}: {str(e) or type(e).__name__}") from None
         self._open.add(conn)
+        return conn
+
+    async def _open_connection(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        if self._proxy is None:
+            tls: dict[str, Any] = {}
+            if self._ssl:
+                tls = {"ssl": self._ssl, "server_hostname": self._host}
+            _, conn = await loop.create_connection(_Connection, self._host, self._port, **tls)
+            return conn
+        if self._ssl is None:  # plain http: requests go to the proxy in absolute form
+            _, conn = await loop.create_connection(_Connection, self._proxy.host, self._proxy.port)
+            return conn
+        transport, tunnel = await loop.create_connection(
+            _Tunnel, self._proxy.host, self._proxy.port
+        )
+        target = f"{self._host}:{self._port}"
+        transport.write(
+            f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n{self._proxy.authorization}\r\n".encode()
+        )
+        try:
+            head = await tunnel.head
+            status = head.split(b"\r\n", 1)[0].split()
+            if len(status) < 2 or not status[1].startswith(b"2"):
+                line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                raise ConnectionRefusedError(f"the proxy refused CONNECT {target}: {line}")
+            conn = _Connection()
+            tls_transport = await loop.start_tls(
+                transport, conn, self._ssl, server_hostname=self._host
+            )
+        except BaseException:
+            transport.close()
+            raise
+        conn.connection_made(tls_transport)
         return conn
 
     async def _exchange(self, conn: _Connection, data: bytes, deadline: float) -> Response:
