@@ -326,5 +326,5 @@ def test_a_proxy_that_is_not_http_is_refused_by_name(monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.setenv("https_proxy", "socks5://127.0.0.1:1080")
-    with pytest.raises(ValueError, match="only http:// proxies"):
-        HttpClient("https://example.invalid/v1", {}, 10.0, 1)
+    with pytest.raises(ConnectError, match=r"socks5://127\.0\.0\.1:1080: only http:// proxies"):
+        call(HttpClient("https://example.invalid/v1", {}, 10.0, 1), ("/models", None))

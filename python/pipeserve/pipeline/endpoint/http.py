@@ -8,7 +8,8 @@ with the servers it feeds, and every CPU-second it spends there is one they lose
 Proxies come from the environment as `urllib` reads them (`http_proxy`, `https_proxy`, `no_proxy`
 and their upper-case forms): an http:// server is asked through the proxy in absolute form, an
 https:// one through a CONNECT tunnel with TLS inside it; credentials in the proxy's URL go as
-Basic `Proxy-Authorization`. Only http:// proxies are supported (another scheme is a ValueError).
+Basic `Proxy-Authorization`. Only http:// proxies are supported: with another, every request
+fails with a ConnectError that says so.
 
 Failures are `HttpError`s: `ConnectError` when no connection could be made (refused, unresolved,
 TLS refused, or not made before the timeout), `Timeout` when the answer did not arrive within
@@ -193,7 +194,12 @@ class HttpClient:
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._prefix = url.path.rstrip("/")
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self._proxy = Proxy.for_url(url)
+        self._proxy: Proxy | None = None
+        self._proxy_error = ""
+        try:
+            self._proxy = Proxy.for_url(url)
+        except ValueError as e:  # told at the first connection, as the endpoint's problem
+            self._proxy_error = str(e)
         netloc = url.netloc.rpartition("@")[2]  # never user:password in a Host header
         fixed = {"host": netloc, "user-agent": "pipeserve-pipeline", **headers}
         self._head = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
@@ -241,6 +247,8 @@ class HttpClient:
                 raise RemoteProtocolError(str(e)) from None
 
     async def _connect(self, deadline: float) -> _Connection:
+        if self._proxy_error:
+            raise ConnectError(self._proxy_error)
         where = f"{self._host}:{self._port}"
         if self._proxy is not None:
             where += f" through the proxy {self._proxy.host}:{self._proxy.port}"
