@@ -112,9 +112,11 @@ def uvicorn_server(cfg: ServerConfig, app: Any, own_signals: bool) -> Any:
                 else:
                     super().handle_exit(sig, frame)
 
+    from pipeserve.server.push import with_raw_send
+
     return Server(
         uvicorn.Config(
-            app,
+            with_raw_send(app),
             log_level=cfg.engine.log_level,
             access_log=False,
             timeout_graceful_shutdown=5,  # after the drain: for the last answers to go out

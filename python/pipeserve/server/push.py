@@ -103,6 +103,23 @@ class Pusher:
             self.task = None
 
 
+RAW_SEND = (
+    "pipeserve.raw_send"  # the scope key under which `with_raw_send` leaves the server's send
+)
+
+
+def with_raw_send(app: Any) -> Callable[[Any, Any, Send], Awaitable[None]]:
+    """`app` under the HTTP server, leaving the server's own `send` in each scope: a stream's
+    chunks after its first go out through it, past the framework's middleware wrappers (two
+    coroutine layers per chunk that only watch for the response's start, which has gone)."""
+
+    async def app_with_raw_send(scope: Any, receive: Any, send: Send) -> None:
+        scope[RAW_SEND] = send
+        await app(scope, receive, send)
+
+    return app_with_raw_send
+
+
 def _body(events: list[bytes], more: bool) -> dict:
     return {"type": "http.response.body", "body": b"".join(events), "more_body": more}
 
@@ -133,7 +150,7 @@ class PushStream(Response):
                 await send(_body(self.first + self.events.end(), False))
                 return
             await send(_body(self.first, True))
-            self.pusher = Pusher(send)
+            self.pusher = Pusher(scope.get(RAW_SEND, send))
             self.run.attach(self)
             while not self.ended:  # the last chunk went out, or the client has gone
                 if (await receive())["type"] == "http.disconnect":
