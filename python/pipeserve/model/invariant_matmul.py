@@ -112,7 +112,7 @@ def _zero_tile(SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _range_dot(x, w, rm, rn, k_start, k_end, K, stride_x, stride_w, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _range_dot(x, w, rm, rn, k_start, k_end, stride_x, stride_w, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """x[rm, k_start:k_end] @ w[rn, k_start:k_end]^T, from zero, in BLOCK_K steps: fp32,
     (BLOCK_M, BLOCK_N), or its transpose (BLOCK_N, BLOCK_M) when SWAP."""
     acc = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
@@ -161,7 +161,7 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
         if RANGES_APART:  # one K range; the tile's last range to arrive adds them up
             s = item // tiles
             k_start = s * k_per_split
-            acc = _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+            acc = _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             tl.store(partial + s * M * N + offs, acc, mask=o_mask)
             tl.debug_barrier()  # every thread's partial is stored before the count says so
             if tl.atomic_add(counters + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
@@ -177,7 +177,7 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
             total = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             for s in range(0, splits):
                 k_start = s * k_per_split
-                total += _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), K, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                total += _range_dot(x, w, rm_safe, rn_safe, k_start, tl.minimum(k_start + k_per_split, K), stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
             if HAS_BIAS:
                 total += _bias_tile(bias, rn_safe, SWAP)
             tl.store(out + offs, total.to(out.dtype.element_ty), mask=o_mask)
