@@ -31,29 +31,22 @@ from pipeserve.pipeline.endpoint.mock_server import MockConfig, MockThread
 from pipeserve.utils import free_port
 
 
-class RawServer:
-    """Answers by path: /ok (Content-Length, kept alive), /chunked, /close (no length: the body
-    ends with the connection), /cut (half a body, then closed), /garbage (not HTTP), /drop (closed
-    unanswered), /bye (kept alive, then closed while idle), /silent (never). Counts connections and the most open at once."""
+class ThreadServer:
+    """An asyncio server on 127.0.0.1 (port chosen by the system) on an event loop of its own
+    thread, for the duration of a `with`; `_serve` handles a connection, `_stop` ends them."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.tls = tls
-        self.connections = 0
-        self.open = 0
-        self.most_open = 0
-        self.heads: list[str] = []
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._quit = asyncio.Event()  # set on exit: /silent gives up
+    tls: ssl.SSLContext | None = None
+
+    def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.url = ""
+        self.address = ""
 
-    def __enter__(self) -> RawServer:
+    def __enter__(self):  # the subclass, entered
         self._thread.start()
         start = asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
-        scheme = "https" if self.tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -61,6 +54,32 @@ class RawServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+
+class RawServer(ThreadServer):
+    """Answers by path: /ok (Content-Length, kept alive), /chunked, /close (no length: the body
+    ends with the connection), /cut (half a body, then closed), /garbage (not HTTP), /drop (closed
+    unanswered), /bye (kept alive, then closed while idle), /silent (never). Counts connections and the most open at once."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__()
+        self.tls = tls
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.heads: list[str] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._quit = asyncio.Event()  # set on exit: /silent gives up
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.address}/v1"
 
     async def _stop(self) -> None:
         """Closes every connection and lets each handler end on its own."""
@@ -214,29 +233,14 @@ def test_a_request_costs_the_runner_little_cpu(tmp_path):
     assert per_request < 0.35e-3, f"{per_request * 1e3:.2f} ms of client CPU per request"
 
 
-class ProxyServer:
-    """An http proxy on 127.0.0.1 that keeps each connection's first head: a CONNECT is answered
-    200 and tunnelled to its target; another request goes on as it came (absolute form) to its
-    URL's host, and the bytes are piped both ways from then on."""
+class ProxyServer(ThreadServer):
+    """An http proxy that keeps each connection's first head: a CONNECT is answered 200 and
+    tunnelled to its target; another request goes on as it came (absolute form) to its URL's
+    host, and the bytes are piped both ways from then on."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.heads: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.address = ""
-
-    def __enter__(self) -> ProxyServer:
-        self._thread.start()
-        start = asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
-        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
     async def _stop(self) -> None:
         self._server.close()
