@@ -42,7 +42,7 @@ class ThreadServer:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.address = ""
 
-    def __enter__(self):  # the subclass, entered
+    def __enter__(self):
         self._thread.start()
         start = asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
