@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 
 import httpx
 import numpy as np
@@ -350,3 +351,45 @@ def test_the_server_at_pp2_answers_a_chat_with_images_as_the_engine_does(vl_path
         want = engine.result(state)
     assert plain["usage"]["prompt_tokens"] == want["meta_info"]["prompt_tokens"]
     assert text == want["text"]
+
+
+def test_a_body_naming_an_image_is_parsed_off_the_event_loop():
+    """Short text bodies are parsed on the event loop (a thread's hand-off costs more), but one
+    that names an image never is: reading, fetching or decoding it must not stall the others."""
+    from starlette.requests import Request
+
+    from pipeserve.server.app import serve_request
+
+    def on_loop_thread(body: bytes) -> bool:
+        seen: list[bool] = []
+        loop_thread = []
+
+        def parse(parsed: dict) -> None:
+            seen.append(threading.get_ident() == loop_thread[0])
+            raise ApiError("parsed")  # answered as a 400: nothing is submitted
+
+        async def go() -> int:
+            loop_thread.append(threading.get_ident())
+            sent = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict:
+                return sent.pop() if sent else {"type": "http.disconnect"}
+
+            ipc = IpcAddresses.fresh()
+            try:
+                frontend = Frontend(_LiveRanks(), ipc, None)
+                request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+                response = await serve_request(frontend, 1 << 20, request, parse, None, None)
+                await frontend.shutdown(stop_ranks=False)
+            finally:
+                ipc.cleanup()
+            return response.status_code
+
+        assert asyncio.run(go()) == 400
+        return seen[0]
+
+    text = json.dumps({"prompt": "hello"}).encode()
+    assert on_loop_thread(text)
+    assert not on_loop_thread(json.dumps(chat_body(image_part(picture(9, 9, 0)))).encode())
+    assert not on_loop_thread(json.dumps({"text": "x", "image_data": "file:///a.png"}).encode())
+    assert not on_loop_thread(json.dumps({"prompt": "x" * 5000}).encode())  # a long one

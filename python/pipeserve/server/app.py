@@ -114,7 +114,7 @@ def build_app(
     return app
 
 
-INLINE_PARSE_BYTES = 4096  # bodies up to this are parsed and tokenized on the event loop
+INLINE_PARSE_BYTES = 4096  # bodies up to this, naming no image, are parsed on the event loop
 
 
 async def serve_request(
@@ -133,7 +133,9 @@ async def serve_request(
     try:
         frontend.check_open()
         raw = await _read_body(request, max_body_bytes)
-        if len(raw) <= INLINE_PARSE_BYTES:  # a thread's hand-off would cost more than the work
+        # a short text request: a thread's hand-off would cost more than the work (an image may
+        # be read, fetched or decoded in parsing: never on the loop)
+        if len(raw) <= INLINE_PARSE_BYTES and b"image" not in raw:
             job = parse(parse_json(raw))
         else:
             job = await asyncio.to_thread(lambda: parse(parse_json(raw)))

@@ -103,9 +103,8 @@ class Pusher:
             self.task = None
 
 
-RAW_SEND = (
-    "pipeserve.raw_send"  # the scope key under which `with_raw_send` leaves the server's send
-)
+# the scope key under which `with_raw_send` leaves the server's send
+RAW_SEND = "pipeserve.raw_send"
 
 
 def with_raw_send(app: Any) -> Callable[[Any, Any, Send], Awaitable[None]]:
