@@ -23,6 +23,7 @@ from pipeserve.ipc.messages import (
     GenerateBatch,
     ImageIn,
     ShutdownReq,
+    StepOut,
     ToStage0,
     decode_output,
     encode,
@@ -147,7 +148,9 @@ class Frontend:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, 0)
         self.push.bind(ipc.requests(owner))
-        self.pull = ctx.socket(zmq.PULL)
+        # read from the loop's reader callback, without zmq.asyncio's future per message (every
+        # front end with a running request takes one message per step, however few its tokens)
+        self.pull = zmq.Context.shadow(ctx.underlying).socket(zmq.PULL)
         self.pull.bind(ipc.outputs(owner))
         self.max_queued = max_queued
         self.routes: dict[str, tuple[JobRun, int]] = {}  # rid: (its job, its choice index)
@@ -167,10 +170,9 @@ class Frontend:
         for fd in self.ranks.sentinels():
             with contextlib.suppress(ValueError, OSError):  # a process already joined
                 loop.add_reader(fd, self.is_alive)
-        self.tasks = [
-            asyncio.create_task(self._read_outputs()),
-            asyncio.create_task(self._watch_ranks()),
-        ]
+        loop.add_reader(self.pull.getsockopt(zmq.FD), self._read_outputs)
+        loop.call_soon(self._read_outputs)  # what came before the descriptor was watched
+        self.tasks = [asyncio.create_task(self._watch_ranks())]
         if self.on_started is not None:
             self.on_started()
 
@@ -295,30 +297,41 @@ class Frontend:
         with contextlib.suppress(zmq.Again, zmq.ZMQError):
             self.push.send(encode(msg), flags=zmq.NOBLOCK)
 
-    async def _read_outputs(self) -> None:
+    def _read_outputs(self) -> None:
+        """The reader callback: applies every step message that has arrived (the socket's
+        descriptor signals edges, so it reads until none is left)."""
         while True:
-            msg = decode_output(await self.pull.recv())
-            self.stats = msg.stats
-            applied, ended_here = self.client.apply(msg)
-            self.metrics.generation_tokens.inc(sum(len(out.token_ids) for _, out in applied))
-            pushed: dict[int, JobRun] = {}  # jobs whose sinks take this step's changes
-            for state, out in applied:
-                route = self.routes.get(state.rid)
-                if route is None:
-                    continue
-                job, index = route
-                track = job.tracks[index]
-                track.output(out)
-                if state.finished:
-                    track.finished(state.error is None)
-                if job.each_step or state.finished or state.error is not None:
-                    job.notify(index)
-                if job.sink is not None:
-                    pushed[id(job)] = job
-            for job in pushed.values():
-                job.flush()
-            for rid in ended_here:
-                self._send_nowait(AbortReq(rid))
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._apply(decode_output(data))
+            except Exception:  # a defect here must not stop the outputs of every other request
+                logger.exception("a step's outputs could not be applied")
+
+    def _apply(self, msg: StepOut) -> None:
+        self.stats = msg.stats
+        applied, ended_here = self.client.apply(msg)
+        self.metrics.generation_tokens.inc(sum(len(out.token_ids) for _, out in applied))
+        pushed: dict[int, JobRun] = {}  # jobs whose sinks take this step's changes
+        for state, out in applied:
+            route = self.routes.get(state.rid)
+            if route is None:
+                continue
+            job, index = route
+            track = job.tracks[index]
+            track.output(out)
+            if state.finished:
+                track.finished(state.error is None)
+            if job.each_step or state.finished or state.error is not None:
+                job.notify(index)
+            if job.sink is not None:
+                pushed[id(job)] = job
+        for job in pushed.values():
+            job.flush()
+        for rid in ended_here:
+            self._send_nowait(AbortReq(rid))
 
     async def drain(self, grace_s: float) -> None:
         """Refuses new requests; waits up to `grace_s` for the unfinished ones to finish, then ends
@@ -339,6 +352,8 @@ class Frontend:
         """Stops watching the ranks (they are about to exit) and, with `stop_ranks`, asks stage 0
         to stop them."""
         self._unwatch()
+        if self.loop is not None:
+            self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
