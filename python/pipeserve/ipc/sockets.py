@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -46,6 +47,16 @@ class IpcAddresses:
                     os.unlink(path)
 
 
+def queued(sock: zmq.Socket) -> Iterator[bytes]:
+    """The messages `sock` holds now, without waiting (a socket's descriptor signals edges: a
+    reader takes them all before it waits again)."""
+    while True:
+        try:
+            yield sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
 class SchedulerSockets:
     """Stage 0's side: pulls requests from every front end, pushes each its own outputs."""
 
@@ -70,11 +81,7 @@ class SchedulerSockets:
         message that does not decode is logged and dropped: a front end's bug is not this rank's."""
         msgs = []
         if self.pull.poll(int(timeout_s * 1000)):
-            while True:
-                try:
-                    data = self.pull.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+            for data in queued(self.pull):
                 try:
                     msgs.append(decode_request(data))
                 except msgspec.DecodeError as e:

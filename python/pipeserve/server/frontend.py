@@ -28,7 +28,7 @@ from pipeserve.ipc.messages import (
     decode_output,
     encode,
 )
-from pipeserve.ipc.sockets import IpcAddresses
+from pipeserve.ipc.sockets import IpcAddresses, queued
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.server.metrics import RequestTrack, ServerMetrics
 
@@ -300,11 +300,7 @@ class Frontend:
     def _read_outputs(self) -> None:
         """The reader callback: applies every step message that has arrived (the socket's
         descriptor signals edges, so it reads until none is left)."""
-        while True:
-            try:
-                data = self.pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for data in queued(self.pull):
             try:
                 self._apply(decode_output(data))
             except Exception:  # a defect here must not stop the outputs of every other request
