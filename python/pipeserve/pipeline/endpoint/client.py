@@ -181,7 +181,7 @@ async def probe(endpoint: Endpoint) -> Probe:
     finally:
         await http.aclose()
     try:
-        return Probe(True, owned_by=str(json.loads(response.content)["data"][0]["owned_by"]))
+        return Probe(True, owned_by=str(response.json()["data"][0]["owned_by"]))
     except (ValueError, KeyError, IndexError, TypeError):
         return Probe(True)
 
@@ -206,14 +206,14 @@ def _retry_after(response: Response) -> float | None:
 
 def _error_text(response: Response) -> str:
     try:
-        return str(json.loads(response.content)["error"]["message"])[:500]
+        return str(response.json()["error"]["message"])[:500]
     except (ValueError, KeyError, TypeError):
         return response.text[:500]
 
 
 def _parse(response: Response, api: str, prompts: list[Prompt]) -> Answer:
     try:
-        data = json.loads(response.content)
+        data = response.json()
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if len(choices) != len(prompts):
             raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import ssl
 import urllib.request
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ class Response:
     @property
     def text(self) -> str:
         return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON (a ValueError when it is not)."""
+        return json.loads(self.content)
 
 
 class _Connection(asyncio.Protocol):
