@@ -1,11 +1,16 @@
 """server.push.Pusher: ASGI sends from synchronous code never block the caller and never reorder,
-whether the send completes at once (a socket that takes the bytes) or must wait (a slow reader)."""
+whether the send completes at once (a socket that takes the bytes) or must wait (a slow reader);
+under uvicorn's httptools server a stream's middle chunks are written without a send."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from pipeserve.server.push import Pusher
+import httpx
+
+from pipeserve.server.push import RAW_SEND, ChunkWriter, Pusher, with_raw_send
+from pipeserve.utils import free_port
 
 
 def test_sends_that_must_wait_finish_in_order_and_later_ones_queue_behind():
@@ -60,3 +65,95 @@ def test_a_send_that_raises_is_logged_and_does_not_reach_the_caller(caplog):
 
     asyncio.run(main())
     assert "could not be sent" in caplog.text
+
+
+def _serve_stream(app, port: int):
+    """`app` under uvicorn with httptools (as the launcher runs it) in a thread; its server."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(with_raw_send(app), port=port, http="httptools", log_level="warning")
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    return server
+
+
+def test_middle_chunks_go_straight_to_the_connection_and_arrive_whole_in_order():
+    """Under uvicorn's httptools server, a stream's middle chunks take the ChunkWriter (no send
+    per chunk); the client still reads a well-formed chunked body: every chunk, in order."""
+    seen: dict[str, object] = {}
+
+    async def app(scope, receive, send):
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await send(start)
+        pusher = Pusher(scope[RAW_SEND])
+        seen["writer"] = pusher.writer
+        sends = 0
+
+        async def counting_send(message: dict) -> None:
+            nonlocal sends
+            sends += 1
+            await scope[RAW_SEND](message)
+
+        pusher.send = counting_send
+        for i in range(200):
+            pusher.push_chunk(b"chunk %d;" % i)
+        seen["sends_for_middle_chunks"] = sends
+        pusher.push({"type": "http.response.body", "body": b"end", "more_body": False})
+        if pusher.task is not None:
+            await pusher.task
+
+    port = free_port()
+    server = _serve_stream(app, port)
+    try:
+        body = httpx.get(f"http://127.0.0.1:{port}/", timeout=10).content
+    finally:
+        server.should_exit = True
+    assert isinstance(seen["writer"], ChunkWriter)
+    assert seen["sends_for_middle_chunks"] == 0
+    assert body == b"".join(b"chunk %d;" % i for i in range(200)) + b"end"
+
+
+def test_a_paused_connection_takes_chunks_through_send_in_order():
+    """While the connection is paused (a slow reader), the writer declines and chunks queue
+    behind the waiting send; once it resumes, the writer is used again."""
+
+    class Flow:
+        write_paused = True
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.flow, self.disconnected = Flow(), False
+            self.chunked_encoding, self.response_complete = True, False
+            self.written: list[bytes] = []
+            self.transport = self
+            self.resumed = asyncio.Event()
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        async def send(self, message: dict) -> None:
+            if self.flow.write_paused:
+                await self.resumed.wait()
+            self.written.append(b"send:" + message["body"])
+
+    async def main() -> None:
+        cycle = Cycle()
+        pusher = Pusher(cycle.send)
+        assert isinstance(pusher.writer, ChunkWriter)
+        pusher.push_chunk(b"a")
+        pusher.push_chunk(b"b")  # queued behind the waiting send, not written past it
+        assert cycle.written == [] and pusher.task is not None
+        cycle.flow.write_paused = False
+        cycle.resumed.set()
+        await pusher.task
+        pusher.push_chunk(b"c")
+        assert cycle.written == [b"send:a", b"send:b", b"1\r\nc\r\n"]
+
+    asyncio.run(main())

@@ -49,11 +49,13 @@ class IpcAddresses:
 
 def queued(sock: zmq.Socket) -> Iterator[bytes]:
     """The messages `sock` holds now, without waiting (a socket's descriptor signals edges: a
-    reader takes them all before it waits again)."""
-    while True:
+    reader takes them all before it waits again). The socket's events are asked before each
+    read, as the descriptor's contract wants, so that the last read raises no zmq.Again (an
+    exception per reader wake-up)."""
+    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
         try:
             yield sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
+        except zmq.Again:  # another reader of the socket took it first
             return
 
 

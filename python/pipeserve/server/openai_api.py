@@ -31,7 +31,7 @@ from pipeserve.server.protocol import (
     stream_flags,
     token_lists,
 )
-from pipeserve.server.push import DONE, Throttle, sse_event
+from pipeserve.server.push import DONE, Throttle, encode_json
 
 
 @dataclass(frozen=True)
@@ -307,18 +307,14 @@ class CompletionEvents:
         self.cursors = [0] * job.num_requests  # per choice: TextStream pieces sent
         self.text_offsets = [0] * job.num_requests  # where its next logprob text starts
         self.roles_sent = not chat
+        # every chunk's fields before its choices, encoded once: a chunk encodes only its choices
+        head = {"id": self.id, "object": self.kind, "created": self.created, "model": m.name}
+        self.head = b"data: " + encode_json(head)[:-1] + b',"choices":'
 
     def _chunk(self, choices_: list[dict], usage: dict | None = None) -> bytes:
-        body = {
-            "id": self.id,
-            "object": self.kind,
-            "created": self.created,
-            "model": self.m.name,
-            "choices": choices_,
-        }
         if usage is not None:
-            body["usage"] = usage
-        return sse_event(body)
+            return self.head + encode_json(choices_) + b',"usage":' + encode_json(usage) + b"}\n\n"
+        return self.head + encode_json(choices_) + b"}\n\n"
 
     def step(self, changed: list[int]) -> list[bytes]:
         """The events for the choices that changed (raises ApiError for a failed one)."""

@@ -19,12 +19,12 @@ from starlette.responses import Response
 Send = Callable[[dict], Awaitable[None]]
 logger = logging.getLogger("pipeserve.server")
 
-_json = msgspec.json.Encoder()
+encode_json = msgspec.json.Encoder().encode
 DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(body: Any) -> bytes:
-    return b"data: " + _json.encode(body) + b"\n\n"
+    return b"data: " + encode_json(body) + b"\n\n"
 
 
 class Throttle:
@@ -56,6 +56,37 @@ class Events(Protocol):
     def end(self) -> list[bytes]: ...  # once every choice has finished
 
 
+class ChunkWriter:
+    """The middle chunks of a chunked response, written straight to the connection's transport
+    where the server's `send` is uvicorn's httptools cycle (what `with_raw_send` leaves in the
+    scope): one formatted write, without the coroutine, message dict and state checks that a send
+    costs per chunk (a streamed token's largest Python cost after its JSON). The first and last
+    chunks still go through `send`, which keeps the response's state; while the connection is
+    paused for a slow reader, or gone, `write` declines and the caller sends instead (the send
+    waits for the reader, or drops the chunk of a closed connection)."""
+
+    def __init__(self, cycle: Any) -> None:
+        self.cycle = cycle
+
+    @classmethod
+    def of(cls, send: Send) -> ChunkWriter | None:
+        cycle = getattr(send, "__self__", None)
+        names = ("transport", "flow", "disconnected", "chunked_encoding", "response_complete")
+        if cycle is None or not all(hasattr(cycle, n) for n in names):
+            return None  # another server, or a wrapped send: every chunk goes through send
+        return cls(cycle)
+
+    def write(self, body: bytes) -> bool:
+        """Writes `body` as one chunk; False (nothing written) when it must be sent instead."""
+        c = self.cycle
+        if c.disconnected or c.flow.write_paused or c.chunked_encoding is not True:
+            return False
+        if c.response_complete:
+            return False
+        c.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
+
+
 class Pusher:
     """Calls an ASGI `send` from synchronous code, in order, never blocking the caller. A send
     that completes without suspending (a socket that takes the bytes: the usual case) costs one
@@ -64,8 +95,16 @@ class Pusher:
 
     def __init__(self, send: Send) -> None:
         self.send = send
+        self.writer = ChunkWriter.of(send)
         self.backlog: collections.deque[dict] = collections.deque()
         self.task: asyncio.Task | None = None
+
+    def push_chunk(self, body: bytes) -> None:
+        """A chunk of a body with more to come: written to the connection at once where the
+        server lets (ChunkWriter), else sent as `push` sends."""
+        if self.task is None and self.writer is not None and self.writer.write(body):
+            return
+        self.push({"type": "http.response.body", "body": body, "more_body": True})
 
     def push(self, message: dict) -> None:
         if self.task is not None:
@@ -165,7 +204,7 @@ class PushStream(Response):
             if self.run.finished:
                 self._end(events + self.events.end())
             elif events:
-                self.pusher.push(_body(events, True))  # type: ignore[union-attr]
+                self.pusher.push_chunk(b"".join(events))  # type: ignore[union-attr]
         except Exception as e:
             self.failed(e)
 
