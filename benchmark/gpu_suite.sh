@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|serving8b|vlm|prefix8b|det|detsweep|detserve|det1b|det8b|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detsweep|detserve|det1b|det8b|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -98,6 +98,31 @@ make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   step 200 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" $load \
     --check-client --no-stream --json "$O/serving1b_nostream.json"
   step 60 python3 benchmark/write_floor.py --conns 256 --steps 400 --json "$O/write_floor.json"
+  ;;
+servingspy)  # one GPU, 1B: where a front end's CPU goes under the serving1b streaming load (4x the
+  # requests, so that the load lasts): py-spy (a wheel of benchmark/gpu_wheels.sh) records each of
+  # FRONTENDS (default 2) front ends; each server process's user and system CPU from /proc
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
+  n=${FRONTENDS:-2}
+  python3 -m pipeserve.launch_server --model-path /tmp/ckpt-1b --device cuda --max-running-requests 256 \
+    --cuda-graph-max-bs 256 --api-server-count "$n" --port 30555 >"$O/servingspy_server.log" 2>&1 &
+  sp=$!
+  for _ in $(seq 240); do curl -sf localhost:30555/health >/dev/null && break; sleep 1; done
+  fes="$sp $(pgrep -f '^pipeserve-frontend')"  # the launcher is front end 0
+  cpu() { for p in $sp $(pgrep -f '^pipeserve-'); do echo "$p $(tr -d '\0' </proc/$p/cmdline | cut -c1-40) \
+$(awk '{print "user", $14, "system", $15}' /proc/$p/stat)"; done; }
+  cpu >"$O/servingspy_cpu_before.txt"
+  for p in $fes; do
+    /tmp/site/bin/py-spy record --nonblocking --pid "$p" --rate 250 --format raw --duration 40 \
+      -o "$O/servingspy_fe_$p.txt" >>"$LOG" 2>&1 &
+  done
+  step 200 python3 benchmark/bench_serving.py --base-url http://127.0.0.1:30555 --server-pid "$sp" \
+    --num-prompts 4096 --concurrency 256 --input-len 30 --output-len 128 --client-procs ${PROCS:-16} \
+    --ignore-eos --json "$O/servingspy.json"
+  cpu >"$O/servingspy_cpu_after.txt"
+  kill -INT $(pgrep -f 'py-spy record') 2>/dev/null; sleep 2
+  kill -TERM "$sp"; wait "$sp"
   ;;
 serving8b)  # one GPU, 8B: served streaming against offline, the serving1b workload, PROCS
   # client processes (default 24) checked against twice as many
