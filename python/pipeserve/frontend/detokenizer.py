@@ -18,6 +18,7 @@ Each token costs O(1) decodes of a few tokens (amortised), never a decode of the
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,13 @@ class Detokenizer:
         """`incremental=False`: nobody reads the text before the end, so without stop strings
         the tokens are only kept, and decoded once by `finish`."""
         return TextStream(self, params, incremental)
+
+    def raw_decode(self, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+        """`decode(ids, skip_special_tokens, raw=True)` as a function of the ids alone (the
+        backend's own method where it decodes the same: one call per streamed token's decode)."""
+        if self.backend is not None:
+            return functools.partial(self.backend.decode, skip_special_tokens=skip_special_tokens)
+        return lambda ids: self.decode(ids, skip_special_tokens, raw=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool, raw: bool = False) -> str:
         """The tokenizer's decode; `raw`: without its clean-up rewrite (straight to the `tokenizers`
@@ -120,7 +128,7 @@ class TextStream:
         self.boundary: int | None = 0 if self.free_tokens == 0 else None
         self.ids: list[int] = []
         self.byte_run = 0  # trailing byte-fallback tokens, not decoded yet
-        self.window = _Window(lambda ids: detok.decode(ids, self.skip_special_tokens, raw=True))
+        self.window = _Window(detok.raw_decode(self.skip_special_tokens))
         self.cleaner = _Cleaner(detok.rewrite)
         self.stable_len = 0  # characters of text that no later token can change
         self.recent = ""  # the last `longest - 1` of them: where a stop string may have begun
@@ -136,7 +144,8 @@ class TextStream:
         self.ids.append(token_id)
         if self.lazy:
             return False
-        self.byte_run = self._byte_run(token_id)
+        if self.byte_run or token_id in self.detok.byte_ids:  # else it stays 0
+            self.byte_run = self._byte_run(token_id)
         raw = self.window.advance(self.ids, len(self.ids) - self.byte_run)
         new = self.cleaner.feed(raw)
         if len(self.ids) == self.free_tokens:
@@ -154,15 +163,17 @@ class TextStream:
     def _add(self, new: str) -> None:
         before = self.stable_len
         self.stable_len += len(new)
-        if self.stops:
-            text = self.recent + new
-            offset = before - len(self.recent)  # where text[0] is in the whole text
-            self.recent = text[max(0, len(text) - self.longest + 1) :]
-            if self.boundary is not None:
-                hit = first_stop(text, self.stops, max(before, self.boundary) - offset)
-                if hit is not None:
-                    self.cut, self.matched = offset + hit[0], hit[1]
-                    return
+        if not self.stops:  # nothing is held back: all of it goes out
+            self._release(new)
+            return
+        text = self.recent + new
+        offset = before - len(self.recent)  # where text[0] is in the whole text
+        self.recent = text[max(0, len(text) - self.longest + 1) :]
+        if self.boundary is not None:
+            hit = first_stop(text, self.stops, max(before, self.boundary) - offset)
+            if hit is not None:
+                self.cut, self.matched = offset + hit[0], hit[1]
+                return
         self.held += new
         keep = self._stop_prefix_len() if self.trim else 0
         self._release(self.held[: len(self.held) - keep])

@@ -30,15 +30,17 @@ class RequestState:
     ended_here: bool = False  # a stop string ended it while stage 0 still runs it: abort it there
 
     def apply(self, out: TokenOut) -> None:
-        if self.finished:
+        if self.finish_reason is not None:
             return
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
         if out.cached_tokens is not None:
             self.cached_tokens = out.cached_tokens
         self.error = out.error
         taken = self._take(out.token_ids)
-        self.logprobs.extend((out.logprobs or [])[:taken])
-        self.top_logprobs.extend((out.top_logprobs or [])[:taken])
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs[:taken])
+        if out.top_logprobs:
+            self.top_logprobs.extend(out.top_logprobs[:taken])
         stopped = self._stopped()
         self.ended_here = stopped and out.finish_reason is None
         if (

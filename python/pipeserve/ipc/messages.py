@@ -78,20 +78,22 @@ class StepOut(msgspec.Struct, tag=True):
     def deltas(self) -> Iterator[TokenOut]:
         """Each request's share, in row order."""
         start = 0
-        with_logprobs, with_top = bool(self.logprobs), bool(self.top_logprobs)
-        for i, rid in enumerate(self.rids):
-            end = start + self.num_tokens[i]
+        ids, logprobs, top = self.token_ids, self.logprobs, self.top_logprobs
+        errors, queue_times, cached = self.errors, self.queue_times, self.cached_tokens
+        rows = zip(self.rids, self.num_tokens, self.finish_reasons, self.prompt_tokens, strict=True)
+        for i, (rid, n, finish_reason, prompt_tokens) in enumerate(rows):
+            end = start + n
             yield TokenOut(
                 rid,
-                self.token_ids[start:end],
-                self.logprobs[start:end] if with_logprobs else None,
-                self.top_logprobs[start:end] if with_top else None,
-                self.finish_reasons[i],
-                self.prompt_tokens[i],
+                ids[start:end],
+                logprobs[start:end] if logprobs else None,
+                top[start:end] if top else None,
+                finish_reason,
+                prompt_tokens,
                 self.completion_tokens[i],
-                self.errors.get(i),
-                self.queue_times.get(i),
-                self.cached_tokens.get(i),
+                errors.get(i) if errors else None,
+                queue_times.get(i) if queue_times else None,
+                cached.get(i) if cached else None,
             )
             start = end
 

@@ -126,7 +126,10 @@ class JobRun:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.states)
+        for s in self.states:  # noqa: SIM110 - a loop, not all(): asked per stream per step
+            if s.finish_reason is None:
+                return False
+        return True
 
 
 class Frontend:
