@@ -35,6 +35,9 @@ _UNSAFE_TAILS = frozenset(p[1:k] for p in CLEANUP_PATTERNS for k in range(1, len
 _PROBE = "a . b , c n't d 's"
 _UNKNOWN_REWRITE = object()  # the tokenizer rewrites its text in a way this module cannot follow
 _BACKOFF_TOKENS = 16  # beyond this many undecodable tokens, retry only every quarter as many
+# a window grows to this many tokens before it moves on: a token costs one short decode, and one
+# more only every few tokens, where the window moves
+_WINDOW_TOKENS = 8
 
 
 class Detokenizer:
@@ -228,9 +231,9 @@ def first_stop(text: str, stops: tuple[str, ...], after: int) -> tuple[int, str]
 
 
 class _Window:
-    """Incremental decode: decodes the tokens not yet turned into text together with the tokens
-    of the previous step as left context (a decoder may treat a sequence's first token specially,
-    e.g. strip its leading space), and returns the text beyond that context."""
+    """Incremental decode: decodes the tokens not yet turned into text together with a few tokens
+    before them as left context (a decoder may treat a sequence's first token specially, e.g.
+    strip its leading space), and returns the text beyond that context."""
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self.decode = decode
@@ -249,16 +252,20 @@ class _Window:
             self._back_off(limit)
             return ""
         tail = text[len(self.context) :]
-        stable = tail.rstrip("\ufffd")  # only a trailing U+FFFD may still become a character
-        new = stable[self.taken :]
-        self.taken = max(self.taken, len(stable))
-        if stable and stable == tail:  # all of it is text: the next window starts here
+        if not tail or tail[-1] == "\ufffd":  # only a trailing U+FFFD may still become a character
+            stable = tail.rstrip("\ufffd")
+            new = stable[self.taken :]
+            self.taken = max(self.taken, len(stable))
+            self._back_off(limit)
+            return new
+        new = tail[self.taken :]  # all of it is text
+        if limit - self.start <= _WINDOW_TOKENS:  # the whole window is the next one's context
+            self.context = text
+        else:  # the next window starts at the tokens just read (one decode more)
             if self.start != self.read:
                 tail = self.decode(ids[self.read : limit])
-            self.start, self.read, self.context, self.taken = self.read, limit, tail, 0
-            self.next_try = 0
-        else:
-            self._back_off(limit)
+            self.start, self.context = self.read, tail
+        self.read, self.taken, self.next_try = limit, 0, 0
         return new
 
     def _back_off(self, limit: int) -> None:
