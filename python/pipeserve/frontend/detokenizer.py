@@ -37,7 +37,7 @@ _UNKNOWN_REWRITE = object()  # the tokenizer rewrites its text in a way this mod
 _BACKOFF_TOKENS = 16  # beyond this many undecodable tokens, retry only every quarter as many
 # a window grows to this many tokens before it moves on: a token costs one short decode, and one
 # more only every few tokens, where the window moves
-_WINDOW_TOKENS = 8
+_WINDOW_TOKENS = 4
 
 
 class Detokenizer:
