@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
 from pipeserve.server.workers import DEAD_LINGER_S
-from pipeserve.utils import run_profiled
+from pipeserve.utils import freeze_heap, run_profiled
 
 logger = logging.getLogger("pipeserve.launcher")
 
@@ -180,8 +179,7 @@ def _serve(cfg: ServerConfig) -> int:
         "" if cfg.api_server_count == 1 else "s",
     )
     print(f"pipeserve ready at {cfg.url}", flush=True)
-    gc.collect()
-    gc.freeze()  # start-up's objects live on, as in the ranks (stage/main.py): no collection walks them
+    freeze_heap()
     try:
         run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
     finally:

@@ -150,7 +150,7 @@ def run_frontend(
     """A spawned front end's main: serves until the launcher says otherwise."""
     from pipeserve.env import Env
     from pipeserve.server.assemble import assemble, uvicorn_server
-    from pipeserve.utils import quiet_exit, run_profiled, set_process_title
+    from pipeserve.utils import freeze_heap, quiet_exit, run_profiled, set_process_title
 
     set_process_title(f"pipeserve-frontend{owner}")
     logging.basicConfig(
@@ -181,6 +181,7 @@ def run_frontend(
         DEAD_LINGER_S, setattr, server, "should_exit", True
     )
     frontend.on_started = lambda: conn.send(("ready", owner))
+    freeze_heap()  # as the launcher's front end: no collection walks the imports' objects
     run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, f"frontend{owner}")
     quiet_exit(0)
 

@@ -3,7 +3,6 @@ report ready, run the PP loop, exit with `os._exit` (receiver threads may still 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -34,7 +33,7 @@ from pipeserve.runner.model_runner import ModelRunner
 from pipeserve.scheduler.finish import FinishChecker
 from pipeserve.scheduler.scheduler import Scheduler
 from pipeserve.stage.worker import StageWorker
-from pipeserve.utils import run_profiled, set_process_title
+from pipeserve.utils import freeze_heap, run_profiled, set_process_title
 
 logger = logging.getLogger("pipeserve.worker")
 
@@ -45,10 +44,7 @@ def run_rank(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
     code = 0
     try:
         worker = _build(cfg, spec, report)
-        # the model, tables, torch and Triton live as long as the process: once frozen (start-up's
-        # garbage collected first, not kept), no collection walks them
-        gc.collect()
-        gc.freeze()
+        freeze_heap()  # the model, tables, torch and Triton
         report.put(
             (
                 "ready",
