@@ -113,9 +113,11 @@ make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   cpu() { for p in $sp $(pgrep -f '^pipeserve-'); do echo "$p $(tr -d '\0' </proc/$p/cmdline | cut -c1-40) \
 $(awk '{print "user", $14, "system", $15}' /proc/$p/stat)"; done; }
   cpu >"$O/servingspy_cpu_before.txt"
-  for p in $fes; do
-    /tmp/site/bin/py-spy record --nonblocking --pid "$p" --rate 250 --format raw --duration 40 \
+  how="--native"  # the first front end with native frames (syscalls, the collector; pauses it per
+  for p in $fes; do  # sample), the others without pausing them
+    /tmp/site/bin/py-spy record $how --pid "$p" --rate 250 --format raw --duration 40 \
       -o "$O/servingspy_fe_$p.txt" >>"$LOG" 2>&1 &
+    how="--nonblocking"
   done
   step 200 python3 benchmark/bench_serving.py --base-url http://127.0.0.1:30555 --server-pid "$sp" \
     --num-prompts 4096 --concurrency 256 --input-len 30 --output-len 128 --client-procs ${PROCS:-16} \
