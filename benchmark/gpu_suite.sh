@@ -125,6 +125,9 @@ $(awk '{print "user", $14, "system", $15}' /proc/$p/stat)"; done; }
   cpu >"$O/servingspy_cpu_after.txt"
   kill -INT $(pgrep -f 'py-spy record') 2>/dev/null; sleep 2
   kill -TERM "$sp"; wait "$sp"
+  for f in "$O"/servingspy_fe_*.txt; do  # summaries only: few files come back from a call
+    python3 benchmark/spy_summary.py "$f" --self 60 --inclusive 100 >"${f%.txt}.md" && rm -f "$f"
+  done
   ;;
 serving8b)  # one GPU, 8B: served streaming against offline, the serving1b workload, PROCS
   # client processes (default 24) checked against twice as many
