@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from pipeserve.server.push import RAW_SEND, ChunkWriter, Pusher, with_raw_send
 from pipeserve.utils import free_port
@@ -67,14 +68,14 @@ def test_a_send_that_raises_is_logged_and_does_not_reach_the_caller(caplog):
     assert "could not be sent" in caplog.text
 
 
-def _serve_stream(app, port: int):
-    """`app` under uvicorn with httptools (as the launcher runs it) in a thread; its server."""
+def _serve_stream(app, port: int, http: str = "httptools"):
+    """`app` under uvicorn (with httptools, as the launcher runs it) in a thread; its server."""
     import threading
 
     import uvicorn
 
     server = uvicorn.Server(
-        uvicorn.Config(with_raw_send(app), port=port, http="httptools", log_level="warning")
+        uvicorn.Config(with_raw_send(app), port=port, http=http, log_level="warning")
     )
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 20
@@ -84,9 +85,11 @@ def _serve_stream(app, port: int):
     return server
 
 
-def test_middle_chunks_go_straight_to_the_connection_and_arrive_whole_in_order():
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_middle_chunks_go_straight_to_the_connection_and_arrive_whole_in_order(http):
     """Under uvicorn's httptools server, a stream's middle chunks take the ChunkWriter (no send
-    per chunk); the client still reads a well-formed chunked body: every chunk, in order."""
+    per chunk); the client still reads a well-formed chunked body: every chunk, in order. Under
+    h11, which frames chunks itself, every chunk goes through send."""
     seen: dict[str, object] = {}
 
     async def app(scope, receive, send):
@@ -110,13 +113,16 @@ def test_middle_chunks_go_straight_to_the_connection_and_arrive_whole_in_order()
             await pusher.task
 
     port = free_port()
-    server = _serve_stream(app, port)
+    server = _serve_stream(app, port, http)
     try:
         body = httpx.get(f"http://127.0.0.1:{port}/", timeout=10).content
     finally:
         server.should_exit = True
-    assert isinstance(seen["writer"], ChunkWriter)
-    assert seen["sends_for_middle_chunks"] == 0
+    if http == "httptools":
+        assert isinstance(seen["writer"], ChunkWriter)
+        assert seen["sends_for_middle_chunks"] == 0
+    else:
+        assert seen["writer"] is None and seen["sends_for_middle_chunks"] == 200
     assert body == b"".join(b"chunk %d;" % i for i in range(200)) + b"end"
 
 
@@ -145,8 +151,8 @@ def test_a_paused_connection_takes_chunks_through_send_in_order():
 
     async def main() -> None:
         cycle = Cycle()
-        pusher = Pusher(cycle.send)
-        assert isinstance(pusher.writer, ChunkWriter)
+        assert ChunkWriter.of(cycle.send) is None  # not uvicorn's httptools cycle
+        pusher = Pusher(cycle.send, ChunkWriter(cycle))
         pusher.push_chunk(b"a")
         pusher.push_chunk(b"b")  # queued behind the waiting send, not written past it
         assert cycle.written == [] and pusher.task is not None

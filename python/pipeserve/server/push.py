@@ -72,8 +72,9 @@ class ChunkWriter:
     def of(cls, send: Send) -> ChunkWriter | None:
         cycle = getattr(send, "__self__", None)
         names = ("transport", "flow", "disconnected", "chunked_encoding", "response_complete")
-        if cycle is None or not all(hasattr(cycle, n) for n in names):
-            return None  # another server, or a wrapped send: every chunk goes through send
+        httptools = type(cycle).__module__ == "uvicorn.protocols.http.httptools_impl"
+        if not httptools or not all(hasattr(cycle, n) for n in names):
+            return None  # another server (h11 frames chunks itself), or a wrapped send
         return cls(cycle)
 
     def write(self, body: bytes) -> bool:
@@ -93,9 +94,9 @@ class Pusher:
     call; one that must wait (the client reads slowly) finishes in a task, and later messages
     queue behind it."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, writer: ChunkWriter | None = None) -> None:
         self.send = send
-        self.writer = ChunkWriter.of(send)
+        self.writer = writer or ChunkWriter.of(send)
         self.backlog: collections.deque[dict] = collections.deque()
         self.task: asyncio.Task | None = None
 
