@@ -84,7 +84,8 @@ class ChunkWriter:
             return False
         if c.response_complete:
             return False
-        c.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        if body:  # an empty chunk would end the body: nothing is written for none
+            c.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
         return True
 
 
