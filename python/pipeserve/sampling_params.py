@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -114,8 +115,8 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         """Plain values that `from_dict` turns back into an equal object."""
         return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in fields(self)
+            name: list(v) if isinstance(v := getattr(self, name), tuple) else v
+            for name in _field_names()
         }
 
     def choices(self) -> list[SamplingParams]:
@@ -139,9 +140,20 @@ class SamplingParams:
         )
 
 
+@functools.cache
 def accepted_names() -> tuple[str, ...]:
     """Every key `SamplingParams.from_dict` accepts, aliases included."""
     return tuple(sorted([f.name for f in fields(SamplingParams)] + list(_ALIASES)))
+
+
+@functools.cache
+def _accepted_set() -> frozenset[str]:
+    return frozenset(accepted_names())
+
+
+@functools.cache
+def _field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(SamplingParams))
 
 
 def wrap_int64(value: int) -> int:
@@ -160,13 +172,13 @@ def show(value: Any) -> str:
 
 
 def _check_known_keys(d: Mapping[Any, Any]) -> None:
-    accepted = accepted_names()
+    accepted = _accepted_set()
     unknown = [key for key in d if key not in accepted]
     if unknown:
         raise SamplingParamsError(
             str(unknown[0]),
             f"unknown sampling parameter(s) {', '.join(map(show, unknown))}; "
-            f"accepted names are: {', '.join(accepted)}",
+            f"accepted names are: {', '.join(accepted_names())}",
         )
 
 

@@ -14,7 +14,8 @@ from pipeserve.server.protocol import ApiError, Job
 
 def expand(job: Job) -> list[tuple[list[int], SamplingParams, list[ImageIn]]]:
     """One (prompt, params, images) per choice of every prompt (see SamplingParams.choices)."""
-    choice_params = dataclasses.replace(job.params, n=job.n).choices()
+    params = job.params if job.params.n == job.n else dataclasses.replace(job.params, n=job.n)
+    choice_params = params.choices()
     return [(ids, p, job.images_of(i)) for i, ids in enumerate(job.prompts) for p in choice_params]
 
 
