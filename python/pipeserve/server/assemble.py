@@ -112,11 +112,12 @@ def uvicorn_server(cfg: ServerConfig, app: Any, own_signals: bool) -> Any:
                 else:
                     super().handle_exit(sig, frame)
 
+    from pipeserve.server.app import direct_routes
     from pipeserve.server.push import with_raw_send
 
     return Server(
         uvicorn.Config(
-            with_raw_send(app),
+            with_raw_send(direct_routes(app)),
             log_level=cfg.engine.log_level,
             access_log=False,
             timeout_graceful_shutdown=5,  # after the drain: for the last answers to go out
