@@ -309,17 +309,18 @@ def engine_kwargs(flags: list[str]) -> dict:
 
 
 def offline_tok_per_s(flags: list[str], args: argparse.Namespace) -> list[float]:
-    """Output tokens/s of `Engine.generate` on the benchmark's prompts, all submitted at once,
-    in each of --offline-repeats runs on one engine; start-up and an 8-prompt warm-up are not
-    timed."""
+    """Output tokens/s of `Engine.generate` on prompts of the benchmark's shape, all submitted at
+    once, in each of --offline-repeats runs on one engine, each with prompts of its own (as every
+    served run: none is in the prefix cache); start-up and an 8-prompt warm-up are not timed."""
     from pipeserve import Engine
 
-    prompts = make_prompts(args.num_prompts, args.input_len, shared=args.shared_prefix)
     params = {"temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": args.ignore_eos}
     runs = []
     with Engine(**engine_kwargs(flags)) as engine:
         engine.generate(make_prompts(8, args.input_len, seed=1), params)
-        for _ in range(args.offline_repeats):
+        for k in range(args.offline_repeats):
+            seed = (1 << 30) + k  # past the served runs' seeds
+            prompts = make_prompts(args.num_prompts, args.input_len, seed, args.shared_prefix)
             start = time.perf_counter()
             out = engine.generate(prompts, params)
             wall = time.perf_counter() - start
@@ -361,6 +362,13 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             add_offline(mine, flags, args)
         rows += mine
     return rows
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_args() -> argparse.Namespace:
@@ -410,7 +418,12 @@ def parse_args() -> argparse.Namespace:
         help="rerun each point with 2x --client-procs, then 1x again",
     )
     add("--offline-engine", action="store_true", help="also run the prompts through Engine")
-    add("--offline-repeats", type=int, default=3, help="offline runs; their median is the figure")
+    add(
+        "--offline-repeats",
+        type=positive_int,
+        default=3,
+        help="offline runs, each with fresh prompts; their median is the figure",
+    )
     add("--timeout", type=float, default=600)
     add("--json", default=None)
     add("--plot", default=None, help="PNG: tokens/s, TTFT and TPOT against the sweep")

@@ -145,6 +145,9 @@ def test_a_paused_connection_takes_chunks_through_send_in_order():
         def write(self, data: bytes) -> None:
             self.written.append(data)
 
+        def is_closing(self) -> bool:
+            return False
+
         async def send(self, message: dict) -> None:
             if self.flow.write_paused:
                 await self.resumed.wait()

@@ -82,7 +82,7 @@ class ChunkWriter:
         c = self.cycle
         if c.disconnected or c.flow.write_paused or c.chunked_encoding is not True:
             return False
-        if c.response_complete:
+        if c.response_complete or c.transport.is_closing():  # the send drops or logs it
             return False
         if body:  # an empty chunk would end the body: nothing is written for none
             c.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
