@@ -106,7 +106,7 @@ class Pusher:
         server lets (ChunkWriter), else sent as `push` sends."""
         if self.task is None and self.writer is not None and self.writer.write(body):
             return
-        self.push({"type": "http.response.body", "body": body, "more_body": True})
+        self.push(_body([body], True))
 
     def push(self, message: dict) -> None:
         if self.task is not None:
