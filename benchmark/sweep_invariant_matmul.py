@@ -26,8 +26,9 @@ from pipeserve.model.invariant_matmul import Tiles
 
 CANDIDATES = {
     "ref": im.REFERENCE,
-    # rows as the MMA's M side: these spill at 255 registers (ptxas -v, sm_90a) and ran 1.5-3x
-    # slower than the swapped tiles at every M on an H100; 64x64 stays as a check of equality
+    # the persistent kernel (`_matmul_kernel`): rows as the MMA's M side spill at 255 registers
+    # (ptxas -v, sm_90a) and ran 1.5-3x slower than the swapped tiles at every M on an H100;
+    # 64x64 stays as a check of equality
     "64x64w4": Tiles(64, 64, 64, 4, 4, per_sm=2),
     "swap32x128": Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2),
     "swap32x64": Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2),
@@ -35,11 +36,21 @@ CANDIDATES = {
     "swap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, per_sm=4),
     "swap16x128": Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2),
     "mma16x64": Tiles(16, 64, 64, 4, 4, per_sm=4),  # BLOCK_M 16: mma.sync, not wgmma
-    # not yet timed: larger swapped tiles for M = 256 (no spills under ptxas -v, sm_90a)
-    "swap64x128w8": Tiles(64, 128, 64, 8, 4, swap=True),
-    "swap32x256w8": Tiles(32, 256, 64, 8, 3, swap=True),
-    "swap64x256w8": Tiles(64, 256, 64, 8, 3, swap=True),
-    "swap128x128w8": Tiles(128, 128, 64, 8, 3, swap=True),
+    # one program per tile (`_plain_kernel`), loads through tensor descriptors (TMA)
+    "tma128x128w8": Tiles(128, 128, 64, 8, 3, plain=True, tma=True),
+    "tma128x128w4s4": Tiles(128, 128, 64, 4, 4, plain=True, tma=True),
+    "tma128x256w8": Tiles(128, 256, 64, 8, 3, plain=True, tma=True),
+    "tma64x128w4": Tiles(64, 128, 64, 4, 4, plain=True, tma=True),
+    "tma64x256w8": Tiles(64, 256, 64, 8, 3, plain=True, tma=True),
+    "tmaswap64x128w4": Tiles(64, 128, 64, 4, 4, swap=True, plain=True, tma=True),
+    "tmaswap32x128": Tiles(32, 128, 64, 4, 4, swap=True, plain=True, tma=True),
+    "tmaswap16x128": Tiles(16, 128, 64, 4, 4, swap=True, plain=True, tma=True),
+    "tmaswap16x64": Tiles(16, 64, 64, 4, 4, swap=True, plain=True, tma=True),
+    "tmaswap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, plain=True, tma=True),
+    "tmaswap16x32w2": Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
+    # the same kernel with pointer loads
+    "plain128x128w8": Tiles(128, 128, 64, 8, 3, plain=True),
+    "plainswap16x64": Tiles(16, 64, 64, 4, 4, swap=True, plain=True),
 }
 SIZES = (1, 32, 256, 2048)
 HEAD_SIZES = (1, 32, 256)  # lm_head: decode batches
@@ -103,7 +114,7 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
         ref = im.matmul(x, w, None, im.REFERENCE, splits)
         every = range(1, 301) if splits in (1, rule) else (1, 2, 17, 32, 64, 65, 129, 256, 300)
         every = [*every, *(m for m in sizes if m > 300)]
-        for name, tiles in CANDIDATES.items():
+        for name, tiles in ((c, CANDIDATES[c]) for c in args.candidates):
             row = {**base, "what": name, "splits": splits}
             row["mismatch_m"] = mismatches(x, w, tiles, splits, ref, every)
             for m in sizes:
@@ -131,7 +142,7 @@ def summarize(rows: list[dict]) -> None:
                 f" gemv {default['us1']:.1f}" if m == 1 else ""
             )
             print(f"  M={m:<4} {base} | {line}")
-    for name in CANDIDATES:
+    for name in {r["what"] for r in rows if "splits" in r}:
         bad = [r for r in rows if r.get("what") == name and r["mismatch_m"]]
         print(f"{name}: {'rows differ in ' + str(len(bad)) + ' runs' if bad else 'bitwise equal'}")
 
@@ -142,10 +153,17 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--replays", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--candidates", default=",".join(CANDIDATES), help="names, comma-separated")
+    p.add_argument("--layers", default="qkv,o,gate_up,down,lm_head")
     args = p.parse_args()
+    args.candidates = args.candidates.split(",")
+    if unknown := set(args.candidates) - set(CANDIDATES):
+        p.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES)}")
     rows = []
     for shape in args.shapes.split(","):
         for layer, (n, k) in layer_shapes(shape).items():
+            if layer not in args.layers.split(","):
+                continue
             rows += sweep_layer(shape, layer, n, k, args)
             print(f"done {shape} {layer}", flush=True)
             if args.json:  # after each layer: a run cut short keeps what it measured

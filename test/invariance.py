@@ -89,14 +89,18 @@ def probe_runs(
     return runs
 
 
+MMA_K = 16  # the K of one bf16 MMA instruction
+
+
 @contextlib.contextmanager
 def row_exact_interpreter_dot():
     """Triton's interpreter computes `tl.dot` with numpy's BLAS, whose result for a row depends on
     the row's place in the tile (OpenBLAS 0.3.31: 10 of 16 rows of a 16x16 @ 16x64 differ when
     moved), unlike a GPU's MMA, whose every output element is the same sequence of steps. Inside
-    this context the interpreter multiplies tiles with one sequential sum per element instead
-    (bf16 operands widened exactly to fp32), so that a kernel's batch invariance is testable on
-    CPU."""
+    this context the interpreter multiplies tiles with one sequential sum per element and MMA
+    step of MMA_K (bf16 operands widened exactly to fp32), the steps added to the accumulator in
+    turn as the MMA adds them, so that a kernel's batch invariance, under any BLOCK_K, is
+    testable on CPU."""
     from triton.runtime import interpreter
 
     original = interpreter.InterpreterBuilder.create_dot
@@ -107,8 +111,11 @@ def row_exact_interpreter_dot():
         return h.data.astype(np.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        product = np.einsum("ik,kj->ij", widened(a), widened(b), optimize=False)
-        return interpreter.TensorHandle(product.astype(d.data.dtype) + d.data, d.dtype.scalar)
+        wa, wb, acc = widened(a), widened(b), d.data
+        for k0 in range(0, wa.shape[1], MMA_K):  # each MMA step's sum, added in turn
+            step = np.einsum("ik,kj->ij", wa[:, k0 : k0 + MMA_K], wb[k0 : k0 + MMA_K], optimize=False)
+            acc = acc + step.astype(acc.dtype)
+        return interpreter.TensorHandle(acc, d.dtype.scalar)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
     try:

@@ -62,11 +62,17 @@ def test_matmul_k_ranges_are_a_function_of_the_shape_only():
 def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
     """The table's tiles (operands swapped) and REFERENCE, with K in one range or split in ranges
     that run apart (few tiles: the last range to arrive adds them up) or in one program (many
-    tiles), give each row the same bits at any M."""
+    tiles), and plain tiles (one program each) of any BLOCK_K, give each row the same bits at
+    any M."""
     from pipeserve.model import invariant_matmul as im
 
     gen = torch.Generator().manual_seed(0)
-    every = [im.REFERENCE] + [tiles for _, tiles in im.TABLE]
+    plain = [  # one program per tile, pointer loads and tensor descriptors, swapped and not
+        im.Tiles(64, 128, 64, 8, 3, plain=True),
+        im.Tiles(128, 64, 128, 8, 3, plain=True, tma=True),
+        im.Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
+    ]
+    every = [im.REFERENCE, *(tiles for _, tiles in im.TABLE), *plain]
     with row_exact_interpreter_dot():
         for n, k, splits, bias in [(300, 640, 3, True), (96, 1280, 2, False), (200, 256, 1, False)]:
             w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()

@@ -50,6 +50,8 @@ class Tiles:
     stages: int
     swap: bool = False
     per_sm: int = 1  # persistent programs per SM
+    plain: bool = False  # one program per tile, its ranges in order (`_plain_kernel`)
+    tma: bool = False  # plain tiles loaded through tensor descriptors (Hopper's TMA)
 
 
 REFERENCE = Tiles(64, 128, 64, 4, 3)
@@ -183,6 +185,42 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
             tl.store(out + offs, total.to(out.dtype.element_ty), mask=o_mask)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, TMA: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """One program per tile, M fastest, its K ranges one after the other and added in order, as
+    `_matmul_kernel` adds them when they do not run apart. SPLITS is a constant, so that each
+    range's loop is pipelined on its own. With TMA, `x` and `w` are tensor descriptors of
+    (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tile = tl.program_id(0)
+    m0 = (tile % tiles_m) * BLOCK_M
+    n0 = (tile // tiles_m) * BLOCK_N
+    rm = m0 + tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    total = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
+    for s in tl.static_range(SPLITS):
+        k_start = s * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        if TMA:
+            acc = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                a = x.load([m0, k0])
+                b = w.load([n0, k0])
+                if SWAP:
+                    acc = tl.dot(b, tl.trans(a), acc)
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+        else:
+            acc = _range_dot(x, w, rm_safe, rn_safe, k_start, k_end, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        total += acc
+    if HAS_BIAS:
+        total += _bias_tile(bias, rn_safe, SWAP)
+    offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
+    tl.store(out + offs, total.to(out.dtype.element_ty), mask=_tile_mask(rm < M, rn < N, SWAP))
+
+
 @triton.jit
 def _bias_tile(bias, rn, SWAP: tl.constexpr):
     b = tl.load(bias + rn).to(tl.float32)
@@ -207,6 +245,9 @@ def matmul(
     sms = num_sms(x.device)
     splits = splits or k_splits(n, k, sms)
     n_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    if t.plain:
+        _plain(x, weight, bias, out, t, splits, n_tiles)
+        return out
     programs = sms * t.per_sm
     apart = splits > 1 and n_tiles < programs  # the same sums either way (module docstring)
     partial, counters = out, out
@@ -221,3 +262,21 @@ def matmul(
         BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
     return out
+
+
+def _plain(x, weight, bias, out, t: Tiles, splits: int, n_tiles: int) -> None:
+    (m, k), n = x.shape, weight.shape[0]
+    tma = t.tma and x.dtype != torch.float32 and k * x.element_size() % 16 == 0
+    xs, ws = x, weight
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        xs = TensorDescriptor.from_tensor(x, [t.block_m, t.block_k])
+        ws = TensorDescriptor.from_tensor(weight, [t.block_n, t.block_k])
+    has_bias = bias is not None
+    _plain_kernel[(n_tiles,)](
+        xs, ws, bias if has_bias else x, out, m, n, k, x.stride(0), weight.stride(0),
+        split_size(k, splits), SPLITS=splits, TMA=tma, HAS_BIAS=has_bias, SWAP=t.swap,
+        IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.warps, num_stages=t.stages,
+    )  # fmt: skip
