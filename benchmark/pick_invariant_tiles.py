@@ -18,27 +18,32 @@ from bench_offline import SHAPES
 
 def step_sums(rows: list[dict], shape: str, m: int) -> tuple[dict[str, float], float]:
     """Per candidate, the step's projection time (us) at M = m under the rule's splits, for
-    candidates measured on every projection and matching everywhere; and the default's."""
+    candidates measured on every projection and matching everywhere; and the default's. Where
+    the sweep timed gate_up with SiLU * up (`+glu` rows, and cuBLAS then the silu kernel), a
+    step's gate_up is that, for the candidates and the default (M > 1) alike."""
     layers = SHAPES[shape]["layers"]
-    mine = [r for r in rows if r["shape"] == shape]
     weight = {"qkv": layers, "o": layers, "gate_up": layers, "down": layers, "lm_head": 1}
     if m > 256:
         weight.pop("lm_head")
-    sums: dict[str, float] = defaultdict(float)
-    seen: dict[str, set] = defaultdict(set)
+    key = f"us{m}"
+    mine = [r for r in rows if r["shape"] == shape and r["layer"] in weight and key in r]
     bad = {r["what"] for r in mine if r.get("mismatch_m")}
-    default = 0.0
+    times: dict[str, dict[str, float]] = defaultdict(dict)
     for r in mine:
-        w = weight.get(r["layer"])
-        if w is None or f"us{m}" not in r and not (r["what"] == "default" and m == 1):
-            continue
-        if r["what"] == "cublas" and m > 1 or r["what"] == "default" and m == 1:
-            default += w * r[f"us{m}"]
+        if r["what"] == ("default" if m == 1 else "cublas"):
+            times["default"].setdefault(r["layer"], r[key])
+        elif r["what"] == "cublas+silu" and m > 1:
+            times["default"][r["layer"]] = r[key]
         elif r.get("splits") == r["rule_splits"] and r["what"] not in bad:
-            sums[r["what"]] += w * r[f"us{m}"]
-            seen[r["what"]].add(r["layer"])
-    whole = {name: us for name, us in sums.items() if seen[name] == set(weight)}
-    return whole, default
+            name = r["what"].removesuffix("+glu")
+            if r["what"].endswith("+glu") or r["layer"] not in times[name]:
+                times[name][r["layer"]] = r[key]
+    whole = {
+        name: sum(weight[layer] * us for layer, us in t.items())
+        for name, t in times.items()
+        if set(t) == set(weight)
+    }
+    return whole, whole.pop("default", float("nan"))
 
 
 def main() -> None:

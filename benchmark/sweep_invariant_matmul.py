@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from bench_offline import SHAPES
 from pipeserve.model import gemv
+from pipeserve.model.fused import silu_and_mul
 from pipeserve.model import invariant_matmul as im
 from pipeserve.model.invariant_matmul import Tiles
 
@@ -110,6 +111,8 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
     gemv_us = graph_us(lambda: gemv.linear(x[:1], w), args.calls, args.replays)
     rows = [{**base, "what": "cublas", **cublas}, {**base, "what": "default", "us1": gemv_us}]
     tried = {1, rule, rule // 2, rule * 2} & {s for s in (1, 2, 4, 8, 16) if k >= s * im.K_GRANULE}
+    if args.rule_only:
+        tried = set()
     for splits in sorted(tried | {rule}):
         ref = im.matmul(x, w, None, im.REFERENCE, splits)
         every = range(1, 301) if splits in (1, rule) else (1, 2, 17, 32, 64, 65, 129, 256, 300)
@@ -123,6 +126,29 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
             rows.append(row)
             if row["mismatch_m"]:
                 print("MISMATCH", json.dumps(row), flush=True)
+    if layer == "gate_up":
+        rows += sweep_glu(x, w, sizes, base, args)
+    return rows
+
+
+def sweep_glu(x, w, sizes, base: dict, args) -> list[dict]:
+    """gate_up with silu(gate) * up after it: cuBLAS and the silu kernel (the default at M > 1),
+    each candidate's `matmul(glu=True)` (plain tiles: in the epilogue), checked bitwise against
+    the REFERENCE product followed by the silu kernel."""
+    inter = w.shape[0] // 2
+    ref = silu_and_mul(im.matmul(x, w, None, im.REFERENCE), inter)
+    fn = lambda m: silu_and_mul(F.linear(x[:m], w), inter)  # noqa: E731
+    rows = [{**base, "what": "cublas+silu", **{f"us{m}": graph_us(lambda m=m: fn(m), args.calls, args.replays) for m in sizes}}]  # fmt: skip
+    for name, tiles in ((c, CANDIDATES[c]) for c in args.candidates):
+        glu = lambda m, t=tiles: im.matmul(x[:m], w, None, t, glu=True)  # noqa: E731
+        row = {**base, "what": name + "+glu", "splits": base["rule_splits"]}
+        every = (1, 2, 5, 16, 17, 32, 64, 65, 129, 256, 300, *(m for m in sizes if m > 300))
+        row["mismatch_m"] = [m for m in every if not torch.equal(glu(m), ref[:m])]
+        for m in sizes:
+            row[f"us{m}"] = graph_us(lambda m=m: glu(m), args.calls, args.replays)
+        rows.append(row)
+        if row["mismatch_m"]:
+            print("MISMATCH", json.dumps(row), flush=True)
     return rows
 
 
@@ -155,6 +181,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="names, comma-separated")
     p.add_argument("--layers", default="qkv,o,gate_up,down,lm_head")
+    p.add_argument("--rule-only", action="store_true", help="only the rule's K splits")
     args = p.parse_args()
     args.candidates = args.candidates.split(",")
     if unknown := set(args.candidates) - set(CANDIDATES):

@@ -175,14 +175,22 @@ def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def silu_mul_values(g, u):
+        """silu(g) * u of rounded g and u: SiLU in fp32, rounded to g's dtype, times u, the
+        product rounded to g's dtype (exact in fp32 for 16-bit floats, so the same bits as a
+        16-bit multiply; Triton's interpreter multiplies bf16 wrongly). The one definition of
+        its rounding (deterministic mode's matmul fuses it too)."""
+        silu = (g.to(tl.float32) / (1.0 + tl.exp(-g.to(tl.float32)))).to(g.dtype)
+        return (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+    @triton.jit
     def _silu_mul_kernel(gate_up, out, stride, inter, BLOCK: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
         g = tl.load(gate_up + n * stride + cols, mask=mask, other=0.0)
         u = tl.load(gate_up + n * stride + inter + cols, mask=mask, other=0.0)
-        silu = (g.to(tl.float32) / (1.0 + tl.exp(-g.to(tl.float32)))).to(g.dtype)
-        tl.store(out + n * inter + cols, silu * u, mask=mask)
+        tl.store(out + n * inter + cols, silu_mul_values(g, u), mask=mask)
 
 
 # ---- KV cache store ---------------------------------------------------------------------------------

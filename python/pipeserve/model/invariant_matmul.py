@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pipeserve.model.fused import silu_and_mul, silu_mul_values
+
 K_GRANULE = 128  # K ranges start on multiples of this (a multiple of every BLOCK_K)
 MAX_SPLITS = 16
 MIN_SPLIT_K = 2048  # K per range at least: shorter ranges restart the K pipeline too often at
@@ -185,12 +187,24 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
             tl.store(out + offs, total.to(out.dtype.element_ty), mask=o_mask)
 
 
+@triton.jit
+def _mma(a, b, acc, SWAP: tl.constexpr):
+    """acc + a @ b^T (a: batch rows, b: weight rows), or its transpose when SWAP."""
+    if SWAP:
+        acc = tl.dot(b, tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
-def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, TMA: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. SPLITS is a constant, so that each
     range's loop is pipelined on its own. With TMA, `x` and `w` are tensor descriptors of
-    (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends."""
+    (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends. With GLU,
+    `w` holds 2N rows (gate | up) and the tile stores silu(gate) * up of its two products, each
+    first rounded as the matmul stores it (the rounding of `fused.silu_and_mul` after it)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
@@ -199,26 +213,35 @@ def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPL
     rn = n0 + tl.arange(0, BLOCK_N)
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
-    total = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
+    gate = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
+    up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)  # GLU only
     for s in tl.static_range(SPLITS):
         k_start = s * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         if TMA:
             acc = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
+            acc_up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             for k0 in range(k_start, k_end, BLOCK_K):
                 a = x.load([m0, k0])
-                b = w.load([n0, k0])
-                if SWAP:
-                    acc = tl.dot(b, tl.trans(a), acc)
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc)
+                acc = _mma(a, w.load([n0, k0]), acc, SWAP)
+                if GLU:
+                    acc_up = _mma(a, w.load([N + n0, k0]), acc_up, SWAP)
         else:
             acc = _range_dot(x, w, rm_safe, rn_safe, k_start, k_end, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        total += acc
+            if GLU:
+                acc_up = _range_dot(x, w, rm_safe, rn_safe + N, k_start, k_end, stride_x, stride_w, SWAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        gate += acc
+        if GLU:
+            up += acc_up
     if HAS_BIAS:
-        total += _bias_tile(bias, rn_safe, SWAP)
+        gate += _bias_tile(bias, rn_safe, SWAP)
+        if GLU:
+            up += _bias_tile(bias, rn_safe + N, SWAP)
+    result = gate.to(out.dtype.element_ty)
+    if GLU:
+        result = silu_mul_values(result, up.to(out.dtype.element_ty))
     offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
-    tl.store(out + offs, total.to(out.dtype.element_ty), mask=_tile_mask(rm < M, rn < N, SWAP))
+    tl.store(out + offs, result, mask=_tile_mask(rm < M, rn < N, SWAP))
 
 
 @triton.jit
@@ -233,21 +256,26 @@ def matmul(
     bias: torch.Tensor | None = None,
     tiles: Tiles | None = None,
     splits: int | None = None,
+    glu: bool = False,
 ) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T (+ bias) -> (M, N) in x's dtype. `tiles` and `splits`
-    override the table and `k_splits` (the sweep)."""
+    override the table and `k_splits` (the sweep). With `glu`, weight is gate | up (2I, K) and
+    the result silu(gate) * up (M, I), bitwise `fused.silu_and_mul` of the (M, 2I) product: plain
+    tiles compute it in the matmul's epilogue, the others after it."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    t = tiles or tiles_for(m, x.dtype)
+    if glu and not t.plain:
+        return silu_and_mul(matmul(x, weight, bias, t, splits), n // 2)
+    out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    t = tiles or tiles_for(m, x.dtype)
     sms = num_sms(x.device)
     splits = splits or k_splits(n, k, sms)
-    n_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     if t.plain:
-        _plain(x, weight, bias, out, t, splits, n_tiles)
+        _plain(x, weight, bias, out, t, splits, glu)
         return out
+    n_tiles = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     programs = sms * t.per_sm
     apart = splits > 1 and n_tiles < programs  # the same sums either way (module docstring)
     partial, counters = out, out
@@ -264,8 +292,8 @@ def matmul(
     return out
 
 
-def _plain(x, weight, bias, out, t: Tiles, splits: int, n_tiles: int) -> None:
-    (m, k), n = x.shape, weight.shape[0]
+def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
+    (m, n), k = out.shape, x.shape[1]
     tma = t.tma and x.dtype != torch.float32 and k * x.element_size() % 16 == 0
     xs, ws = x, weight
     if tma:
@@ -274,9 +302,9 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, n_tiles: int) -> None:
         xs = TensorDescriptor.from_tensor(x, [t.block_m, t.block_k])
         ws = TensorDescriptor.from_tensor(weight, [t.block_n, t.block_k])
     has_bias = bias is not None
-    _plain_kernel[(n_tiles,)](
+    _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n),)](
         xs, ws, bias if has_bias else x, out, m, n, k, x.stride(0), weight.stride(0),
-        split_size(k, splits), SPLITS=splits, TMA=tma, HAS_BIAS=has_bias, SWAP=t.swap,
+        split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
