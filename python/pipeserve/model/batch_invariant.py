@@ -1,17 +1,19 @@
 """Batch-invariant projections for deterministic mode (`--deterministic`): a row's result depends
 on that row alone, never on how many rows share the call or what they hold.
 
-The same three entry points as `gemv` (the default path), so a layer picks one module or the other
+The same entry points as `gemv` (the default path), so a layer picks one module or the other
 in its constructor and its forward never asks again.
 
-CPU. MKL's sgemm picks its kernel by the row count: one row runs a GEMV, two or three rows a
-small-M kernel, blocks of four rows the blocked GEMM, and the three reduce a row's dot products in
-different orders. With several threads the rows are shared out in blocks of four, and a thread
-left with a partial block takes the small-M kernel again (measured on this build: M = 5 at two
-threads reduces row 4 differently from row 0). So every projection runs on whole blocks of
-ROW_BLOCK rows, the last padded with zero rows: then every row, at any M, any thread count (1-4
-measured) and any place in the batch, is reduced by the one blocked kernel, bitwise the same
-(fp32 and bf16, M up to 1100). `test/test_deterministic.py` checks the premise where it runs.
+CPU. The library picks its kernel by the call's shape and thread count, and its kernels reduce
+a row's dot products in different orders. Measured: on an AMD EPYC, MKL's sgemm ran one row as a
+GEMV, two or three rows in a small-M kernel and blocks of four in the blocked GEMM; on an Intel
+Xeon (AVX-512) fp32 changed kernel again at 16 rows and, at two threads, past 255, and bf16
+(oneDNN) at 33 to 65 rows; batched matmuls changed with the batch count at two threads. So every
+projection is computed in calls of exactly CALL_ROWS rows, the last padded with zero rows: the
+library sees one shape, and a row's bits depend on the row alone (on the Intel machine: fp32
+and bf16, one and two threads, blocks of 4 to 32, M up to 1100, six weight shapes).
+`test/test_deterministic.py` checks the premise where it runs. The attention's matmuls
+(`attention/torch_invariant.py`) pad their rows to ROW_BLOCK; their tests pass on both machines.
 SiLU runs as exp, add and divide: torch's fused SiLU (and sigmoid) rounds the elements of a
 vector's scalar tail differently from the vectorised body, so an element's value would depend on
 where the batch ends.
@@ -28,12 +30,13 @@ import torch.nn.functional as F
 from pipeserve.model.fused import add_rmsnorm, silu_and_mul
 
 ROW_BLOCK = 4  # MKL's row block (measured; see the module docstring)
+CALL_ROWS = 16  # rows per library call of a projection (see the module docstring)
 
 
-def pad_rows(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """`x` with zero rows appended along `dim` up to a whole number of ROW_BLOCKs (at least one)."""
+def pad_rows(x: torch.Tensor, dim: int = 0, block: int = ROW_BLOCK) -> torch.Tensor:
+    """`x` with zero rows appended along `dim` up to a whole number of `block`s (at least one)."""
     m = x.shape[dim]
-    missing = max(ROW_BLOCK, -(-m // ROW_BLOCK) * ROW_BLOCK) - m
+    missing = max(block, -(-m // block) * block) - m
     if not missing:
         return x
     shape = list(x.shape)
@@ -47,7 +50,9 @@ def matmul_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         from pipeserve.model.invariant_matmul import matmul
 
         return matmul(x, weight, bias)
-    return F.linear(pad_rows(x), weight, bias)[: x.shape[0]]
+    padded = pad_rows(x, block=CALL_ROWS)
+    calls = [F.linear(rows, weight, bias) for rows in padded.split(CALL_ROWS)]
+    return torch.cat(calls)[: x.shape[0]]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +85,28 @@ def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
     return (g / (1.0 + torch.exp(-g))).to(gate.dtype) * up
 
 
-def silu_mul_linear(gate_up: torch.Tensor, inter: int, weight: torch.Tensor) -> torch.Tensor:
-    """linear(silu(gate) * up, weight)."""
-    return linear(silu_mul(gate_up, inter), weight)
+def norm_gate_up(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inter: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's first half: (silu(gate) * up of linear(rmsnorm(x + residual)), x + residual).
+    On CUDA, SiLU * up runs in the matmul's epilogue where its tiles allow (the same bits as
+    after it)."""
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
+    if not normed.is_cuda:
+        return silu_mul(linear(normed, weight, bias), inter), summed
+    from pipeserve.model.invariant_matmul import matmul
+
+    shape = normed.shape
+    hidden = matmul(normed.reshape(-1, shape[-1]), weight, bias, glu=True)
+    return hidden.view(*shape[:-1], inter), summed
+
+
+def down_linear(hidden: torch.Tensor, inter: int, weight: torch.Tensor) -> torch.Tensor:
+    """The MLP's second half, of `norm_gate_up`'s hidden."""
+    return linear(hidden, weight)

@@ -88,6 +88,24 @@ def silu_mul_linear(gate_up: torch.Tensor, inter: int, weight: torch.Tensor) -> 
     return _launch(SILU, gate_up.contiguous(), weight, None)
 
 
+def norm_gate_up(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inter: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's first half: (gate_up, x + residual); SiLU * up runs in `down_linear`."""
+    return norm_linear(x, residual, norm_weight, eps, weight, bias)
+
+
+def down_linear(gate_up: torch.Tensor, inter: int, weight: torch.Tensor) -> torch.Tensor:
+    """The MLP's second half, of `norm_gate_up`'s gate_up."""
+    return silu_mul_linear(gate_up, inter, weight)
+
+
 def _launch(prologue, x, weight, bias, res=None, norm_weight=None, eps=0.0, summed=None, blocks=None):  # fmt: skip
     m, (n, k) = x.shape[0], weight.shape
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

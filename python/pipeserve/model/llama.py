@@ -94,9 +94,9 @@ class MLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, ctx, "down_proj")
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """down(silu(gate) * up) of the projected gate | up (N, 2 * inter)."""
-        return self.down_proj.silu_mul_forward(gate_up, self.inter_local)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate) * up) of the hidden from `gate_up_proj.norm_gate_up_forward`."""
+        return self.down_proj.down_forward(hidden, self.inter_local)
 
 
 class DecoderLayer(nn.Module):
@@ -112,10 +112,10 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv, residual = attn.qkv_proj.norm_forward(self.input_layernorm, hidden, residual)
         hidden = attn(qkv, rope, batch, kv, backend)
-        gate_up, residual = mlp.gate_up_proj.norm_forward(
-            self.post_attention_layernorm, hidden, residual
+        hidden, residual = mlp.gate_up_proj.norm_gate_up_forward(
+            self.post_attention_layernorm, hidden, residual, mlp.inter_local
         )
-        return mlp(gate_up), residual
+        return mlp(hidden), residual
 
 
 # HF parameter name -> (our name, shard index) for the projections that are merged here.

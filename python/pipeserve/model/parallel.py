@@ -42,7 +42,8 @@ class ParallelContext:
 
     @property
     def projections(self) -> Any:
-        """The module whose `linear`, `norm_linear` and `silu_mul_linear` the layers call."""
+        """The module whose `linear`, `norm_linear`, `norm_gate_up` and `down_linear` the layers
+        call."""
         return batch_invariant if self.batch_invariant else gemv
 
     def shard(self, size: int, what: str) -> int:
@@ -84,6 +85,15 @@ class ColumnParallelLinear(nn.Module):
         """(self(norm(x + residual)), x + residual); one kernel at batch 1 on CUDA (gemv)."""
         return self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
 
+    def norm_gate_up_forward(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, inter: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP's hidden of norm(x + residual), x + residual), this being gate | up: the
+        hidden in the form that `RowParallelLinear.down_forward` of the same `ops` takes (gate_up,
+        or silu(gate) * up already)."""
+        w, b = self.weight, self.bias
+        return self.ops.norm_gate_up(x, residual, norm.weight, norm.eps, w, b, inter)
+
 
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local W_local^T) + b with W's columns split over TP ranks."""
@@ -107,9 +117,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._reduce(self.ops.linear(x, self.weight))
 
-    def silu_mul_forward(self, gate_up: torch.Tensor, inter: int) -> torch.Tensor:
-        """self(silu(gate) * up) for gate_up (N, 2 * inter); one kernel at batch 1 on CUDA (gemv)."""
-        return self._reduce(self.ops.silu_mul_linear(gate_up, inter, self.weight))
+    def down_forward(self, hidden: torch.Tensor, inter: int) -> torch.Tensor:
+        """self(silu(gate) * up) of the MLP's hidden from `norm_gate_up_forward`."""
+        return self._reduce(self.ops.down_linear(hidden, inter, self.weight))
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         y = self.ctx.all_reduce(partial)
