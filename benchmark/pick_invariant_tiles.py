@@ -50,8 +50,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("json")
     p.add_argument("--top", type=int, default=6)
-    rows = json.load(open(p.parse_args().json))["rows"]
-    top = p.parse_args().top
+    args = p.parse_args()
+    with open(args.json) as f:
+        rows = json.load(f)["rows"]
+    top = args.top
     for shape in sorted({r["shape"] for r in rows}):
         for m in (1, 32, 256, 2048):
             sums, default = step_sums(rows, shape, m)

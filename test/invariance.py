@@ -113,7 +113,9 @@ def row_exact_interpreter_dot():
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         wa, wb, acc = widened(a), widened(b), d.data
         for k0 in range(0, wa.shape[1], MMA_K):  # each MMA step's sum, added in turn
-            step = np.einsum("ik,kj->ij", wa[:, k0 : k0 + MMA_K], wb[k0 : k0 + MMA_K], optimize=False)
+            step = np.einsum(
+                "ik,kj->ij", wa[:, k0 : k0 + MMA_K], wb[k0 : k0 + MMA_K], optimize=False
+            )
             acc = acc + step.astype(acc.dtype)
         return interpreter.TensorHandle(acc, d.dtype.scalar)
 

@@ -190,11 +190,7 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
 @triton.jit
 def _mma(a, b, acc, SWAP: tl.constexpr):
     """acc + a @ b^T (a: batch rows, b: weight rows), or its transpose when SWAP."""
-    if SWAP:
-        acc = tl.dot(b, tl.trans(a), acc)
-    else:
-        acc = tl.dot(a, tl.trans(b), acc)
-    return acc
+    return tl.dot(b, tl.trans(a), acc) if SWAP else tl.dot(a, tl.trans(b), acc)
 
 
 @triton.jit(do_not_specialize=["M"])
