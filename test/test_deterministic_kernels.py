@@ -42,6 +42,42 @@ def check_matmul_rows(device: torch.device, dtype: torch.dtype, sizes: list[int]
         assert torch.equal(im.matmul(x[7:8], w, b), full[7:8])  # a row alone (the GEMV case)
 
 
+def check_glu_rows(device: torch.device, sizes: list[int], tiles: list) -> None:
+    """matmul(glu=True): silu(gate) * up, in the epilogue of plain tiles, bitwise the product
+    followed by `fused.silu_and_mul`, at any M (bf16)."""
+    from pipeserve.model import fused
+    from pipeserve.model import invariant_matmul as im
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(2 * 96, 640, True), (2 * 200, 256, False)]
+    if device.type == "cuda":
+        shapes += [(2 * 8192, 2048, False), (2 * 14336, 4096, False)]
+    for n, k, bias in shapes:
+        w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
+        b = torch.randn(n, generator=gen).to(device, torch.bfloat16) if bias else None
+        x = torch.randn(max(sizes), k, generator=gen).to(device, torch.bfloat16)
+        want = fused.silu_and_mul(im.matmul(x, w, b, im.REFERENCE), n // 2)
+        for t in tiles:
+            for m in sizes:
+                got = im.matmul(x[:m], w, b, t, glu=True)
+                assert torch.equal(got, want[:m]), (n, k, t, m)
+
+
+@interpreted
+def test_glu_epilogue_gives_the_silu_kernels_bits_interpreted(monkeypatch):
+    from pipeserve.model import fused
+    from pipeserve.model import invariant_matmul as im
+
+    monkeypatch.setattr(fused, "FORCE_TRITON", True)  # the silu kernel on CPU tensors too
+    plain = [
+        im.Tiles(64, 128, 64, 8, 3, plain=True),
+        im.Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
+        im.TABLE[0][1],  # not plain: the silu kernel after the matmul
+    ]
+    with row_exact_interpreter_dot():
+        check_glu_rows(torch.device("cpu"), [1, 5, 70], plain)
+
+
 @interpreted
 def test_matmul_rows_do_not_depend_on_m_interpreted():
     with row_exact_interpreter_dot():
@@ -116,6 +152,8 @@ def test_attention_over_several_key_splits_interpreted():
 def test_matmul_rows_do_not_depend_on_m_cuda(dtype):
     sizes = [1, 2, 3, 8, 16, 17, 64, 65, 127, 128, 256, 300, 1000, 2048]  # the table's bounds
     check_matmul_rows(torch.device("cuda"), dtype, sizes)
+    if dtype == torch.bfloat16:
+        check_glu_rows(torch.device("cuda"), sizes, [None])  # the table's tiles
 
 
 @cuda
