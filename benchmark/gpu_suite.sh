@@ -157,7 +157,7 @@ det)  # deterministic mode's CUDA tests: the Triton matmul's rows over M, the at
   ;;
 detsweep)  # deterministic mode's matmul: candidate tiles checked bitwise and timed (1B, 8B shapes)
   # SWEEP_ARGS: more arguments, e.g. --candidates a,b,c
-  step 540 python3 benchmark/sweep_invariant_matmul.py --shapes 1b,8b ${SWEEP_ARGS:-} --json "$O/sweep_invariant.json"
+  step "${SWEEP_TIMEOUT:-540}" python3 benchmark/sweep_invariant_matmul.py --shapes 1b,8b ${SWEEP_ARGS:-} --json "$O/sweep_invariant.json"
   ;;
 detserve)  # deterministic mode on one GPU: the isolation stress test (2,000 requests), and its
   # cost through the server (1B, streaming, 1 and 64 in flight, default and deterministic twice)

@@ -2,18 +2,25 @@
 step's projections cost under each candidate tile shape (a step: layers x qkv, o, gate_up, down,
 plus lm_head; at M = 2048, a prefill chunk, without lm_head), at the splits of the current rule:
 the fastest candidates whose rows all matched, and the default's cuBLAS/GEMV sum beside them.
-It is how `invariant_matmul.TABLE` is chosen; the choice itself is written there by hand.
+It is how `invariant_matmul.TABLE` is chosen: with --write, the fastest candidate over the
+shapes swept (the sum of each shape's ratio to the default) at M = 1 for up to 16 rows, at 32
+for up to 64, at 256 beyond, is written into the TABLE of the given file.
 
-    python benchmark/pick_invariant_tiles.py /tmp/sweep_invariant.json
+    python benchmark/pick_invariant_tiles.py /tmp/sweep_invariant.json \
+        --write python/pipeserve/model/invariant_matmul.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 
 from bench_offline import SHAPES
+from sweep_invariant_matmul import CANDIDATES
+
+BUCKETS = ((16, 1), (64, 32), (2**62, 256))  # (largest M, the M it is picked at)
 
 
 def step_sums(rows: list[dict], shape: str, m: int) -> tuple[dict[str, float], float]:
@@ -50,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("json")
     p.add_argument("--top", type=int, default=6)
+    p.add_argument("--write", default=None, help="invariant_matmul.py whose TABLE to replace")
     args = p.parse_args()
     with open(args.json) as f:
         rows = json.load(f)["rows"]
@@ -64,6 +72,41 @@ def main() -> None:
             print(f"{shape} M={m:<4} default {default:.0f} us | {line}")
     bad = sorted({r["what"] for r in rows if r.get("mismatch_m")})
     print("rows differ:", ", ".join(bad) or "none")
+    if args.write:
+        write_table(args.write, pick(rows))
+
+
+def pick(rows: list[dict]) -> list[tuple[int, str]]:
+    shapes = sorted({r["shape"] for r in rows})
+    table = []
+    for most, m in BUCKETS:
+        ratios: dict[str, float] = defaultdict(float)
+        for shape in shapes:
+            sums, default = step_sums(rows, shape, m)
+            for name, us in sums.items():
+                ratios[name] += us / default
+        swept = [s for s in shapes if step_sums(rows, s, m)[0]]  # a sweep cut short: fewer
+        ok = {n: r for n, r in ratios.items() if all(n in step_sums(rows, s, m)[0] for s in swept)}
+        table.append((most, min(ok, key=ok.get)))
+        print(f"M <= {most}: {table[-1][1]} (mean ratio {ok[table[-1][1]] / len(swept):.2f}x)")
+    return table
+
+
+def write_table(path: str, table: list[tuple[int, str]]) -> None:
+    bound = {2**62: "2**62"}
+    lines = [
+        f"    ({bound.get(most, most)}, {CANDIDATES[name]!r}),  # {name}" for most, name in table
+    ]
+    body = "TABLE: tuple[tuple[int, Tiles], ...] = (\n" + "\n".join(lines) + "\n)\n"
+    with open(path) as f:
+        text = f.read()
+    text, n = re.subn(
+        r"TABLE: tuple\[tuple\[int, Tiles\], \.\.\.\] = \(\n.*?\n\)\n", body, text, flags=re.S
+    )
+    assert n == 1, "TABLE not found"
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote TABLE into {path}")
 
 
 if __name__ == "__main__":
