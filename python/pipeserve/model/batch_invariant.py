@@ -7,13 +7,14 @@ in its constructor and its forward never asks again.
 CPU. The library picks its kernel by the call's shape and thread count, and its kernels reduce
 a row's dot products in different orders. Measured: on an AMD EPYC, MKL's sgemm ran one row as a
 GEMV, two or three rows in a small-M kernel and blocks of four in the blocked GEMM; on an Intel
-Xeon (AVX-512) fp32 changed kernel again at 16 rows and, at two threads, past 255, and bf16
+Xeon (AVX-512) fp32 changed kernel again at 9-15 rows and, at two threads, past 255, and bf16
 (oneDNN) at 33 to 65 rows; batched matmuls changed with the batch count at two threads. So every
-projection is computed in calls of exactly CALL_ROWS rows, the last padded with zero rows: the
+projection is computed in calls of exactly ROW_BLOCK rows, the last padded with zero rows: the
 library sees one shape, and a row's bits depend on the row alone (on the Intel machine: fp32
-and bf16, one and two threads, blocks of 4 to 32, M up to 1100, six weight shapes).
-`test/test_deterministic.py` checks the premise where it runs. The attention's matmuls
-(`attention/torch_invariant.py`) pad their rows to ROW_BLOCK; their tests pass on both machines.
+and bf16, one and two threads, calls of 4 to 32 rows, M up to 1100, six weight shapes; 4 rows
+decode fastest there, 16 prefill fastest). `test/test_deterministic.py` checks the premise where
+it runs. The attention's matmuls (`attention/torch_invariant.py`) pad their rows to ROW_BLOCK in
+one batched call; their tests pass on both machines.
 SiLU runs as exp, add and divide: torch's fused SiLU (and sigmoid) rounds the elements of a
 vector's scalar tail differently from the vectorised body, so an element's value would depend on
 where the batch ends.
@@ -29,14 +30,13 @@ import torch.nn.functional as F
 
 from pipeserve.model.fused import add_rmsnorm, silu_and_mul
 
-ROW_BLOCK = 4  # MKL's row block (measured; see the module docstring)
-CALL_ROWS = 16  # rows per library call of a projection (see the module docstring)
+ROW_BLOCK = 4  # rows per library call (see the module docstring)
 
 
-def pad_rows(x: torch.Tensor, dim: int = 0, block: int = ROW_BLOCK) -> torch.Tensor:
-    """`x` with zero rows appended along `dim` up to a whole number of `block`s (at least one)."""
+def pad_rows(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`x` with zero rows appended along `dim` up to a whole number of ROW_BLOCKs (at least one)."""
     m = x.shape[dim]
-    missing = max(block, -(-m // block) * block) - m
+    missing = max(ROW_BLOCK, -(-m // ROW_BLOCK) * ROW_BLOCK) - m
     if not missing:
         return x
     shape = list(x.shape)
@@ -50,8 +50,7 @@ def matmul_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         from pipeserve.model.invariant_matmul import matmul
 
         return matmul(x, weight, bias)
-    padded = pad_rows(x, block=CALL_ROWS)
-    calls = [F.linear(rows, weight, bias) for rows in padded.split(CALL_ROWS)]
+    calls = [F.linear(rows, weight, bias) for rows in pad_rows(x).split(ROW_BLOCK)]
     return torch.cat(calls)[: x.shape[0]]
 
 
