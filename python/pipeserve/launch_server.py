@@ -115,17 +115,23 @@ def serve(cfg: ServerConfig) -> int:
 
 
 def _serve(cfg: ServerConfig) -> int:
-    from pipeserve.server.assemble import assemble, listen, load_text, uvicorn_server
+    from pipeserve.server.assemble import LISTEN_BACKLOG, assemble, bind, load_text, uvicorn_server
     from pipeserve.server.workers import FrontendWorkers, Supervised
 
     engine = cfg.engine
     tokenizer = load_text(cfg)  # a missing one fails before any rank starts
     ipc = IpcAddresses.fresh(cfg.api_server_count)
-    ranks = _start_ranks(engine, ipc)
+    sock = bind(cfg.host, cfg.port)  # held while the ranks start (`bind`)
     try:
-        sock = listen(cfg.host, cfg.port)
+        ranks = _start_ranks(engine, ipc)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        sock.listen(LISTEN_BACKLOG)
         workers = FrontendWorkers(cfg, ipc, ranks.info, sock)
     except BaseException:
+        sock.close()
         ranks.stop(grace_s=0)
         raise
     server: Any = None

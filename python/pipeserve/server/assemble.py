@@ -72,14 +72,19 @@ def assemble(
     return Served(frontend, app, model)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening TCP socket on (host, port) that every front end accepts from; bound as
-    uvicorn binds its own (IPv6 for an address with a colon, else IPv4)."""
+LISTEN_BACKLOG = 2048
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The TCP socket on (host, port) that every front end accepts from, bound as uvicorn binds
+    its own (IPv6 for an address with a colon, else IPv4) and not yet listening: bound before
+    the ranks start, so that none of their own ports (gloo's, zmq's: the OS hands out the same
+    ephemeral range) can take it, while a client is refused, not queued, until the server
+    listens."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(2048)
     return sock
 
 
