@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeserve.model.fused import add_rmsnorm, silu_and_mul
+from pipeserve.model.fused import add_rmsnorm
 
 ROW_BLOCK = 4  # rows per library call (see the module docstring)
 
@@ -75,10 +75,9 @@ def norm_linear(
 
 
 def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
-    """silu(gate) * up of gate_up (N, 2 * inter), each element rounded the same wherever it sits:
-    SiLU in fp32 from exp, cast back, then times up (as the fused CUDA kernel rounds)."""
-    if gate_up.is_cuda:
-        return silu_and_mul(gate_up, inter)  # one program per element block: no tail path
+    """silu(gate) * up of gate_up (N, 2 * inter) on CPU, each element rounded the same wherever it
+    sits: SiLU in fp32 from exp, cast back, then times up (as `fused.silu_and_mul` rounds; on CUDA
+    `norm_gate_up` takes it from the matmul)."""
     gate, up = gate_up.split(inter, dim=-1)
     g = gate.float()
     return (g / (1.0 + torch.exp(-g))).to(gate.dtype) * up
