@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detsweep|detserve|det1b|det8b|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detsweep|dettable|detserve|det1b|det8b|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -158,6 +158,14 @@ det)  # deterministic mode's CUDA tests: the Triton matmul's rows over M, the at
 detsweep)  # deterministic mode's matmul: candidate tiles checked bitwise and timed (1B, 8B shapes)
   # SWEEP_ARGS: more arguments, e.g. --candidates a,b,c
   step "${SWEEP_TIMEOUT:-540}" python3 benchmark/sweep_invariant_matmul.py --shapes 1b,8b ${SWEEP_ARGS:-} --json "$O/sweep_invariant.json"
+  ;;
+dettable)  # detsweep, its pick written into this copy's TABLE (the file comes back in $OUT, to
+  # commit), then det1b and det8b with it: one 10-minute call (SWEEP_ARGS as for detsweep)
+  SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-200} bash "$0" detsweep
+  step 30 python3 benchmark/pick_invariant_tiles.py "$O/sweep_invariant.json" \
+    --write python/pipeserve/model/invariant_matmul.py
+  cp python/pipeserve/model/invariant_matmul.py "$O/invariant_matmul_picked.py"
+  for part in det1b det8b; do bash "$0" "$part"; done
   ;;
 detserve)  # deterministic mode on one GPU: the isolation stress test (2,000 requests), and its
   # cost through the server (1B, streaming, 1 and 64 in flight, default and deterministic twice)
