@@ -1,9 +1,9 @@
 """Whether a projection's rows keep their bits at any batch size on this CPU, three ways of
 calling the library: `pad` (one call, rows padded to a whole number of blocks), `bmm` (one
 batched call of block-row matrices) and `calls` (one call per block of rows: what deterministic
-mode does, `batch_invariant.CALL_ROWS`). Each row of a batch of M rows, M from 2 to 1100, is
-compared with the same row computed alone, for six weight shapes, fp32 and bf16, one and two
-threads. Prints a table (OK, or the first shapes and M that differ) and writes JSON.
+mode does, in blocks of `batch_invariant.ROW_BLOCK` rows). Each row of a batch of M rows, M from
+2 to 1100, is compared with the same row computed alone, for six weight shapes, fp32 and bf16,
+one and two threads. Prints a table (OK, or the first shapes and M that differ) and writes JSON.
 
     python benchmark/cpu_row_invariance.py --json /tmp/rows.json
 """

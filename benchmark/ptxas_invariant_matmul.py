@@ -31,7 +31,7 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
     """(ptxas -v's summary, shared bytes) of the plain kernel for tile `t`."""
     fn = im._plain_kernel
     params = list(inspect.signature(fn.fn).parameters)
-    block_n = t.block_n // 2 if glu and t.block_m * t.block_n > im.GLU_MAX_TILE else t.block_n
+    block_n = im.plain_block_n(t, glu)
     sig = {"x": f"tensordesc<bf16[{t.block_m},{t.block_k}]>"}
     sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "bias": "*bf16", "out": "*bf16"}
     sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split")}

@@ -294,9 +294,14 @@ GLU_MAX_TILE = 128 * 128  # glu holds two accumulators: wider tiles run at half 
 # (128 x 256 with glu spilled 2 KB and wanted 245,816 bytes of shared memory on sm_90a; 128 x 128, none)
 
 
+def plain_block_n(t: Tiles, glu: bool) -> int:
+    """The output width a plain tile runs at (GLU_MAX_TILE)."""
+    return t.block_n // 2 if glu and t.block_m * t.block_n > GLU_MAX_TILE else t.block_n
+
+
 def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
     (m, n), k = out.shape, x.shape[1]
-    block_n = t.block_n // 2 if glu and t.block_m * t.block_n > GLU_MAX_TILE else t.block_n
+    block_n = plain_block_n(t, glu)
     tma = t.tma and x.dtype != torch.float32 and k * x.element_size() % 16 == 0
     xs, ws = x, weight
     if tma:
