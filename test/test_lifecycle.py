@@ -178,3 +178,28 @@ def test_signals_late_in_the_shutdown_never_kill_the_launcher(tiny_model):
         assert "Traceback" not in srv.output()
     finally:
         srv.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "moment, extra",
+    [("starting 2 rank(s)", ()), ("ranks ready", ("--api-server-count", "3"))],
+    ids=["while-ranks-load", "while-front-ends-start"],
+)
+def test_a_signal_while_starting_stops_every_process_cleanly(tiny_model, moment, extra):
+    """Before serving, SIGTERM must not kill the launcher outright (its ranks and front ends would
+    be left to notice alone): it unwinds the start-up and exits 0."""
+    args = ("--model-path", tiny_model, "--pp-size", "2", "--cpu-threads", "1", *extra)
+    srv = Server(*args, ready=False)
+    try:
+        deadline = time.monotonic() + 120
+        while moment not in srv.output():
+            assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
+            time.sleep(0.01)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0, srv.output()
+        assert "stopped by SIGTERM while starting" in srv.output()
+        assert "pipeserve ready" not in srv.output()
+        assert srv.leftovers() == []
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.stop(signal.SIGKILL)

@@ -22,6 +22,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.env import Env
 from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.stop_signals import StopSignal, stop_on_signals
 from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=cfg.engine.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    stop_on_signals()  # until uvicorn takes them over
     try:
         if cfg.engine.node_rank > 0:
             return run_worker_node(cfg.engine)
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RankFailure, TokenizerNotFound) as e:  # while starting; later ones are handled apart
         logger.error("pipeserve could not start: %s", e)
         return 1
+    except StopSignal as e:
+        logger.info("stopped by %s while starting", e)
+        return 0
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -89,7 +94,6 @@ def _start_ranks(engine: EngineConfig, ipc: IpcAddresses) -> RankGroup:
 def run_worker_node(engine: EngineConfig) -> int:
     """A node that only hosts ranks; it lives as long as they do."""
     ranks = _start_ranks(engine, IpcAddresses.fresh())
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(0.5)
@@ -99,7 +103,7 @@ def run_worker_node(engine: EngineConfig) -> int:
         if not clean:
             logger.error("%s", str(e).splitlines()[0])
         return 0 if clean else 1
-    except (KeyboardInterrupt, SystemExit):
+    except StopSignal:
         return 0
     finally:
         ranks.stop()
@@ -147,6 +151,7 @@ def _serve(cfg: ServerConfig) -> int:
         supervised = Supervised(ranks, workers)
         served = assemble(cfg, ipc, supervised, ranks.info, 0, on_shutdown, tokenizer)
     except BaseException:
+        workers.tell("stop")  # those built and waiting to serve leave at once
         workers.stop()
         ranks.stop(grace_s=0)
         raise
@@ -171,6 +176,7 @@ def _serve(cfg: ServerConfig) -> int:
             frontend.loop.call_soon_threadsafe(frontend.spawn, drain())
 
     frontend.on_dead = on_dead
+    frontend.on_started = lambda: workers.tell("serve")  # every front end starts serving now
     server = uvicorn_server(cfg, served.app, own_signals=True)
     server.on_signal = on_signal
     server.on_stop_now = lambda: _stop_now(server, frontend, ranks, workers)

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeserve.config import EngineConfig, RankSpec
 from pipeserve.frontend.main_guard import check_main_guard, spawnable_main
+from pipeserve.frontend.stop_signals import signals_deferred
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.utils import free_port, usable_cores
 
@@ -42,17 +43,21 @@ class RankGroup:
         first = cfg.node_rank * cfg.ranks_per_node
         threads = cfg.cpu_threads or max(1, usable_cores() // cfg.ranks_per_node)
         self.procs: dict[int, Any] = {}
-        for local in range(cfg.ranks_per_node):
-            spec = RankSpec(first + local, local, self.dist_init, ipc, threads)
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(cfg, spec, self.report),
-                name=f"pipeserve-rank{spec.rank}",
-                daemon=True,
-            )
-            with spawnable_main():
-                proc.start()
-            self.procs[spec.rank] = proc
+        try:
+            for local in range(cfg.ranks_per_node):
+                spec = RankSpec(first + local, local, self.dist_init, ipc, threads)
+                proc = ctx.Process(
+                    target=_rank_main,
+                    args=(cfg, spec, self.report),
+                    name=f"pipeserve-rank{spec.rank}",
+                    daemon=True,
+                )
+                with spawnable_main(), signals_deferred():
+                    proc.start()
+                    self.procs[spec.rank] = proc  # before a deferred StopSignal: it is stopped
+        except BaseException:  # StopSignal, or a spawn that failed: none outlives the group
+            terminate(self.procs.values())
+            raise
         self.info: dict[str, Any] = {}
         self.exits: dict[int, tuple[float, int | None]] = {}  # rank: (when seen, exit code)
         self.errors: dict[int, str] = {}  # rank: the traceback it reported
@@ -157,16 +162,20 @@ def _signal_name(number: int) -> str:
 
 
 def terminate(procs: Iterable[Any]) -> None:
-    """Terminates the processes still alive; kills those that outlive two more seconds."""
+    """Terminates the processes still alive; kills those that outlive two more seconds, all at
+    once (one by one, a rank would see its peer die first and report a failure of its own)."""
     procs = list(procs)
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
+    deadline = time.monotonic() + 2.0
     for proc in procs:
-        proc.join(2.0)
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
         if proc.is_alive():
             proc.kill()
-            proc.join(2.0)
+    for proc in procs:
+        proc.join(2.0)
 
 
 def _rank_main(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:

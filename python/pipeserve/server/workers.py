@@ -4,7 +4,9 @@ Each runs the same app on the launcher's listening socket, with its own tokenize
 pair to stage 0 (its `owner` index), so tokenizing, detokenizing and streaming scale past one core.
 The launcher supervises: it sees the ranks and these processes die, owns the signals, and tells
 every front end over its control pipe to drain ("drain", grace), that the engine failed ("dead",
-reason) or to stop at once ("stop"). A front end reports ("ready", owner) once it serves.
+reason) or to stop at once ("stop"). A front end reports ("ready", owner) once it is built and
+serves once the launcher's own front end does ("serve"): no client reaches a group that is still
+starting, and a signal then finds the launcher ready for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from pipeserve.frontend.main_guard import spawnable_main
 from pipeserve.frontend.ranks import RankFailure, RankGroup, terminate
+from pipeserve.frontend.stop_signals import signals_deferred
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig
 
@@ -37,21 +40,25 @@ class FrontendWorkers:
         self.procs: dict[int, Any] = {}
         self.pipes: dict[int, Any] = {}
         self.leaving = False  # told to drain or stop: their exits are expected
-        for owner in range(1, cfg.api_server_count):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=run_frontend,
-                args=(cfg, ipc, info, owner, theirs, sock),
-                name=f"pipeserve-frontend{owner}",
-                daemon=True,
-            )
-            with spawnable_main():
-                proc.start()
-            theirs.close()
-            self.procs[owner], self.pipes[owner] = proc, ours
+        try:
+            for owner in range(1, cfg.api_server_count):
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(
+                    target=run_frontend,
+                    args=(cfg, ipc, info, owner, theirs, sock),
+                    name=f"pipeserve-frontend{owner}",
+                    daemon=True,
+                )
+                with spawnable_main(), signals_deferred():
+                    proc.start()
+                    self.procs[owner], self.pipes[owner] = proc, ours  # before a StopSignal
+                theirs.close()
+        except BaseException:  # StopSignal, or a spawn that failed
+            self.stop()
+            raise
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Blocks until every front end serves; raises RankFailure if one fails or is late."""
+        """Blocks until every front end is built; raises RankFailure if one fails or is late."""
         deadline = time.monotonic() + timeout_s
         for owner, pipe in self.pipes.items():
             while not pipe.poll(0.2):
@@ -180,10 +187,22 @@ def run_frontend(
     frontend.on_dead = lambda _: asyncio.get_running_loop().call_later(
         DEAD_LINGER_S, setattr, server, "should_exit", True
     )
-    frontend.on_started = lambda: conn.send(("ready", owner))
+    conn.send(("ready", owner))
+    if not _serve_when_told(conn):
+        quiet_exit(0)
     freeze_heap()  # as the launcher's front end: no collection walks the imports' objects
     run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, f"frontend{owner}")
     quiet_exit(0)
+
+
+def _serve_when_told(conn: Any) -> bool:
+    """Waits for the launcher's "serve"; False if it says anything else first or exits (the pipe
+    closes then, which bounds the wait)."""
+    try:
+        kind, _ = conn.recv()
+    except (EOFError, OSError):
+        return False
+    return kind == "serve"
 
 
 async def _leave_ranks(frontend: Any) -> None:

@@ -1,0 +1,53 @@
+"""The launcher's SIGINT and SIGTERM before it serves (uvicorn takes them over then).
+
+The first one raises StopSignal in the main thread, so the start-up unwinds through its cleanups
+and stops whatever it had started; later ones are ignored, so as not to cut that cleanup short.
+While a child is being spawned the raise waits until the spawn is done (`signals_deferred`): a
+spawn cut in half leaves a child that fails to unpickle its arguments, with a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+
+class StopSignal(BaseException):
+    """SIGINT or SIGTERM while the launcher starts; its argument is the signal's name."""
+
+
+class _State:
+    deferring = 0
+    pending: str | None = None
+
+
+def stop_on_signals() -> None:
+    """Installs the start-up handlers (main thread only, as every handler)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _raise_stop)
+
+
+def _raise_stop(sig: int, _: Any) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    name = signal.Signals(sig).name
+    if _State.deferring:
+        _State.pending = name
+    else:
+        raise StopSignal(name)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A StopSignal that arrives inside waits for the end of the block (a no-op where the handlers
+    are not installed: an offline Engine leaves signals alone)."""
+    _State.deferring += 1
+    try:
+        yield
+    finally:
+        _State.deferring -= 1
+    if not _State.deferring and _State.pending is not None:
+        name, _State.pending = _State.pending, None
+        raise StopSignal(name)
