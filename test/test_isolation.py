@@ -36,11 +36,11 @@ def model_path(tmp_path_factory):
 
 def mixed_requests(rng: random.Random, n: int) -> list[tuple[list[int], dict]]:
     """Prompts of 2-40 tokens; greedy, or seeded sampling with temperature/top-p/top-k; some with a
-    stop token or min_new_tokens; 1-24 new tokens."""
+    stop token or min_new_tokens; 1-12 new tokens."""
     out = []
     for _ in range(n):
         ids = [rng.randrange(3, 128) for _ in range(rng.randrange(2, 41))]
-        params: dict = {"max_new_tokens": rng.randrange(1, 25), "ignore_eos": rng.random() < 0.5}
+        params: dict = {"max_new_tokens": rng.randrange(1, 13), "ignore_eos": rng.random() < 0.5}
         if rng.random() < 0.5:
             params["temperature"] = 0
         else:
