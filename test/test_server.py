@@ -381,6 +381,8 @@ def test_two_servers_side_by_side_and_sigint_sigterm_clean_up(model_path):
     assert codes == [0, 0]
     assert a.leftovers() == [] and b.leftovers() == []
     assert _port_free(a.port) and _port_free(b.port)
+    for srv in (a, b):  # a quiet end: no teardown reports (Triton's bindings, semaphores)
+        assert "leaked" not in srv.output() and "Traceback" not in srv.output(), srv.output()
 
 
 def test_two_node_launch_on_loopback(model_path, expected):

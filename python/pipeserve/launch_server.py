@@ -8,13 +8,13 @@ child process; a rank that dies makes the server fail pending requests and exit 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from typing import Any
@@ -27,7 +27,7 @@ from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
 from pipeserve.server.workers import DEAD_LINGER_S
-from pipeserve.utils import freeze_heap, run_profiled
+from pipeserve.utils import freeze_heap, quiet_exit, run_profiled
 
 logger = logging.getLogger("pipeserve.launcher")
 
@@ -214,11 +214,13 @@ def _stop_now(server: Any, frontend: Any, ranks: RankGroup, workers: Any) -> Non
 
 
 def _exit(code: int) -> None:
-    """Every child is gone: a signal now must not turn the exit code into a death by signal (at
-    exit, Python resets the handlers it installed to the default, but leaves SIG_IGN)."""
+    """Every child is gone: a signal now must not turn the exit code into a death by signal, and
+    the interpreter's teardown has nothing left to do but print the leak reports of Triton's
+    bindings (the tokenizer's `transformers` import loads them), dozens of lines at every stop."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    sys.exit(code)
+    atexit._run_exitfuncs()  # what exit would run first: multiprocessing unlinks its semaphores
+    quiet_exit(code)
 
 
 def _share_metrics(api_server_count: int) -> str | None:

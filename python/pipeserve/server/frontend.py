@@ -349,15 +349,18 @@ class Frontend:
 
     async def shutdown(self, stop_ranks: bool = True) -> None:
         """Stops watching the ranks (they are about to exit) and, with `stop_ranks`, asks stage 0
-        to stop them."""
+        to stop them (also after a failure: without it, live ranks wait out the launcher's grace
+        period, then get killed)."""
         self._unwatch()
         if self.loop is not None:
             self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.dead is None and stop_ranks:
+        if stop_ranks and self.dead is None:
             with contextlib.suppress(EngineDead, zmq.ZMQError):
                 await self._send(ShutdownReq())
+        elif stop_ranks:  # failed: every rank may still live (a front end died), and exit now
+            self._send_nowait(ShutdownReq())
         self.push.close(0)
         self.pull.close(0)
