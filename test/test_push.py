@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from pipeserve.server.push import RAW_SEND, ChunkWriter, Pusher, with_raw_send
+from pipeserve.server.push import RAW_SEND, ChunkWriter, Pusher, PushStream, with_raw_send
 from pipeserve.utils import free_port
 
 
@@ -167,3 +167,39 @@ def test_a_paused_connection_takes_chunks_through_send_in_order():
         assert cycle.written == [b"send:a", b"send:b", b"1\r\nc\r\n"]
 
     asyncio.run(main())
+
+
+def test_a_stream_ended_by_a_failure_takes_no_later_tokens(caplog):
+    """The shutdown fails a stream (its final error event completes the response) while stage 0
+    still runs the request for a moment: the tokens it sends meanwhile must not reach the
+    connection (uvicorn raises on a body after the last)."""
+
+    class Run:
+        finished = False
+
+    class Events:
+        def step(self, changed: list[int]) -> list[bytes]:
+            return [b"data: {}\n\n"]
+
+        def end(self) -> list[bytes]:
+            return []
+
+    async def main() -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:  # as uvicorn's cycle: nothing after the last body
+            if sent and not sent[-1]["more_body"]:
+                raise RuntimeError("Unexpected ASGI message sent, after response completed")
+            sent.append(message)
+
+        stream = PushStream(Run(), Events(), [], lambda: None, lambda e: b"error")
+        stream.pusher = Pusher(send)
+        stream.step([0])
+        stream.failed(RuntimeError("the server is shutting down"))
+        stream.step([0])  # a token that was on its way
+        return sent
+
+    sent = asyncio.run(main())
+    assert [m["more_body"] for m in sent] == [True, False]
+    assert sent[-1]["body"].startswith(b"error")
+    assert "could not be sent" not in caplog.text

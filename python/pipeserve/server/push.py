@@ -200,7 +200,11 @@ class PushStream(Response):
             self.close()
 
     def step(self, changed: list[int]) -> None:
-        """The reader's call after a step in which some of the job's choices changed."""
+        """The reader's call after a step in which some of the job's choices changed; none after
+        the last chunk (a stream failed by the shutdown still gets its tokens until stage 0 has
+        dropped it, and the response is complete: another chunk would be an ASGI error)."""
+        if self.ended:
+            return
         try:
             events = self.events.step(changed)
             if self.run.finished:
