@@ -110,7 +110,10 @@ def sweep_layer(shape: str, layer: str, n: int, k: int, args) -> list[dict]:
     }
     gemv_us = graph_us(lambda: gemv.linear(x[:1], w), args.calls, args.replays)
     rows = [{**base, "what": "cublas", **cublas}, {**base, "what": "default", "us1": gemv_us}]
-    tried = {1, rule, rule // 2, rule * 2} & {s for s in (1, 2, 4, 8, 16) if k >= s * im.K_GRANULE}
+    tried = {1, rule, rule // 2, rule * 2}
+    if args.splits:
+        tried = set(args.splits)
+    tried &= {s for s in (1, 2, 4, 8, 16) if k >= s * im.K_GRANULE}
     if args.rule_only:
         tried = set()
     for splits in sorted(tried | {rule}):
@@ -182,7 +185,13 @@ def main() -> None:
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="names, comma-separated")
     p.add_argument("--layers", default="qkv,o,gate_up,down,lm_head")
     p.add_argument("--rule-only", action="store_true", help="only the rule's K splits")
+    p.add_argument(
+        "--splits",
+        default=None,
+        help="K splits to try besides the rule's, comma-separated (default: 1, rule / 2, rule * 2)",
+    )
     args = p.parse_args()
+    args.splits = [int(s) for s in args.splits.split(",")] if args.splits else None
     args.candidates = args.candidates.split(",")
     if unknown := set(args.candidates) - set(CANDIDATES):
         p.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES)}")
