@@ -151,7 +151,6 @@ def _serve(cfg: ServerConfig) -> int:
         supervised = Supervised(ranks, workers)
         served = assemble(cfg, ipc, supervised, ranks.info, 0, on_shutdown, tokenizer)
     except BaseException:
-        workers.tell("stop")  # those built and waiting to serve leave at once
         workers.stop()
         ranks.stop(grace_s=0)
         raise
@@ -195,7 +194,6 @@ def _serve(cfg: ServerConfig) -> int:
     try:
         run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
     finally:
-        workers.tell("stop")
         workers.stop()
         ranks.stop()
     return 1 if frontend.dead is not None else 0

@@ -90,6 +90,9 @@ class FrontendWorkers:
         self.stop()
 
     def stop(self) -> None:
+        """Tells those still there to stop at once (one waiting to serve, or draining past its
+        time), then terminates what is left."""
+        self.tell("stop")
         terminate(self.procs.values())
 
 
