@@ -1,4 +1,5 @@
-"""The launcher's SIGINT and SIGTERM before it serves (uvicorn takes them over then).
+"""The launcher's SIGINT and SIGTERM before it serves (uvicorn takes them over then), and for the
+whole life of a node that only hosts ranks (`--node-rank > 0`), which never serves.
 
 The first one raises StopSignal in the main thread, so the start-up unwinds through its cleanups
 and stops whatever it had started; later ones are ignored, so as not to cut that cleanup short.
