@@ -4,7 +4,8 @@ plus lm_head; at M = 2048, a prefill chunk, without lm_head), at the splits of t
 the fastest candidates whose rows all matched, and the default's cuBLAS/GEMV sum beside them.
 It is how `invariant_matmul.TABLE` is chosen: with --write, the fastest candidate over the
 shapes swept (the sum of each shape's ratio to the default) at M = 1 for up to 16 rows, at 32
-for up to 64, at 256 beyond, is written into the TABLE of the given file.
+for up to 64, at 256 for up to 256 and at 2048 (a prefill chunk) beyond, is written into the
+TABLE of the given file.
 
     python benchmark/pick_invariant_tiles.py /tmp/sweep_invariant.json \
         --write python/pipeserve/model/invariant_matmul.py
@@ -20,7 +21,7 @@ from collections import defaultdict
 from bench_offline import SHAPES
 from sweep_invariant_matmul import CANDIDATES
 
-BUCKETS = ((16, 1), (64, 32), (2**62, 256))  # (largest M, the M it is picked at)
+BUCKETS = ((16, 1), (64, 32), (256, 256), (2**62, 2048))  # (largest M, the M it is picked at)
 
 
 def step_sums(rows: list[dict], shape: str, m: int) -> tuple[dict[str, float], float]:
@@ -92,10 +93,18 @@ def pick(rows: list[dict]) -> list[tuple[int, str]]:
     return table
 
 
+def short(t) -> str:
+    """`Tiles(...)` as written by hand: the shape positionally, the switches only where set."""
+    flags = "".join(f", {f}=True" for f in ("swap", "plain", "tma") if getattr(t, f))
+    per_sm = f", per_sm={t.per_sm}" if t.per_sm != 1 else ""
+    return f"Tiles({t.block_m}, {t.block_n}, {t.block_k}, {t.warps}, {t.stages}{flags}{per_sm})"
+
+
 def write_table(path: str, table: list[tuple[int, str]]) -> None:
     bound = {2**62: "2**62"}
     lines = [
-        f"    ({bound.get(most, most)}, {CANDIDATES[name]!r}),  # {name}" for most, name in table
+        f"    ({bound.get(most, most)}, {short(CANDIDATES[name])}),  # {name}"
+        for most, name in table
     ]
     body = "TABLE: tuple[tuple[int, Tiles], ...] = (\n" + "\n".join(lines) + "\n)\n"
     with open(path) as f:

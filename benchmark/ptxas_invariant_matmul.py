@@ -15,6 +15,7 @@ import inspect
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -33,7 +34,8 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
     params = list(inspect.signature(fn.fn).parameters)
     block_n = im.plain_block_n(t, glu)
     sig = {"x": f"tensordesc<bf16[{t.block_m},{t.block_k}]>"}
-    sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "bias": "*bf16", "out": "*bf16"}
+    sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "bias": "*bf16"}
+    sig |= {"out": f"tensordesc<bf16[{t.block_m},{block_n}]>"}
     sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split")}
     const = dict(SPLITS=splits, TMA=True, GLU=glu, HAS_BIAS=False, SWAP=t.swap, IEEE=False)
     const |= dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k)
@@ -58,10 +60,11 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
 
 
 def main() -> None:
+    only = sys.argv[1].split(",") if len(sys.argv) > 1 else None  # candidate names
     print(f"triton {triton.__version__}, sm_90a")
     print("| tile | glu | K ranges | ptxas | shared KB |\n|---|---|---|---|---|")
     for name, t in CANDIDATES.items():
-        if not (t.plain and t.tma):
+        if not (t.plain and t.tma) or (only and name not in only):
             continue
         for glu in (False, True):
             for splits in (1, 4):

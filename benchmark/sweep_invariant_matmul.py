@@ -44,6 +44,14 @@ CANDIDATES = {
     "tma64x128w4": Tiles(64, 128, 64, 4, 4, plain=True, tma=True),
     "tma64x256w8": Tiles(64, 256, 64, 8, 3, plain=True, tma=True),
     "tmaswap64x128w4": Tiles(64, 128, 64, 4, 4, swap=True, plain=True, tma=True),
+    # many batch rows on the MMA's narrow side: each weight tile is read by fewer programs (at
+    # M = 256, 32-row tiles read the weights 8 times from L2)
+    "tmaswap64x64w4": Tiles(64, 64, 64, 4, 4, swap=True, plain=True, tma=True),
+    "tmaswap128x64w4": Tiles(128, 64, 64, 4, 4, swap=True, plain=True, tma=True),
+    "tmaswap128x128w4": Tiles(128, 128, 64, 4, 3, swap=True, plain=True, tma=True),
+    "tmaswap128x128w8": Tiles(128, 128, 64, 8, 3, swap=True, plain=True, tma=True),
+    "tmaswap256x64w4": Tiles(256, 64, 64, 4, 3, swap=True, plain=True, tma=True),
+    "tmaswap256x128w8": Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True),
     "tmaswap32x128": Tiles(32, 128, 64, 4, 4, swap=True, plain=True, tma=True),
     "tmaswap16x128": Tiles(16, 128, 64, 4, 4, swap=True, plain=True, tma=True),
     "tmaswap16x64": Tiles(16, 64, 64, 4, 4, swap=True, plain=True, tma=True),

@@ -62,9 +62,10 @@ REFERENCE = Tiles(64, 128, 64, 4, 3)
 # bits (M = 1..300 with K in one range and in the sweep's number of ranges; 9 values of M at
 # the other numbers of ranges tried)
 TABLE: tuple[tuple[int, Tiles], ...] = (
-    (16, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),
-    (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),
-    (2**62, Tiles(32, 128, 64, 4, 4, swap=True, per_sm=2)),
+    (16, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),  # swap16x128
+    (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),  # swap32x64
+    (256, Tiles(128, 64, 64, 4, 4, swap=True, plain=True, tma=True)),  # tmaswap128x64w4
+    (2**62, Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)),  # tmaswap256x128w8
 )
 
 
@@ -235,11 +236,14 @@ def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPL
         gate += _bias_tile(bias, rn_safe, SWAP)
         if GLU:
             up += _bias_tile(bias, rn_safe + N, SWAP)
-    result = gate.to(out.dtype.element_ty)
+    result = gate.to(out.dtype if TMA else out.dtype.element_ty)
     if GLU:
-        result = silu_mul_values(result, up.to(out.dtype.element_ty))
-    offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
-    tl.store(out + offs, result, mask=_tile_mask(rm < M, rn < N, SWAP))
+        result = silu_mul_values(result, up.to(result.dtype))
+    if TMA:  # the descriptor clips the tile at the ends: no per-element offsets held
+        out.store([m0, n0], tl.trans(result) if SWAP else result)
+    else:
+        offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
+        tl.store(out + offs, result, mask=_tile_mask(rm < M, rn < N, SWAP))
 
 
 @triton.jit
@@ -302,16 +306,18 @@ def plain_block_n(t: Tiles, glu: bool) -> int:
 def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
     (m, n), k = out.shape, x.shape[1]
     block_n = plain_block_n(t, glu)
-    tma = t.tma and x.dtype != torch.float32 and k * x.element_size() % 16 == 0
-    xs, ws = x, weight
+    rows_aligned = k * x.element_size() % 16 == 0 and n * out.element_size() % 16 == 0
+    tma = t.tma and x.dtype != torch.float32 and rows_aligned
+    xs, ws, outs = x, weight, out
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         xs = TensorDescriptor.from_tensor(x, [t.block_m, t.block_k])
         ws = TensorDescriptor.from_tensor(weight, [block_n, t.block_k])
+        outs = TensorDescriptor.from_tensor(out, [t.block_m, block_n])
     has_bias = bias is not None
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
-        xs, ws, bias if has_bias else x, out, m, n, k, x.stride(0), weight.stride(0),
+        xs, ws, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
         split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages,
