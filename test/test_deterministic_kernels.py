@@ -30,6 +30,7 @@ def check_matmul_rows(device: torch.device, dtype: torch.dtype, sizes: list[int]
     shapes = [(192, 64, False), (640, 320, True), (96, 1280, False)]
     if device.type == "cuda":
         shapes += [(4096, 4096, False), (6144, 4096, True), (128256, 2048, False)]
+        shapes += [(2048, 8192, False)]  # K in 4 ranges: few rows run them apart (APART)
     for n, k, bias in shapes:
         w = (torch.randn(n, k, generator=gen) * 0.05).to(device, dtype)
         b = torch.randn(n, generator=gen).to(device, dtype) if bias else None
@@ -110,7 +111,7 @@ def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
         im.Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
         im.Tiles(128, 64, 64, 4, 3, swap=True, plain=True, tma=True),  # rows past M: clipped
     ]
-    every = [im.REFERENCE, *(tiles for _, tiles in im.TABLE), *plain]
+    every = [im.REFERENCE, *(tiles for _, tiles in im.TABLE), im.APART[2], *plain]
     with row_exact_interpreter_dot():
         for n, k, splits, bias in [(300, 640, 3, True), (96, 1280, 2, False), (200, 256, 1, False)]:
             w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
@@ -145,13 +146,21 @@ def test_attention_is_the_same_in_any_batch_and_chunking_interpreted(heads, dtyp
 
 
 @interpreted
-def test_attention_over_several_key_splits_interpreted():
-    """300 keys: two splits of 256, merged in order (decode) or as they come (extend)."""
+def test_attention_over_several_key_splits_interpreted(monkeypatch):
+    """300 keys: two splits of 256, merged in order (decode) or as they come (extend); a decode's
+    splits in programs of their own or one after the other in one program (a batch that fills
+    the GPU) alike."""
+    from pipeserve.model.attention import invariant_kernels
+
     with row_exact_interpreter_dot():
         runs = probe_runs("triton_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0))
         ref = probe_runs("torch_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0))
+        monkeypatch.setattr(invariant_kernels, "BUSY_PROGRAMS", 1)
+        serial = probe_runs(
+            "triton_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0)
+        )
     whole, *others = runs
-    for run in others:
+    for run in [*others, *serial]:
         assert torch.equal(run, whole)
     torch.testing.assert_close(whole, ref[0], atol=1e-5, rtol=0)
 

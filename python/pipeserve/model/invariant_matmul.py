@@ -62,16 +62,28 @@ REFERENCE = Tiles(64, 128, 64, 4, 3)
 # bits (M = 1..300 with K in one range and in the sweep's number of ranges; 9 values of M at
 # the other numbers of ranges tried)
 TABLE: tuple[tuple[int, Tiles], ...] = (
-    (16, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)),  # swap16x128
+    (16, Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True)),  # tmaswap16x32w2
     (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),  # swap32x64
     (256, Tiles(128, 64, 64, 4, 4, swap=True, plain=True, tma=True)),  # tmaswap128x64w4
     (2**62, Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)),  # tmaswap256x128w8
 )
 
 
-def tiles_for(m: int, dtype: torch.dtype) -> Tiles:
+# (largest M, fewest K ranges, tiles): a few rows over a K cut in that many ranges or more run
+# the ranges apart, as programs of their own (the persistent kernel), where plain tiles run a
+# tile's ranges one after the other. On an H100, 1B down (K 8192 in 4 ranges) at M = 1: 13.5 us
+# against 21.3 us for TABLE's 16 x 32 tiles; those stay faster at 1 or 2 ranges (1B qkv: 7.4 us
+# against 9.6; 8B qkv in 2: 20.9 against 22.1). The engine's batch-1 step with TABLE's small tiles
+# took 1.369 ms, with these for every K 1.451-1.455 ms (same machine, one run).
+APART: tuple[int, int, Tiles] = (16, 4, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2))
+
+
+def tiles_for(m: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
     if dtype != torch.bfloat16:
         return REFERENCE
+    most_apart, fewest_ranges, apart = APART
+    if m <= most_apart and splits >= fewest_ranges:
+        return apart
     return next(tiles for most, tiles in TABLE if m <= most)
 
 
@@ -266,14 +278,14 @@ def matmul(
     tiles compute it in the matmul's epilogue, the others after it."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
-    t = tiles or tiles_for(m, x.dtype)
+    sms = num_sms(x.device)
+    splits = splits or k_splits(n, k, sms)
+    t = tiles or tiles_for(m, x.dtype, splits)
     if glu and not t.plain:
         return silu_and_mul(matmul(x, weight, bias, t, splits), n // 2)
     out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    sms = num_sms(x.device)
-    splits = splits or k_splits(n, k, sms)
     if t.plain:
         _plain(x, weight, bias, out, t, splits, glu)
         return out

@@ -31,7 +31,11 @@ from pipeserve.model.attention.triton_kernels import _attend_block
 SPLIT_TOKENS = 256  # key positions per split
 BLOCK_M = 16  # query rows per tile: (token, head) pairs
 BLOCK_N = 64  # keys per block
-GRID_SPLITS = 16  # decode programs per (request, KV head, tile) along the splits
+GRID_SPLITS = 16  # decode programs per (request, KV head, tile) along the splits, at most
+BUSY_PROGRAMS = 2048  # decode programs that fill a GPU: a batch with as many (request, KV head,
+# tile)s gets one program along the splits, which runs its splits one after the other (at batch
+# 256, 16 programs each left 15 of 16 idle below 256 keys: 1B's decode attention took 1.04 ms a
+# step, against 0.77 ms for the default backend)
 
 
 @triton.jit

@@ -50,7 +50,10 @@ class TritonInvariantBackend(AttentionBackend):
         consts = dict(
             GROUP=group, TILES=tiles, HEAD_DIM=d, DIM_PAD=po.shape[3], SPLIT=kernels.SPLIT_TOKENS,
         )  # fmt: skip
-        grid_splits = min(kernels.GRID_SPLITS, po.shape[2])
+        # programs along the splits: fewer as the batch fills the GPU (which program runs a
+        # split changes none of its bits); fixed for a captured batch size
+        busy = triton.cdiv(kernels.BUSY_PROGRAMS, b * kv_heads * tiles)
+        grid_splits = min(kernels.GRID_SPLITS, po.shape[2], busy)
         kernels._decode_split_kernel[(b, kv_heads * tiles, grid_splits)](
             q, k_cache, v_cache, self.req_to_token, batch.req_pool_idx, batch.seq_lens, po, pl,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
