@@ -111,7 +111,7 @@ def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
         im.Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
         im.Tiles(128, 64, 64, 4, 3, swap=True, plain=True, tma=True),  # rows past M: clipped
     ]
-    every = [im.REFERENCE, *(tiles for _, tiles in im.TABLE), im.APART[2], *plain]
+    every = [im.REFERENCE, *(tiles for _, tiles in im.TABLE), im.APART, im.WIDE, *plain]
     with row_exact_interpreter_dot():
         for n, k, splits, bias in [(300, 640, 3, True), (96, 1280, 2, False), (200, 256, 1, False)]:
             w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()

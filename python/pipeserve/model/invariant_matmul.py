@@ -69,21 +69,30 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 )
 
 
-# (largest M, fewest K ranges, tiles): a few rows over a K cut in that many ranges or more run
-# the ranges apart, as programs of their own (the persistent kernel), where plain tiles run a
-# tile's ranges one after the other. On an H100, 1B down (K 8192 in 4 ranges) at M = 1: 13.5 us
-# against 21.3 us for TABLE's 16 x 32 tiles; those stay faster at 1 or 2 ranges (1B qkv: 7.4 us
-# against 9.6; 8B qkv in 2: 20.9 against 22.1). The engine's batch-1 step with TABLE's small tiles
-# took 1.369 ms, with these for every K 1.451-1.455 ms (same machine, one run).
-APART: tuple[int, int, Tiles] = (16, 4, Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2))
+# Exceptions to TABLE, each measured on an H100 (docs/benchmarks-log.md):
+# - APART: up to 16 rows over a K in 4 ranges or more run the ranges apart, as programs of their
+#   own (the persistent kernel), where plain tiles run a tile's ranges one after the other. 1B
+#   down (K 8192 in 4 ranges) at M = 1: 13.5 us against 21.3 us for TABLE's 16 x 32 tiles,
+#   which stay faster at 1 or 2 ranges (1B qkv: 7.4 us against 9.6; 8B qkv in 2: 20.9 against
+#   22.1); the engine's batch-1 step took 1.369 ms with TABLE's tiles for every K, 1.451-1.455
+#   ms with these (one machine, one run).
+# - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
+#   fewer programs re-read each weight tile: 8B gate_up (with glu) at M = 256: 113.4 us against
+#   125.5 for TABLE's 128 x 64; 8B lm_head 515.7 against 615.4.
+APART = Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)
+APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
+WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
+WIDE_ROWS, WIDE_MIN_N = (65, 256), 16384
 
 
-def tiles_for(m: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
+def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
+    """The tiles of an (m, K) @ (n, K)^T product whose K runs in `splits` ranges."""
     if dtype != torch.bfloat16:
         return REFERENCE
-    most_apart, fewest_ranges, apart = APART
-    if m <= most_apart and splits >= fewest_ranges:
-        return apart
+    if m <= APART_MAX_ROWS and splits >= APART_MIN_SPLITS:
+        return APART
+    if WIDE_ROWS[0] <= m <= WIDE_ROWS[1] and n >= WIDE_MIN_N:
+        return WIDE
     return next(tiles for most, tiles in TABLE if m <= most)
 
 
@@ -280,7 +289,7 @@ def matmul(
     (m, k), n = x.shape, weight.shape[0]
     sms = num_sms(x.device)
     splits = splits or k_splits(n, k, sms)
-    t = tiles or tiles_for(m, x.dtype, splits)
+    t = tiles or tiles_for(m, n, x.dtype, splits)
     if glu and not t.plain:
         return silu_and_mul(matmul(x, weight, bias, t, splits), n // 2)
     out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
