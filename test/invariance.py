@@ -60,12 +60,13 @@ def probe_runs(
     length: int,
     rng: np.random.Generator,
     device: torch.device = CPU,
+    ways: tuple[str, ...] = ("whole", "chunks", "decode", "mixed"),
 ) -> list[torch.Tensor]:
     """The probe (request 0, `length` tokens; `heads`: query and KV heads) computed: whole, in
     random chunks, one token at a time, and in random batches of other requests' decodes and
     extends (the probe at a random place in each). Returns each way's (length, H, D) output."""
     runs = []
-    for way in ("whole", "chunks", "decode", "mixed"):
+    for way in ways:
         world, done, outs = AttentionWorld(backend, dtype, heads, device), 0, []
         others = {r: 0 for r in range(1, ROWS)}
         while done < length:
