@@ -71,8 +71,7 @@ class Server:
 
     def children_alive(self) -> list[int]:
         """PIDs still running in the server's process group (its ranks and resource tracker)."""
-        out = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split() if _running(int(p))]
+        return group_pids(self.proc.pid)
 
     def leftovers(self, timeout: float = 10.0) -> list[str]:
         """After the server has exited: what is still running in its group once `timeout` has
@@ -82,6 +81,12 @@ class Server:
         while (alive := self.children_alive()) and time.monotonic() < deadline:
             time.sleep(0.1)
         return [f"{pid}: {_cmdline(pid)}" for pid in alive]
+
+
+def group_pids(group: int) -> list[int]:
+    """PIDs running (not zombies) in process group `group`."""
+    out = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if _running(int(p))]
 
 
 def _cmdline(pid: int) -> str:

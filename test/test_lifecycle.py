@@ -5,16 +5,19 @@ with a JSON 503 that names it, /health included."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
 from checkpoints import make_checkpoint
-from server_harness import Server
+from server_harness import Server, group_pids
 
 GRACE_S = 5.0
 
@@ -184,6 +187,58 @@ def test_signals_late_in_the_shutdown_never_kill_the_launcher(tiny_model):
         assert "Traceback" not in srv.output(), around_traceback(srv.output())
     finally:
         srv.stop(signal.SIGKILL)
+
+
+ENGINE_START = """
+import sys
+from pipeserve import Engine
+
+if __name__ == "__main__":
+    try:
+        Engine(model_path=sys.argv[1], pp_size=2, device="cpu", cpu_threads=1)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def importing_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's extension loaded (its import is then still going on)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "torch/_C" in f.read()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_while_an_engine_starts_leaves_no_traceback_in_a_rank(tiny_model, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, ranks included, while they still
+    import torch: the Engine's caller gets its KeyboardInterrupt, and the ranks stop without a
+    traceback of their own, leaving nothing behind."""
+    script, log = tmp_path / "start.py", tmp_path / "start.log"
+    script.write_text(ENGINE_START)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), tiny_model], stdout=out, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    group = lambda: [p for p in group_pids(proc.pid) if p != proc.pid]  # noqa: E731
+    try:
+        deadline = time.monotonic() + 120
+        while not any(importing_torch(pid) for pid in group()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0, log.read_text()
+        assert "interrupted" in log.read_text()
+        assert "Traceback" not in log.read_text(), around_traceback(log.read_text())
+        deadline = time.monotonic() + 10
+        while (left := group()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(

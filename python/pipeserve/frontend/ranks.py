@@ -179,7 +179,11 @@ def terminate(procs: Iterable[Any]) -> None:
 
 
 def _rank_main(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:
-    """The spawned process's entry: the rank side (torch and all) is imported there only."""
+    """The spawned process's entry: the rank side (torch and all) is imported there only. Ctrl-C
+    reaches a terminal's whole process group, but the parent owns it (it drains, or unwinds an
+    Engine's start, and stops the ranks): ignored from here on, so that a rank cut short while
+    importing torch leaves no traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pipeserve.stage.main import run_rank
 
     run_rank(cfg, spec, report)

@@ -5,12 +5,20 @@ The first one raises StopSignal in the main thread, so the start-up unwinds thro
 and stops whatever it had started; later ones are ignored, so as not to cut that cleanup short.
 While a child is being spawned the raise waits until the spawn is done (`signals_deferred`): a
 spawn cut in half leaves a child that fails to unpickle its arguments, with a traceback.
+
+Children start with Ctrl-C ignored. A terminal's Ctrl-C reaches the whole process group, and the
+parent owns it (the launcher drains, an Engine's caller gets its KeyboardInterrupt; either stops
+the children). An ignored signal is the one disposition that a spawned child keeps through exec,
+so the parent ignores SIGINT for the few milliseconds of each spawn (a Ctrl-C in them is lost);
+set later, in the child, it left the child's first second (re-importing `__main__`, then torch)
+to end in a KeyboardInterrupt traceback of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,13 +50,18 @@ def _raise_stop(sig: int, _: Any) -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """A StopSignal that arrives inside waits for the end of the block (a no-op where the handlers
-    are not installed: an offline Engine leaves signals alone)."""
+    """Around a spawn: a StopSignal that arrives inside waits for the end of the block (where the
+    handlers are installed: an offline Engine leaves them alone), and SIGINT is ignored inside,
+    so that the child starts with it ignored (from the main thread; elsewhere handlers stay)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     _State.deferring += 1
     try:
         yield
     finally:
         _State.deferring -= 1
+        if before is not None and _State.pending is None:  # a stop left both ignored: kept
+            signal.signal(signal.SIGINT, before)
     if not _State.deferring and _State.pending is not None:
         name, _State.pending = _State.pending, None
         raise StopSignal(name)
