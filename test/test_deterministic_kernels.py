@@ -74,7 +74,7 @@ def test_glu_epilogue_gives_the_silu_kernels_bits_interpreted(monkeypatch):
         im.Tiles(64, 128, 64, 8, 3, plain=True),
         im.Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
         im.Tiles(128, 256, 64, 8, 3, plain=True, tma=True),  # past GLU_MAX_TILE: half as wide
-        im.TABLE[0][1],  # not plain: the silu kernel after the matmul
+        im.APART,  # not plain: the silu kernel after the matmul
     ]
     with row_exact_interpreter_dot():
         check_glu_rows(torch.device("cpu"), [1, 5, 70], plain)

@@ -3,15 +3,15 @@ whole life of a node that only hosts ranks (`--node-rank > 0`), which never serv
 
 The first one raises StopSignal in the main thread, so the start-up unwinds through its cleanups
 and stops whatever it had started; later ones are ignored, so as not to cut that cleanup short.
-While a child is being spawned the raise waits until the spawn is done (`signals_deferred`): a
-spawn cut in half leaves a child that fails to unpickle its arguments, with a traceback.
-
-Children start with Ctrl-C ignored. A terminal's Ctrl-C reaches the whole process group, and the
-parent owns it (the launcher drains, an Engine's caller gets its KeyboardInterrupt; either stops
-the children). An ignored signal is the one disposition that a spawned child keeps through exec,
-so the parent ignores SIGINT for the few milliseconds of each spawn (a Ctrl-C in them is lost);
-set later, in the child, it left the child's first second (re-importing `__main__`, then torch)
-to end in a KeyboardInterrupt traceback of its own.
+While a child is being spawned (`signals_deferred`) a SIGTERM's raise waits until the spawn is
+done: a spawn cut in half leaves a child that fails to unpickle its arguments, with a traceback.
+SIGINT is ignored then instead, so that children start with Ctrl-C ignored: a terminal's Ctrl-C
+reaches the whole process group, and the parent owns it (the launcher drains, an Engine's caller
+gets its KeyboardInterrupt; either stops the children). An ignored signal is the one disposition
+a spawned child keeps through exec (a blocked one is not: the spawn unblocks it); set in the child
+instead, it would come only after the child's start-up (re-importing `__main__`, then torch),
+which a Ctrl-C would end with a traceback of its own. A Ctrl-C within a spawn's few milliseconds
+is lost.
 """
 
 from __future__ import annotations
@@ -52,15 +52,18 @@ def _raise_stop(sig: int, _: Any) -> None:
 def signals_deferred() -> Iterator[None]:
     """Around a spawn: a StopSignal that arrives inside waits for the end of the block (where the
     handlers are installed: an offline Engine leaves them alone), and SIGINT is ignored inside,
-    so that the child starts with it ignored (from the main thread; elsewhere handlers stay)."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    so that the child starts with it ignored."""
+    # from the main thread only (as every handler), and not over a handler installed from C,
+    # which could not be put back
+    own = threading.current_thread() is threading.main_thread()
+    own = own and signal.getsignal(signal.SIGINT) is not None
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if own else None
     _State.deferring += 1
     try:
         yield
     finally:
         _State.deferring -= 1
-        if before is not None and _State.pending is None:  # a stop left both ignored: kept
+        if own and _State.pending is None:  # a stop left both ignored: kept so
             signal.signal(signal.SIGINT, before)
     if not _State.deferring and _State.pending is not None:
         name, _State.pending = _State.pending, None

@@ -58,9 +58,10 @@ class Tiles:
 
 REFERENCE = Tiles(64, 128, 64, 4, 3)
 # bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B
-# projections at M = 1, 32 and 256 (docs/benchmarks-log.md); each gave every row REFERENCE's
-# bits (M = 1..300 with K in one range and in the sweep's number of ranges; 9 values of M at
-# the other numbers of ranges tried)
+# projections (benchmark/pick_invariant_tiles.py), except up to 16 rows: there the sweep, whose
+# weights stay in L2, misjudges a decode step, and the engine's batch-1 step chose between its
+# two fastest (docs/benchmarks-log.md). Each gave every row REFERENCE's bits (M = 1..300 with K
+# in one range and in the sweep's number of ranges; 9 values of M at the other numbers tried)
 TABLE: tuple[tuple[int, Tiles], ...] = (
     (16, Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True)),  # tmaswap16x32w2
     (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),  # swap32x64
@@ -69,16 +70,11 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 )
 
 
-# Exceptions to TABLE, each measured on an H100 (docs/benchmarks-log.md):
-# - APART: up to 16 rows over a K in 4 ranges or more run the ranges apart, as programs of their
-#   own (the persistent kernel), where plain tiles run a tile's ranges one after the other. 1B
-#   down (K 8192 in 4 ranges) at M = 1: 13.5 us against 21.3 us for TABLE's 16 x 32 tiles,
-#   which stay faster at 1 or 2 ranges (1B qkv: 7.4 us against 9.6; 8B qkv in 2: 20.9 against
-#   22.1); the engine's batch-1 step took 1.369 ms with TABLE's tiles for every K, 1.451-1.455
-#   ms with these (one machine, one run).
+# Exceptions to TABLE, each the faster on an H100 (docs/benchmarks-log.md):
+# - APART: a few rows over a K in many ranges run the ranges apart, as programs of their own
+#   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
-#   fewer programs re-read each weight tile: 8B gate_up (with glu) at M = 256: 113.4 us against
-#   125.5 for TABLE's 128 x 64; 8B lm_head 515.7 against 615.4.
+#   fewer programs re-read each weight tile.
 APART = Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)

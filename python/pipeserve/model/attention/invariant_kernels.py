@@ -33,9 +33,9 @@ BLOCK_M = 16  # query rows per tile: (token, head) pairs
 BLOCK_N = 64  # keys per block
 GRID_SPLITS = 16  # decode programs per (request, KV head, tile) along the splits, at most
 BUSY_PROGRAMS = 2048  # decode programs that fill a GPU: a batch with as many (request, KV head,
-# tile)s gets one program along the splits, which runs its splits one after the other (at batch
-# 256, 16 programs each left 15 of 16 idle below 256 keys: 1B's decode attention took 1.04 ms a
-# step, against 0.77 ms for the default backend)
+# tile)s gets one program along the splits, which runs its splits one after the other (programs
+# past the last split, idle, cost more than they hide). A long request among many short ones
+# then runs all its splits in one program.
 
 
 @triton.jit
@@ -84,8 +84,9 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Program (request, KV head x row tile, s): splits s, s + GRID_SPLITS, ... of the request's
-    keys for the tile's query heads; writes each split's output and log-sum-exp."""
+    """Program (request, KV head x row tile, s): splits s, s + P, s + 2P, ... of the request's keys
+    (P programs along the splits) for the tile's query heads; writes each split's output and
+    log-sum-exp."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1) // TILES
     token, g = _group_rows(tl.program_id(1) % TILES, GROUP, BLOCK_M)
