@@ -5,8 +5,8 @@ the fastest candidates whose rows all matched, and the default's cuBLAS/GEMV sum
 It is how `invariant_matmul.TABLE` is chosen: with --write, the fastest candidate over the
 shapes swept (the sum of each shape's ratio to the default) at M = 1 for up to 16 rows, at 32
 for up to 64, at 256 for up to 256 and at 2048 (a prefill chunk) beyond, is written into the
-TABLE of the given file. The sweep times each projection with its weights in L2, which favours
-tiles that a decode step's weights streamed from memory do not: check the pick in the engine
+TABLE of the given file. The sweep repeats each projection, so the weights of the smaller ones
+stay in L2, which a decode step's do not; check the pick in the engine
 (`bench_offline.py --deterministic`) before committing it (TABLE's row up to 16 rows was chosen
 so, between the sweep's two fastest, and --write replaces it).
 
