@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detsweep|dettable|detserve|det1b|det8b|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detserve|det1b|det8b|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -149,6 +149,14 @@ vlmbench)  # the benchmark of `vlm` alone
 prefix8b)  # one GPU, 8B: 1024 requests in 16 groups, 2048-token prefixes + 32 unique, 64 new
   step 560 python3 benchmark/bench_prefix.py --shape 8b --burst --groups 16 --per-group 64 \
     --prefix 2048 --unique 32 --new 64 --json "$O/prefix_8b.json"
+  ;;
+detdecode)  # deterministic mode at decode sizes, one GPU: the 1B projections with their weights
+  # from HBM (candidate tiles and K splits, checked bitwise), and the decode attention with a long
+  # request among short ones under each floor of programs along the splits (1B and 8B heads)
+  step 300 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
+  for dim in 64 128; do
+    step 100 python3 benchmark/bench_invariant_attention.py --dim $dim --json "$O/attn_d$dim.json"
+  done
   ;;
 det)  # deterministic mode's CUDA tests: the Triton matmul's rows over M, the attention probes,
   # the engine's outputs alone / batched / chunked / graphs on and off (pp=2 with two GPUs)

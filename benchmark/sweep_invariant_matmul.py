@@ -57,6 +57,10 @@ CANDIDATES = {
     "tmaswap16x64": Tiles(16, 64, 64, 4, 4, swap=True, plain=True, tma=True),
     "tmaswap16x64k128": Tiles(16, 64, 128, 4, 3, swap=True, plain=True, tma=True),
     "tmaswap16x32w2": Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True),
+    # a decode step's few rows over narrow projections: more programs, more bytes in flight each
+    "tmaswap16x16w1": Tiles(16, 16, 128, 1, 4, swap=True, plain=True, tma=True),
+    "tmaswap16x32k256w2": Tiles(16, 32, 256, 2, 3, swap=True, plain=True, tma=True),
+    "swap16x32w2": Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4),  # ranges apart when split
     # the same kernel with pointer loads
     "plain128x128w8": Tiles(128, 128, 64, 8, 3, plain=True),
     "plainswap16x64": Tiles(16, 64, 64, 4, 4, swap=True, plain=True),

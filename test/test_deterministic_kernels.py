@@ -156,6 +156,7 @@ def test_attention_over_several_key_splits_interpreted(monkeypatch):
         runs = probe_runs("triton_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0))
         ref = probe_runs("torch_invariant", torch.float32, (4, 2), 300, np.random.default_rng(0))
         monkeypatch.setattr(invariant_kernels, "BUSY_PROGRAMS", 1)
+        monkeypatch.setattr(invariant_kernels, "MIN_GRID_SPLITS", 1)
         serial = probe_runs(  # decodes: the kernel whose grid BUSY_PROGRAMS sets
             "triton_invariant",
             torch.float32,

@@ -12,9 +12,10 @@ Query rows are (token, query head) pairs of one KV head, BLOCK_M to a tile, in b
 decode's tile holds one token's heads of the group (the rest padding rows), an extend's tile
 holds consecutive tokens' heads. Both reach each row's scores through the same MMA tile shape.
 
-Decode spreads the splits over programs (`_decode_split_kernel`, split-K for parallelism) and
-merges them in a second kernel (`_decode_merge_kernel`); extend runs a row tile's splits one after
-the other in one program and merges as it goes. The two share `_split_partial` and `_merge`, and
+Decode spreads the splits over programs (`_decode_kernel`, split-K for parallelism); each stores
+its splits' partials, and the last of a (request, row tile)'s programs to arrive (an atomic count)
+merges them in order from memory. Extend runs a row tile's splits one after the other in one
+program and merges as it goes. The two share `_split_partial` and `_merge`, and
 every kernel is compiled without FMA contraction (`enable_fp_fusion=False`), so the compiler
 cannot round the same expression differently in the two. Blocks past a row's position (the
 causal future inside an extend tile) and splits past it change nothing: their keys' weights are
@@ -33,9 +34,9 @@ BLOCK_M = 16  # query rows per tile: (token, head) pairs
 BLOCK_N = 64  # keys per block
 GRID_SPLITS = 16  # decode programs per (request, KV head, tile) along the splits, at most
 BUSY_PROGRAMS = 2048  # decode programs that fill a GPU: a batch with as many (request, KV head,
-# tile)s gets one program along the splits, which runs its splits one after the other (programs
-# past the last split, idle, cost more than they hide). A long request among many short ones
-# then runs all its splits in one program.
+# tile)s gets MIN_GRID_SPLITS programs along the splits, each running its splits in turn
+MIN_GRID_SPLITS = 4  # so that a long request among many short ones still spreads its splits
+# (the programs past a request's last split return at once)
 
 
 @triton.jit
@@ -77,66 +78,63 @@ def _group_rows(tile, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_kernel(
-    q, k_cache, v_cache, req_to_token, req_pool_idx, seq_lens, part_out, part_lse,
-    stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_row,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, scale,
+def _decode_kernel(
+    q, k_cache, v_cache, o, req_to_token, req_pool_idx, seq_lens, part_out, part_lse, counters,
+    stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_on, stride_oh,
+    stride_row, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_cb, scale,
     GROUP: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Program (request, KV head x row tile, s): splits s, s + P, s + 2P, ... of the request's keys
-    (P programs along the splits) for the tile's query heads; writes each split's output and
-    log-sum-exp."""
+    """Program (request, KV head x row tile, p) of P along the splits: of a request with S splits,
+    the first min(P, S) programs take splits p, p + P, p + 2P, ... for the tile's query heads and
+    store each split's output and log-sum-exp; the last of them to arrive merges every split in
+    order, split 0 first, and stores the output (a lone program skips the count). The others
+    return at once."""
     b = tl.program_id(0)
-    kv_head = tl.program_id(1) // TILES
-    token, g = _group_rows(tl.program_id(1) % TILES, GROUP, BLOCK_M)
-    rows_ok = token == 0
-    heads = kv_head * GROUP + g
     seq_len = tl.load(seq_lens + b)
-    offs_d = tl.arange(0, DIM_PAD)
-    mask_d = offs_d < HEAD_DIM
-    row_mask = rows_ok[:, None] & mask_d[None, :]
-    qv = tl.load(q + b * stride_qn + heads[:, None] * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)  # fmt: skip
-    q_pos = tl.zeros([BLOCK_M], tl.int32) + seq_len - 1
-    table_row = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_row
-    for s in range(tl.program_id(2), tl.cdiv(seq_len, SPLIT), tl.num_programs(2)):
-        start = s * SPLIT
-        end = tl.minimum(start + SPLIT, seq_len)
-        part, lse = _split_partial(
-            qv, k_cache + kv_head * stride_kh, v_cache + kv_head * stride_vh, table_row, start,
-            end, q_pos, offs_d, mask_d, stride_ks, stride_vs, scale, IEEE, BLOCK_M, BLOCK_N,
-            DIM_PAD,
-        )  # fmt: skip
-        at = part_out + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps
-        tl.store(at + offs_d[None, :], part, mask=row_mask)
-        tl.store(part_lse + b * stride_lb + heads * stride_lh + s, lse, mask=rows_ok)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    part_out, part_lse, o, seq_lens, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    stride_on, stride_oh, GROUP: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """Program (request, KV head x row tile): the splits merged in order."""
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1) // TILES
-    token, g = _group_rows(tl.program_id(1) % TILES, GROUP, BLOCK_M)
-    rows_ok = token == 0
-    heads = kv_head * GROUP + g
-    offs_d = tl.arange(0, DIM_PAD)
-    row_mask = rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    w = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
-    for s in range(0, tl.cdiv(tl.load(seq_lens + b), SPLIT)):
-        at = part_out + b * stride_pb + heads[:, None] * stride_ph + s * stride_ps
-        part = tl.load(at + offs_d[None, :], mask=row_mask, other=0.0)
-        lse = tl.load(part_lse + b * stride_lb + heads * stride_lh + s, mask=rows_ok, other=0.0)
-        m, w, acc = _merge(m, w, acc, lse, part)
-    out = acc / tl.where(rows_ok, w, 1.0)[:, None]
-    at = o + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(at, out.to(o.dtype.element_ty), mask=row_mask)
+    n_splits = tl.cdiv(seq_len, SPLIT)
+    programs = tl.minimum(tl.num_programs(2), n_splits)
+    if tl.program_id(2) < programs:
+        kv_head = tl.program_id(1) // TILES
+        token, g = _group_rows(tl.program_id(1) % TILES, GROUP, BLOCK_M)
+        rows_ok = token == 0
+        heads = kv_head * GROUP + g
+        offs_d = tl.arange(0, DIM_PAD)
+        mask_d = offs_d < HEAD_DIM
+        row_mask = rows_ok[:, None] & mask_d[None, :]
+        qv = tl.load(q + b * stride_qn + heads[:, None] * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)  # fmt: skip
+        q_pos = tl.zeros([BLOCK_M], tl.int32) + seq_len - 1
+        table_row = req_to_token + tl.load(req_pool_idx + b).to(tl.int64) * stride_row
+        parts = part_out + b * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
+        lses = part_lse + b * stride_lb + heads * stride_lh
+        for s in range(tl.program_id(2), n_splits, tl.num_programs(2)):
+            start = s * SPLIT
+            end = tl.minimum(start + SPLIT, seq_len)
+            part, lse = _split_partial(
+                qv, k_cache + kv_head * stride_kh, v_cache + kv_head * stride_vh, table_row,
+                start, end, q_pos, offs_d, mask_d, stride_ks, stride_vs, scale, IEEE, BLOCK_M,
+                BLOCK_N, DIM_PAD,
+            )  # fmt: skip
+            tl.store(parts + s * stride_ps, part, mask=row_mask)
+            tl.store(lses + s, lse, mask=rows_ok)
+        last = programs == 1
+        if programs > 1:
+            tl.debug_barrier()  # every thread's partials are stored before the count says so
+            counter = counters + b * stride_cb + tl.program_id(1)
+            last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == programs - 1
+            if last:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        if last:
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            w = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, DIM_PAD], tl.float32)
+            for s in range(0, n_splits):
+                part = tl.load(parts + s * stride_ps, mask=row_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
+                lse = tl.load(lses + s, mask=rows_ok, other=0.0, cache_modifier=".cg")
+                m, w, acc = _merge(m, w, acc, lse, part)
+            out = acc / tl.where(rows_ok, w, 1.0)[:, None]
+            at = o + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(at, out.to(o.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit

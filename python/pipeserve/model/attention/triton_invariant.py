@@ -1,6 +1,7 @@
 """The `triton` backend of deterministic mode: batch-invariant paged kernels
 (`invariant_kernels.py`). Decode batches split each request's keys into fixed-size splits over
-programs and merge them in order (inside CUDA graphs too: the grid is fixed, lengths are data);
+programs and merge them in order in the same launch (inside CUDA graphs too: the grid is fixed,
+lengths are data);
 any batch with an extend runs every request, its decodes included, through the extend kernel,
 which reduces each query exactly as the decode kernels do."""
 
@@ -29,6 +30,9 @@ class TritonInvariantBackend(AttentionBackend):
         shape = scratch_shape(spec, req_to_token.shape[1])
         self.part_out = torch.empty(shape, dtype=torch.float32, device=spec.device)
         self.part_lse = torch.empty(shape[:3], dtype=torch.float32, device=spec.device)
+        # arrivals per (request, KV head x row tile) along the splits; every launch leaves them
+        # at zero (one launch at a time: a rank's forward runs on one stream)
+        self.counters = torch.zeros(shape[:2], dtype=torch.int32, device=spec.device)
 
     def prepare_metadata(self, batch: ForwardBatch) -> None:
         pass  # the kernels read rows and lengths from the batch's own tensors
@@ -53,18 +57,14 @@ class TritonInvariantBackend(AttentionBackend):
         # programs along the splits: fewer as the batch fills the GPU (which program runs a
         # split changes none of its bits); fixed for a captured batch size
         busy = triton.cdiv(kernels.BUSY_PROGRAMS, b * kv_heads * tiles)
-        grid_splits = min(kernels.GRID_SPLITS, po.shape[2], busy)
-        kernels._decode_split_kernel[(b, kv_heads * tiles, grid_splits)](
-            q, k_cache, v_cache, self.req_to_token, batch.req_pool_idx, batch.seq_lens, po, pl,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
-            v_cache.stride(1), self.req_to_token.stride(0), po.stride(0), po.stride(1),
-            po.stride(2), pl.stride(0), pl.stride(1), scale, **consts,
+        grid_splits = min(kernels.GRID_SPLITS, po.shape[2], max(kernels.MIN_GRID_SPLITS, busy))
+        kernels._decode_kernel[(b, kv_heads * tiles, grid_splits)](
+            q, k_cache, v_cache, out, self.req_to_token, batch.req_pool_idx, batch.seq_lens, po,
+            pl, self.counters, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
+            self.req_to_token.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
+            pl.stride(1), self.counters.stride(0), scale, **consts,
             IEEE=q.dtype == torch.float32, BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.BLOCK_N,
-            enable_fp_fusion=False,
-        )  # fmt: skip
-        kernels._decode_merge_kernel[(b, kv_heads * tiles)](
-            po, pl, out, batch.seq_lens, po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
-            pl.stride(1), out.stride(0), out.stride(1), **consts, BLOCK_M=kernels.BLOCK_M,
             enable_fp_fusion=False,
         )  # fmt: skip
 
