@@ -32,7 +32,7 @@ import triton.language as tl
 
 from pipeserve.model.fused import silu_and_mul, silu_mul_values
 
-K_GRANULE = 128  # K ranges start on multiples of this (a multiple of every BLOCK_K)
+K_GRANULE = 128  # K ranges start on multiples of this (a wider BLOCK_K masks a range's last block)
 MAX_SPLITS = 16
 MIN_SPLIT_K = 2048  # K per range at least: shorter ranges restart the K pipeline too often at
 # large M (swept: 1B down, K 8192, at M = 256 took 36.7 us in 4 ranges, 49.2 us in 8)
@@ -59,11 +59,12 @@ class Tiles:
 REFERENCE = Tiles(64, 128, 64, 4, 3)
 # bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B
 # projections (benchmark/pick_invariant_tiles.py), except up to 16 rows: there the sweep, whose
-# weights stay in L2, misjudges a decode step, and the engine's batch-1 step chose between its
-# two fastest (docs/benchmarks-log.md). Each gave every row REFERENCE's bits (M = 1..300 with K
-# in one range and in the sweep's number of ranges; 9 values of M at the other numbers tried)
+# weights stay in L2, misjudges a decode step, and the pick is the fastest with the weights read
+# from HBM, as a decode step reads them (benchmark/decode_invariant_matmul.py; docs/benchmarks-log.md).
+# Each gave every row REFERENCE's bits (M = 1..300 with K in one range and in the sweep's number
+# of ranges; 9 values of M at the other numbers tried; the rows up to 16 at 1-8 ranges)
 TABLE: tuple[tuple[int, Tiles], ...] = (
-    (16, Tiles(16, 32, 128, 2, 4, swap=True, plain=True, tma=True)),  # tmaswap16x32w2
+    (16, Tiles(16, 32, 256, 2, 3, swap=True, plain=True, tma=True)),  # tmaswap16x32k256w2
     (64, Tiles(32, 64, 64, 4, 4, swap=True, per_sm=2)),  # swap32x64
     (256, Tiles(128, 64, 64, 4, 4, swap=True, plain=True, tma=True)),  # tmaswap128x64w4
     (2**62, Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)),  # tmaswap256x128w8
@@ -75,7 +76,7 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 #   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
 #   fewer programs re-read each weight tile.
-APART = Tiles(16, 128, 64, 4, 4, swap=True, per_sm=2)
+APART = Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
 WIDE_ROWS, WIDE_MIN_N = (65, 256), 16384
@@ -324,7 +325,10 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
     (m, n), k = out.shape, x.shape[1]
     block_n = plain_block_n(t, glu)
     rows_aligned = k * x.element_size() % 16 == 0 and n * out.element_size() % 16 == 0
-    tma = t.tma and x.dtype != torch.float32 and rows_aligned
+    # a descriptor reads whole BLOCK_K blocks, past a range's end into the next range: only
+    # ranges of whole blocks take it (the loads with masks give the same sums)
+    whole_blocks = split_size(k, splits) % t.block_k == 0
+    tma = t.tma and x.dtype != torch.float32 and rows_aligned and whole_blocks
     xs, ws, outs = x, weight, out
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
