@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detserve|det1b|det8b|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -175,14 +175,18 @@ dettable)  # detsweep, its pick written into this copy's TABLE (the file comes b
   cp python/pipeserve/model/invariant_matmul.py "$O/invariant_matmul_picked.py"
   for part in det1b det8b; do bash "$0" "$part"; done
   ;;
-detserve)  # deterministic mode on one GPU: the isolation stress test (2,000 requests), and its
-  # cost through the server (1B, streaming, 1 and 64 in flight, default and deterministic twice)
+detisolation)  # deterministic mode's isolation stress test on one GPU (2,000 requests)
   step 300 python3 -m pytest -q -p no:cacheprovider test/test_isolation.py -k cuda
+  ;;
+detserve)  # deterministic mode on one GPU: the isolation stress test, and its cost through the
+  # server (1B, streaming, 1 and 64 in flight, default then deterministic, ROUNDS times (2))
+  bash "$0" detisolation
   step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
 make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   flags="--device cuda"
-  step 280 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b --launch "$flags" \
-    --launch "$flags --deterministic" --launch "$flags" --launch "$flags --deterministic" \
+  launches=()
+  for _ in $(seq "${ROUNDS:-2}"); do launches+=(--launch "$flags" --launch "$flags --deterministic"); done
+  step "${SERVE_TIMEOUT:-280}" python3 benchmark/bench_serving.py --model-path /tmp/ckpt-1b "${launches[@]}" \
     --concurrency 1,64 --num-prompts 128 --input-len 30 --output-len 128 --client-procs 4 \
     --json "$O/detserve_1b.json"
   ;;
