@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import numpy as np
 import torch
@@ -25,24 +24,7 @@ from pipeserve.model.attention import create_backend
 from pipeserve.model.attention import invariant_kernels as kernels
 from pipeserve.model.attention.base import BackendSpec
 from pipeserve.model.forward_batch import ForwardBatch
-
-
-def graph_us(fn, calls: int, replays: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+from sweep_invariant_matmul import graph_us
 
 
 def decode_case(lens: list[int], heads: int, kv_heads: int, dim: int, max_len: int):

@@ -18,8 +18,8 @@ median of --replays. The summary adds, per split rule, the projections of one de
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pipeserve.model import gemv
 from pipeserve.model import invariant_matmul as im
 from pipeserve.model.fused import silu_and_mul
-from sweep_invariant_matmul import CANDIDATES, SHAPES, layer_shapes
+from sweep_invariant_matmul import CANDIDATES, SHAPES, graph_us, layer_shapes
 
 DEFAULT_CANDIDATES = "tmaswap16x32w2,tmaswap16x16w1,tmaswap16x32k256w2,swap16x32w2,swap16x128"
 SMALL = (1, 2, 7, 16)  # the rows a candidate for up to 16 rows is checked at
@@ -35,22 +35,8 @@ SMALL = (1, 2, 7, 16)  # the rows a candidate for up to 16 rows is checked at
 
 def chain_us(fn, copies: int, replays: int) -> float:
     """Device us per call of fn(i) over weight copies i = 0..copies-1, in one CUDA graph."""
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()  # the matmul's split counters take one launch at a time
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / copies)
-    return statistics.median(times)
+    turn = itertools.cycle(range(copies))
+    return graph_us(lambda: fn(next(turn)), copies, replays)
 
 
 def default_fn(layer: str, x, ws, m: int):
