@@ -57,6 +57,7 @@ def run_case(name: str, lens: list[int], floors: list[int], args) -> list[dict]:
     us = graph_us(lambda: default.forward(q, None, None, kv, fb, scale), args.calls, args.replays)
     rows.append({"case": name, "what": "default (triton)", "us": us})
     invariant = create_backend("triton_invariant", spec, table)
+    floor_before = kernels.MIN_GRID_SPLITS
     for floor in floors:
         kernels.MIN_GRID_SPLITS = floor
         fn = lambda: invariant.forward(q, None, None, kv, fb, scale)  # noqa: E731
@@ -65,6 +66,7 @@ def run_case(name: str, lens: list[int], floors: list[int], args) -> list[dict]:
         first = out if first is None else first
         us = graph_us(fn, args.calls, args.replays)
         rows.append({"case": name, "what": f"invariant, floor {floor}", "us": us, "same": same})
+    kernels.MIN_GRID_SPLITS = floor_before
     return rows
 
 

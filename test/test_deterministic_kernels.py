@@ -189,3 +189,33 @@ def test_attention_is_the_same_in_any_batch_and_chunking_cuda(dtype, heads):
     whole, *others = probe_runs("triton_invariant", dtype, heads, 300, rng, cuda_device)
     for run in others:
         assert torch.equal(run, whole)
+
+
+@cuda
+def test_decode_attention_bits_do_not_depend_on_its_programs_cuda(monkeypatch):
+    """Decodes over 300 keys (two splits) with one and two programs along the splits, the
+    scratch filled with NaN first: the bits of the whole prompt's extend each time (a program
+    merges only partials that every thread has stored)."""
+    from pipeserve.model.attention import invariant_kernels, triton_invariant
+
+    backend = triton_invariant.TritonInvariantBackend
+    init = backend.__init__
+
+    def poisoned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.part_out.fill_(float("nan"))
+        self.part_lse.fill_(float("nan"))
+
+    monkeypatch.setattr(backend, "__init__", poisoned)
+    cuda_device = torch.device("cuda")
+    probe = dict(dtype=torch.bfloat16, heads=(8, 2), length=300, device=cuda_device)
+    (whole,) = probe_runs(
+        "triton_invariant", **probe, rng=np.random.default_rng(0), ways=("whole",)
+    )
+    for busy, floor in [(1, 1), (1, 2), (invariant_kernels.BUSY_PROGRAMS, 1)]:
+        monkeypatch.setattr(invariant_kernels, "BUSY_PROGRAMS", busy)
+        monkeypatch.setattr(invariant_kernels, "MIN_GRID_SPLITS", floor)
+        (decoded,) = probe_runs(
+            "triton_invariant", **probe, rng=np.random.default_rng(0), ways=("decode",)
+        )
+        assert torch.equal(decoded, whole), (busy, floor)

@@ -89,7 +89,7 @@ def _decode_kernel(
     the first min(P, S) programs take splits p, p + P, p + 2P, ... for the tile's query heads and
     store each split's output and log-sum-exp; the last of them to arrive merges every split in
     order, split 0 first, and stores the output (a lone program skips the count). The others
-    return at once."""
+    return at once. Every request has at least one key (a pad request attends its own slot)."""
     b = tl.program_id(0)
     seq_len = tl.load(seq_lens + b)
     n_splits = tl.cdiv(seq_len, SPLIT)
@@ -117,9 +117,11 @@ def _decode_kernel(
             )  # fmt: skip
             tl.store(parts + s * stride_ps, part, mask=row_mask)
             tl.store(lses + s, lse, mask=rows_ok)
+        # every thread's partials are stored before the count says so, and before any thread
+        # merges them (each log-sum-exp is stored by one thread and read by all)
+        tl.debug_barrier()
         last = programs == 1
         if programs > 1:
-            tl.debug_barrier()  # every thread's partials are stored before the count says so
             counter = counters + b * stride_cb + tl.program_id(1)
             last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == programs - 1
             if last:

@@ -3,7 +3,7 @@
 programs and merge them in order in the same launch (inside CUDA graphs too: the grid is fixed,
 lengths are data);
 any batch with an extend runs every request, its decodes included, through the extend kernel,
-which reduces each query exactly as the decode kernels do."""
+which reduces each query exactly as the decode kernel does."""
 
 from __future__ import annotations
 
