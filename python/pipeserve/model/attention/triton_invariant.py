@@ -1,9 +1,8 @@
 """The `triton` backend of deterministic mode: batch-invariant paged kernels
 (`invariant_kernels.py`). Decode batches split each request's keys into fixed-size splits over
 programs and merge them in order in the same launch (inside CUDA graphs too: the grid is fixed,
-lengths are data);
-any batch with an extend runs every request, its decodes included, through the extend kernel,
-which reduces each query exactly as the decode kernel does."""
+lengths are data); any batch with an extend runs every request, its decodes included, through
+the extend kernel, which reduces each query exactly as the decode kernel does."""
 
 from __future__ import annotations
 
