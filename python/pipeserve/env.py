@@ -16,6 +16,7 @@ TRACE = "PIPESERVE_TRACE"  # a path: --pp-trace
 PROFILE_DIR = "PIPESERVE_PROFILE_DIR"  # each rank's loop runs under cProfile, written here
 DEBUG_SLOW_FORWARD = "PIPESERVE_DEBUG_SLOW_FORWARD"  # "<rank>:<seconds>:<count>", for tests
 GEMV_MAX_ROWS = "PIPESERVE_GEMV_MAX_ROWS"  # rows the one-row projection kernels take, 0-4
+PDL = "PIPESERVE_PDL"  # 0: deterministic mode launches without programmatic dependent launch
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Env:
     profile_dir: str | None = None
     slow_forward: SlowForward | None = None
     gemv_max_rows: int = 1
+    pdl: bool = True
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> Env:
@@ -43,6 +45,7 @@ class Env:
             profile_dir=environ.get(PROFILE_DIR) or None,
             slow_forward=_slow_forward(environ.get(DEBUG_SLOW_FORWARD)),
             gemv_max_rows=gemv_max_rows(environ.get(GEMV_MAX_ROWS, "1")),
+            pdl=_flag(PDL, environ.get(PDL, "1")),
         )
 
 
@@ -50,6 +53,12 @@ def gemv_max_rows(text: str) -> int:
     if not text.strip().isdigit() or int(text) > 4:
         raise ValueError(f"{GEMV_MAX_ROWS} must be a whole number 0-4, got {text!r}")
     return int(text)
+
+
+def _flag(name: str, text: str) -> bool:
+    if text.strip() not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {text!r}")
+    return text.strip() == "1"
 
 
 def _slow_forward(text: str | None) -> SlowForward | None:

@@ -70,7 +70,7 @@ def norm_linear(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own."""
-    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True)
     return linear(normed, weight, bias), summed
 
 
@@ -95,7 +95,7 @@ def norm_gate_up(
     """The MLP's first half: (silu(gate) * up of linear(rmsnorm(x + residual)), x + residual).
     On CUDA, SiLU * up runs in the matmul's epilogue where its tiles allow (the same bits as
     after it)."""
-    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True)
     if not normed.is_cuda:
         return silu_mul(linear(normed, weight, bias), inter), summed
     from pipeserve.model.invariant_matmul import matmul

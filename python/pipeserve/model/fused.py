@@ -5,12 +5,17 @@ SiLU(gate) * up, and the KV cache store. Each computes what its torch version co
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from pipeserve.env import Env
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the torch versions below run everywhere
     triton = None
 
@@ -22,12 +27,40 @@ def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or FORCE_TRITON)
 
 
+@functools.cache
+def _pdl_on(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9 and Env.read().pdl
+
+
+def launch_pdl(x: torch.Tensor) -> bool:
+    """Whether a kernel on x's device launches with programmatic dependent launch (Hopper and
+    newer, unless PIPESERVE_PDL=0). Such a kernel must begin with `pdl_start`."""
+    return x.is_cuda and _pdl_on(x.device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def pdl_start(PDL: tl.constexpr):
+        """A kernel launched with programmatic dependent launch may start before the kernel ahead
+        of it has finished: it waits for that kernel's writes before any load or store of its own
+        (so this comes first), then lets the kernel behind it start, which waits the same way."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+
 # ---- residual add + RMSNorm -----------------------------------------------------------------------
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight * rmsnorm(x + residual), x + residual); the norm in fp32, scaled after the cast
-    back, as the reference implementation does. `residual` None: x itself is the residual."""
+    back, as the reference implementation does. `residual` None: x itself is the residual.
+    `pdl`: launched with programmatic dependent launch where `launch_pdl` allows."""
     if not _use_triton(x):
         summed = x if residual is None else x + residual
         normed = F.rms_norm(summed.float(), weight.shape, eps=eps)
@@ -36,9 +69,11 @@ def add_rmsnorm(
     n, width = x.shape
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
+    pdl = pdl and launch_pdl(x)
     _add_rmsnorm_kernel[(n,)](
         x, x if residual is None else residual, weight, out, summed, width, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width),
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width), PDL=pdl,
+        launch_pdl=pdl,
     )  # fmt: skip
     return out, summed
 
@@ -46,7 +81,8 @@ def add_rmsnorm(
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(x, res, w, out, summed, width, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    def _add_rmsnorm_kernel(x, res, w, out, summed, width, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64) * width
         cols = tl.arange(0, BLOCK)
         mask = cols < width
@@ -106,9 +142,11 @@ def rotate_store_kv_(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
+    pdl: bool = False,
 ) -> None:
     """qkv (N, (heads + 2 kv_heads) * D), q | k | v: rotates q and k in place and writes k and v
-    into the caches at `slots`; one kernel for what `rotate_` and `store_kv` do in two."""
+    into the caches at `slots`; one kernel for what `rotate_` and `store_kv` do in two. `pdl` as
+    for `add_rmsnorm`."""
     n = qkv.shape[0]
     d = k_cache.shape[-1]
     rotated = heads + kv_heads
@@ -117,18 +155,20 @@ def rotate_store_kv_(
         k = qkv[:, heads * d : rotated * d].view(n, kv_heads, d)
         store_kv(k, qkv[:, rotated * d :].view(n, kv_heads, d), k_cache, v_cache, slots)
         return
+    pdl = pdl and launch_pdl(qkv)
     _rotate_store_kernel[(n,)](
         qkv, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), heads, kv_heads, HALF=d // 2,
         HEADS_PAD=triton.next_power_of_2(rotated), HALF_PAD=triton.next_power_of_2(d // 2),
-        KV_PAD=triton.next_power_of_2(kv_heads),
+        KV_PAD=triton.next_power_of_2(kv_heads), PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
 
 
 if triton is not None:
 
     @triton.jit
-    def _rotate_store_kernel(qkv, cos, sin, kc, vc, slots, stride_n, stride_c, sc_s, sc_h, heads, kv_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, KV_PAD: tl.constexpr):  # fmt: skip
+    def _rotate_store_kernel(qkv, cos, sin, kc, vc, slots, stride_n, stride_c, sc_s, sc_h, heads, kv_heads, HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, KV_PAD: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+        pdl_start(PDL)
         n = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots + n).to(tl.int64)
         h = tl.arange(0, HEADS_PAD)[:, None]

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeserve.model.fused import silu_and_mul, silu_mul_values
+from pipeserve.model.fused import launch_pdl, pdl_start, silu_and_mul, silu_mul_values
 
 K_GRANULE = 128  # K ranges start on multiples of this (a wider BLOCK_K masks a range's last block)
 MAX_SPLITS = 16
@@ -168,7 +168,8 @@ def _tile_mask(m_ok, n_ok, SWAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
-def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride_w, splits, k_per_split, RANGES_APART: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride_w, splits, k_per_split, RANGES_APART: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    pdl_start(PDL)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles = tiles_m * tl.cdiv(N, BLOCK_N)
     items = tiles * splits if RANGES_APART else tiles
@@ -213,7 +214,7 @@ def _mma(a, b, acc, SWAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. The ranges are a loop, not unrolled:
     unrolled, each range's pipelined loop kept its own registers, and a 128 x 128 tile in four
@@ -222,6 +223,7 @@ def _plain_kernel(x, w, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPL
     (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends. With GLU,
     `w` holds 2N rows (gate | up) and the tile stores silu(gate) * up of its two products, each
     first rounded as the matmul stores it (the rounding of `fused.silu_and_mul` after it)."""
+    pdl_start(PDL)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
@@ -303,11 +305,12 @@ def matmul(
         partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         counters = _counters(x.device)
     has_bias = bias is not None
+    pdl = launch_pdl(x)
     _matmul_kernel[(min(programs, n_tiles * (splits if apart else 1)),)](
         x, weight, bias if has_bias else x, out, partial, counters, m, n, k, x.stride(0),
         weight.stride(0), splits, split_size(k, splits), RANGES_APART=apart, HAS_BIAS=has_bias,
         SWAP=t.swap, IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
+        BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -337,9 +340,10 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
         ws = TensorDescriptor.from_tensor(weight, [block_n, t.block_k])
         outs = TensorDescriptor.from_tensor(out, [t.block_m, block_n])
     has_bias = bias is not None
+    pdl = launch_pdl(x)
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
         xs, ws, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
         split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages,
+        num_warps=t.warps, num_stages=t.stages, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip

@@ -28,10 +28,12 @@ import triton
 import triton.language as tl
 
 from pipeserve.model.attention.triton_kernels import _attend_block
+from pipeserve.model.fused import pdl_start
 
 SPLIT_TOKENS = 256  # key positions per split
 BLOCK_M = 16  # query rows per tile: (token, head) pairs
 BLOCK_N = 64  # keys per block
+NUM_WARPS = 4  # both kernels: a row's sums over a block follow the layout, which follows this
 GRID_SPLITS = 16  # decode programs per (request, KV head, tile) along the splits, at most
 BUSY_PROGRAMS = 2048  # decode programs that fill a GPU: a batch with as many (request, KV head,
 # tile)s gets MIN_GRID_SPLITS programs along the splits, each running its splits in turn
@@ -84,12 +86,14 @@ def _decode_kernel(
     stride_row, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_cb, scale,
     GROUP: tl.constexpr, TILES: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (request, KV head x row tile, p) of P along the splits: of a request with S splits,
     the first min(P, S) programs take splits p, p + P, p + 2P, ... for the tile's query heads and
     store each split's output and log-sum-exp; the last of them to arrive merges every split in
     order, split 0 first, and stores the output (a lone program skips the count). The others
     return at once. Every request has at least one key (a pad request attends its own slot)."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     seq_len = tl.load(seq_lens + b)
     n_splits = tl.cdiv(seq_len, SPLIT)
@@ -145,9 +149,11 @@ def _extend_kernel(
     stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_on, stride_oh,
     stride_row, scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (request, KV head, row tile): the tile's rows over their keys, split by split,
     merged as they come."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, g = _group_rows(tl.program_id(2), GROUP, BLOCK_M)
