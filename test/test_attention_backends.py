@@ -269,6 +269,15 @@ def test_gemv_row_limit_from_the_environment_is_checked():
             gemv_max_rows(bad)
 
 
+def test_pdl_switch_from_the_environment_is_checked():
+    from pipeserve.env import Env
+
+    assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
+    for bad in ("yes", "", "2"):
+        with pytest.raises(ValueError, match="PIPESERVE_PDL must be 0 or 1"):
+            Env.read({"PIPESERVE_PDL": bad})
+
+
 @interpreted
 def test_gemv_tails_and_long_rows(monkeypatch):
     """Blocks that leave an output tail and several passes over K, for each prologue; the long

@@ -32,10 +32,15 @@ def _pdl_on(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9 and Env.read().pdl
 
 
+PDL_MAX_ROWS = 64  # measured on an H100: PDL took 50-100 us off a decode step at batch 1 and
+# 32, and added 60-720 us at batch 256 (docs/benchmarks-log.md)
+
+
 def launch_pdl(x: torch.Tensor) -> bool:
-    """Whether a kernel on x's device launches with programmatic dependent launch (Hopper and
-    newer, unless PIPESERVE_PDL=0). Such a kernel must begin with `pdl_start`."""
-    return x.is_cuda and _pdl_on(x.device)
+    """Whether a kernel of x's rows (dim 0) on x's device launches with programmatic dependent
+    launch: Hopper and newer, up to PDL_MAX_ROWS rows, unless PIPESERVE_PDL=0. Such a kernel must
+    begin with `pdl_start`."""
+    return x.is_cuda and x.shape[0] <= PDL_MAX_ROWS and _pdl_on(x.device)
 
 
 if triton is not None:
