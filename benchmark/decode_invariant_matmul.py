@@ -29,7 +29,10 @@ from pipeserve.model import invariant_matmul as im
 from pipeserve.model.fused import silu_and_mul
 from sweep_invariant_matmul import CANDIDATES, SHAPES, graph_us, layer_shapes
 
-DEFAULT_CANDIDATES = "tmaswap16x32w2,tmaswap16x16w1,tmaswap16x32k256w2,swap16x32w2,swap16x128"
+DEFAULT_CANDIDATES = (
+    "tmaswap16x32w2,tmaswap16x16w1,tmaswap16x32k256w2,tmaswap16x32k256w2s4,tmaswap16x32w2s6,"
+    "tmaswap16x16k256w1s4,swap16x32w2,swap16x128"
+)
 SMALL = (1, 2, 7, 16)  # the rows a candidate for up to 16 rows is checked at
 
 

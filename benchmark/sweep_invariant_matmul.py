@@ -60,6 +60,10 @@ CANDIDATES = {
     # a decode step's few rows over narrow projections: more programs, more bytes in flight each
     "tmaswap16x16w1": Tiles(16, 16, 128, 1, 4, swap=True, plain=True, tma=True),
     "tmaswap16x32k256w2": Tiles(16, 32, 256, 2, 3, swap=True, plain=True, tma=True),
+    # deeper pipelines for the narrow ones (qkv, o: 64-96 programs each streaming all of K)
+    "tmaswap16x32k256w2s4": Tiles(16, 32, 256, 2, 4, swap=True, plain=True, tma=True),
+    "tmaswap16x32w2s6": Tiles(16, 32, 128, 2, 6, swap=True, plain=True, tma=True),
+    "tmaswap16x16k256w1s4": Tiles(16, 16, 256, 1, 4, swap=True, plain=True, tma=True),
     "swap16x32w2": Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4),  # ranges apart when split
     # the same kernel with pointer loads
     "plain128x128w8": Tiles(128, 128, 64, 8, 3, plain=True),
