@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -194,6 +194,15 @@ det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 aga
   shape=${1#det}
   step 560 python3 benchmark/bench_offline.py --shape "$shape" --engines pipeserve --deterministic \
     --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
+  ;;
+detprefetch)  # deterministic mode's weight prefetch before the PDL wait (PIPESERVE_WEIGHT_PREFETCH):
+  # the CUDA tests with it, then det1b off / on / off / on on one machine (each log line says which)
+  PIPESERVE_WEIGHT_PREFETCH=1 bash "$0" det
+  for pf in 0 1 0 1; do
+    echo "=== PIPESERVE_WEIGHT_PREFETCH=$pf" | tee -a "$O/det1b.log"
+    PIPESERVE_WEIGHT_PREFETCH=$pf bash "$0" det1b
+  done
+  grep -h "WEIGHT_PREFETCH\|decode_step_cost" "$O/det1b.log"
   ;;
 p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
   # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of

@@ -1,6 +1,7 @@
 """Compiles deterministic mode's plain matmul kernel (`invariant_matmul._plain_kernel`, TMA loads)
 for sm_90a without a GPU and prints ptxas's register, spill and shared-memory use per candidate
-tile, with and without the glu epilogue, K in one range and in four. Run it with the device's
+tile, with and without the glu epilogue, K in one range and in four, launched with PDL (with
+the weight prefetch under PIPESERVE_WEIGHT_PREFETCH=1). Run it with the device's
 Triton (3.6 on the GPU hosts) ahead of a device call: a tile that spills or wants more than the
 227 KB of shared memory an H100 block may have is not worth the device's time.
 
@@ -26,6 +27,7 @@ from pipeserve.model import invariant_matmul as im
 from sweep_invariant_matmul import CANDIDATES
 
 SMEM_LIMIT = 227 * 1024  # per block on an H100
+PREFETCH = os.environ.get("PIPESERVE_WEIGHT_PREFETCH") == "1"  # compile the weight prefetch in
 
 
 def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
@@ -34,16 +36,17 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
     params = list(inspect.signature(fn.fn).parameters)
     block_n = im.plain_block_n(t, glu)
     sig = {"x": f"tensordesc<bf16[{t.block_m},{t.block_k}]>"}
-    sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "bias": "*bf16"}
+    sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "w_ptr": "*bf16", "bias": "*bf16"}
     sig |= {"out": f"tensordesc<bf16[{t.block_m},{block_n}]>"}
     sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split")}
     const = dict(SPLITS=splits, TMA=True, GLU=glu, HAS_BIAS=False, SWAP=t.swap, IEEE=False)
     const |= dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k)
+    const |= dict(PDL=True, PREFETCH=PREFETCH, LINE=64)  # as a decode step launches it
     sig |= {c: "constexpr" for c in const}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(params.index(c),): v for c, v in const.items()}
     )
-    options = {"num_warps": t.warps, "num_stages": t.stages}
+    options = {"num_warps": t.warps, "num_stages": t.stages, "launch_pdl": True}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     with tempfile.TemporaryDirectory() as d:

@@ -269,13 +269,16 @@ def test_gemv_row_limit_from_the_environment_is_checked():
             gemv_max_rows(bad)
 
 
-def test_pdl_switch_from_the_environment_is_checked():
+def test_pdl_switches_from_the_environment_are_checked():
     from pipeserve.env import Env
 
     assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
-    for bad in ("yes", "", "2"):
-        with pytest.raises(ValueError, match="PIPESERVE_PDL must be 0 or 1"):
-            Env.read({"PIPESERVE_PDL": bad})
+    assert not Env.read({}).weight_prefetch
+    assert Env.read({"PIPESERVE_WEIGHT_PREFETCH": "1"}).weight_prefetch
+    for name in ("PIPESERVE_PDL", "PIPESERVE_WEIGHT_PREFETCH"):
+        for bad in ("yes", "", "2"):
+            with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+                Env.read({name: bad})
 
 
 @interpreted

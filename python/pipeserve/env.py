@@ -17,6 +17,7 @@ PROFILE_DIR = "PIPESERVE_PROFILE_DIR"  # each rank's loop runs under cProfile, w
 DEBUG_SLOW_FORWARD = "PIPESERVE_DEBUG_SLOW_FORWARD"  # "<rank>:<seconds>:<count>", for tests
 GEMV_MAX_ROWS = "PIPESERVE_GEMV_MAX_ROWS"  # rows the one-row projection kernels take, 0-4
 PDL = "PIPESERVE_PDL"  # 0: deterministic mode launches without programmatic dependent launch
+WEIGHT_PREFETCH = "PIPESERVE_WEIGHT_PREFETCH"  # 1: its projections prefetch weights (experimental)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Env:
     slow_forward: SlowForward | None = None
     gemv_max_rows: int = 1
     pdl: bool = True
+    weight_prefetch: bool = False
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> Env:
@@ -46,6 +48,7 @@ class Env:
             slow_forward=_slow_forward(environ.get(DEBUG_SLOW_FORWARD)),
             gemv_max_rows=gemv_max_rows(environ.get(GEMV_MAX_ROWS, "1")),
             pdl=_flag(PDL, environ.get(PDL, "1")),
+            weight_prefetch=_flag(WEIGHT_PREFETCH, environ.get(WEIGHT_PREFETCH, "0")),
         )
 
 
