@@ -196,7 +196,7 @@ det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 aga
     --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
   ;;
 detprefetch)  # deterministic mode's weight prefetch before the PDL wait (PIPESERVE_WEIGHT_PREFETCH):
-  # the CUDA tests with it, then det1b off / on / off / on on one machine (each log line says which)
+  # the CUDA tests with it, then det1b off / on / off / on on one machine (about 4 minutes)
   PIPESERVE_WEIGHT_PREFETCH=1 bash "$0" det
   for pf in 0 1 0 1; do
     echo "=== PIPESERVE_WEIGHT_PREFETCH=$pf" | tee -a "$O/det1b.log"

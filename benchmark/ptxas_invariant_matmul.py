@@ -38,7 +38,7 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
     sig = {"x": f"tensordesc<bf16[{t.block_m},{t.block_k}]>"}
     sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "w_ptr": "*bf16", "bias": "*bf16"}
     sig |= {"out": f"tensordesc<bf16[{t.block_m},{block_n}]>"}
-    sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split")}
+    sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split", "prefetch_k")}
     const = dict(SPLITS=splits, TMA=True, GLU=glu, HAS_BIAS=False, SWAP=t.swap, IEEE=False)
     const |= dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k)
     const |= dict(PDL=True, PREFETCH=PREFETCH, LINE=64)  # as a decode step launches it

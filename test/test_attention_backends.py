@@ -269,18 +269,6 @@ def test_gemv_row_limit_from_the_environment_is_checked():
             gemv_max_rows(bad)
 
 
-def test_pdl_switches_from_the_environment_are_checked():
-    from pipeserve.env import Env
-
-    assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
-    assert not Env.read({}).weight_prefetch
-    assert Env.read({"PIPESERVE_WEIGHT_PREFETCH": "1"}).weight_prefetch
-    for name in ("PIPESERVE_PDL", "PIPESERVE_WEIGHT_PREFETCH"):
-        for bad in ("yes", "", "2"):
-            with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
-                Env.read({name: bad})
-
-
 @interpreted
 def test_gemv_tails_and_long_rows(monkeypatch):
     """Blocks that leave an output tail and several passes over K, for each prologue; the long

@@ -111,3 +111,16 @@ def test_an_unresolvable_dist_init_host_is_refused(model_path):
     error = refused_at_once("--model-path", model_path, "--dist-init-addr", addr)
     assert "--dist-init-addr" in error and "cannot resolve" in error
     assert "is not host:port" in refused_at_once("--dist-init-addr", "127.0.0.1")
+
+
+def test_pdl_switches_from_the_environment_are_checked():
+    from pipeserve.env import Env
+
+    assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
+    assert not Env.read({}).weight_prefetch
+    assert Env.read({"PIPESERVE_WEIGHT_PREFETCH": "1"}).weight_prefetch
+    for name in ("PIPESERVE_PDL", "PIPESERVE_WEIGHT_PREFETCH"):
+        assert Env.read({name: " "}) == Env.read({})  # empty: unset
+        for bad in ("yes", "2", "-1"):
+            with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
+                Env.read({name: bad})

@@ -47,8 +47,8 @@ class Env:
             profile_dir=environ.get(PROFILE_DIR) or None,
             slow_forward=_slow_forward(environ.get(DEBUG_SLOW_FORWARD)),
             gemv_max_rows=gemv_max_rows(environ.get(GEMV_MAX_ROWS, "1")),
-            pdl=_flag(PDL, environ.get(PDL, "1")),
-            weight_prefetch=_flag(WEIGHT_PREFETCH, environ.get(WEIGHT_PREFETCH, "0")),
+            pdl=_flag(PDL, environ.get(PDL), True),
+            weight_prefetch=_flag(WEIGHT_PREFETCH, environ.get(WEIGHT_PREFETCH), False),
         )
 
 
@@ -58,7 +58,10 @@ def gemv_max_rows(text: str) -> int:
     return int(text)
 
 
-def _flag(name: str, text: str) -> bool:
+def _flag(name: str, text: str | None, default: bool) -> bool:
+    """0 or 1; unset or empty: the default."""
+    if text is None or not text.strip():
+        return default
     if text.strip() not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {text!r}")
     return text.strip() == "1"

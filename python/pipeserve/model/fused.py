@@ -5,17 +5,14 @@ SiLU(gate) * up, and the KV cache store. Each computes what its torch version co
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from pipeserve.env import Env
+from pipeserve.model.pdl import pdl_options, pdl_start
 
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: the torch versions below run everywhere
     triton = None
 
@@ -25,34 +22,6 @@ FORCE_TRITON = False  # tests: run the kernels on CPU tensors under Triton's int
 
 def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or FORCE_TRITON)
-
-
-@functools.cache
-def _pdl_on(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9 and Env.read().pdl
-
-
-PDL_MAX_ROWS = 64  # measured on an H100: PDL took 50-100 us off a decode step at batch 1 and
-# 32, and added 60-720 us at batch 256 (docs/benchmarks-log.md)
-
-
-def launch_pdl(x: torch.Tensor) -> bool:
-    """Whether a kernel of x's rows (dim 0) on x's device launches with programmatic dependent
-    launch: Hopper and newer, up to PDL_MAX_ROWS rows, unless PIPESERVE_PDL=0. Such a kernel must
-    begin with `pdl_start`."""
-    return x.is_cuda and x.shape[0] <= PDL_MAX_ROWS and _pdl_on(x.device)
-
-
-if triton is not None:
-
-    @triton.jit
-    def pdl_start(PDL: tl.constexpr):
-        """A kernel launched with programmatic dependent launch may start before the kernel ahead
-        of it has finished: it waits for that kernel's writes before any load or store of its own
-        (so this comes first), then lets the kernel behind it start, which waits the same way."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
 
 
 # ---- residual add + RMSNorm -----------------------------------------------------------------------
@@ -65,7 +34,7 @@ def add_rmsnorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight * rmsnorm(x + residual), x + residual); the norm in fp32, scaled after the cast
     back, as the reference implementation does. `residual` None: x itself is the residual.
-    `pdl`: launched with programmatic dependent launch where `launch_pdl` allows."""
+    `pdl`: launched with programmatic dependent launch where `pdl.launch_pdl` allows."""
     if not _use_triton(x):
         summed = x if residual is None else x + residual
         normed = F.rms_norm(summed.float(), weight.shape, eps=eps)
@@ -74,11 +43,10 @@ def add_rmsnorm(
     n, width = x.shape
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
-    pdl = pdl and launch_pdl(x)
     _add_rmsnorm_kernel[(n,)](
         x, x if residual is None else residual, weight, out, summed, width, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width), PDL=pdl,
-        launch_pdl=pdl,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width),
+        **pdl_options(x, pdl),
     )  # fmt: skip
     return out, summed
 
@@ -160,12 +128,11 @@ def rotate_store_kv_(
         k = qkv[:, heads * d : rotated * d].view(n, kv_heads, d)
         store_kv(k, qkv[:, rotated * d :].view(n, kv_heads, d), k_cache, v_cache, slots)
         return
-    pdl = pdl and launch_pdl(qkv)
     _rotate_store_kernel[(n,)](
         qkv, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), heads, kv_heads, HALF=d // 2,
         HEADS_PAD=triton.next_power_of_2(rotated), HALF_PAD=triton.next_power_of_2(d // 2),
-        KV_PAD=triton.next_power_of_2(kv_heads), PDL=pdl, launch_pdl=pdl,
+        KV_PAD=triton.next_power_of_2(kv_heads), **pdl_options(qkv, pdl),
     )  # fmt: skip
 
 
@@ -203,8 +170,8 @@ if triton is not None:
 
 
 # ---- SiLU(gate) * up ---------------------------------------------------------------------------------
-def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
-    """gate_up (N, 2 * inter) -> silu(gate) * up, (N, inter)."""
+def silu_and_mul(gate_up: torch.Tensor, inter: int, pdl: bool = False) -> torch.Tensor:
+    """gate_up (N, 2 * inter) -> silu(gate) * up, (N, inter). `pdl` as for `add_rmsnorm`."""
     if not _use_triton(gate_up):
         gate, up = gate_up.split(inter, dim=-1)
         return F.silu(gate) * up
@@ -212,7 +179,7 @@ def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
     out = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(n, triton.cdiv(inter, block))](
-        gate_up, out, gate_up.stride(0), inter, BLOCK=block
+        gate_up, out, gate_up.stride(0), inter, BLOCK=block, **pdl_options(gate_up, pdl)
     )
     return out
 
@@ -229,7 +196,8 @@ if triton is not None:
         return (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
 
     @triton.jit
-    def _silu_mul_kernel(gate_up, out, stride, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_up, out, stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_start(PDL)
         n = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter

@@ -30,8 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeserve.env import Env
-from pipeserve.model.fused import launch_pdl, pdl_start, silu_and_mul, silu_mul_values
+from pipeserve.model.fused import silu_and_mul, silu_mul_values
+from pipeserve.model.pdl import (
+    pdl_options,
+    pdl_start,
+    prefetch_columns,
+    prefetch_l2,
+    weight_prefetch_on,
+)
 
 K_GRANULE = 128  # K ranges start on multiples of this (a wider BLOCK_K masks a range's last block)
 MAX_SPLITS = 16
@@ -110,13 +116,6 @@ def _counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_TILES_APART, dtype=torch.int32, device=device)
 
 
-@functools.cache
-def prefetch_weights() -> bool:
-    """PIPESERVE_WEIGHT_PREFETCH=1: a projection launched with PDL asks L2 for its weights before
-    it waits for the kernel ahead (experimental, off: not yet measured on a GPU)."""
-    return Env.read().weight_prefetch
-
-
 def k_splits(n: int, k: int, sms: int) -> int:
     """K ranges per output element: enough for SPLIT_BLOCK_N-wide work items to cover the
     device, at least MIN_SPLIT_K of K per range, a power of two. A function of N and K (and the
@@ -175,37 +174,17 @@ def _tile_mask(m_ok, n_ok, SWAP: tl.constexpr):
     return m_ok[None, :] & n_ok[:, None] if SWAP else m_ok[:, None] & n_ok[None, :]
 
 
-@triton.jit
-def _prefetch_weights(w, row0, N, k0, k1, stride_w, BLOCK_N: tl.constexpr, LINE: tl.constexpr):
-    """Asks L2 for rows [row0, row0 + BLOCK_N) of `w` (N rows), columns [k0, k1), in lines of
-    LINE elements, without waiting for them. Only reads weights: a kernel may issue it before
-    `pdl_start`, while the kernel ahead of it still runs (`PREFETCH`)."""
-    rows = row0 + tl.arange(0, BLOCK_N)
-    rows = tl.where(rows < N, rows, 0).to(tl.int64)
-    for c0 in range(k0, k1, 16 * LINE):
-        cols = c0 + tl.arange(0, 16) * LINE
-        cols = tl.where(cols < k1, cols, k0)
-        at = w + rows[:, None] * stride_w + cols[None, :]
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; // dummy $0", "=r,l", [at], dtype=tl.int32, is_pure=False,
-            pack=1,
-        )  # fmt: skip
-
-
 @triton.jit(do_not_specialize=["M", "splits"])
-def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride_w, splits, k_per_split, RANGES_APART: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
+def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride_w, splits, k_per_split, prefetch_k, RANGES_APART: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles = tiles_m * tl.cdiv(N, BLOCK_N)
     items = tiles * splits if RANGES_APART else tiles
     if PREFETCH:  # the first item's weights, while the kernel ahead still runs
         first = tl.program_id(0)
         if first < items:
-            n0 = (first % tiles) // tiles_m * BLOCK_N
-            if RANGES_APART:
-                k0 = first // tiles * k_per_split
-                _prefetch_weights(w, n0, N, k0, tl.minimum(k0 + k_per_split, K), stride_w, BLOCK_N, LINE)  # fmt: skip
-            else:
-                _prefetch_weights(w, n0, N, 0, K, stride_w, BLOCK_N, LINE)
+            k0 = first // tiles * k_per_split if RANGES_APART else 0
+            k1 = tl.minimum(k0 + prefetch_k, K)
+            prefetch_l2(w, (first % tiles) // tiles_m * BLOCK_N, N, k0, k1, stride_w, BLOCK_N, LINE)
     pdl_start(PDL)
     for item in range(tl.program_id(0), items, tl.num_programs(0)):
         tile = item % tiles
@@ -248,7 +227,7 @@ def _mma(a, b, acc, SWAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
+def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. The ranges are a loop, not unrolled:
     unrolled, each range's pipelined loop kept its own registers, and a 128 x 128 tile in four
@@ -257,15 +236,15 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends. With GLU,
     `w` holds 2N rows (gate | up) and the tile stores silu(gate) * up of its two products, each
     first rounded as the matmul stores it (the rounding of `fused.silu_and_mul` after it).
-    `w_ptr`: the weight's own pointer, for PREFETCH (`_prefetch_weights`)."""
+    `w_ptr`: the weight's own pointer, for PREFETCH (`pdl.prefetch_l2`)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
     n0 = (tile // tiles_m) * BLOCK_N
     if PREFETCH:  # the tile's weights, while the kernel ahead still runs
-        _prefetch_weights(w_ptr, n0, N, 0, K, stride_w, BLOCK_N, LINE)
+        prefetch_l2(w_ptr, n0, N, 0, prefetch_k, stride_w, BLOCK_N, LINE)
         if GLU:
-            _prefetch_weights(w_ptr, N + n0, 2 * N, 0, K, stride_w, BLOCK_N, LINE)
+            prefetch_l2(w_ptr, N + n0, 2 * N, 0, prefetch_k, stride_w, BLOCK_N, LINE)
     pdl_start(PDL)
     rm = m0 + tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -329,7 +308,7 @@ def matmul(
     splits = splits or k_splits(n, k, sms)
     t = tiles or tiles_for(m, n, x.dtype, splits)
     if glu and not t.plain:
-        return silu_and_mul(matmul(x, weight, bias, t, splits), n // 2)
+        return silu_and_mul(matmul(x, weight, bias, t, splits), n // 2, pdl=True)
     out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -344,16 +323,22 @@ def matmul(
         partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
         counters = _counters(x.device)
     has_bias = bias is not None
-    pdl = launch_pdl(x)
-    prefetch = pdl and prefetch_weights()
+    k_range = split_size(k, splits) if apart else k
     _matmul_kernel[(min(programs, n_tiles * (splits if apart else 1)),)](
         x, weight, bias if has_bias else x, out, partial, counters, m, n, k, x.stride(0),
-        weight.stride(0), splits, split_size(k, splits), RANGES_APART=apart, HAS_BIAS=has_bias,
-        SWAP=t.swap, IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages, PDL=pdl, PREFETCH=prefetch,
-        LINE=128 // weight.element_size(), launch_pdl=pdl,
+        weight.stride(0), splits, split_size(k, splits), prefetch_columns(weight, k_range),
+        RANGES_APART=apart, HAS_BIAS=has_bias, SWAP=t.swap, IEEE=x.dtype == torch.float32,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps,
+        num_stages=t.stages, **_launch_options(x, weight),
     )  # fmt: skip
     return out
+
+
+def _launch_options(x: torch.Tensor, weight: torch.Tensor) -> dict:
+    """PDL (`pdl.py`) and, with it where switched on, the weight prefetch before its wait."""
+    options = pdl_options(x)
+    prefetch = options["PDL"] and weight_prefetch_on()
+    return options | {"PREFETCH": prefetch, "LINE": 128 // weight.element_size()}
 
 
 GLU_MAX_TILE = 128 * 128  # glu holds two accumulators: wider tiles run at half their width
@@ -381,12 +366,9 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
         ws = TensorDescriptor.from_tensor(weight, [block_n, t.block_k])
         outs = TensorDescriptor.from_tensor(out, [t.block_m, block_n])
     has_bias = bias is not None
-    pdl = launch_pdl(x)
-    prefetch = pdl and prefetch_weights()
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
         xs, ws, weight, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
-        split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
+        split_size(k, splits), prefetch_columns(weight, k), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages, PDL=pdl, PREFETCH=prefetch,
-        LINE=128 // weight.element_size(), launch_pdl=pdl,
+        num_warps=t.warps, num_stages=t.stages, **_launch_options(x, weight),
     )  # fmt: skip

@@ -60,7 +60,8 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, o_bias, ctx, "o_proj")
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if spec.qk_norm else None
-        self.pdl = ctx.batch_invariant  # deterministic mode's kernels launch with PDL (`fused`)
+        # PDL (`model/pdl.py`) in deterministic mode, whose layers are Triton kernels throughout
+        self.pdl = ctx.batch_invariant
 
     def forward(
         self,
@@ -74,7 +75,7 @@ class Attention(nn.Module):
         n, D, H, Hkv = qkv.shape[0], self.head_dim, self.heads, self.kv_heads
         v = qkv[:, (H + Hkv) * D :].view(n, Hkv, D)
         if self.q_norm is None:  # q and k rotated in place and k, v stored: one kernel
-            rotate_store_kv_(qkv, H, Hkv, *rope, *kv, batch.out_slots, self.pdl)
+            rotate_store_kv_(qkv, H, Hkv, *rope, *kv, batch.out_slots, pdl=self.pdl)
             q = qkv[:, : H * D].view(n, H, D)
             k = qkv[:, H * D : (H + Hkv) * D].view(n, Hkv, D)
         else:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from pipeserve.model.attention.triton_kernels import _attend_block
-from pipeserve.model.fused import pdl_start
+from pipeserve.model.pdl import pdl_start
 
 SPLIT_TOKENS = 256  # key positions per split
 BLOCK_M = 16  # query rows per tile: (token, head) pairs

@@ -12,7 +12,7 @@ import triton
 from pipeserve.model.attention import invariant_kernels as kernels
 from pipeserve.model.attention.base import AttentionBackend, BackendSpec, register
 from pipeserve.model.forward_batch import ForwardBatch
-from pipeserve.model.fused import launch_pdl
+from pipeserve.model.pdl import pdl_options
 
 
 def scratch_shape(spec: BackendSpec, max_len: int) -> tuple[int, int, int, int]:
@@ -51,7 +51,6 @@ class TritonInvariantBackend(AttentionBackend):
         group = heads // kv_heads
         tiles = triton.cdiv(group, kernels.BLOCK_M)
         po, pl = self.part_out, self.part_lse
-        pdl = launch_pdl(q)
         consts = dict(
             GROUP=group, TILES=tiles, HEAD_DIM=d, DIM_PAD=po.shape[3], SPLIT=kernels.SPLIT_TOKENS,
         )  # fmt: skip
@@ -66,7 +65,7 @@ class TritonInvariantBackend(AttentionBackend):
             self.req_to_token.stride(0), po.stride(0), po.stride(1), po.stride(2), pl.stride(0),
             pl.stride(1), self.counters.stride(0), scale, **consts,
             IEEE=q.dtype == torch.float32, BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.BLOCK_N,
-            num_warps=kernels.NUM_WARPS, enable_fp_fusion=False, PDL=pdl, launch_pdl=pdl,
+            num_warps=kernels.NUM_WARPS, enable_fp_fusion=False, **pdl_options(q),
         )  # fmt: skip
 
     def _extend(self, q, k_cache, v_cache, out, batch: ForwardBatch, scale: float) -> None:
@@ -74,7 +73,6 @@ class TritonInvariantBackend(AttentionBackend):
         kv_heads = k_cache.shape[1]
         group = heads // kv_heads
         tiles = triton.cdiv(batch.max_extend_len * group, kernels.BLOCK_M)
-        pdl = launch_pdl(q)
         kernels._extend_kernel[(batch.req_pool_idx.shape[0], kv_heads, tiles)](
             q, k_cache, v_cache, out, self.req_to_token, batch.req_pool_idx, batch.prefix_lens,
             batch.extend_lens, batch.extend_start, q.stride(0), q.stride(1), k_cache.stride(0),
@@ -82,7 +80,7 @@ class TritonInvariantBackend(AttentionBackend):
             out.stride(1), self.req_to_token.stride(0), scale, GROUP=group, HEAD_DIM=d,
             DIM_PAD=self.part_out.shape[3], SPLIT=kernels.SPLIT_TOKENS,
             IEEE=q.dtype == torch.float32, BLOCK_M=kernels.BLOCK_M, BLOCK_N=kernels.BLOCK_N,
-            num_warps=kernels.NUM_WARPS, enable_fp_fusion=False, PDL=pdl, launch_pdl=pdl,
+            num_warps=kernels.NUM_WARPS, enable_fp_fusion=False, **pdl_options(q),
         )  # fmt: skip
 
     def init_capture(self, max_batch: int) -> None:
