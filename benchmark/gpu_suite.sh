@@ -196,13 +196,17 @@ det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 aga
     --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
   ;;
 detprefetch)  # deterministic mode's weight prefetch before the PDL wait (PIPESERVE_WEIGHT_PREFETCH):
-  # the CUDA tests with it, then det1b off / on / off / on on one machine (about 4 minutes)
+  # the CUDA tests with it, det1b off / on / off / on and det8b off / on on one machine, then the
+  # 1B projections at decode sizes (about 8 minutes)
   PIPESERVE_WEIGHT_PREFETCH=1 bash "$0" det
-  for pf in 0 1 0 1; do
-    echo "=== PIPESERVE_WEIGHT_PREFETCH=$pf" | tee -a "$O/det1b.log"
-    PIPESERVE_WEIGHT_PREFETCH=$pf bash "$0" det1b
+  for part in det1b det1b det8b; do
+    for pf in 0 1; do
+      echo "=== PIPESERVE_WEIGHT_PREFETCH=$pf" | tee -a "$O/$part.log"
+      PIPESERVE_WEIGHT_PREFETCH=$pf bash "$0" "$part"
+    done
   done
-  grep -h "WEIGHT_PREFETCH\|decode_step_cost" "$O/det1b.log"
+  grep -h "WEIGHT_PREFETCH\|decode_step_cost" "$O/det1b.log" "$O/det8b.log"
+  step 200 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
   ;;
 p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
   # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of
