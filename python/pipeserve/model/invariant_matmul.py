@@ -326,19 +326,22 @@ def matmul(
     k_range = split_size(k, splits) if apart else k
     _matmul_kernel[(min(programs, n_tiles * (splits if apart else 1)),)](
         x, weight, bias if has_bias else x, out, partial, counters, m, n, k, x.stride(0),
-        weight.stride(0), splits, split_size(k, splits), prefetch_columns(weight, k_range),
-        RANGES_APART=apart, HAS_BIAS=has_bias, SWAP=t.swap, IEEE=x.dtype == torch.float32,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.warps,
-        num_stages=t.stages, **_launch_options(x, weight),
+        weight.stride(0), splits, split_size(k, splits), RANGES_APART=apart, HAS_BIAS=has_bias,
+        SWAP=t.swap, IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
+        **_launch_options(x, weight, k_range),
     )  # fmt: skip
     return out
 
 
-def _launch_options(x: torch.Tensor, weight: torch.Tensor) -> dict:
-    """PDL (`pdl.py`) and, with it where switched on, the weight prefetch before its wait."""
+def _launch_options(x: torch.Tensor, weight: torch.Tensor, k_range: int) -> dict:
+    """PDL (`pdl.py`) and, with it where switched on, the weight prefetch before its wait: the
+    first `prefetch_k` columns of each K range of `k_range` columns."""
     options = pdl_options(x)
     prefetch = options["PDL"] and weight_prefetch_on()
-    return options | {"PREFETCH": prefetch, "LINE": 128 // weight.element_size()}
+    prefetch_k = prefetch_columns(weight, k_range) if prefetch else 0
+    line = 128 // weight.element_size()
+    return options | {"PREFETCH": prefetch, "LINE": line, "prefetch_k": prefetch_k}
 
 
 GLU_MAX_TILE = 128 * 128  # glu holds two accumulators: wider tiles run at half their width
@@ -368,7 +371,7 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
     has_bias = bias is not None
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
         xs, ws, weight, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
-        split_size(k, splits), prefetch_columns(weight, k), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
+        split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages, **_launch_options(x, weight),
+        num_warps=t.warps, num_stages=t.stages, **_launch_options(x, weight, k),
     )  # fmt: skip
