@@ -31,13 +31,7 @@ import triton
 import triton.language as tl
 
 from pipeserve.model.fused import silu_and_mul, silu_mul_values
-from pipeserve.model.pdl import (
-    pdl_options,
-    pdl_start,
-    prefetch_columns,
-    prefetch_l2,
-    weight_prefetch_on,
-)
+from pipeserve.model.pdl import pdl_options, pdl_start, prefetch_l2, prefetch_options
 
 K_GRANULE = 128  # K ranges start on multiples of this (a wider BLOCK_K masks a range's last block)
 MAX_SPLITS = 16
@@ -335,13 +329,9 @@ def matmul(
 
 
 def _launch_options(x: torch.Tensor, weight: torch.Tensor, k_range: int) -> dict:
-    """PDL (`pdl.py`) and, with it where switched on, the weight prefetch before its wait: the
-    first `prefetch_k` columns of each K range of `k_range` columns."""
+    """PDL and the weight prefetch before its wait (`pdl.py`), for K ranges of `k_range`."""
     options = pdl_options(x)
-    prefetch = options["PDL"] and weight_prefetch_on()
-    prefetch_k = prefetch_columns(weight, k_range) if prefetch else 0
-    line = 128 // weight.element_size()
-    return options | {"PREFETCH": prefetch, "LINE": line, "prefetch_k": prefetch_k}
+    return options | prefetch_options(weight, k_range, options["PDL"])
 
 
 GLU_MAX_TILE = 128 * 128  # glu holds two accumulators: wider tiles run at half their width
