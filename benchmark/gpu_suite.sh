@@ -7,7 +7,8 @@ O=${OUT:-/tmp/pipeserve-gpu}
 mkdir -p "$O"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD/python:$PWD/test:$PWD/benchmark PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# PYSRC: the package's source (default python/), for an A/B against another build's copy
+export PYTHONPATH=/tmp/site:${PYSRC:-$PWD/python}:$PWD/test:$PWD/benchmark PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 LOG=$O/$1.log
 step() {  # step SECONDS CMD...: runs under a timeout, appends to the part's log
   local t=$1; shift

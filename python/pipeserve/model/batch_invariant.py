@@ -69,8 +69,13 @@ def norm_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own."""
-    normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True)
+    """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own (on
+    CUDA, in the matmul's prologue for a few rows, `invariant_matmul.norm_matmul`)."""
+    if x.is_cuda:
+        from pipeserve.model.invariant_matmul import norm_matmul
+
+        return norm_matmul(x, residual, norm_weight, eps, weight, bias)
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
     return linear(normed, weight, bias), summed
 
 
@@ -95,14 +100,12 @@ def norm_gate_up(
     """The MLP's first half: (silu(gate) * up of linear(rmsnorm(x + residual)), x + residual).
     On CUDA, SiLU * up runs in the matmul's epilogue where its tiles allow (the same bits as
     after it)."""
-    normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True)
-    if not normed.is_cuda:
-        return silu_mul(linear(normed, weight, bias), inter), summed
-    from pipeserve.model.invariant_matmul import matmul
+    if x.is_cuda:
+        from pipeserve.model.invariant_matmul import norm_matmul
 
-    shape = normed.shape
-    hidden = matmul(normed.reshape(-1, shape[-1]), weight, bias, glu=True)
-    return hidden.view(*shape[:-1], inter), summed
+        return norm_matmul(x, residual, norm_weight, eps, weight, bias, glu=True)
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
+    return silu_mul(linear(normed, weight, bias), inter), summed
 
 
 def down_linear(hidden: torch.Tensor, inter: int, weight: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeserve.model.fused import silu_and_mul, silu_mul_values
-from pipeserve.model.pdl import pdl_options, pdl_start, prefetch_l2, prefetch_options
+from pipeserve.model.fused import (
+    add_rmsnorm,
+    norm_rows_rstd,
+    normed_tile,
+    silu_and_mul,
+    silu_mul_values,
+)
+from pipeserve.model.pdl import pdl_start, prefetch_l2, projection_options
 
 K_GRANULE = 128  # K ranges start on multiples of this (a wider BLOCK_K masks a range's last block)
 MAX_SPLITS = 16
@@ -128,11 +134,7 @@ def split_size(k: int, splits: int) -> int:
 
 @triton.jit
 def _zero_tile(SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    if SWAP:
-        tile = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    return tile
+    return tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
 
 
 @triton.jit
@@ -221,7 +223,7 @@ def _mma(a, b, acc, SWAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
+def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, x_ptr, res, norm_w, summed, eps, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_WIDTH: tl.constexpr):  # fmt: skip
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. The ranges are a loop, not unrolled:
     unrolled, each range's pipelined loop kept its own registers, and a 128 x 128 tile in four
@@ -230,7 +232,8 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends. With GLU,
     `w` holds 2N rows (gate | up) and the tile stores silu(gate) * up of its two products, each
     first rounded as the matmul stores it (the rounding of `fused.silu_and_mul` after it).
-    `w_ptr`: the weight's own pointer, for PREFETCH (`pdl.prefetch_l2`)."""
+    `w_ptr`: the weight's own pointer, for PREFETCH (`pdl.prefetch_l2`). With NORM, the input
+    is weight `norm_w` * rmsnorm(x + `res`) (`norm_matmul`), read through `x_ptr`."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
@@ -244,6 +247,8 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     rn = n0 + tl.arange(0, BLOCK_N)
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    if NORM:  # every row in this tile (M <= NORM_ROWS); the first column of tiles stores x + res
+        rstd = norm_rows_rstd(x_ptr, res, summed, M, K, stride_x, eps, n0 == 0, HAS_RES, NORM_ROWS, NORM_WIDTH, BLOCK_M)  # fmt: skip
     gate = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
     up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)  # GLU only
     for s in range(0, SPLITS):
@@ -253,7 +258,10 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
             acc = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             acc_up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             for k0 in range(k_start, k_end, BLOCK_K):
-                a = x.load([m0, k0])
+                if NORM:
+                    a = normed_tile(x_ptr, res, norm_w, rm_safe, rm < M, k0, K, stride_x, rstd, HAS_RES, BLOCK_K)  # fmt: skip
+                else:
+                    a = x.load([m0, k0])
                 acc = _mma(a, w.load([n0, k0]), acc, SWAP)
                 if GLU:
                     acc_up = _mma(a, w.load([N + n0, k0]), acc_up, SWAP)
@@ -323,15 +331,9 @@ def matmul(
         weight.stride(0), splits, split_size(k, splits), RANGES_APART=apart, HAS_BIAS=has_bias,
         SWAP=t.swap, IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BLOCK_K=t.block_k, num_warps=t.warps, num_stages=t.stages,
-        **_launch_options(x, weight, k_range),
+        **projection_options(x, weight, k_range),
     )  # fmt: skip
     return out
-
-
-def _launch_options(x: torch.Tensor, weight: torch.Tensor, k_range: int) -> dict:
-    """PDL and the weight prefetch before its wait (`pdl.py`), for K ranges of `k_range`."""
-    options = pdl_options(x)
-    return options | prefetch_options(weight, k_range, options["PDL"])
 
 
 GLU_MAX_TILE = 128 * 128  # glu holds two accumulators: wider tiles run at half their width
@@ -343,14 +345,21 @@ def plain_block_n(t: Tiles, glu: bool) -> int:
     return t.block_n // 2 if glu and t.block_m * t.block_n > GLU_MAX_TILE else t.block_n
 
 
-def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
+def _tma(x: torch.Tensor, n: int, t: Tiles, splits: int) -> bool:
+    """Whether plain tiles `t` of x (M, K) into n outputs load through tensor descriptors. A
+    descriptor reads whole BLOCK_K blocks, past a range's end into the next range: only ranges of
+    whole blocks take it (the loads with masks give the same sums)."""
+    k, size = x.shape[1], x.element_size()
+    rows_aligned = k * size % 16 == 0 and n * size % 16 == 0
+    whole_blocks = split_size(k, splits) % t.block_k == 0
+    return t.tma and x.dtype != torch.float32 and rows_aligned and whole_blocks
+
+
+def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple = ()) -> None:
+    """`_plain_kernel` over x into out; `norm`: (residual, weight, eps, summed) of NORM."""
     (m, n), k = out.shape, x.shape[1]
     block_n = plain_block_n(t, glu)
-    rows_aligned = k * x.element_size() % 16 == 0 and n * out.element_size() % 16 == 0
-    # a descriptor reads whole BLOCK_K blocks, past a range's end into the next range: only
-    # ranges of whole blocks take it (the loads with masks give the same sums)
-    whole_blocks = split_size(k, splits) % t.block_k == 0
-    tma = t.tma and x.dtype != torch.float32 and rows_aligned and whole_blocks
+    tma = _tma(x, n, t, splits)
     xs, ws, outs = x, weight, out
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -359,9 +368,33 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
         ws = TensorDescriptor.from_tensor(weight, [block_n, t.block_k])
         outs = TensorDescriptor.from_tensor(out, [t.block_m, block_n])
     has_bias = bias is not None
+    res, norm_w, eps, summed = norm or (None, x, 0.0, x)
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
         xs, ws, weight, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
-        split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
+        split_size(k, splits), x_ptr=x, res=x if res is None else res, norm_w=norm_w,
+        summed=summed, eps=eps, SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages, **_launch_options(x, weight, k),
+        num_warps=t.warps, num_stages=t.stages, NORM=bool(norm), HAS_RES=res is not None,
+        NORM_ROWS=triton.next_power_of_2(m), NORM_WIDTH=triton.next_power_of_2(k),
+        **projection_options(x, weight, k),
     )  # fmt: skip
+
+
+NORM_MAX_VALUES = 4096  # rows x padded width normalised in a prologue (1B: 2 rows, 8B: 1)
+
+
+def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu: bool = False):
+    """(matmul(add_rmsnorm(x, residual, norm_weight, eps, exact=True)[0], ...), x + residual),
+    bitwise; a few rows on plain tiles with descriptors are normalised in every program's prologue."""
+    x, weight = x.contiguous(), weight.contiguous()
+    (m, k), n = x.shape, weight.shape[0]
+    splits = k_splits(n, k, num_sms(x.device))
+    t = tiles_for(m, n, x.dtype, splits)
+    fused = 0 < m <= t.block_m and m * triton.next_power_of_2(k) <= NORM_MAX_VALUES
+    if not (fused and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
+        normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=True)
+        return matmul(normed, weight, bias, t, splits, glu), summed
+    summed, res = (x, None) if residual is None else (torch.empty_like(x), residual.contiguous())
+    out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
+    _plain(x, weight, bias, out, t, splits, glu, (res, norm_weight, eps, summed))
+    return out, summed

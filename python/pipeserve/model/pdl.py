@@ -64,18 +64,19 @@ def weight_prefetch_on() -> bool:
     return Env.read().weight_prefetch
 
 
-def prefetch_options(weight: torch.Tensor, k_range: int, pdl: bool) -> dict:
-    """A projection's launch options for the weight prefetch (`prefetch_l2`), on where PDL is
-    and PIPESERVE_WEIGHT_PREFETCH=1: the first `prefetch_k` columns of each of its K ranges
-    (`k_range` wide), so that the whole launch asks for at most PREFETCH_MAX_BYTES, in lines of
-    LINE elements (128 bytes)."""
+def projection_options(x: torch.Tensor, weight: torch.Tensor, k_range: int) -> dict:
+    """A projection's launch options: `pdl_options` of x, and the weight prefetch
+    (`prefetch_l2`), on where PDL is and PIPESERVE_WEIGHT_PREFETCH=1: the first `prefetch_k`
+    columns of each of its K ranges (`k_range` wide), so that the whole launch asks for at most
+    PREFETCH_MAX_BYTES, in lines of LINE elements (128 bytes)."""
+    options = pdl_options(x)
     line = 128 // weight.element_size()
-    on = pdl and weight_prefetch_on()
+    on = options["PDL"] and weight_prefetch_on()
     prefetch_k = 0
     if on:
         share = min(1.0, PREFETCH_MAX_BYTES / (weight.numel() * weight.element_size()))
         prefetch_k = max(line, int(k_range * share) // line * line)
-    return {"PREFETCH": on, "LINE": line, "prefetch_k": prefetch_k}
+    return options | {"PREFETCH": on, "LINE": line, "prefetch_k": prefetch_k}
 
 
 if triton is not None and gdc_wait is not None:
