@@ -16,9 +16,8 @@ How a tile's ranges are computed is free to follow M too, because the arithmetic
   stores the output (the parallelism a one-row GEMV gets from split-K, in one launch);
 - many tiles: one program runs its tile's ranges one after the other, adding them in order.
 The partials live for one launch: at most splits x programs x one tile of fp32 (17 MB on an H100
-at 4 ranges), within the runner's slack.
-Programs are persistent (`Tiles.per_sm` per SM), looping over work items, M fastest (neighbours
-share the weight tile in L2).
+at 4 ranges), within the runner's slack. Programs are persistent (`Tiles.per_sm` per SM), looping
+over work items, M fastest (neighbours share the weight tile in L2).
 """
 
 from __future__ import annotations
@@ -30,13 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeserve.model.fused import (
-    add_rmsnorm,
-    norm_rows_rstd,
-    normed_tile,
-    silu_and_mul,
-    silu_mul_values,
-)
+from pipeserve.model import fused
+from pipeserve.model.fused import silu_and_mul, silu_mul_values
 from pipeserve.model.pdl import pdl_start, prefetch_l2, projection_options
 
 K_GRANULE = 128  # K ranges start on multiples of this (a wider BLOCK_K masks a range's last block)
@@ -83,10 +77,15 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 #   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
 #   fewer programs re-read each weight tile.
+# - NARROW: up to 16 rows of a narrow projection (1B's o, qkv): deeper pipelines, (largest N, tiles).
 APART = Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
 WIDE_ROWS, WIDE_MIN_N = (65, 256), 16384
+NARROW = (
+    (2048, Tiles(16, 16, 256, 1, 4, swap=True, plain=True, tma=True)),  # tmaswap16x16k256w1s4
+    (3072, Tiles(16, 32, 256, 2, 4, swap=True, plain=True, tma=True)),  # tmaswap16x32k256w2s4
+)
 
 
 def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
@@ -95,6 +94,8 @@ def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
         return REFERENCE
     if m <= APART_MAX_ROWS and splits >= APART_MIN_SPLITS:
         return APART
+    if m <= TABLE[0][0] and (narrow := next((t for most, t in NARROW if n <= most), None)):
+        return narrow
     if WIDE_ROWS[0] <= m <= WIDE_ROWS[1] and n >= WIDE_MIN_N:
         return WIDE
     return next(tiles for most, tiles in TABLE if m <= most)
@@ -110,9 +111,8 @@ def num_sms(device: torch.device) -> int:
 @functools.cache
 def _counters(device: torch.device) -> torch.Tensor:
     """Per-tile arrival counts of the ranges run apart; every launch leaves them at zero. Made at
-    the first small-M call (the runner's warm-up, before any CUDA graph capture). One set per
-    device: launches on one device must run one after the other (one stream, as a rank's
-    forward does); two at once on two streams would mix their counts."""
+    the first small-M call (the runner's warm-up, before any graph capture). One set per device:
+    its launches must run in turn (one stream, as a rank's forward does), or counts would mix."""
     return torch.zeros(MAX_TILES_APART, dtype=torch.int32, device=device)
 
 
@@ -248,7 +248,7 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
     if NORM:  # every row in this tile (M <= NORM_ROWS); the first column of tiles stores x + res
-        rstd = norm_rows_rstd(x_ptr, res, summed, M, K, stride_x, eps, n0 == 0, HAS_RES, NORM_ROWS, NORM_WIDTH, BLOCK_M)  # fmt: skip
+        rstd = fused.norm_rows_rstd(x_ptr, res, summed, M, K, stride_x, eps, n0 == 0, HAS_RES, NORM_ROWS, NORM_WIDTH, BLOCK_M)  # fmt: skip
     gate = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
     up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)  # GLU only
     for s in range(0, SPLITS):
@@ -259,7 +259,7 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
             acc_up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             for k0 in range(k_start, k_end, BLOCK_K):
                 if NORM:
-                    a = normed_tile(x_ptr, res, norm_w, rm_safe, rm < M, k0, K, stride_x, rstd, HAS_RES, BLOCK_K)  # fmt: skip
+                    a = fused.normed_tile(x_ptr, res, norm_w, rm_safe, rm < M, k0, K, stride_x, rstd, HAS_RES, BLOCK_K)  # fmt: skip
                 else:
                     a = x.load([m0, k0])
                 acc = _mma(a, w.load([n0, k0]), acc, SWAP)
@@ -380,7 +380,7 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple =
     )  # fmt: skip
 
 
-NORM_MAX_VALUES = 4096  # rows x padded width normalised in a prologue (1B: 2 rows, 8B: 1)
+NORM_MAX_VALUES = 64 * 32  # per warp: rows x padded width normalised in a prologue (1B: 2 rows)
 
 
 def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu: bool = False):
@@ -390,9 +390,9 @@ def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu: bo
     (m, k), n = x.shape, weight.shape[0]
     splits = k_splits(n, k, num_sms(x.device))
     t = tiles_for(m, n, x.dtype, splits)
-    fused = 0 < m <= t.block_m and m * triton.next_power_of_2(k) <= NORM_MAX_VALUES
-    if not (fused and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
-        normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=True)
+    fits = 0 < m <= t.block_m and m * triton.next_power_of_2(k) <= NORM_MAX_VALUES * t.warps
+    if not (fits and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
+        normed, summed = fused.add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=True)
         return matmul(normed, weight, bias, t, splits, glu), summed
     summed, res = (x, None) if residual is None else (torch.empty_like(x), residual.contiguous())
     out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
