@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detnorm|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -208,6 +208,18 @@ detprefetch)  # deterministic mode's weight prefetch before the PDL wait (PIPESE
   done
   grep -h "WEIGHT_PREFETCH\|decode_step_cost" "$O/det1b.log" "$O/det8b.log"
   step 200 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
+  ;;
+detnorm)  # deterministic mode's input norm in the projections' prologue (PIPESERVE_NORM_PROLOGUE):
+  # the CUDA tests with it, det1b off / on / off / on and det8b off / on on one machine (about 7
+  # minutes)
+  PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
+  for part in det1b det1b det8b; do
+    for on in 0 1; do
+      echo "=== PIPESERVE_NORM_PROLOGUE=$on" | tee -a "$O/$part.log"
+      PIPESERVE_NORM_PROLOGUE=$on bash "$0" "$part"
+    done
+  done
+  grep -h "NORM_PROLOGUE\|decode_step_cost" "$O/det1b.log" "$O/det8b.log"
   ;;
 p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
   # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of

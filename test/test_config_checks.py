@@ -119,7 +119,9 @@ def test_pdl_switches_from_the_environment_are_checked():
     assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
     assert not Env.read({}).weight_prefetch
     assert Env.read({"PIPESERVE_WEIGHT_PREFETCH": "1"}).weight_prefetch
-    for name in ("PIPESERVE_PDL", "PIPESERVE_WEIGHT_PREFETCH"):
+    assert not Env.read({}).norm_prologue
+    assert Env.read({"PIPESERVE_NORM_PROLOGUE": "1"}).norm_prologue
+    for name in ("PIPESERVE_PDL", "PIPESERVE_WEIGHT_PREFETCH", "PIPESERVE_NORM_PROLOGUE"):
         assert Env.read({name: " "}) == Env.read({})  # empty: unset
         for bad in ("yes", "2", "-1"):
             with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):

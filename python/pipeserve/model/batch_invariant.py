@@ -70,7 +70,7 @@ def norm_linear(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own (on
-    CUDA, in the matmul's prologue for a few rows, `invariant_matmul.norm_matmul`)."""
+    CUDA through `invariant_matmul.norm_matmul`, which can take it into the matmul)."""
     if x.is_cuda:
         from pipeserve.model.invariant_matmul import norm_matmul
 

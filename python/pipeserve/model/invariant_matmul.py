@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pipeserve.env import Env
 from pipeserve.model import fused
 from pipeserve.model.fused import silu_and_mul, silu_mul_values
 from pipeserve.model.pdl import pdl_start, prefetch_l2, projection_options
@@ -77,15 +78,10 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 #   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
 #   fewer programs re-read each weight tile.
-# - NARROW: up to 16 rows of a narrow projection (1B's o, qkv): deeper pipelines, (largest N, tiles).
 APART = Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
 WIDE_ROWS, WIDE_MIN_N = (65, 256), 16384
-NARROW = (
-    (2048, Tiles(16, 16, 256, 1, 4, swap=True, plain=True, tma=True)),  # tmaswap16x16k256w1s4
-    (3072, Tiles(16, 32, 256, 2, 4, swap=True, plain=True, tma=True)),  # tmaswap16x32k256w2s4
-)
 
 
 def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
@@ -94,8 +90,6 @@ def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
         return REFERENCE
     if m <= APART_MAX_ROWS and splits >= APART_MIN_SPLITS:
         return APART
-    if m <= TABLE[0][0] and (narrow := next((t for most, t in NARROW if n <= most), None)):
-        return narrow
     if WIDE_ROWS[0] <= m <= WIDE_ROWS[1] and n >= WIDE_MIN_N:
         return WIDE
     return next(tiles for most, tiles in TABLE if m <= most)
@@ -383,16 +377,22 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple =
 NORM_MAX_VALUES = 64 * 32  # per warp: rows x padded width normalised in a prologue (1B: 2 rows)
 
 
+@functools.cache
+def norm_prologue_on() -> bool:  # PIPESERVE_NORM_PROLOGUE=1 (experimental, off by default)
+    return Env.read().norm_prologue
+
+
 def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu: bool = False):
-    """(matmul(add_rmsnorm(x, residual, norm_weight, eps, exact=True)[0], ...), x + residual),
-    bitwise; a few rows on plain tiles with descriptors are normalised in every program's prologue."""
+    """(matmul(rmsnorm(x + residual)), x + residual) as add_rmsnorm then matmul, bitwise; where
+    `norm_prologue_on`, a few rows on plain TMA tiles are normalised in each program's prologue."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
     splits = k_splits(n, k, num_sms(x.device))
     t = tiles_for(m, n, x.dtype, splits)
+    on = norm_prologue_on()
     fits = 0 < m <= t.block_m and m * triton.next_power_of_2(k) <= NORM_MAX_VALUES * t.warps
-    if not (fits and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
-        normed, summed = fused.add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=True)
+    if not (on and fits and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
+        normed, summed = fused.add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=on)
         return matmul(normed, weight, bias, t, splits, glu), summed
     summed, res = (x, None) if residual is None else (torch.empty_like(x), residual.contiguous())
     out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
