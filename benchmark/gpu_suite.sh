@@ -21,6 +21,17 @@ trim_traces() {  # what comes back is at most 8 files: the 1024-request plots, o
   gzip -f "$1/trace_pp2_async.json" 2>/dev/null
   rm -f "$1"/*.json
 }
+switch_ab() {  # switch_ab VAR: the CUDA tests with VAR=1, then det1b off / on / off / on and
+  # det8b off / on on one machine
+  env "$1=1" bash "$0" det
+  for part in det1b det1b det8b; do
+    for on in 0 1; do
+      echo "=== $1=$on" | tee -a "$O/$part.log"
+      env "$1=$on" bash "$0" "$part"
+    done
+  done
+  grep -h "$1\|decode_step_cost" "$O/det1b.log" "$O/det8b.log"
+}
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
 nvidia-smi -L | tee -a "$LOG"
 case $1 in
@@ -196,30 +207,13 @@ det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 aga
   step 560 python3 benchmark/bench_offline.py --shape "$shape" --engines pipeserve --deterministic \
     --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
   ;;
-detprefetch)  # deterministic mode's weight prefetch before the PDL wait (PIPESERVE_WEIGHT_PREFETCH):
-  # the CUDA tests with it, det1b off / on / off / on and det8b off / on on one machine, then the
-  # 1B projections at decode sizes (about 8 minutes)
-  PIPESERVE_WEIGHT_PREFETCH=1 bash "$0" det
-  for part in det1b det1b det8b; do
-    for pf in 0 1; do
-      echo "=== PIPESERVE_WEIGHT_PREFETCH=$pf" | tee -a "$O/$part.log"
-      PIPESERVE_WEIGHT_PREFETCH=$pf bash "$0" "$part"
-    done
-  done
-  grep -h "WEIGHT_PREFETCH\|decode_step_cost" "$O/det1b.log" "$O/det8b.log"
+detprefetch)  # deterministic mode's weight prefetch before the PDL wait, then the 1B projections
+  # at decode sizes (about 8 minutes)
+  switch_ab PIPESERVE_WEIGHT_PREFETCH
   step 200 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
   ;;
-detnorm)  # deterministic mode's input norm in the projections' prologue (PIPESERVE_NORM_PROLOGUE):
-  # the CUDA tests with it, det1b off / on / off / on and det8b off / on on one machine (about 7
-  # minutes)
-  PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
-  for part in det1b det1b det8b; do
-    for on in 0 1; do
-      echo "=== PIPESERVE_NORM_PROLOGUE=$on" | tee -a "$O/$part.log"
-      PIPESERVE_NORM_PROLOGUE=$on bash "$0" "$part"
-    done
-  done
-  grep -h "NORM_PROLOGUE\|decode_step_cost" "$O/det1b.log" "$O/det8b.log"
+detnorm)  # deterministic mode's input norm in the projections' prologue (about 7 minutes)
+  switch_ab PIPESERVE_NORM_PROLOGUE
   ;;
 p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
   # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of
