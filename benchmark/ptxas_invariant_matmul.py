@@ -41,7 +41,8 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int, norm: tuple = ()) -> tuple
     sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "w_ptr": "*bf16", "bias": "*bf16"}
     sig |= {"out": f"tensordesc<bf16[{t.block_m},{block_n}]>"}
     sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split", "prefetch_k")}
-    sig |= {a: "*bf16" for a in ("x_ptr", "res", "norm_w", "summed")} | {"eps": "fp32"}
+    sig |= {a: "*bf16" for a in ("x_ptr", "res", "summed")} | {"eps": "fp32"}
+    sig |= {"res_d": sig["x"], "norm_d": f"tensordesc<bf16[1,{t.block_k}]>"}
     const = dict(SPLITS=splits, TMA=True, GLU=glu, HAS_BIAS=False, SWAP=t.swap, IEEE=False)
     const |= dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k)
     const |= dict(PDL=True, PREFETCH=PREFETCH, LINE=64)  # as a decode step launches it

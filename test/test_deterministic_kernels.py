@@ -95,14 +95,13 @@ def check_norm_rows(device: torch.device, shapes: list, sizes: list[int]) -> lis
     gen = torch.Generator().manual_seed(2)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fused, "add_rmsnorm", count)
-        patch.setattr(im, "norm_prologue_on", lambda: True)
         for n, k, glu in shapes:
             x = (torch.randn(max(sizes), k, generator=gen) * 4).to(device, torch.bfloat16)
             res = torch.randn(max(sizes), k, generator=gen).to(device, torch.bfloat16)
             norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(device, torch.bfloat16)
             w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
             for residual in (res, None):
-                full, summed = im.norm_matmul(x, residual, norm_w, 1e-5, w, glu=glu)
+                full, summed = im.norm_matmul(x, residual, norm_w, 1e-5, w, glu=glu, prologue=True)
                 want = x.float() + (0 if residual is None else residual.float())
                 torch.testing.assert_close(summed.float(), want, atol=0.05, rtol=0.01)
                 ref = F.linear(norm_w.float() * F.rms_norm(want, (k,), eps=1e-5), w.float())
@@ -110,7 +109,7 @@ def check_norm_rows(device: torch.device, shapes: list, sizes: list[int]) -> lis
                 torch.testing.assert_close(full.float(), ref, atol=0.1, rtol=0.05)
                 for m in sizes[:-1]:
                     few = None if residual is None else residual[:m]
-                    got, got_summed = im.norm_matmul(x[:m], few, norm_w, 1e-5, w, glu=glu)
+                    got, got_summed = im.norm_matmul(x[:m], few, norm_w, 1e-5, w, None, glu, True)
                     assert torch.equal(got, full[:m]), (n, k, glu, m)
                     assert torch.equal(got_summed, summed[:m]), (n, k, glu, m)
     return apart

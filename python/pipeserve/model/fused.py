@@ -133,17 +133,14 @@ if triton is not None:
         return tl.sum(tl.where(pick, rstd[None, :], 0.0), 1)  # one term a row: exact
 
     @triton.jit
-    def normed_tile(x, res, norm_w, rm, m_ok, k0, K, stride, rstd, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        """Columns [k0, k0 + BLOCK_K) of weight * rmsnorm(x + res) for rows `rm` (0 where not
-        m_ok or past K), of `norm_rows_rstd`'s rstd: the bits of `_add_rmsnorm_kernel`."""
-        rk = k0 + tl.arange(0, BLOCK_K)
-        ok = m_ok[:, None] & (rk < K)[None, :]
-        at = rm[:, None] * stride + rk[None, :]
-        v = tl.load(x + at, mask=ok, other=0.0)
+    def normed_tile(x, res, norm_w, m0, k0, rstd, HAS_RES: tl.constexpr):
+        """The block at [m0, k0] of weight * rmsnorm(x + res), of `norm_rows_rstd`'s rstd: the
+        bits of `_add_rmsnorm_kernel`. x, res and norm_w (1, K) are tensor descriptors, which
+        read zeros past the ends (and which Triton's pipeliner loads ahead of the MMA)."""
+        v = x.load([m0, k0])
         if HAS_RES:
-            v = add_rounded(v, tl.load(res + at, mask=ok, other=0.0))
-        weight = tl.load(norm_w + rk, mask=rk < K, other=0.0)
-        return rms_scale(v, rstd[:, None], weight[None, :])
+            v = add_rounded(v, res.load([m0, k0]))
+        return rms_scale(v, rstd[:, None], norm_w.load([0, k0]))
 
 
 # ---- rotary embedding -------------------------------------------------------------------------------

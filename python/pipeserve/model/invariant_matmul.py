@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeserve.env import Env
 from pipeserve.model import fused
 from pipeserve.model.fused import silu_and_mul, silu_mul_values
 from pipeserve.model.pdl import pdl_start, prefetch_l2, projection_options
@@ -217,17 +216,17 @@ def _mma(a, b, acc, SWAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, x_ptr, res, norm_w, summed, eps, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_WIDTH: tl.constexpr):  # fmt: skip
+def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, x_ptr, res, res_d, norm_d, summed, eps, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_WIDTH: tl.constexpr):  # fmt: skip
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. The ranges are a loop, not unrolled:
-    unrolled, each range's pipelined loop kept its own registers, and a 128 x 128 tile in four
-    ranges spilled (ptxas -v, sm_90a, Triton 3.6: 255 registers, 768 bytes of spill stores;
-    as a loop, 144 registers and none). With TMA, `x` and `w` are tensor descriptors of
+    unrolled, a 128 x 128 tile in four ranges spilled 768 bytes (ptxas, sm_90a, Triton 3.6; as a
+    loop, none). With TMA, `x` and `w` are tensor descriptors of
     (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends. With GLU,
     `w` holds 2N rows (gate | up) and the tile stores silu(gate) * up of its two products, each
     first rounded as the matmul stores it (the rounding of `fused.silu_and_mul` after it).
-    `w_ptr`: the weight's own pointer, for PREFETCH (`pdl.prefetch_l2`). With NORM, the input
-    is weight `norm_w` * rmsnorm(x + `res`) (`norm_matmul`), read through `x_ptr`."""
+    `w_ptr`: the weight's own pointer, for PREFETCH (`pdl.prefetch_l2`). With NORM (and TMA),
+    the input is weight * rmsnorm(x + res) (`norm_matmul`): the rstd from `x_ptr` and `res`,
+    then the K loop through the descriptors `x`, `res_d` and `norm_d` (the weight)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
@@ -253,7 +252,7 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
             acc_up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             for k0 in range(k_start, k_end, BLOCK_K):
                 if NORM:
-                    a = fused.normed_tile(x_ptr, res, norm_w, rm_safe, rm < M, k0, K, stride_x, rstd, HAS_RES, BLOCK_K)  # fmt: skip
+                    a = fused.normed_tile(x, res_d, norm_d, m0, k0, rstd, HAS_RES)
                 else:
                     a = x.load([m0, k0])
                 acc = _mma(a, w.load([n0, k0]), acc, SWAP)
@@ -363,9 +362,13 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple =
         outs = TensorDescriptor.from_tensor(out, [t.block_m, block_n])
     has_bias = bias is not None
     res, norm_w, eps, summed = norm or (None, x, 0.0, x)
+    res_d, norm_d = xs, xs  # NORM's descriptors (`norm_matmul` takes it only with TMA)
+    if norm:
+        res_d = xs if res is None else TensorDescriptor.from_tensor(res, [t.block_m, t.block_k])
+        norm_d = TensorDescriptor.from_tensor(norm_w.view(1, k), [1, t.block_k])
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
         xs, ws, weight, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
-        split_size(k, splits), x_ptr=x, res=x if res is None else res, norm_w=norm_w,
+        split_size(k, splits), x_ptr=x, res=x if res is None else res, res_d=res_d, norm_d=norm_d,
         summed=summed, eps=eps, SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages, NORM=bool(norm), HAS_RES=res is not None,
@@ -377,22 +380,17 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple =
 NORM_MAX_VALUES = 64 * 32  # per warp: rows x padded width normalised in a prologue (1B: 2 rows)
 
 
-@functools.cache
-def norm_prologue_on() -> bool:  # PIPESERVE_NORM_PROLOGUE=1 (experimental, off by default)
-    return Env.read().norm_prologue
-
-
-def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu: bool = False):
-    """(matmul(rmsnorm(x + residual)), x + residual) as add_rmsnorm then matmul, bitwise; where
-    `norm_prologue_on`, a few rows on plain TMA tiles are normalised in each program's prologue."""
+def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu=False, prologue=False):
+    """(matmul(rmsnorm(x + residual)), x + residual) as add_rmsnorm then matmul, bitwise. With
+    `prologue`, a few rows on plain TMA tiles are normalised in each program's prologue, and the
+    norm kernel sums exactly (`fused.sum_squares`): a process must pass one value throughout."""
     x, weight = x.contiguous(), weight.contiguous()
     (m, k), n = x.shape, weight.shape[0]
     splits = k_splits(n, k, num_sms(x.device))
     t = tiles_for(m, n, x.dtype, splits)
-    on = norm_prologue_on()
     fits = 0 < m <= t.block_m and m * triton.next_power_of_2(k) <= NORM_MAX_VALUES * t.warps
-    if not (on and fits and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
-        normed, summed = fused.add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=on)
+    if not (prologue and fits and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
+        normed, summed = fused.add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=prologue)
         return matmul(normed, weight, bias, t, splits, glu), summed
     summed, res = (x, None) if residual is None else (torch.empty_like(x), residual.contiguous())
     out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
