@@ -113,7 +113,9 @@ def norm_gate_up(
     if x.is_cuda:
         from pipeserve.model.invariant_matmul import norm_matmul
 
-        return norm_matmul(x, residual, norm_weight, eps, weight, bias, True, norm_prologue_on())
+        return norm_matmul(
+            x, residual, norm_weight, eps, weight, bias, glu=True, prologue=norm_prologue_on()
+        )
     normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
     return silu_mul(linear(normed, weight, bias), inter), summed
 

@@ -67,17 +67,20 @@ if triton is not None:
             v = add_rounded(v, tl.load(res + row + cols, mask=mask, other=0.0))
             tl.store(summed + row + cols, v, mask=mask)
         f = v.to(tl.float32)
-        # one row's sum_squares: a sum of one term
-        squares = tl.sum(sum_squares(f[None, :]), 0) if EXACT else tl.sum(f * f, 0)
+        if EXACT:  # one row's sum_squares: a sum of one term
+            rstd = exact_rms_inverse(tl.sum(sum_squares(f[None, :]), 0), width, eps)
+        else:
+            rstd = 1.0 / tl.sqrt(tl.sum(f * f, 0) / width + eps)
         weight = tl.load(w + cols, mask=mask, other=0.0)
-        tl.store(
-            out + row + cols, rms_scale(v, rms_inverse(squares, width, eps), weight), mask=mask
-        )
+        tl.store(out + row + cols, rms_scale(v, rstd, weight), mask=mask)
 
     @triton.jit
-    def rms_inverse(squares, width, eps):
-        """1 / rms of a row from its sum of squares."""
-        return 1.0 / tl.sqrt(squares / width + eps)
+    def exact_rms_inverse(squares, width, eps):
+        """1 / rms of a row from its sum of squares, in correctly rounded steps (IEEE division and
+        square root, not the approximate ones that `/` and `tl.sqrt` compile to), so that any
+        kernel computing it gets the same bits."""
+        mean = tl.div_rn(squares, width.to(tl.float32))
+        return tl.div_rn(tl.full(mean.shape, 1.0, tl.float32), tl.sqrt_rn(mean + eps))
 
     @triton.jit
     def rms_scale(v, rstd, weight):
@@ -88,7 +91,7 @@ if triton is not None:
 
     @triton.jit
     def add_rounded(a, b):
-        """a + b rounded once to a's dtype: fp32 holds the sum of two 16-bit floats closely enough
+        """a + b rounded to a's dtype: fp32 holds the sum of two 16-bit floats closely enough
         that rounding it again gives the 16-bit sum's bits (as a 16-bit add, or torch's). Triton's
         interpreter adds and multiplies bf16 wrongly; this form and `rms_scale`'s run there too."""
         return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
@@ -96,14 +99,16 @@ if triton is not None:
     @triton.jit
     def sum_squares(f):
         """Each row's sum of squares of f (rows, width) fp32, the same bits whatever the kernel,
-        its layout or the order of the terms: the squares are summed exactly, as integers, in a
-        fixed point scaled to the row's largest magnitude (2^43 units for its power of two, so
-        2^18 terms cannot overflow), then rounded once to fp32; a max and an integer sum do not
-        depend on the order of their terms. Terms under 2^-43 of the largest square drop out
-        (fp32's own sum rounds at 2^-24). inf or NaN in a row gives inf or NaN."""
+        its layout or the order of the terms: each square, scaled by a power of two to the row's
+        largest magnitude (in [1, 2) for normal rows), is truncated to a whole number of 2^-43
+        units, and those integers are summed exactly in int64 (2^18 terms cannot overflow;
+        2^16 where the largest is 2^126 or more), then rounded to fp32 and scaled back. A max
+        and an integer sum do not depend on the order of their terms. The truncation drops
+        under 2^-43 of the largest square per term (fp32's own sum rounds at 2^-24 of the
+        total). inf or NaN in a row gives inf or NaN."""
         big = tl.reduce(tl.abs(f), 1, _max_with_nan)
         e = tl.minimum(tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
-        up = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e): big * up in [1, 2)
+        up = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
         down = (e << 23).to(tl.float32, bitcast=True)  # 1 / up
         s = f * up[:, None]
         units = (s * s * 8796093022208.0).to(tl.int64)  # 2^43
@@ -117,8 +122,9 @@ if triton is not None:
     @triton.jit
     def norm_rows_rstd(x, res, summed, M, K, stride, eps, STORE, HAS_RES: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
         """1 / rms of x + res for rows [0, M) (M <= ROWS, K <= WIDTH), bitwise as
-        `_add_rmsnorm_kernel` with EXACT, along a tile's BLOCK_M rows (0 past M); x + res is
-        stored into `summed` where STORE. A matmul's prologue (`invariant_matmul.norm_matmul`)."""
+        `_add_rmsnorm_kernel` with EXACT, along the BLOCK_M rows of a tile that starts at row 0
+        (0 past M); x + res is stored into `summed` where STORE. A matmul's prologue
+        (`invariant_matmul.norm_matmul`)."""
         r = tl.arange(0, ROWS)
         c = tl.arange(0, WIDTH)
         ok = (r < M)[:, None] & (c < K)[None, :]
@@ -128,7 +134,7 @@ if triton is not None:
             v = add_rounded(v, tl.load(res + at, mask=ok, other=0.0))
             if STORE:
                 tl.store(summed + at, v, mask=ok)
-        rstd = rms_inverse(sum_squares(v.to(tl.float32)), K, eps)
+        rstd = exact_rms_inverse(sum_squares(v.to(tl.float32)), K, eps)
         pick = tl.arange(0, BLOCK_M)[:, None] == r[None, :]
         return tl.sum(tl.where(pick, rstd[None, :], 0.0), 1)  # one term a row: exact
 

@@ -240,6 +240,7 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     rn = n0 + tl.arange(0, BLOCK_N)
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    tl.static_assert(TMA or not NORM, "the norm prologue reads through descriptors")
     if NORM:  # every row in this tile (M <= NORM_ROWS); the first column of tiles stores x + res
         rstd = fused.norm_rows_rstd(x_ptr, res, summed, M, K, stride_x, eps, n0 == 0, HAS_RES, NORM_ROWS, NORM_WIDTH, BLOCK_M)  # fmt: skip
     gate = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
@@ -381,7 +382,7 @@ NORM_MAX_VALUES = 64 * 32  # per warp: rows x padded width normalised in a prolo
 
 
 def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu=False, prologue=False):
-    """(matmul(rmsnorm(x + residual)), x + residual) as add_rmsnorm then matmul, bitwise. With
+    """(matmul(rmsnorm(x + residual)), x + residual) of x (M, K), as add_rmsnorm then matmul. With
     `prologue`, a few rows on plain TMA tiles are normalised in each program's prologue, and the
     norm kernel sums exactly (`fused.sum_squares`): a process must pass one value throughout."""
     x, weight = x.contiguous(), weight.contiguous()
