@@ -216,21 +216,48 @@ def test_a_cut_answer_a_silent_server_and_a_closed_port_say_what_happened(raw):
         call(HttpClient(f"http://127.0.0.1:{free_port()}/v1", {}, 10, 1), ("/ok", b"{}"))
 
 
+def transport_cpu_per_request(url: str, n: int) -> float:
+    """CPU seconds of this thread per chat request sent by a bare `HttpClient`, 8 at a time."""
+    body = json.dumps({"model": "e", "messages": [{"role": "user", "content": "say 1"}]}).encode()
+
+    async def go() -> None:
+        client, slots = HttpClient(url, {}, 10, 8), asyncio.Semaphore(8)
+
+        async def one() -> None:
+            async with slots:
+                json.loads((await client.post("/chat/completions", body)).content)
+
+        try:
+            await asyncio.gather(*(one() for _ in range(n)))
+        finally:
+            await client.aclose()
+
+    start = time.thread_time()
+    asyncio.run(go())
+    return (time.thread_time() - start) / n
+
+
 def test_a_request_costs_the_runner_little_cpu(tmp_path):
-    """The runner's own thread (the mock endpoint runs on another) spends well under 0.35 ms of
-    CPU per request over a whole run: prompt, request, answer, bookkeeping, output line. (With
-    httpx it spent about 0.8 ms on this machine; this client, about 0.11 ms.) It often shares
-    its cores with the servers it feeds."""
+    """The runner's own thread (the mock endpoint runs on another) spends little CPU per request
+    over a whole run: prompt, request, answer, bookkeeping, output line. Under 0.35 ms, or, on a
+    machine where the bare transport alone costs more (a VM's system calls: 0.12 ms for the
+    transport and 0.34 ms for the runner), under 4x the transport. (With httpx it spent about
+    0.8 ms on a machine where this client spends about 0.11 ms.) It often shares its cores with
+    the servers it feeds."""
     with MockThread(MockConfig(latency_s=0.0, concurrency=8)) as mock:
         endpoint = Endpoint("e", mock.url, max_concurrency=8, max_batch_size=1)
         job = Job((endpoint,), (LLMColumn("echo", "e", "say {w}"),))
         records = [{"w": i} for i in range(600)]
         run_job(job, records[:50], os.path.join(tmp_path, "warm.jsonl"))
+        transport = transport_cpu_per_request(mock.url, 600)
         start = time.thread_time()
         summary = run_job(job, records, os.path.join(tmp_path, "o.jsonl"))
         per_request = (time.thread_time() - start) / summary.columns["echo"].requests
     assert summary.columns["echo"].requests == 600 and summary.cells_failed == 0
-    assert per_request < 0.35e-3, f"{per_request * 1e3:.2f} ms of client CPU per request"
+    budget = max(0.35e-3, 4 * transport)
+    assert per_request < budget, (
+        f"{per_request * 1e3:.2f} ms of client CPU per request (transport {transport * 1e3:.2f})"
+    )
 
 
 class ProxyServer(ThreadServer):
