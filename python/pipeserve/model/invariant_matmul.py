@@ -373,7 +373,8 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple =
         summed=summed, eps=eps, SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
         num_warps=t.warps, num_stages=t.stages, NORM=bool(norm), HAS_RES=res is not None,
-        NORM_ROWS=triton.next_power_of_2(m), NORM_WIDTH=triton.next_power_of_2(k),
+        NORM_ROWS=triton.next_power_of_2(m) if norm else 1,  # without NORM: no variants
+        NORM_WIDTH=triton.next_power_of_2(k) if norm else 1,
         **projection_options(x, weight, k),
     )  # fmt: skip
 
