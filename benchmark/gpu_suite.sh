@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detnorm|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detnorm|detstep|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -211,6 +211,29 @@ detprefetch)  # deterministic mode's weight prefetch before the PDL wait, then t
   # at decode sizes (about 8 minutes)
   switch_ab PIPESERVE_WEIGHT_PREFETCH
   step 200 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
+  ;;
+detstep)  # deterministic mode's decode step (profile_step.py's graph replay, batch 1 and 32): the
+  # CUDA tests with the norm prologue on, then per shape in SHAPES (1b 1b 1b 8b) the default,
+  # deterministic from PYSRC_B's copy (e.g. .base/python; 1b only) and from this copy with the
+  # prologue off and on (about 9 minutes)
+  PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
+  n=0
+  for shape in ${SHAPES:-1b 1b 1b 8b}; do
+    n=$((n + 1))
+    for v in default base off on; do
+      [[ $v == base && ( $shape != 1b || -z ${PYSRC_B:-} ) ]] && continue
+      path=$PYTHONPATH flags=--deterministic prologue=0
+      case $v in
+        default) flags= ;;
+        base) path=/tmp/site:$PYSRC_B:$PWD/test:$PWD/benchmark ;;
+        on) prologue=1 ;;
+      esac
+      echo "=== $shape $v" >>"$LOG"
+      PYTHONPATH=$path PIPESERVE_NORM_PROLOGUE=$prologue step 150 python3 benchmark/profile_step.py \
+        --shape "$shape" --batches 1,32 --top 0 $flags --json "$O/step_${n}_${shape}_$v.json"
+    done
+  done
+  grep -E "^=== (1b|8b) |^ +(1|32) +[0-9]" "$LOG"
   ;;
 detnorm)  # deterministic mode's input norm in the projections' prologue (about 7 minutes)
   switch_ab PIPESERVE_NORM_PROLOGUE

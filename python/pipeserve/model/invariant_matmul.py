@@ -58,10 +58,9 @@ class Tiles:
 
 
 REFERENCE = Tiles(64, 128, 64, 4, 3)
-# bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B
-# projections (benchmark/pick_invariant_tiles.py), except up to 16 rows: there the sweep, whose
-# weights stay in L2, misjudges a decode step, and the pick is the fastest with the weights read
-# from HBM, as a decode step reads them (benchmark/decode_invariant_matmul.py; docs/benchmarks-log.md).
+# bfloat16: (largest M, tiles), the fastest of the sweep on an H100 over the 1B and 8B projections
+# (benchmark/pick_invariant_tiles.py), except up to 16 rows: the sweep's weights stay in L2, and
+# there the pick is the fastest with weights read from HBM, as in decode (decode_invariant_matmul.py).
 # Each gave every row REFERENCE's bits (M = 1..300 with K in one range and in the sweep's number
 # of ranges; 9 values of M at the other numbers tried; the rows up to 16 at 1-8 ranges)
 TABLE: tuple[tuple[int, Tiles], ...] = (
@@ -77,10 +76,15 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 #   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
 #   fewer programs re-read each weight tile.
+# - NARROW: deeper pipelines for a few rows of a narrow projection (decode_invariant_matmul.py).
 APART = Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
 WIDE_ROWS, WIDE_MIN_N = (65, 256), 16384
+NARROW = (  # (largest N, tiles): up to 16 rows of a narrow projection (the 1B's o, qkv)
+    (2048, Tiles(16, 16, 256, 1, 4, swap=True, plain=True, tma=True)),  # tmaswap16x16k256w1s4
+    (3072, Tiles(16, 32, 256, 2, 4, swap=True, plain=True, tma=True)),  # tmaswap16x32k256w2s4
+)
 
 
 def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
@@ -89,6 +93,8 @@ def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
         return REFERENCE
     if m <= APART_MAX_ROWS and splits >= APART_MIN_SPLITS:
         return APART
+    if m <= TABLE[0][0] and (narrow := next((t for most, t in NARROW if n <= most), None)):
+        return narrow
     if WIDE_ROWS[0] <= m <= WIDE_ROWS[1] and n >= WIDE_MIN_N:
         return WIDE
     return next(tiles for most, tiles in TABLE if m <= most)
@@ -140,27 +146,15 @@ def _range_dot(x, w, rm, rn, k_start, k_end, stride_x, stride_w, SWAP: tl.conste
         k_ok = rk < k_end
         a = tl.load(x + rm[:, None] * stride_x + rk[None, :], mask=k_ok[None, :], other=0.0)
         b = tl.load(w + rn[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
-        if SWAP:
-            if IEEE:
-                acc = tl.dot(b, tl.trans(a), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(b, tl.trans(a), acc)
-        elif IEEE:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc = _mma(a, b, acc, SWAP, IEEE)
     return acc
 
 
 @triton.jit
-def _tile_offsets(rm, rn, N, SWAP: tl.constexpr):
-    """Row-major (M, N) offsets of a tile, laid out as _range_dot's result."""
-    return rm[None, :] * N + rn[:, None] if SWAP else rm[:, None] * N + rn[None, :]
-
-
-@triton.jit
-def _tile_mask(m_ok, n_ok, SWAP: tl.constexpr):
-    return m_ok[None, :] & n_ok[:, None] if SWAP else m_ok[:, None] & n_ok[None, :]
+def _tile_offsets(rm, rn, m_ok, n_ok, N, SWAP: tl.constexpr):
+    """Row-major (M, N) offsets of a tile and their mask, laid out as _range_dot's result."""
+    offs = rm[None, :] * N + rn[:, None] if SWAP else rm[:, None] * N + rn[None, :]
+    return offs, m_ok[None, :] & n_ok[:, None] if SWAP else m_ok[:, None] & n_ok[None, :]
 
 
 @triton.jit(do_not_specialize=["M", "splits"])
@@ -182,8 +176,7 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
         # rows and columns past the end read row 0 / column 0 (in bounds) and are never stored
         rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
-        offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
-        o_mask = _tile_mask(rm < M, rn < N, SWAP)
+        offs, o_mask = _tile_offsets(rm_safe, rn_safe, rm < M, rn < N, N, SWAP)
         if RANGES_APART:  # one K range; the tile's last range to arrive adds them up
             s = item // tiles
             k_start = s * k_per_split
@@ -210,9 +203,11 @@ def _matmul_kernel(x, w, bias, out, partial, counters, M, N, K, stride_x, stride
 
 
 @triton.jit
-def _mma(a, b, acc, SWAP: tl.constexpr):
-    """acc + a @ b^T (a: batch rows, b: weight rows), or its transpose when SWAP."""
-    return tl.dot(b, tl.trans(a), acc) if SWAP else tl.dot(a, tl.trans(b), acc)
+def _mma(a, b, acc, SWAP: tl.constexpr, IEEE: tl.constexpr = False):
+    """acc + a @ b^T (a: batch rows, b: weight rows), or its transpose when SWAP; IEEE: fp32
+    operands at full precision (not TF32)."""
+    lhs, rhs = (b, tl.trans(a)) if SWAP else (a, tl.trans(b))
+    return tl.dot(lhs, rhs, acc, input_precision="ieee") if IEEE else tl.dot(lhs, rhs, acc)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -220,13 +215,13 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. The ranges are a loop, not unrolled:
     unrolled, a 128 x 128 tile in four ranges spilled 768 bytes (ptxas, sm_90a, Triton 3.6; as a
-    loop, none). With TMA, `x` and `w` are tensor descriptors of
-    (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) blocks, which read zeros past the ends. With GLU,
-    `w` holds 2N rows (gate | up) and the tile stores silu(gate) * up of its two products, each
-    first rounded as the matmul stores it (the rounding of `fused.silu_and_mul` after it).
-    `w_ptr`: the weight's own pointer, for PREFETCH (`pdl.prefetch_l2`). With NORM (and TMA),
-    the input is weight * rmsnorm(x + res) (`norm_matmul`): the rstd from `x_ptr` and `res`,
-    then the K loop through the descriptors `x`, `res_d` and `norm_d` (the weight)."""
+    loop, none). With TMA, `x` and `w` are tensor descriptors of (BLOCK_M, BLOCK_K) and (BLOCK_N,
+    BLOCK_K) blocks, which read zeros past the ends. With GLU, `w` holds 2N rows (gate | up) and
+    the tile stores silu(gate) * up of its two products, each first rounded as the matmul stores
+    it (the rounding of `fused.silu_and_mul` after it). `w_ptr`: the weight's own pointer, for
+    PREFETCH (`pdl.prefetch_l2`). With NORM (and TMA), the input is weight * rmsnorm(x + res)
+    (`norm_matmul`): the rstd from `x_ptr` and `res`, then the K loop through the descriptors
+    `x`, `res_d` and `norm_d` (the weight)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
@@ -276,8 +271,8 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     if TMA:  # the descriptor clips the tile at the ends: no per-element offsets held
         out.store([m0, n0], tl.trans(result) if SWAP else result)
     else:
-        offs = _tile_offsets(rm_safe, rn_safe, N, SWAP)
-        tl.store(out + offs, result, mask=_tile_mask(rm < M, rn < N, SWAP))
+        offs, mask = _tile_offsets(rm_safe, rn_safe, rm < M, rn < N, N, SWAP)
+        tl.store(out + offs, result, mask=mask)
 
 
 @triton.jit
