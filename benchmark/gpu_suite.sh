@@ -213,24 +213,26 @@ detprefetch)  # deterministic mode's weight prefetch before the PDL wait, then t
   step 200 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
   ;;
 detstep)  # deterministic mode's decode step (profile_step.py's graph replay, batch 1 and 32): the
-  # CUDA tests with the norm prologue on, then per shape in SHAPES (1b 1b 1b 8b) the default,
-  # deterministic from PYSRC_B's copy (e.g. .base/python; 1b only) and from this copy with the
-  # prologue off and on (about 9 minutes)
-  PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
+  # CUDA tests with the experimental switches on, then per shape in SHAPES (1b 1b 1b 8b) the
+  # default, deterministic as shipped, with PIPESERVE_NARROW_TILES=1 (1b only: 8b has no narrow
+  # projection), PIPESERVE_NORM_PROLOGUE=1, and both (about 9 minutes)
+  PIPESERVE_NARROW_TILES=1 PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
   n=0
   for shape in ${SHAPES:-1b 1b 1b 8b}; do
     n=$((n + 1))
-    for v in default base off on; do
-      [[ $v == base && ( $shape != 1b || -z ${PYSRC_B:-} ) ]] && continue
-      path=$PYTHONPATH flags=--deterministic prologue=0
+    for v in default off narrow norm both; do
+      [[ $shape == 8b && ( $v == narrow || $v == both ) ]] && continue
+      flags=--deterministic narrow=0 prologue=0
       case $v in
         default) flags= ;;
-        base) path=/tmp/site:$PYSRC_B:$PWD/test:$PWD/benchmark ;;
-        on) prologue=1 ;;
+        narrow) narrow=1 ;;
+        norm) prologue=1 ;;
+        both) narrow=1 prologue=1 ;;
       esac
       echo "=== $shape $v" >>"$LOG"
-      PYTHONPATH=$path PIPESERVE_NORM_PROLOGUE=$prologue step 150 python3 benchmark/profile_step.py \
-        --shape "$shape" --batches 1,32 --top 0 $flags --json "$O/step_${n}_${shape}_$v.json"
+      PIPESERVE_NARROW_TILES=$narrow PIPESERVE_NORM_PROLOGUE=$prologue step 150 \
+        python3 benchmark/profile_step.py --shape "$shape" --batches 1,32 --top 0 $flags \
+        --json "$O/step_${n}_${shape}_$v.json"
     done
   done
   grep -E "^=== (1b|8b) |^ +(1|32) +[0-9]" "$LOG"

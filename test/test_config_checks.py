@@ -113,15 +113,15 @@ def test_an_unresolvable_dist_init_host_is_refused(model_path):
     assert "is not host:port" in refused_at_once("--dist-init-addr", "127.0.0.1")
 
 
-def test_pdl_switches_from_the_environment_are_checked():
+def test_kernel_switches_from_the_environment_are_checked():
     from pipeserve.env import Env
 
     assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
-    assert not Env.read({}).weight_prefetch
-    assert Env.read({"PIPESERVE_WEIGHT_PREFETCH": "1"}).weight_prefetch
-    assert not Env.read({}).norm_prologue
-    assert Env.read({"PIPESERVE_NORM_PROLOGUE": "1"}).norm_prologue
-    for name in ("PIPESERVE_PDL", "PIPESERVE_WEIGHT_PREFETCH", "PIPESERVE_NORM_PROLOGUE"):
+    off = ("PIPESERVE_WEIGHT_PREFETCH", "PIPESERVE_NORM_PROLOGUE", "PIPESERVE_NARROW_TILES")
+    for name in off:  # experimental: off unless set to 1
+        field = name.removeprefix("PIPESERVE_").lower()
+        assert not getattr(Env.read({}), field) and getattr(Env.read({name: "1"}), field)
+    for name in ("PIPESERVE_PDL", *off):
         assert Env.read({name: " "}) == Env.read({})  # empty: unset
         for bad in ("yes", "2", "-1"):
             with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):

@@ -164,6 +164,7 @@ def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
         im.Tiles(128, 64, 64, 4, 3, swap=True, plain=True, tma=True),  # rows past M: clipped
     ]
     every = [im.REFERENCE, *(tiles for _, tiles in im.TABLE), im.APART, im.WIDE, *plain]
+    every += [tiles for _, tiles in im.NARROW]
     with row_exact_interpreter_dot():
         for n, k, splits, bias in [(300, 640, 3, True), (96, 1280, 2, False), (200, 256, 1, False)]:
             w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
@@ -224,8 +225,16 @@ def test_attention_over_several_key_splits_interpreted(monkeypatch):
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matmul_rows_do_not_depend_on_m_cuda(dtype):
+@pytest.mark.parametrize(
+    "dtype, narrow",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["fp32", "bf16", "bf16-narrow"],  # narrow: PIPESERVE_NARROW_TILES=1's tiles up to 16 rows
+)
+def test_matmul_rows_do_not_depend_on_m_cuda(dtype, narrow, monkeypatch):
+    from pipeserve.env import Env
+    from pipeserve.model import invariant_matmul as im
+
+    monkeypatch.setattr(im, "switches", lambda: Env(narrow_tiles=narrow))
     sizes = [1, 2, 3, 8, 16, 17, 64, 65, 127, 128, 256, 300, 1000, 2048]  # the table's bounds
     check_matmul_rows(torch.device("cuda"), dtype, sizes)
     if dtype == torch.bfloat16:

@@ -5,6 +5,7 @@ engine, is read by `pipeserve.distributed`, which depends on nothing else of pip
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ WEIGHT_PREFETCH = "PIPESERVE_WEIGHT_PREFETCH"  # 1: its projections prefetch wei
 NORM_PROLOGUE = (
     "PIPESERVE_NORM_PROLOGUE"  # 1: its input norms run in the projections (experimental)
 )
+NARROW_TILES = "PIPESERVE_NARROW_TILES"  # 1: its few-row narrow projections (experimental)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Env:
     pdl: bool = True
     weight_prefetch: bool = False
     norm_prologue: bool = False
+    narrow_tiles: bool = False
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> Env:
@@ -54,7 +57,14 @@ class Env:
             pdl=_flag(PDL, environ.get(PDL), True),
             weight_prefetch=_flag(WEIGHT_PREFETCH, environ.get(WEIGHT_PREFETCH), False),
             norm_prologue=_flag(NORM_PROLOGUE, environ.get(NORM_PROLOGUE), False),
+            narrow_tiles=_flag(NARROW_TILES, environ.get(NARROW_TILES), False),
         )
+
+
+@functools.cache
+def switches() -> Env:
+    """This process's Env, read once: for the kernels' switches, consulted at every launch."""
+    return Env.read()
 
 
 def gemv_max_rows(text: str) -> int:

@@ -25,22 +25,13 @@ CUDA. A persistent Triton matmul with one K order for every M and tiles chosen b
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from pipeserve.env import Env
+from pipeserve.env import switches
 from pipeserve.model.fused import add_rmsnorm
 
 ROW_BLOCK = 4  # rows per library call (see the module docstring)
-
-
-@functools.cache
-def norm_prologue_on() -> bool:
-    """PIPESERVE_NORM_PROLOGUE=1 (experimental, off by default): on CUDA, the input norms of
-    qkv and gate_up run inside the matmul for a row or two (`invariant_matmul.norm_matmul`)."""
-    return Env.read().norm_prologue
 
 
 def pad_rows(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -84,7 +75,9 @@ def norm_linear(
     if x.is_cuda:
         from pipeserve.model.invariant_matmul import norm_matmul
 
-        return norm_matmul(x, residual, norm_weight, eps, weight, bias, prologue=norm_prologue_on())
+        return norm_matmul(
+            x, residual, norm_weight, eps, weight, bias, prologue=switches().norm_prologue
+        )
     normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
     return linear(normed, weight, bias), summed
 
@@ -114,7 +107,7 @@ def norm_gate_up(
         from pipeserve.model.invariant_matmul import norm_matmul
 
         return norm_matmul(
-            x, residual, norm_weight, eps, weight, bias, glu=True, prologue=norm_prologue_on()
+            x, residual, norm_weight, eps, weight, bias, glu=True, prologue=switches().norm_prologue
         )
     normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
     return silu_mul(linear(normed, weight, bias), inter), summed

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pipeserve.env import switches
 from pipeserve.model import fused
 from pipeserve.model.fused import silu_and_mul, silu_mul_values
 from pipeserve.model.pdl import pdl_start, prefetch_l2, projection_options
@@ -76,7 +77,8 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 #   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
 #   fewer programs re-read each weight tile.
-# - NARROW: deeper pipelines for a few rows of a narrow projection (decode_invariant_matmul.py).
+# - NARROW: deeper pipelines for a few rows of a narrow projection (decode_invariant_matmul.py),
+#   under PIPESERVE_NARROW_TILES=1 (experimental, off by default: not yet run in the engine).
 APART = Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
@@ -93,7 +95,8 @@ def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
         return REFERENCE
     if m <= APART_MAX_ROWS and splits >= APART_MIN_SPLITS:
         return APART
-    if m <= TABLE[0][0] and (narrow := next((t for most, t in NARROW if n <= most), None)):
+    narrow = next((t for most, t in NARROW if n <= most), None) if switches().narrow_tiles else None
+    if m <= TABLE[0][0] and narrow:
         return narrow
     if WIDE_ROWS[0] <= m <= WIDE_ROWS[1] and n >= WIDE_MIN_N:
         return WIDE

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from pipeserve.env import Env
+from pipeserve.env import switches
 
 try:
     import triton
@@ -40,7 +40,7 @@ def _pdl_on(device: torch.device) -> bool:
         gdc_wait is not None
         and torch.version.hip is None
         and torch.cuda.get_device_capability(device)[0] >= 9
-        and Env.read().pdl
+        and switches().pdl
     )
 
 
@@ -57,13 +57,6 @@ def pdl_options(x: torch.Tensor, wanted: bool = True) -> dict[str, bool]:
     return {"PDL": on, "launch_pdl": on}
 
 
-@functools.cache
-def weight_prefetch_on() -> bool:
-    """PIPESERVE_WEIGHT_PREFETCH=1: a projection launched with PDL prefetches its weights into L2
-    before `pdl_start` (off by default)."""
-    return Env.read().weight_prefetch
-
-
 def projection_options(x: torch.Tensor, weight: torch.Tensor, k_range: int) -> dict:
     """A projection's launch options: `pdl_options` of x, and the weight prefetch
     (`prefetch_l2`), on where PDL is and PIPESERVE_WEIGHT_PREFETCH=1: the first `prefetch_k`
@@ -71,7 +64,7 @@ def projection_options(x: torch.Tensor, weight: torch.Tensor, k_range: int) -> d
     PREFETCH_MAX_BYTES, in lines of LINE elements (128 bytes)."""
     options = pdl_options(x)
     line = 128 // weight.element_size()
-    on = options["PDL"] and weight_prefetch_on()
+    on = options["PDL"] and switches().weight_prefetch
     prefetch_k = 0
     if on:
         share = min(1.0, PREFETCH_MAX_BYTES / (weight.numel() * weight.element_size()))
