@@ -85,11 +85,15 @@ def test_every_completed_request_equals_its_solo_run(model_path, mode):
                 else:
                     done.append((ids, params, s.output_ids))
         stats = engine.stats
-        assert stats["num_preemptions"] > 0 and stats["free_slots"] == stats["num_slots"]
+    assert stats["num_preemptions"] > 0 and stats["free_slots"] == stats["num_slots"]
+    # the solo runs on one stage, a third of pp=2's latency a token on CPU: the same ids, since
+    # deterministic mode's promise covers the pipeline layout, and in fp32 the default kernels
+    # give a row the same bits however the layers are split (test_pp.py checks both)
+    with Engine(model_path=model_path, **{**extra, "pp_size": 1}) as solo:
         mismatched = [
             (ids, params, got)
             for ids, params, got in done
-            if engine.generate(input_ids=[ids], sampling_params=params)[0]["output_ids"] != got
+            if solo.generate(input_ids=[ids], sampling_params=params)[0]["output_ids"] != got
         ]
     assert aborted > 0 and len(done) > 0.75 * waves * PER_WAVE
     assert mismatched == [], f"{len(mismatched)} of {len(done)} differ from their solo runs"
