@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from pipeserve.config import EngineConfig, model_name, resolve_config
 from pipeserve.utils import usable_cores
@@ -227,9 +228,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     }
     server_kwargs = {name: getattr(ns, name) for _, name, _, _ in _SERVER_FLAGS}
     try:
+        _validate(SimpleNamespace(**server_kwargs))  # first: the engine's checks import torch
         engine = resolve_config(**engine_kwargs)
         cfg = dataclasses.replace(ServerConfig(engine=engine), **server_kwargs)
-        _validate(cfg)
         if cfg.api_server_count is None:
             cfg = dataclasses.replace(cfg, api_server_count=auto_api_servers(engine))
     except (ValueError, FileNotFoundError) as e:
@@ -237,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     return cfg
 
 
-def _validate(cfg: ServerConfig) -> None:
+def _validate(cfg: ServerConfig | SimpleNamespace) -> None:
     if not 1 <= cfg.port <= 65535:
         raise ValueError(
             f"--port must be in 1..65535, got {cfg.port} (0, a port the system picks, is not supported)"
