@@ -56,7 +56,10 @@ def workload(patch: int) -> list[tuple[list[int], list[ImageIn]]]:
 def _pixels(images: list[ImageIn]) -> torch.Tensor | None:
     if not images:
         return None
-    return torch.cat([torch.from_numpy(np.frombuffer(im.pixels, np.float32)) for im in images])
+    # a copy: torch warns of tensors over read-only memory (the message's bytes)
+    return torch.cat(
+        [torch.from_numpy(np.frombuffer(im.pixels, np.float32).copy()) for im in images]
+    )
 
 
 def run(engine: Engine, items) -> list[list[int]]:
