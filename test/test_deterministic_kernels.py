@@ -148,6 +148,22 @@ def test_matmul_k_ranges_are_a_function_of_the_shape_only():
     assert split_size(14336, 4) == 3584 and split_size(640, 3) == 256  # whole 128-wide granules
 
 
+def test_narrow_tiles_take_a_few_rows_of_a_narrow_projection_when_switched_on(monkeypatch):
+    from pipeserve.env import Env
+    from pipeserve.model import invariant_matmul as im
+
+    bf16 = torch.bfloat16
+    for narrow in (False, True):
+        monkeypatch.setattr(im, "switches", lambda narrow=narrow: Env(narrow_tiles=narrow))
+        small = im.TABLE[0][1]
+        assert im.tiles_for(1, 2048, bf16) == (im.NARROW[0][1] if narrow else small)
+        assert im.tiles_for(16, 3072, bf16) == (im.NARROW[1][1] if narrow else small)
+        assert im.tiles_for(17, 2048, bf16) == im.TABLE[1][1]  # more rows: the table's
+        assert im.tiles_for(1, 4096, bf16) == small  # a wider projection: the table's
+        assert im.tiles_for(1, 2048, bf16, splits=4) == im.APART
+        assert im.tiles_for(1, 2048, torch.float32) == im.REFERENCE
+
+
 @interpreted
 def test_every_tile_shape_gives_a_row_the_same_bits_interpreted():
     """The table's tiles (operands swapped) and REFERENCE, with K in one range or split in ranges

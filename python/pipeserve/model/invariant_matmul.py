@@ -95,9 +95,10 @@ def tiles_for(m: int, n: int, dtype: torch.dtype, splits: int = 1) -> Tiles:
         return REFERENCE
     if m <= APART_MAX_ROWS and splits >= APART_MIN_SPLITS:
         return APART
-    narrow = next((t for most, t in NARROW if n <= most), None) if switches().narrow_tiles else None
-    if m <= TABLE[0][0] and narrow:
-        return narrow
+    if m <= TABLE[0][0] and switches().narrow_tiles:
+        narrow = next((t for most, t in NARROW if n <= most), None)
+        if narrow:
+            return narrow
     if WIDE_ROWS[0] <= m <= WIDE_ROWS[1] and n >= WIDE_MIN_N:
         return WIDE
     return next(tiles for most, tiles in TABLE if m <= most)
