@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeserve.env import Env
 from pipeserve.model.attention import BackendSpec, create_backend
 from pipeserve.model.forward_batch import INDEX_ROWS, ROW, ForwardBatch
 from pipeserve.model.fused import store_kv
@@ -195,7 +196,8 @@ def check_gemv_kernels(device: torch.device, dtype: torch.dtype, monkeypatch) ->
         return torch.randn(*size, device=device, dtype=dtype, generator=g)
 
     w, bias, norm_w = rand(40, 96), rand(40), rand(96).abs() + 0.5
-    monkeypatch.setattr(gemv, "MAX_ROWS", 4)  # the kernel takes up to 4 rows; the default is 1
+    # the kernel takes up to 4 rows; the default is 1
+    monkeypatch.setattr(gemv, "switches", lambda: Env(gemv_max_rows=4))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for rows in (1, 2, 3, 4):
         x, res, gate_up = rand(rows, 96), rand(rows, 96), rand(rows, 192)
@@ -251,7 +253,7 @@ def test_decoder_layer_through_gemv_equals_the_unfused_layer(tmp_path, monkeypat
         kv = tuple(c.clone() for c in caches)
         return [*layer(hidden, residual, rope, fb, kv, backend), *kv]
 
-    monkeypatch.setattr(gemv, "MAX_ROWS", 4)
+    monkeypatch.setattr(gemv, "switches", lambda: Env(gemv_max_rows=4))
     monkeypatch.setattr(fused, "FORCE_TRITON", False)
     want = run()
     monkeypatch.setattr(fused, "FORCE_TRITON", True)

@@ -17,22 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeserve.env import Env
+from pipeserve.env import switches
 from pipeserve.model import fused
 from pipeserve.model.fused import add_rmsnorm, silu_and_mul, triton
 
 if triton is not None:
     import triton.language as tl
-
-
-MAX_ROWS: int | None = None  # PIPESERVE_GEMV_MAX_ROWS, read at the first projection
-
-
-def max_rows() -> int:
-    global MAX_ROWS
-    if MAX_ROWS is None:
-        MAX_ROWS = Env.read().gemv_max_rows
-    return MAX_ROWS
 
 
 MAX_OUT = 8192  # output features
@@ -45,7 +35,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor, width: int | None = None) -> boo
     n, k = weight.shape
     return (
         fused._use_triton(x)
-        and 0 < x.shape[0] <= max_rows()
+        and 0 < x.shape[0] <= switches().gemv_max_rows  # PIPESERVE_GEMV_MAX_ROWS
         and n <= MAX_OUT
         and (n + 64) * k < 2**31  # the kernel's offsets are int32
         and x.dim() == 2
