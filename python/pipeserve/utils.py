@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +24,26 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+# Ports below the usual ephemeral ranges (Linux 32768-60999, BSD and Windows 49152-65535): the OS
+# hands these out only when asked by number.
+_PICKED_PORTS = range(20000, 32768)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that was free a moment ago, for a process to listen on seconds later. It is drawn
+    at random from below the ephemeral range: a port the OS picks (bind to port 0) comes from the
+    range that every outgoing connection and every other bind to port 0 (gloo opens dozens while a
+    world forms) also draws from, so it can be taken before its listener binds it."""
+    rng = random.Random()  # its own, so a seeded global generator cannot repeat picks
+    for _ in range(64):
+        port = rng.choice(_PICKED_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # that range is all taken
         s.bind((host, 0))
         return s.getsockname()[1]
 
