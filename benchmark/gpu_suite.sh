@@ -214,8 +214,8 @@ detprefetch)  # deterministic mode's weight prefetch before the PDL wait, then t
   ;;
 detstep)  # deterministic mode's decode step (profile_step.py's graph replay, batch 1 and 32): the
   # CUDA tests with the experimental switches on, then per shape in SHAPES (1b 1b 1b 8b) the
-  # default, deterministic as shipped, with PIPESERVE_NARROW_TILES=1 (1b only: 8b has no narrow
-  # projection), PIPESERVE_NORM_PROLOGUE=1, and both (about 9 minutes)
+  # default, deterministic with both switches off, with PIPESERVE_NARROW_TILES=1 (as shipped; 1b
+  # only: 8b has no narrow projection), PIPESERVE_NORM_PROLOGUE=1, and both (about 9 minutes)
   PIPESERVE_NARROW_TILES=1 PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
   n=0
   for shape in ${SHAPES:-1b 1b 1b 8b}; do

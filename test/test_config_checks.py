@@ -121,12 +121,14 @@ def test_an_unresolvable_dist_init_host_is_refused(model_path):
 def test_kernel_switches_from_the_environment_are_checked():
     from pipeserve.env import Env
 
-    assert Env.read({}).pdl and not Env.read({"PIPESERVE_PDL": "0"}).pdl
-    off = ("PIPESERVE_WEIGHT_PREFETCH", "PIPESERVE_NORM_PROLOGUE", "PIPESERVE_NARROW_TILES")
-    for name in off:  # experimental: off unless set to 1
-        field = name.removeprefix("PIPESERVE_").lower()
-        assert not getattr(Env.read({}), field) and getattr(Env.read({name: "1"}), field)
-    for name in ("PIPESERVE_PDL", *off):
+    on = ("PIPESERVE_PDL", "PIPESERVE_NARROW_TILES")
+    off = ("PIPESERVE_WEIGHT_PREFETCH", "PIPESERVE_NORM_PROLOGUE")  # experimental
+    for names, default in ((on, True), (off, False)):
+        for name in names:
+            field = name.removeprefix("PIPESERVE_").lower()
+            assert getattr(Env.read({}), field) is default
+            assert getattr(Env.read({name: str(int(not default))}), field) is not default
+    for name in (*on, *off):
         assert Env.read({name: " "}) == Env.read({})  # empty: unset
         for bad in ("yes", "2", "-1"):
             with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):

@@ -263,7 +263,7 @@ def test_attention_over_several_key_splits_interpreted(monkeypatch):
 @pytest.mark.parametrize(
     "dtype, narrow",
     [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
-    ids=["fp32", "bf16", "bf16-narrow"],  # narrow: PIPESERVE_NARROW_TILES=1's tiles up to 16 rows
+    ids=["fp32", "bf16", "bf16-narrow"],  # narrow: NARROW's tiles up to 16 rows (else TABLE's)
 )
 def test_matmul_rows_do_not_depend_on_m_cuda(dtype, narrow, monkeypatch):
     from pipeserve.env import Env

@@ -22,7 +22,7 @@ WEIGHT_PREFETCH = "PIPESERVE_WEIGHT_PREFETCH"  # 1: its projections prefetch wei
 NORM_PROLOGUE = (
     "PIPESERVE_NORM_PROLOGUE"  # 1: its input norms run in the projections (experimental)
 )
-NARROW_TILES = "PIPESERVE_NARROW_TILES"  # 1: its few-row narrow projections (experimental)
+NARROW_TILES = "PIPESERVE_NARROW_TILES"  # 0: its few-row narrow projections on TABLE's tiles
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Env:
     pdl: bool = True
     weight_prefetch: bool = False
     norm_prologue: bool = False
-    narrow_tiles: bool = False
+    narrow_tiles: bool = True
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> Env:
@@ -57,7 +57,7 @@ class Env:
             pdl=_flag(PDL, environ.get(PDL), True),
             weight_prefetch=_flag(WEIGHT_PREFETCH, environ.get(WEIGHT_PREFETCH), False),
             norm_prologue=_flag(NORM_PROLOGUE, environ.get(NORM_PROLOGUE), False),
-            narrow_tiles=_flag(NARROW_TILES, environ.get(NARROW_TILES), False),
+            narrow_tiles=_flag(NARROW_TILES, environ.get(NARROW_TILES), True),
         )
 
 

@@ -77,8 +77,8 @@ TABLE: tuple[tuple[int, Tiles], ...] = (
 #   (the persistent kernel), where plain tiles would run a tile's ranges one after the other.
 # - WIDE: 65 to 256 rows of a wide projection (gate_up, lm_head) take 256 rows a tile, so that
 #   fewer programs re-read each weight tile.
-# - NARROW: deeper pipelines for a few rows of a narrow projection (decode_invariant_matmul.py),
-#   under PIPESERVE_NARROW_TILES=1 (experimental, off by default: not yet run in the engine).
+# - NARROW: deeper pipelines for a few rows of a narrow projection (decode_invariant_matmul.py);
+#   PIPESERVE_NARROW_TILES=0 leaves them to TABLE, for an A/B.
 APART = Tiles(16, 32, 128, 2, 4, swap=True, per_sm=4)
 APART_MAX_ROWS, APART_MIN_SPLITS = 16, 4
 WIDE = Tiles(256, 128, 64, 8, 3, swap=True, plain=True, tma=True)
