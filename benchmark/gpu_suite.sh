@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detnorm|detstep|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detstep|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -213,32 +213,28 @@ detprefetch)  # deterministic mode's weight prefetch before the PDL wait, then t
   step 200 python3 benchmark/decode_invariant_matmul.py --shape 1b --json "$O/decode_1b.json"
   ;;
 detstep)  # deterministic mode's decode step (profile_step.py's graph replay, batch 1 and 32): the
-  # CUDA tests with the experimental switches on, then per shape in SHAPES (1b 1b 1b 8b) the
-  # default, deterministic with both switches off, with PIPESERVE_NARROW_TILES=1 (as shipped; 1b
-  # only: 8b has no narrow projection), PIPESERVE_NORM_PROLOGUE=1, and both (about 9 minutes)
-  PIPESERVE_NARROW_TILES=1 PIPESERVE_NORM_PROLOGUE=1 bash "$0" det
+  # CUDA tests, then per shape in SHAPES (1b 1b 1b 8b) the default, deterministic as shipped,
+  # and with PIPESERVE_NARROW_TILES=0 (1b only: 8b has no narrow projection); about 7 minutes.
+  # One JSON of every replay comes back (a call returns at most 8 files)
+  bash "$0" det
   n=0
+  mkdir -p /tmp/steps
   for shape in ${SHAPES:-1b 1b 1b 8b}; do
     n=$((n + 1))
-    for v in default off narrow norm both; do
-      [[ $shape == 8b && ( $v == narrow || $v == both ) ]] && continue
-      flags=--deterministic narrow=0 prologue=0
+    for v in default det nonarrow; do
+      [[ $shape == 8b && $v == nonarrow ]] && continue
+      flags=--deterministic narrow=1
       case $v in
         default) flags= ;;
-        narrow) narrow=1 ;;
-        norm) prologue=1 ;;
-        both) narrow=1 prologue=1 ;;
+        nonarrow) narrow=0 ;;
       esac
       echo "=== $shape $v" >>"$LOG"
-      PIPESERVE_NARROW_TILES=$narrow PIPESERVE_NORM_PROLOGUE=$prologue step 150 \
-        python3 benchmark/profile_step.py --shape "$shape" --batches 1,32 --top 0 $flags \
-        --json "$O/step_${n}_${shape}_$v.json"
+      PIPESERVE_NARROW_TILES=$narrow step 150 python3 benchmark/profile_step.py --shape "$shape" \
+        --batches 1,32 --top 0 $flags --json "/tmp/steps/${n}_${shape}_$v.json"
     done
   done
+  python3 -c 'import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}, indent=1))' /tmp/steps >"$O/detstep.json"
   grep -E "^=== (1b|8b) |^ +(1|32) +[0-9]" "$LOG"
-  ;;
-detnorm)  # deterministic mode's input norm in the projections' prologue (about 7 minutes)
-  switch_ab PIPESERVE_NORM_PROLOGUE
   ;;
 p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
   # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of

@@ -1,14 +1,13 @@
 """Compiles deterministic mode's plain matmul kernel (`invariant_matmul._plain_kernel`, TMA loads)
 for sm_90a without a GPU and prints ptxas's register, spill and shared-memory use per candidate
 tile, with and without the glu epilogue, K in one range and in four, launched with PDL (with
-the weight prefetch under PIPESERVE_WEIGHT_PREFETCH=1; with the input norm in its prologue for
-ROWS rows of a WIDTH-wide input, `norm_matmul`'s, under --norm ROWS,WIDTH). Run it with the device's
+the weight prefetch under PIPESERVE_WEIGHT_PREFETCH=1). Run it with the device's
 Triton (3.6 on the GPU hosts) ahead of a device call: a tile that spills or wants more than the
 227 KB of shared memory an H100 block may have is not worth the device's time.
 
     pip download triton==3.6.0 --no-deps -d /tmp/tr36
     pip install --no-deps --target /tmp/tr36site /tmp/tr36/triton-3.6.0-*.whl
-    PYTHONPATH=/tmp/tr36site:python python benchmark/ptxas_invariant_matmul.py [names] [--norm 1,2048]
+    PYTHONPATH=/tmp/tr36site:python python benchmark/ptxas_invariant_matmul.py [names]
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ SMEM_LIMIT = 227 * 1024  # per block on an H100
 PREFETCH = os.environ.get("PIPESERVE_WEIGHT_PREFETCH") == "1"  # compile the weight prefetch in
 
 
-def compile_tile(t: im.Tiles, glu: bool, splits: int, norm: tuple = ()) -> tuple[str, int]:
-    """(ptxas -v's summary, shared bytes) of the plain kernel for tile `t`; `norm`: (rows,
-    width) of a norm in the prologue."""
+def compile_tile(t: im.Tiles, glu: bool, splits: int) -> tuple[str, int]:
+    """(ptxas -v's summary, shared bytes) of the plain kernel for tile `t`."""
     fn = im._plain_kernel
     params = list(inspect.signature(fn.fn).parameters)
     block_n = im.plain_block_n(t, glu)
@@ -41,13 +39,9 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int, norm: tuple = ()) -> tuple
     sig |= {"w": f"tensordesc<bf16[{block_n},{t.block_k}]>", "w_ptr": "*bf16", "bias": "*bf16"}
     sig |= {"out": f"tensordesc<bf16[{t.block_m},{block_n}]>"}
     sig |= {a: "i32" for a in ("M", "N", "K", "stride_x", "stride_w", "k_per_split", "prefetch_k")}
-    sig |= {a: "*bf16" for a in ("x_ptr", "res", "summed")} | {"eps": "fp32"}
-    sig |= {"res_d": sig["x"], "norm_d": f"tensordesc<bf16[1,{t.block_k}]>"}
     const = dict(SPLITS=splits, TMA=True, GLU=glu, HAS_BIAS=False, SWAP=t.swap, IEEE=False)
     const |= dict(BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k)
     const |= dict(PDL=True, PREFETCH=PREFETCH, LINE=64)  # as a decode step launches it
-    rows, width = norm or (1, 1)
-    const |= dict(NORM=bool(norm), HAS_RES=bool(norm), NORM_ROWS=rows, NORM_WIDTH=width)
     sig |= {c: "constexpr" for c in const}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(params.index(c),): v for c, v in const.items()}
@@ -70,11 +64,6 @@ def compile_tile(t: im.Tiles, glu: bool, splits: int, norm: tuple = ()) -> tuple
 
 def main() -> None:
     args = sys.argv[1:]
-    norm = ()
-    if "--norm" in args:
-        at = args.index("--norm")
-        norm = tuple(int(v) for v in args[at + 1].split(","))
-        del args[at : at + 2]
     only = args[0].split(",") if args else None  # candidate names
     print(f"triton {triton.__version__}, sm_90a")
     print("| tile | glu | K ranges | ptxas | shared KB |\n|---|---|---|---|---|")
@@ -83,7 +72,7 @@ def main() -> None:
             continue
         for glu in (False, True):
             for splits in (1, 4):
-                info, smem = compile_tile(t, glu, splits, norm)
+                info, smem = compile_tile(t, glu, splits)
                 over = " (over the limit)" if smem > SMEM_LIMIT else ""
                 print(f"| {name} | {glu} | {splits} | {info} | {smem // 1024}{over} |", flush=True)
 

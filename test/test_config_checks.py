@@ -122,7 +122,7 @@ def test_kernel_switches_from_the_environment_are_checked():
     from pipeserve.env import Env
 
     on = ("PIPESERVE_PDL", "PIPESERVE_NARROW_TILES")
-    off = ("PIPESERVE_WEIGHT_PREFETCH", "PIPESERVE_NORM_PROLOGUE")  # experimental
+    off = ("PIPESERVE_WEIGHT_PREFETCH",)  # experimental
     for names, default in ((on, True), (off, False)):
         for name in names:
             field = name.removeprefix("PIPESERVE_").lower()

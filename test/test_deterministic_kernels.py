@@ -81,74 +81,6 @@ def test_glu_epilogue_gives_the_silu_kernels_bits_interpreted(monkeypatch):
         check_glu_rows(torch.device("cpu"), [1, 5, 70], plain)
 
 
-def rounded_norm_matmul(x, residual, norm_w, w, b, glu, eps=1e-5):
-    """fp32 math with the kernels' roundings to x's dtype: x + residual, the normed row, its
-    scaling by the weight, and with glu the gate, the up and silu(gate). Against the unrounded
-    fp32 result, glu multiplies the rounding of the normed input by up's magnitude, past any
-    tolerance that could catch a wrong kernel."""
-    dt, k, n = x.dtype, x.shape[1], w.shape[0]
-    summed = (x.float() + (0 if residual is None else residual.float())).to(dt).float()
-    scaled = norm_w.float() * F.rms_norm(summed, (k,), eps=eps).to(dt).float()
-    out = F.linear(scaled.to(dt).float(), w.float(), None if b is None else b.float())
-    if not glu:
-        return out
-    gate, up = out[:, : n // 2].to(dt).float(), out[:, n // 2 :].to(dt).float()
-    return F.silu(gate).to(dt).float() * up
-
-
-def check_norm_rows(device: torch.device, shapes: list, sizes: list[int]) -> list[int]:
-    """`norm_matmul` (n, k, glu, bias) with its prologue on gives a row the same output and
-    x + residual bits at every M in `sizes` as in a batch of max(sizes) rows, with and without a
-    residual; row 0 has an outlier, row 1 is zeros (with the residual). Returns the row counts
-    that ran the norm kernel apart (the rest ran it in the matmul's prologue)."""
-    from pipeserve.model import fused
-    from pipeserve.model import invariant_matmul as im
-
-    apart = []
-    norm_kernel = fused.add_rmsnorm
-    count = lambda x, *a, **kw: apart.append(len(x)) or norm_kernel(x, *a, **kw)  # noqa: E731
-    gen = torch.Generator().manual_seed(2)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused, "add_rmsnorm", count)
-        for n, k, glu, bias in shapes:
-            x = torch.randn(max(sizes), k, generator=gen) * 4
-            res = torch.randn(max(sizes), k, generator=gen)
-            x[0, 5], x[1], res[1] = 3000.0, 0.0, 0.0
-            x, res = x.to(device, torch.bfloat16), res.to(device, torch.bfloat16)
-            norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(device, torch.bfloat16)
-            w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
-            b = torch.randn(n, generator=gen).to(device, torch.bfloat16) if bias else None
-            for residual in (res, None):
-                full, summed = im.norm_matmul(x, residual, norm_w, 1e-5, w, b, glu, prologue=True)
-                want = x.float() + (0 if residual is None else residual.float())
-                torch.testing.assert_close(summed.float(), want, atol=0.05, rtol=0.01)
-                if device.type == "cuda":
-                    ref = rounded_norm_matmul(x, residual, norm_w, w, b, glu)
-                    torch.testing.assert_close(full.float(), ref, atol=0.05, rtol=0.03)
-                else:  # the interpreter's casts to bf16 do not round to nearest as a GPU's do
-                    ref = rounded_norm_matmul(x.float(), residual, norm_w, w, b, glu)
-                    torch.testing.assert_close(full.float(), ref, atol=0.1, rtol=0.05)
-                for m in sizes[:-1]:
-                    few = None if residual is None else residual[:m]
-                    got, got_summed = im.norm_matmul(x[:m], few, norm_w, 1e-5, w, b, glu, True)
-                    assert torch.equal(got, full[:m]), (n, k, glu, m)
-                    assert torch.equal(got_summed, summed[:m]), (n, k, glu, m)
-    return apart
-
-
-@interpreted
-def test_norm_in_the_matmul_prologue_gives_the_norm_kernels_bits_interpreted(monkeypatch):
-    """`norm_matmul`: for a row or two the norm runs in the prologue of every program of the
-    matmul, past that `fused.add_rmsnorm(exact=True)` runs before it; the bits are the same."""
-    from pipeserve.model import fused
-
-    monkeypatch.setattr(fused, "FORCE_TRITON", True)  # the norm kernel on CPU tensors too
-    shapes = [(192, 768, False, True), (2 * 96, 768, True, False)]  # whole 256-wide K blocks
-    with row_exact_interpreter_dot():
-        apart = check_norm_rows(torch.device("cpu"), shapes, [1, 2, 5, 8])
-    assert apart == [8, 5] * 4  # one and two rows in the prologue
-
-
 @interpreted
 def test_matmul_rows_do_not_depend_on_m_interpreted():
     with row_exact_interpreter_dot():
@@ -274,16 +206,6 @@ def test_matmul_rows_do_not_depend_on_m_cuda(dtype, narrow, monkeypatch):
     check_matmul_rows(torch.device("cuda"), dtype, sizes)
     if dtype == torch.bfloat16:
         check_glu_rows(torch.device("cuda"), sizes, [None])  # the table's tiles
-
-
-@cuda
-def test_norm_in_the_matmul_prologue_gives_the_norm_kernels_bits_cuda():
-    """The 1B and 8B input projections: one row (and two at 1B) normalised in the prologue, the
-    rest by the norm kernel, the same bits."""
-    shapes = [(3072, 2048, False, True), (2 * 8192, 2048, True, False), (6144, 4096, False, False)]
-    shapes += [(2 * 14336, 4096, True, False)]
-    apart = check_norm_rows(torch.device("cuda"), shapes, [1, 2, 3, 5, 64, 200])
-    assert apart.count(1) == 0 and apart.count(2) == 4 and apart.count(200) == 8
 
 
 @cuda

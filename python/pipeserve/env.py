@@ -19,9 +19,6 @@ DEBUG_SLOW_FORWARD = "PIPESERVE_DEBUG_SLOW_FORWARD"  # "<rank>:<seconds>:<count>
 GEMV_MAX_ROWS = "PIPESERVE_GEMV_MAX_ROWS"  # rows the one-row projection kernels take, 0-4
 PDL = "PIPESERVE_PDL"  # 0: deterministic mode launches without programmatic dependent launch
 WEIGHT_PREFETCH = "PIPESERVE_WEIGHT_PREFETCH"  # 1: its projections prefetch weights (experimental)
-NORM_PROLOGUE = (
-    "PIPESERVE_NORM_PROLOGUE"  # 1: its input norms run in the projections (experimental)
-)
 NARROW_TILES = "PIPESERVE_NARROW_TILES"  # 0: its few-row narrow projections on TABLE's tiles
 
 
@@ -43,7 +40,6 @@ class Env:
     gemv_max_rows: int = 1
     pdl: bool = True
     weight_prefetch: bool = False
-    norm_prologue: bool = False
     narrow_tiles: bool = True
 
     @classmethod
@@ -56,7 +52,6 @@ class Env:
             gemv_max_rows=gemv_max_rows(environ.get(GEMV_MAX_ROWS, "1")),
             pdl=_flag(PDL, environ.get(PDL), True),
             weight_prefetch=_flag(WEIGHT_PREFETCH, environ.get(WEIGHT_PREFETCH), False),
-            norm_prologue=_flag(NORM_PROLOGUE, environ.get(NORM_PROLOGUE), False),
             narrow_tiles=_flag(NARROW_TILES, environ.get(NARROW_TILES), True),
         )
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeserve.env import switches
 from pipeserve.model.fused import add_rmsnorm
 
 ROW_BLOCK = 4  # rows per library call (see the module docstring)
@@ -70,15 +69,8 @@ def norm_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own (on
-    CUDA through `invariant_matmul.norm_matmul`, which can take it into the matmul)."""
-    if x.is_cuda:
-        from pipeserve.model.invariant_matmul import norm_matmul
-
-        return norm_matmul(
-            x, residual, norm_weight, eps, weight, bias, prologue=switches().norm_prologue
-        )
-    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
+    """(linear(rmsnorm(x + residual)), x + residual); the norm reduces each row on its own."""
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True)
     return linear(normed, weight, bias), summed
 
 
@@ -103,13 +95,11 @@ def norm_gate_up(
     """The MLP's first half: (silu(gate) * up of linear(rmsnorm(x + residual)), x + residual).
     On CUDA, SiLU * up runs in the matmul's epilogue where its tiles allow (the same bits as
     after it)."""
+    normed, summed = add_rmsnorm(x, residual, norm_weight, eps, pdl=True)
     if x.is_cuda:
-        from pipeserve.model.invariant_matmul import norm_matmul
+        from pipeserve.model.invariant_matmul import matmul
 
-        return norm_matmul(
-            x, residual, norm_weight, eps, weight, bias, glu=True, prologue=switches().norm_prologue
-        )
-    normed, summed = add_rmsnorm(x, residual, norm_weight, eps)
+        return matmul(normed, weight, bias, glu=True), summed
     return silu_mul(linear(normed, weight, bias), inter), summed
 
 

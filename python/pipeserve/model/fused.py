@@ -31,13 +31,10 @@ def add_rmsnorm(
     weight: torch.Tensor,
     eps: float,
     pdl: bool = False,
-    exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight * rmsnorm(x + residual), x + residual); the norm in fp32, scaled after the cast
     back, as the reference implementation does. `residual` None: x itself is the residual.
-    `pdl`: launched with programmatic dependent launch where `pdl.launch_pdl` allows. `exact`:
-    the sum of squares of `sum_squares`, which any kernel reproduces bitwise (deterministic
-    mode's projections fuse the norm for a few rows, `invariant_matmul.norm_matmul`)."""
+    `pdl`: launched with programmatic dependent launch where `pdl.launch_pdl` allows."""
     if not _use_triton(x):
         summed = x if residual is None else x + residual
         normed = F.rms_norm(summed.float(), weight.shape, eps=eps)
@@ -48,7 +45,7 @@ def add_rmsnorm(
     summed = x if residual is None else torch.empty_like(x)
     _add_rmsnorm_kernel[(n,)](
         x, x if residual is None else residual, weight, out, summed, width, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width), EXACT=exact,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width),
         **pdl_options(x, pdl),
     )  # fmt: skip
     return out, summed
@@ -57,7 +54,7 @@ def add_rmsnorm(
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(x, res, w, out, summed, width, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    def _add_rmsnorm_kernel(x, res, w, out, summed, width, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64) * width
         cols = tl.arange(0, BLOCK)
@@ -67,20 +64,9 @@ if triton is not None:
             v = add_rounded(v, tl.load(res + row + cols, mask=mask, other=0.0))
             tl.store(summed + row + cols, v, mask=mask)
         f = v.to(tl.float32)
-        if EXACT:  # one row's sum_squares: a sum of one term
-            rstd = exact_rms_inverse(tl.sum(sum_squares(f[None, :]), 0), width, eps)
-        else:
-            rstd = 1.0 / tl.sqrt(tl.sum(f * f, 0) / width + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(f * f, 0) / width + eps)
         weight = tl.load(w + cols, mask=mask, other=0.0)
         tl.store(out + row + cols, rms_scale(v, rstd, weight), mask=mask)
-
-    @triton.jit
-    def exact_rms_inverse(squares, width, eps):
-        """1 / rms of a row from its sum of squares, in correctly rounded steps (IEEE division and
-        square root, not the approximate ones that `/` and `tl.sqrt` compile to), so that any
-        kernel computing it gets the same bits."""
-        mean = tl.div_rn(squares, width.to(tl.float32))
-        return tl.div_rn(tl.full(mean.shape, 1.0, tl.float32), tl.sqrt_rn(mean + eps))
 
     @triton.jit
     def rms_scale(v, rstd, weight):
@@ -95,58 +81,6 @@ if triton is not None:
         that rounding it again gives the 16-bit sum's bits (as a 16-bit add, or torch's). Triton's
         interpreter adds and multiplies bf16 wrongly; this form and `rms_scale`'s run there too."""
         return (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
-
-    @triton.jit
-    def sum_squares(f):
-        """Each row's sum of squares of f (rows, width) fp32, the same bits whatever the kernel,
-        its layout or the order of the terms: each square, scaled by a power of two to the row's
-        largest magnitude (in [1, 2) for normal rows), is truncated to a whole number of 2^-43
-        units, and those integers are summed exactly in int64 (2^18 terms cannot overflow;
-        2^16 where the largest is 2^126 or more), then rounded to fp32 and scaled back. A max
-        and an integer sum do not depend on the order of their terms. The truncation drops
-        under 2^-43 of the largest square per term (fp32's own sum rounds at 2^-24 of the
-        total). inf or NaN in a row gives inf or NaN."""
-        big = tl.reduce(tl.abs(f), 1, _max_with_nan)
-        e = tl.minimum(tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
-        up = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
-        down = (e << 23).to(tl.float32, bitcast=True)  # 1 / up
-        s = f * up[:, None]
-        units = (s * s * 8796093022208.0).to(tl.int64)  # 2^43
-        total = tl.sum(units, 1).to(tl.float32) * 1.1368683772161603e-13 * down * down  # 2^-43
-        return tl.where(big < float("inf"), total, big)
-
-    @triton.jit
-    def _max_with_nan(a, b):
-        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-    @triton.jit
-    def norm_rows_rstd(x, res, summed, M, K, stride, eps, STORE, HAS_RES: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-        """1 / rms of x + res for rows [0, M) (M <= ROWS, K <= WIDTH), bitwise as
-        `_add_rmsnorm_kernel` with EXACT, along the BLOCK_M rows of a tile that starts at row 0
-        (0 past M); x + res is stored into `summed` where STORE. A matmul's prologue
-        (`invariant_matmul.norm_matmul`)."""
-        r = tl.arange(0, ROWS)
-        c = tl.arange(0, WIDTH)
-        ok = (r < M)[:, None] & (c < K)[None, :]
-        at = r[:, None].to(tl.int64) * stride + c[None, :]
-        v = tl.load(x + at, mask=ok, other=0.0)
-        if HAS_RES:
-            v = add_rounded(v, tl.load(res + at, mask=ok, other=0.0))
-            if STORE:
-                tl.store(summed + at, v, mask=ok)
-        rstd = exact_rms_inverse(sum_squares(v.to(tl.float32)), K, eps)
-        pick = tl.arange(0, BLOCK_M)[:, None] == r[None, :]
-        return tl.sum(tl.where(pick, rstd[None, :], 0.0), 1)  # one term a row: exact
-
-    @triton.jit
-    def normed_tile(x, res, norm_w, m0, k0, rstd, HAS_RES: tl.constexpr):
-        """The block at [m0, k0] of weight * rmsnorm(x + res), of `norm_rows_rstd`'s rstd: the
-        bits of `_add_rmsnorm_kernel`. x, res and norm_w (1, K) are tensor descriptors, which
-        read zeros past the ends (and which Triton's pipeliner loads ahead of the MMA)."""
-        v = x.load([m0, k0])
-        if HAS_RES:
-            v = add_rounded(v, res.load([m0, k0]))
-        return rms_scale(v, rstd[:, None], norm_w.load([0, k0]))
 
 
 # ---- rotary embedding -------------------------------------------------------------------------------

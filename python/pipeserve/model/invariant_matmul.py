@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from pipeserve.env import switches
-from pipeserve.model import fused
 from pipeserve.model.fused import silu_and_mul, silu_mul_values
 from pipeserve.model.pdl import pdl_start, prefetch_l2, projection_options
 
@@ -215,7 +214,7 @@ def _mma(a, b, acc, SWAP: tl.constexpr, IEEE: tl.constexpr = False):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, x_ptr, res, res_d, norm_d, summed, eps, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_WIDTH: tl.constexpr):  # fmt: skip
+def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_split, prefetch_k, SPLITS: tl.constexpr, TMA: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):  # fmt: skip
     """One program per tile, M fastest, its K ranges one after the other and added in order, as
     `_matmul_kernel` adds them when they do not run apart. The ranges are a loop, not unrolled:
     unrolled, a 128 x 128 tile in four ranges spilled 768 bytes (ptxas, sm_90a, Triton 3.6; as a
@@ -223,9 +222,7 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     BLOCK_K) blocks, which read zeros past the ends. With GLU, `w` holds 2N rows (gate | up) and
     the tile stores silu(gate) * up of its two products, each first rounded as the matmul stores
     it (the rounding of `fused.silu_and_mul` after it). `w_ptr`: the weight's own pointer, for
-    PREFETCH (`pdl.prefetch_l2`). With NORM (and TMA), the input is weight * rmsnorm(x + res)
-    (`norm_matmul`): the rstd from `x_ptr` and `res`, then the K loop through the descriptors
-    `x`, `res_d` and `norm_d` (the weight)."""
+    PREFETCH (`pdl.prefetch_l2`)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     m0 = (tile % tiles_m) * BLOCK_M
@@ -239,9 +236,6 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
     rn = n0 + tl.arange(0, BLOCK_N)
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
-    tl.static_assert(TMA or not NORM, "the norm prologue reads through descriptors")
-    if NORM:  # every row in this tile (M <= NORM_ROWS); the first column of tiles stores x + res
-        rstd = fused.norm_rows_rstd(x_ptr, res, summed, M, K, stride_x, eps, n0 == 0, HAS_RES, NORM_ROWS, NORM_WIDTH, BLOCK_M)  # fmt: skip
     gate = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
     up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)  # GLU only
     for s in range(0, SPLITS):
@@ -251,10 +245,7 @@ def _plain_kernel(x, w, w_ptr, bias, out, M, N, K, stride_x, stride_w, k_per_spl
             acc = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             acc_up = _zero_tile(SWAP, BLOCK_M, BLOCK_N)
             for k0 in range(k_start, k_end, BLOCK_K):
-                if NORM:
-                    a = fused.normed_tile(x, res_d, norm_d, m0, k0, rstd, HAS_RES)
-                else:
-                    a = x.load([m0, k0])
+                a = x.load([m0, k0])
                 acc = _mma(a, w.load([n0, k0]), acc, SWAP)
                 if GLU:
                     acc_up = _mma(a, w.load([N + n0, k0]), acc_up, SWAP)
@@ -348,8 +339,8 @@ def _tma(x: torch.Tensor, n: int, t: Tiles, splits: int) -> bool:
     return t.tma and x.dtype != torch.float32 and rows_aligned and whole_blocks
 
 
-def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple = ()) -> None:
-    """`_plain_kernel` over x into out; `norm`: (residual, weight, eps, summed) of NORM."""
+def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool) -> None:
+    """`_plain_kernel` over x into out."""
     (m, n), k = out.shape, x.shape[1]
     block_n = plain_block_n(t, glu)
     tma = _tma(x, n, t, splits)
@@ -361,39 +352,10 @@ def _plain(x, weight, bias, out, t: Tiles, splits: int, glu: bool, norm: tuple =
         ws = TensorDescriptor.from_tensor(weight, [block_n, t.block_k])
         outs = TensorDescriptor.from_tensor(out, [t.block_m, block_n])
     has_bias = bias is not None
-    res, norm_w, eps, summed = norm or (None, x, 0.0, x)
-    res_d, norm_d = xs, xs  # NORM's descriptors (`norm_matmul` takes it only with TMA)
-    if norm:
-        res_d = xs if res is None else TensorDescriptor.from_tensor(res, [t.block_m, t.block_k])
-        norm_d = TensorDescriptor.from_tensor(norm_w.view(1, k), [1, t.block_k])
     _plain_kernel[(triton.cdiv(m, t.block_m) * triton.cdiv(n, block_n),)](
         xs, ws, weight, bias if has_bias else x, outs, m, n, k, x.stride(0), weight.stride(0),
-        split_size(k, splits), x_ptr=x, res=x if res is None else res, res_d=res_d, norm_d=norm_d,
-        summed=summed, eps=eps, SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
+        split_size(k, splits), SPLITS=splits, TMA=tma, GLU=glu, HAS_BIAS=has_bias, SWAP=t.swap,
         IEEE=x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=block_n, BLOCK_K=t.block_k,
-        num_warps=t.warps, num_stages=t.stages, NORM=bool(norm), HAS_RES=res is not None,
-        NORM_ROWS=triton.next_power_of_2(m) if norm else 1,  # without NORM: no variants
-        NORM_WIDTH=triton.next_power_of_2(k) if norm else 1,
+        num_warps=t.warps, num_stages=t.stages,
         **projection_options(x, weight, k),
     )  # fmt: skip
-
-
-NORM_MAX_VALUES = 64 * 32  # per warp: rows x padded width normalised in a prologue (1B: 2 rows)
-
-
-def norm_matmul(x, residual, norm_weight, eps: float, weight, bias=None, glu=False, prologue=False):
-    """(matmul(rmsnorm(x + residual)), x + residual) of x (M, K), as add_rmsnorm then matmul. With
-    `prologue`, a few rows on plain TMA tiles are normalised in each program's prologue, and the
-    norm kernel sums exactly (`fused.sum_squares`): a process must pass one value throughout."""
-    x, weight = x.contiguous(), weight.contiguous()
-    (m, k), n = x.shape, weight.shape[0]
-    splits = k_splits(n, k, num_sms(x.device))
-    t = tiles_for(m, n, x.dtype, splits)
-    fits = 0 < m <= t.block_m and m * triton.next_power_of_2(k) <= NORM_MAX_VALUES * t.warps
-    if not (prologue and fits and t.plain and _tma(x, n // 2 if glu else n, t, splits)):
-        normed, summed = fused.add_rmsnorm(x, residual, norm_weight, eps, pdl=True, exact=prologue)
-        return matmul(normed, weight, bias, t, splits, glu), summed
-    summed, res = (x, None) if residual is None else (torch.empty_like(x), residual.contiguous())
-    out = torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
-    _plain(x, weight, bias, out, t, splits, glu, (res, norm_weight, eps, summed))
-    return out, summed
