@@ -34,8 +34,7 @@ import tempfile
 import time
 
 from pipeserve import Engine
-from pipeserve.model.config import ModelConfig
-from pipeserve.model.registry import stage_layers
+from pipeserve.model.config import ModelConfig, stage_layers
 from pipeserve.sampling_params import SamplingParams
 from pipeserve.utils import usable_cores
 

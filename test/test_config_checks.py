@@ -133,3 +133,30 @@ def test_kernel_switches_from_the_environment_are_checked():
         for bad in ("yes", "2", "-1"):
             with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
                 Env.read({name: bad})
+
+
+def test_the_launcher_checks_a_config_without_importing_torch(model_path):
+    """The ranks import torch; the launcher's checks (the model against the parallel sizes, its
+    layer split, dtypes, a CPU device) do not, so a bad flag is refused in a fraction of a second."""
+    code = (
+        "import sys\n"
+        "from pipeserve.config import resolve_config\n"
+        f"cfg = resolve_config(model_path={model_path!r}, pp_size=2, device='cpu', dtype='bf16')\n"
+        "assert cfg.dtype == 'bfloat16', cfg.dtype\n"
+        "try:\n"
+        f"    resolve_config(model_path={model_path!r}, tp_size=3)\n"
+        "except ValueError as e:\n"
+        "    assert 'does not divide' in str(e), e\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_a_gpu_build_of_torch_is_told_from_its_version_file():
+    from pipeserve.config import _torch_built_for_gpus
+
+    assert _torch_built_for_gpus() == (
+        torch.version.cuda is not None or torch.version.hip is not None
+    )

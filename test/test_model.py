@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from pipeserve.model.config import ModelConfig
+from pipeserve.model.config import ModelConfig, head_cost_in_layers, partition_layers, stage_layers
 from pipeserve.model.loader import load_weights
 from pipeserve.model.parallel import ParallelContext
-from pipeserve.model.registry import (
-    build_stage_model,
-    head_cost_in_layers,
-    partition_layers,
-    stage_layers,
-)
+from pipeserve.model.registry import build_stage_model
 from pipeserve.model.rotary import inverse_frequencies
 
 

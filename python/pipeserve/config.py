@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -181,8 +183,7 @@ def _validate_model(cfg: EngineConfig) -> None:
     """The model against the parallel sizes, checked before any rank starts (a rank would find a
     mismatch only after start-up): tensor parallelism splits the attention heads, the KV heads and
     the MLP's intermediate size (the vocabulary is padded); every stage needs a layer."""
-    from pipeserve.model.config import ModelConfig
-    from pipeserve.model.registry import stage_layers
+    from pipeserve.model.config import ModelConfig, stage_layers
 
     model = ModelConfig.from_dir(cfg.model_path)
     for what, size in (
@@ -247,19 +248,37 @@ def _check_dist_init_addr(addr: str | None) -> None:
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
+    if not _torch_built_for_gpus():
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _torch_built_for_gpus() -> bool:
+    """Whether the installed torch is a CUDA (or ROCm) build, read from its version file: on a CPU
+    build "auto" is "cpu" without the seconds that importing torch takes."""
+    spec = importlib.util.find_spec("torch")
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
+            lines = f.read().splitlines()
+    except (AttributeError, TypeError, OSError):  # no such file: let torch answer
+        return True
+    for line in lines:
+        found = re.match(r"(cuda|hip)\b[^=]*=(.*)$", line)
+        if found and found.group(2).strip() != "None":
+            return True
+    return False
+
+
 def _resolve_dtype(cfg: EngineConfig) -> str:
-    from pipeserve.model.config import ModelConfig, parse_dtype
+    from pipeserve.model.config import ModelConfig, dtype_name
 
     if cfg.dtype != "auto":
-        return str(parse_dtype(cfg.dtype)).removeprefix("torch.")
+        return dtype_name(cfg.dtype)
     if _resolve_device(cfg.device) == "cpu":
         return "float32"
-    return str(ModelConfig.from_dir(cfg.model_path).torch_dtype).removeprefix("torch.")
+    return ModelConfig.from_dir(cfg.model_path).dtype
 
 
 @dataclass(frozen=True)

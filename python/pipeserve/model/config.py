@@ -5,27 +5,32 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from pipeserve.env import PP_LAYER_PARTITION, Env
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a torch.dtype is asked for: the launcher checks a model and its
+# layer split without it (the import takes seconds, and the ranks pay it anyway)
+_DTYPES = ("float32", "bfloat16", "float16")
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_name(name: str | torch.dtype) -> str:
+    """The supported dtype `name` (a torch.dtype, "torch.bfloat16", "bf16", ...) stands for."""
+    key = str(name).removeprefix("torch.")
+    key = {**_ALIASES, "float": "float32"}.get(key, key)
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return key
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    key = name.removeprefix("torch.")
-    key = {
-        "fp32": "float32",
-        "bf16": "bfloat16",
-        "fp16": "float16",
-        "half": "float16",
-        "float": "float32",
-    }.get(key, key)
-    if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[key]
+    import torch
+
+    return getattr(torch, dtype_name(name))
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class ModelConfig:
     attention_bias: bool
     mlp_bias: bool
     rope: RopeConfig
-    torch_dtype: torch.dtype
+    dtype: str  # config.json's torch_dtype (or dtype), as `dtype_name` spells it
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
     # a vision-language model's vision tower (its config.json `vision_config`) and image token
@@ -104,7 +109,7 @@ class ModelConfig:
             attention_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             rope=_rope(raw),
-            torch_dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            dtype=dtype_name(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             hidden_act=raw.get("hidden_act", "silu"),
             vision=top.get("vision_config"),
@@ -138,3 +143,73 @@ def _rope(raw: dict[str, Any]) -> RopeConfig:
             params.get("mrope_interleaved", raw.get("model_type", "").startswith("qwen3_vl"))
         ),
     )
+
+
+def partition_layers(
+    num_layers: int, pp_size: int, override: str | None = None, head_layers: float = 0.0
+) -> list[tuple[int, int]]:
+    """[start, end) per stage, or `override` ("a,b,..."; also read from
+    PIPESERVE_PP_LAYER_PARTITION). By default the stages get equal work: an even split (remainder
+    on the last stages), then layers move off the last stage while that lowers the largest share,
+    counting its lm_head as `head_layers` layers (`head_cost_in_layers`)."""
+    source = PP_LAYER_PARTITION if override is None else "--pp-layer-partition (pp_layer_partition)"
+    override = Env.read().pp_layer_partition if override is None else override
+    if override:
+        counts = _parse_partition(override, num_layers, pp_size, source)
+    else:
+        if num_layers < pp_size:
+            raise ValueError(f"cannot split {num_layers} layers over pp_size={pp_size} stages")
+        base, rem = divmod(num_layers, pp_size)
+        counts = [base + (1 if i >= pp_size - rem else 0) for i in range(pp_size)]
+        _balance(counts, head_layers)
+    bounds, start = [], 0
+    for n in counts:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def _balance(counts: list[int], head_layers: float) -> None:
+    """Moves single layers from the costliest stage to the cheapest while that lowers the maximum
+    (the last stage's cost includes its head); deterministic, ties to the lower stage index."""
+    extra = [0.0] * (len(counts) - 1) + [head_layers]
+    while True:
+        cost = [n + e for n, e in zip(counts, extra, strict=True)]
+        hi, lo = cost.index(max(cost)), cost.index(min(cost))
+        if counts[hi] <= 1 or cost[lo] + 1 >= cost[hi]:
+            return
+        counts[hi] -= 1
+        counts[lo] += 1
+
+
+def head_cost_in_layers(cfg: ModelConfig) -> float:
+    """The last stage's lm_head in decoder layers of work: its weights over one layer's (decode
+    reads every weight once per step, and a batch's matmul work scales the same way). The
+    embedding is a lookup and counts nothing."""
+    d = cfg.head_dim
+    attn = cfg.hidden_size * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.vocab_size * cfg.hidden_size / (attn + mlp)
+
+
+def stage_layers(
+    cfg: ModelConfig, pp_size: int, override: str | None = None
+) -> list[tuple[int, int]]:
+    """The model's layers per stage (`partition_layers` with this model's head cost)."""
+    return partition_layers(cfg.num_layers, pp_size, override, head_cost_in_layers(cfg))
+
+
+def _parse_partition(text: str, num_layers: int, pp_size: int, source: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{source} {text!r}: expected comma-separated integers") from None
+    if len(counts) != pp_size:
+        raise ValueError(f"{source} {text!r} has {len(counts)} entries; pp_size is {pp_size}")
+    if any(n < 1 for n in counts):
+        raise ValueError(f"{source} {text!r}: every stage needs at least one layer")
+    if sum(counts) != num_layers:
+        raise ValueError(
+            f"{source} {text!r} sums to {sum(counts)}; the model has {num_layers} layers"
+        )
+    return counts
