@@ -147,9 +147,14 @@ def test_the_launcher_checks_a_config_without_importing_torch(model_path):
         f"    resolve_config(model_path={model_path!r}, tp_size=3)\n"
         "except ValueError as e:\n"
         "    assert 'does not divide' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('tp_size 3 was accepted')\n"
         "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k != "PIPESERVE_PP_LAYER_PARTITION"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

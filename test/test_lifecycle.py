@@ -265,3 +265,22 @@ def test_a_signal_while_starting_stops_every_process_cleanly(tiny_model, moment,
         assert "Traceback" not in srv.output(), around_traceback(srv.output())
     finally:
         srv.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_as_ready_is_printed_stops_the_server(tiny_model, sig):
+    """`pipeserve ready` is printed a moment before the server takes the signals over, and the
+    heap is collected in between: a stop raised inside a collection's callback is only printed
+    by Python, and the server used to serve on. It must stop, at once and cleanly."""
+    srv = Server("--model-path", tiny_model, "--pp-size", "2", "--cpu-threads", "1", ready=False)
+    try:
+        deadline = time.monotonic() + 120
+        while "pipeserve ready" not in srv.output():
+            assert srv.proc.poll() is None and time.monotonic() < deadline, srv.output()
+            time.sleep(0.002)
+        srv.proc.send_signal(sig)
+        assert srv.proc.wait(20) == 0, srv.output()
+        assert srv.leftovers() == []
+        assert "Traceback" not in srv.output(), around_traceback(srv.output())
+    finally:
+        srv.stop(signal.SIGKILL)

@@ -264,11 +264,12 @@ def _torch_built_for_gpus() -> bool:
             lines = f.read().splitlines()
     except (AttributeError, TypeError, OSError):  # no such file: let torch answer
         return True
+    builds = {}  # "cuda" / "hip": the version it was built for, "None" if not
     for line in lines:
         found = re.match(r"(cuda|hip)\b[^=]*=(.*)$", line)
-        if found and found.group(2).strip() != "None":
-            return True
-    return False
+        if found:
+            builds[found.group(1)] = found.group(2).strip()
+    return builds.get("cuda") != "None" or builds.get("hip", "None") != "None"
 
 
 def _resolve_dtype(cfg: EngineConfig) -> str:

@@ -12,12 +12,17 @@ a spawned child keeps through exec (a blocked one is not: the spawn unblocks it)
 instead, it would come only after the child's start-up (re-importing `__main__`, then torch),
 which a Ctrl-C would end with a traceback of its own. A Ctrl-C within a spawn's few milliseconds
 is lost.
+
+A raise from a handler lands wherever the main thread is, also in a `__del__` or a weakref
+callback of a garbage collection, where Python prints the exception and goes on: the stop is
+kept (`stop_requested`), and the server, taking the signals over, acts on it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,22 +35,39 @@ class StopSignal(BaseException):
 class _State:
     deferring = 0
     pending: str | None = None
+    # the stop, kept: raised inside a `__del__` or a weakref callback (a garbage collection runs
+    # them at any moment), the StopSignal is only printed, and the start-up would go on
+    raised: str | None = None
 
 
 def stop_on_signals() -> None:
     """Installs the start-up handlers (main thread only, as every handler)."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _raise_stop)
+    sys.unraisablehook = _unraisable
 
 
 def _raise_stop(sig: int, _: Any) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     name = signal.Signals(sig).name
+    _State.raised = name
     if _State.deferring:
         _State.pending = name
     else:
         raise StopSignal(name)
+
+
+def stop_requested() -> str | None:
+    """The name of the start-up's stop signal, if one came: where the server takes the signals
+    over, a stop whose raise was swallowed (only printed) is acted on still."""
+    return _State.raised
+
+
+def _unraisable(info: Any) -> None:
+    """sys.unraisablehook: a swallowed StopSignal is not an error to print (`stop_requested`)."""
+    if not isinstance(info.exc_value, StopSignal):
+        sys.__unraisablehook__(info)
 
 
 @contextlib.contextmanager

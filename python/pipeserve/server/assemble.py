@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeserve.frontend.detokenizer import Detokenizer
 from pipeserve.frontend.images import ImageProcessor
+from pipeserve.frontend.stop_signals import stop_requested
 from pipeserve.frontend.tokenizer import load_tokenizer
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.app import build_app
@@ -105,6 +106,8 @@ def uvicorn_server(cfg: ServerConfig, app: Any, own_signals: bool) -> Any:
             if own_signals:
                 for s in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(s, self.handle_exit)
+                if (stop := stop_requested()) is not None:  # a start-up stop whose raise was lost
+                    self.handle_exit(signal.Signals[stop], None)
             yield
 
         def handle_exit(self, sig: int, frame: Any) -> None:
