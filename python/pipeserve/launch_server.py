@@ -22,7 +22,7 @@ from typing import Any
 from pipeserve.config import EngineConfig
 from pipeserve.env import Env
 from pipeserve.frontend.ranks import RankFailure, RankGroup
-from pipeserve.frontend.stop_signals import StopSignal, stop_on_signals
+from pipeserve.frontend.stop_signals import StopSignal, stop_on_signals, stop_requested
 from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
@@ -95,9 +95,10 @@ def run_worker_node(engine: EngineConfig) -> int:
     """A node that only hosts ranks; it lives as long as they do."""
     ranks = _start_ranks(engine, IpcAddresses.fresh())
     try:
-        while True:
+        while stop_requested() is None:  # also one whose raise was swallowed (`stop_signals`)
             time.sleep(0.5)
             ranks.check_alive()
+        return 0
     except RankFailure as e:
         clean = all(p.exitcode == 0 for p in ranks.procs.values() if not p.is_alive())
         if not clean:
