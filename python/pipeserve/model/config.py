@@ -15,13 +15,19 @@ if TYPE_CHECKING:
 # torch is imported only where a torch.dtype is asked for: the launcher checks a model and its
 # layer split without it (the import takes seconds, and the ranks pay it anyway)
 _DTYPES = ("float32", "bfloat16", "float16")
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 def dtype_name(name: str | torch.dtype) -> str:
     """The supported dtype `name` (a torch.dtype, "torch.bfloat16", "bf16", ...) stands for."""
     key = str(name).removeprefix("torch.")
-    key = {**_ALIASES, "float": "float32"}.get(key, key)
+    key = _ALIASES.get(key, key)
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(_DTYPES)}")
     return key
