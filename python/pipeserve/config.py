@@ -130,7 +130,7 @@ def resolve_config(**kwargs: Any) -> EngineConfig:
     if cfg.deterministic and device == "cuda" and cfg.attention_backend == "torch":
         raise ValueError(DETERMINISTIC_TORCH_ON_CUDA)
     chunk = cfg.chunked_prefill_size or (8192 if device == "cuda" else 1024)
-    return cfg.replace(device=device, dtype=_resolve_dtype(cfg), chunked_prefill_size=chunk)
+    return cfg.replace(device=device, dtype=_resolve_dtype(cfg, device), chunked_prefill_size=chunk)
 
 
 def _validate(cfg: EngineConfig) -> None:
@@ -272,12 +272,12 @@ def _torch_built_for_gpus() -> bool:
     return builds.get("cuda") != "None" or builds.get("hip", "None") != "None"
 
 
-def _resolve_dtype(cfg: EngineConfig) -> str:
+def _resolve_dtype(cfg: EngineConfig, device: str) -> str:
     from pipeserve.model.config import ModelConfig, dtype_name
 
     if cfg.dtype != "auto":
         return dtype_name(cfg.dtype)
-    if _resolve_device(cfg.device) == "cpu":
+    if device == "cpu":
         return "float32"
     return ModelConfig.from_dir(cfg.model_path).dtype
 
