@@ -2,7 +2,8 @@
 same random-weight checkpoint, in the same run.
 
 Per shape it reports
-- batch-1 latency: one --prompt-len prompt, --new-tokens new tokens, greedy, ignore_eos; wall time
+- batch-1 latency: one --prompt-len prompt, --new-tokens new tokens, greedy, ignore_eos (median of
+  --batch1-repeats runs: cheap, and the noisiest point); wall time
   over tokens, beside the floor (weight bytes / measured device copy bandwidth, read + write);
 - throughput at each --batches size (same prompt and output lengths): output tokens/s, and the
   decode step (difference between --new-tokens and one new token, over the extra steps), with the
@@ -181,17 +182,17 @@ def measure(
     """Latency, throughput and prefill rows of one engine; `run(batch, new)` makes a callable."""
     rows = []
 
-    def decode(batch: list[list[int]]) -> tuple[float, float]:
+    def decode(batch: list[list[int]], repeats: int) -> tuple[float, float]:
         """(seconds for new_tokens tokens, ms per decode step without the prefill and round trip)."""
-        t_many = timed(run(batch, args.new_tokens), sync, args.repeats)
-        t_one = timed(run(batch, 1), sync, args.repeats)
+        t_many = timed(run(batch, args.new_tokens), sync, repeats)
+        t_one = timed(run(batch, 1), sync, repeats)
         return t_many, max(t_many - t_one, 1e-9) / (args.new_tokens - 1) * 1e3
 
-    t, step_ms = decode(prompts(1, args.prompt_len, shape["vocab"]))
+    t, step_ms = decode(prompts(1, args.prompt_len, shape["vocab"]), args.batch1_repeats)
     rows.append({"engine": name, "what": "batch1", "ms_per_token": t / args.new_tokens * 1e3,
                  "decode_step_ms": step_ms})  # fmt: skip
     for b in [int(x) for x in args.batches.split(",") if x]:
-        t, step_ms = decode(prompts(b, args.prompt_len, shape["vocab"], seed=1))
+        t, step_ms = decode(prompts(b, args.prompt_len, shape["vocab"], seed=1), args.repeats)
         rows.append({"engine": name, "what": "throughput", "batch": b,
                      "tok_s": b * args.new_tokens / t, "decode_step_ms": step_ms})  # fmt: skip
     batch = prompts(args.prefill_batch, args.prefill_len, shape["vocab"], seed=2)
@@ -307,6 +308,12 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=32)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch1-repeats",
+        type=int,
+        default=10,
+        help="repeats of the batch-1 runs (cheap, and the noisiest: a step is about a millisecond)",
+    )
     parser.add_argument(
         "--cpu-threads", type=int, default=None, help="torch threads per rank (CPU)"
     )
