@@ -271,7 +271,9 @@ def test_a_signal_while_starting_stops_every_process_cleanly(tiny_model, moment,
 def test_a_signal_as_ready_is_printed_stops_the_server(tiny_model, sig):
     """`pipeserve ready` is printed a moment before the server takes the signals over, and the
     heap is collected in between: a stop raised inside a collection's callback is only printed
-    by Python, and the server used to serve on. It must stop, at once and cleanly."""
+    by Python (the server must act on it still), and one raised after the print, outside the
+    serving's cleanup, would leave the ranks running and the launcher waiting on them at exit.
+    Either way it must stop, at once and cleanly."""
     srv = Server("--model-path", tiny_model, "--pp-size", "2", "--cpu-threads", "1", ready=False)
     try:
         deadline = time.monotonic() + 120

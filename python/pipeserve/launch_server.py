@@ -120,7 +120,7 @@ def serve(cfg: ServerConfig) -> int:
 
 
 def _serve(cfg: ServerConfig) -> int:
-    from pipeserve.server.assemble import LISTEN_BACKLOG, assemble, bind, load_text, uvicorn_server
+    from pipeserve.server.assemble import LISTEN_BACKLOG, assemble, bind, load_text
     from pipeserve.server.workers import FrontendWorkers, Supervised
 
     engine = cfg.engine
@@ -147,15 +147,40 @@ def _serve(cfg: ServerConfig) -> int:
         await frontend.shutdown()
         await asyncio.to_thread(ranks.stop)
 
-    try:
+    try:  # to the end: a stop signal anywhere in it (also just after `ready`) stops every child
         workers.wait_ready(engine.ready_timeout_s)
         supervised = Supervised(ranks, workers)
         served = assemble(cfg, ipc, supervised, ranks.info, 0, on_shutdown, tokenizer)
-    except BaseException:
+        server = _http_server(cfg, served, ranks, workers)
+        logger.info(
+            "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s, %d HTTP front end%s)",
+            cfg.model_name,
+            cfg.url,
+            engine.pp_size,
+            engine.tp_size,
+            engine.pp_comm_mode,
+            cfg.api_server_count,
+            "" if cfg.api_server_count == 1 else "s",
+        )
+        print(f"pipeserve ready at {cfg.url}", flush=True)
+        freeze_heap()
+        run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
+    finally:
         workers.stop()
-        ranks.stop(grace_s=0)
-        raise
+        if server is not None and server.started:  # its shutdown told the ranks to stop
+            ranks.stop()
+        else:  # they were told nothing: no exit of their own to wait for
+            ranks.stop(grace_s=0)
+    return 1 if served.frontend.dead is not None else 0
+
+
+def _http_server(cfg: ServerConfig, served: Any, ranks: RankGroup, workers: Any) -> Any:
+    """The launcher's uvicorn server: the first SIGINT/SIGTERM drains, a second stops now, a
+    dead rank or front end ends serving a moment later."""
+    from pipeserve.server.assemble import uvicorn_server
+
     frontend = served.frontend
+    server: Any = None
 
     def on_dead(reason: str) -> None:
         # keep answering 503 engine_dead for a moment: a client racing the death gets a reason,
@@ -180,24 +205,7 @@ def _serve(cfg: ServerConfig) -> int:
     server = uvicorn_server(cfg, served.app, own_signals=True)
     server.on_signal = on_signal
     server.on_stop_now = lambda: _stop_now(server, frontend, ranks, workers)
-    logger.info(
-        "pipeserve is serving %r at %s (pp=%d, tp=%d, comm=%s, %d HTTP front end%s)",
-        cfg.model_name,
-        cfg.url,
-        engine.pp_size,
-        engine.tp_size,
-        engine.pp_comm_mode,
-        cfg.api_server_count,
-        "" if cfg.api_server_count == 1 else "s",
-    )
-    print(f"pipeserve ready at {cfg.url}", flush=True)
-    freeze_heap()
-    try:
-        run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
-    finally:
-        workers.stop()
-        ranks.stop()
-    return 1 if frontend.dead is not None else 0
+    return server
 
 
 def _stop_now(server: Any, frontend: Any, ranks: RankGroup, workers: Any) -> None:
