@@ -46,16 +46,16 @@ class Engine:
         self.images = ImageProcessor.load(cfg, model_name(cfg.model_path), self.tokenizer)
         self.ipc = IpcAddresses.fresh()
         self.sockets = FrontendSockets(self.ipc)
+        self.client = RequestClient(self.detokenizer)
+        self.stats: dict[str, Any] = {}
         self.ranks = RankGroup(self.config, self.ipc)
         self.closed = False
-        self.client = RequestClient(self.detokenizer)
-        try:
+        try:  # a Ctrl-C anywhere after the spawn stops the ranks (the exit would wait on them)
             self.info = self.ranks.wait_ready()
+            self.limits = EngineLimits.from_info(self.info)
         except BaseException:
             self.shutdown()
             raise
-        self.limits = EngineLimits.from_info(self.info)
-        self.stats: dict[str, Any] = {}
 
     # ---- generation ----------------------------------------------------------------------------------
     def generate(
