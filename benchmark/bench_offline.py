@@ -12,7 +12,9 @@ Per shape it reports
 
 `--deterministic` also runs pipeserve in deterministic mode (batch-invariant kernels; CUDA graphs
 on) in the same run and reports its cost: its decode step over the default's at batch 1 and at
-each --batches size, and its prefill rate over the default's.
+each --batches size, and its prefill rate over the default's; and at batch 1 again with both
+engines up at once, measured in turns for --paired-rounds rounds (the median of the per-round
+ratios: a drift of the machine between the two engines' runs falls on both alike).
 
     python benchmark/bench_offline.py --shape 1b|8b|cpu [--model-path DIR] [--json PATH] [--plot PNG]
         [--deterministic]
@@ -25,6 +27,7 @@ result; needs the CUDA floor); `--plot-from` redraws saved results without runni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -176,6 +179,15 @@ def copy_bandwidth(device: str) -> float:
     return best
 
 
+def decode_time(
+    run: Callable, batch: list[list[int]], new: int, sync: Callable, repeats: int
+) -> tuple[float, float]:
+    """(seconds for `new` tokens, ms per decode step without the prefill and round trip)."""
+    t_many = timed(run(batch, new), sync, repeats)
+    t_one = timed(run(batch, 1), sync, repeats)
+    return t_many, max(t_many - t_one, 1e-9) / (new - 1) * 1e3
+
+
 def measure(
     name: str, run: Callable, args: argparse.Namespace, shape: dict, sync: Callable
 ) -> list:
@@ -183,10 +195,7 @@ def measure(
     rows = []
 
     def decode(batch: list[list[int]], repeats: int) -> tuple[float, float]:
-        """(seconds for new_tokens tokens, ms per decode step without the prefill and round trip)."""
-        t_many = timed(run(batch, args.new_tokens), sync, repeats)
-        t_one = timed(run(batch, 1), sync, repeats)
-        return t_many, max(t_many - t_one, 1e-9) / (args.new_tokens - 1) * 1e3
+        return decode_time(run, batch, args.new_tokens, sync, repeats)
 
     t, step_ms = decode(prompts(1, args.prompt_len, shape["vocab"]), args.batch1_repeats)
     rows.append({"engine": name, "what": "batch1", "ms_per_token": t / args.new_tokens * 1e3,
@@ -206,6 +215,31 @@ def measure(
     )
     for r in rows:
         print(json.dumps(r), flush=True)
+    return rows
+
+
+def paired_batch1(cfg: dict, args: argparse.Namespace, shape: dict, sync: Callable) -> list:
+    """The default engine's and the deterministic one's batch-1 decode step, both up at once (a
+    fixed KV pool each) and measured in turns, --paired-rounds times: a drift of the machine
+    (clocks, a neighbour's load) between two engines measured one after the other moves the
+    noisiest ratio by more than the cost itself. One row per engine and round."""
+    batch = prompts(1, args.prompt_len, shape["vocab"])
+    names = ("pipeserve", "pipeserve-deterministic")
+    rows = []
+    with contextlib.ExitStack() as stack:
+        engines = {
+            n: stack.enter_context(Engine(**cfg, **VARIANTS[n], max_total_tokens=1 << 16))
+            for n in names
+        }
+        for engine in engines.values():
+            ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up
+        for r in range(args.paired_rounds):
+            for n, engine in engines.items():
+                run = lambda b, k, e=engine: ours(e, b, k)  # noqa: E731
+                _, step_ms = decode_time(run, batch, args.new_tokens, sync, args.batch1_repeats)
+                row = {"engine": n, "what": "batch1-paired", "round": r, "decode_step_ms": step_ms}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
@@ -268,16 +302,23 @@ def summarize(
     )
     if pre_ours and pre_hf:
         out.append({"prefill_vs_transformers": pre_ours["prefill_tok_s"] / pre_hf["prefill_tok_s"]})
-    out += deterministic_cost(by, args)
+    out += deterministic_cost(by, rows, args)
     for r in out:
         print("SUMMARY", json.dumps(r), flush=True)
     return out
 
 
-def deterministic_cost(by: dict, args: argparse.Namespace) -> list:
-    """Deterministic mode's decode step (and prefill rate) against the default's, same run."""
+def deterministic_cost(by: dict, rows: list, args: argparse.Namespace) -> list:
+    """Deterministic mode's decode step (and prefill rate) against the default's, same run; at
+    batch 1 also the median of the paired rounds' ratios (`paired_batch1`)."""
     det, default = "pipeserve-deterministic", "pipeserve"
     out = []
+    paired = {(r["engine"], r["round"]): r["decode_step_ms"] for r in rows if "round" in r}
+    ratios = [paired[det, i] / paired[default, i] for i in range(args.paired_rounds)
+              if (det, i) in paired and (default, i) in paired]  # fmt: skip
+    if ratios:
+        out.append({"deterministic_decode_step_cost_paired": statistics.median(ratios),
+                    "batch": 1, "rounds": [round(x, 4) for x in ratios]})  # fmt: skip
     points = [("batch1", None)] + [("throughput", int(x)) for x in args.batches.split(",") if x]
     for what, b in points:
         ours_row, base = by.get((det, what, b)), by.get((default, what, b))
@@ -329,6 +370,12 @@ def main() -> None:
         action="store_true",
         help="also run pipeserve --deterministic and report its cost against the default",
     )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=5,
+        help="with --deterministic: rounds of the paired batch-1 measure (0: none)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="PNG: decode ms against batch size")
     parser.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
@@ -353,18 +400,20 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: list = []
     engines = args.engines.split(",") + (["pipeserve-deterministic"] if args.deterministic else [])
+    cfg_common = dict(model_path=path, device=args.device, dtype=str(dtype).removeprefix("torch."),
+                      max_running_requests=max([256, *[int(b) for b in args.batches.split(",") if b]]),
+                      # each point re-sends prompts of earlier ones: measured uncached, as transformers
+                      disable_radix_cache=True, cpu_threads=args.cpu_threads)  # fmt: skip
     for name, variant in VARIANTS.items():
         if name not in engines:
             continue
-        cfg = dict(model_path=path, device=args.device, dtype=str(dtype).removeprefix("torch."),
-                   max_running_requests=max([256, *[int(b) for b in args.batches.split(",") if b]]),
-                   # each point re-sends prompts of earlier ones: measured uncached, as transformers
-                   disable_radix_cache=True, cpu_threads=args.cpu_threads, **variant)  # fmt: skip
-        with Engine(**cfg) as engine:
+        with Engine(**cfg_common, **variant) as engine:
             ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up
             rows += measure(name, lambda b, n, e=engine: ours(e, b, n), args, shape, sync)
             if args.long and name == "pipeserve":
                 rows.append(long_check(engine, args.long, shape["vocab"]))
+        if args.deterministic and args.paired_rounds and name == "pipeserve-deterministic":
+            rows += paired_batch1(cfg_common, args, shape, sync)
     if "transformers" in engines:
         from transformers import AutoModelForCausalLM
 

@@ -202,7 +202,8 @@ make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
     --concurrency 1,64 --num-prompts 128 --input-len 30 --output-len 128 --client-procs 4 \
     --json "$O/detserve_1b.json"
   ;;
-det1b | det8b)  # deterministic mode's cost: decode step at batch 1, 32, 256 against the default
+det1b | det8b)  # deterministic mode's cost: decode step at batch 1 (also paired: both engines up,
+  # measured in turns), 32, 256 against the default
   shape=${1#det}
   step 560 python3 benchmark/bench_offline.py --shape "$shape" --engines pipeserve --deterministic \
     --batches 32,256 --repeats 2 --model-path "/tmp/ckpt-$shape" --json "$O/deterministic_$shape.json"
