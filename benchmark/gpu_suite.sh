@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md, one part per device call (each fits a 10-minute call):
-#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detstep|p2psglang
+#   bash benchmark/gpu_suite.sh tests|profile|admission|offline8b|pp|pp8b|pp1b|serving|serving1b|servingspy|serving8b|vlm|prefix8b|det|detdecode|detsweep|dettable|detisolation|detserve|det1b|det8b|detprefetch|detstep|detfinal|p2psglang
 # Needs the wheels of benchmark/gpu_wheels.sh in .whl/ (carried). Logs and JSON go to $OUT.
 set -u
 O=${OUT:-/tmp/pipeserve-gpu}
@@ -237,6 +237,13 @@ detstep)  # deterministic mode's decode step (profile_step.py's graph replay, ba
   done
   python3 -c 'import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))}, indent=1))' /tmp/steps >"$O/detstep.json"
   grep -E "^=== (1b|8b) |^ +(1|32) +[0-9]" "$LOG"
+  ;;
+detfinal)  # deterministic mode's batch-1 cost by both measures in one call (about 8 minutes): the
+  # 1B step's graph replay (default, deterministic; two rounds), det1b, then the CUDA tests in
+  # the time left
+  SHAPES="1b 1b" VARIANTS="default det" NOTESTS=1 bash "$0" detstep
+  bash "$0" det1b
+  timeout $((570 - SECONDS)) bash "$0" det
   ;;
 p2psglang)  # the host's CPU cores (gloo, GPU hidden): p2p_overlap.py's rows through SGLang itself,
   # as shipped and patched, beside pipeserve's own, two runs; carry .whl-sglang/ of
