@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.env import Env
-from pipeserve.frontend.ranks import RankFailure, RankGroup
+from pipeserve.frontend.ranks import RankFailure, RankGroup, terminate
 from pipeserve.frontend.stop_signals import StopSignal, stop_on_signals, stop_requested
 from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
@@ -221,11 +222,17 @@ def _stop_now(server: Any, frontend: Any, ranks: RankGroup, workers: Any) -> Non
 
 
 def _exit(code: int) -> None:
-    """Every child is gone: a signal now must not turn the exit code into a death by signal, and
+    """Every child should be gone: a signal now must not turn the exit code into a death by signal, and
     the interpreter's teardown has nothing left to do but print the leak reports of Triton's
     bindings (the tokenizer's `transformers` import loads them), dozens of lines at every stop."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    # one left is a cleanup's bug: multiprocessing's exit handler would wait on it for ever (a
+    # rank waits on its live parent), so it is stopped and the exit says so
+    if left := multiprocessing.active_children():
+        logger.error("%d child process(es) still running at exit: stopping them", len(left))
+        terminate(left)
+        code = code or 1
     atexit._run_exitfuncs()  # what exit would run first: multiprocessing unlinks its semaphores
     quiet_exit(code)
 
