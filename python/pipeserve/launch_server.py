@@ -127,19 +127,8 @@ def _serve(cfg: ServerConfig) -> int:
     engine = cfg.engine
     tokenizer = load_text(cfg)  # a missing one fails before any rank starts
     ipc = IpcAddresses.fresh(cfg.api_server_count)
-    sock = bind(cfg.host, cfg.port)  # held while the ranks start (`bind`)
-    try:
-        ranks = _start_ranks(engine, ipc)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        sock.listen(LISTEN_BACKLOG)
-        workers = FrontendWorkers(cfg, ipc, ranks.info, sock)
-    except BaseException:
-        sock.close()
-        ranks.stop(grace_s=0)
-        raise
+    ranks: Any = None
+    workers: Any = None
     server: Any = None
 
     async def on_shutdown(frontend: Any) -> None:
@@ -148,7 +137,11 @@ def _serve(cfg: ServerConfig) -> int:
         await frontend.shutdown()
         await asyncio.to_thread(ranks.stop)
 
+    sock = bind(cfg.host, cfg.port)  # held while the ranks start (`bind`)
     try:  # to the end: a stop signal anywhere in it (also just after `ready`) stops every child
+        ranks = _start_ranks(engine, ipc)
+        sock.listen(LISTEN_BACKLOG)
+        workers = FrontendWorkers(cfg, ipc, ranks.info, sock)
         workers.wait_ready(engine.ready_timeout_s)
         supervised = Supervised(ranks, workers)
         served = assemble(cfg, ipc, supervised, ranks.info, 0, on_shutdown, tokenizer)
@@ -167,10 +160,12 @@ def _serve(cfg: ServerConfig) -> int:
         freeze_heap()
         run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
     finally:
-        workers.stop()
-        if server is not None and server.started:  # its shutdown told the ranks to stop
-            ranks.stop()
-        else:  # they were told nothing: no exit of their own to wait for
+        sock.close()
+        if workers is not None:
+            workers.stop()
+        if ranks is not None and server is not None and server.started:
+            ranks.stop()  # the server's shutdown told them to stop: their grace to exit
+        elif ranks is not None:  # told nothing: no exit of their own to wait for
             ranks.stop(grace_s=0)
     return 1 if served.frontend.dead is not None else 0
 
