@@ -41,6 +41,7 @@ import torch
 from bench_plots import decode_figure, load
 from pipeserve import Engine
 from pipeserve.model.config import ModelConfig
+from random_checkpoint import SHAPES, make_model
 
 # pipeserve's variants: what each changes in the engine's configuration
 VARIANTS = {
@@ -48,73 +49,6 @@ VARIANTS = {
     "pipeserve-eager": {"disable_cuda_graph": True},
     "pipeserve-deterministic": {"deterministic": True},
 }
-
-SHAPES = {
-    "cpu": dict(hidden=512, layers=8, inter=1536, heads=8, kv=4, vocab=4096),
-    "1b": dict(hidden=2048, layers=16, inter=8192, heads=32, kv=8, vocab=32000),
-    "8b": dict(hidden=4096, layers=32, inter=14336, heads=32, kv=8, vocab=128256),
-}
-
-
-def make_model(path: str, shape: dict, dtype: torch.dtype, device: str) -> str:
-    """A Llama-shaped HF checkpoint of random weights, drawn on `device` and written straight to
-    safetensors (seconds for 8B on a GPU; `transformers`' own init takes minutes)."""
-    from safetensors.torch import save_file
-
-    from pipeserve.utils import write_char_tokenizer
-
-    h, inter, heads, kv, layers = (shape[k] for k in ("hidden", "inter", "heads", "kv", "layers"))
-    d = h // heads
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device=device) * 0.02).to(dtype)
-
-    tensors = {
-        "model.embed_tokens.weight": rand(shape["vocab"], h),
-        "lm_head.weight": rand(shape["vocab"], h),
-    }
-    tensors["model.norm.weight"] = torch.ones(h, dtype=dtype, device=device)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors.update(
-            {
-                p + "self_attn.q_proj.weight": rand(heads * d, h),
-                p + "self_attn.k_proj.weight": rand(kv * d, h),
-                p + "self_attn.v_proj.weight": rand(kv * d, h),
-                p + "self_attn.o_proj.weight": rand(h, heads * d),
-                p + "mlp.gate_proj.weight": rand(inter, h),
-                p + "mlp.up_proj.weight": rand(inter, h),
-                p + "mlp.down_proj.weight": rand(h, inter),
-                p + "input_layernorm.weight": torch.ones(h, dtype=dtype, device=device),
-                p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype, device=device),
-            }
-        )
-    os.makedirs(path, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors")
-    )
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": shape["vocab"],
-        "hidden_size": h,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    write_char_tokenizer(path, shape["vocab"])
-    return path
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -220,9 +154,9 @@ def measure(
 
 def paired_batch1(cfg: dict, args: argparse.Namespace, shape: dict, sync: Callable) -> list:
     """The default engine's and the deterministic one's batch-1 decode step, both up at once (a
-    fixed KV pool each) and measured in turns, --paired-rounds times: a drift of the machine
-    (clocks, a neighbour's load) between two engines measured one after the other moves the
-    noisiest ratio by more than the cost itself. One row per engine and round."""
+    fixed KV pool each) and measured in turns, --paired-rounds times, the order alternating: a
+    drift of the machine (clocks, a neighbour's load) between two engines measured one after the
+    other moves the noisiest ratio by more than the cost itself. One row per engine and round."""
     batch = prompts(1, args.prompt_len, shape["vocab"])
     names = ("pipeserve", "pipeserve-deterministic")
     rows = []
@@ -234,7 +168,8 @@ def paired_batch1(cfg: dict, args: argparse.Namespace, shape: dict, sync: Callab
         for engine in engines.values():
             ours(engine, prompts(2, 8, shape["vocab"]), 4)()  # warm-up
         for r in range(args.paired_rounds):
-            for n, engine in engines.items():
+            turns = list(engines.items())
+            for n, engine in turns[::-1] if r % 2 else turns:  # each order as often
                 run = lambda b, k, e=engine: ours(e, b, k)  # noqa: E731
                 _, step_ms = decode_time(run, batch, args.new_tokens, sync, args.batch1_repeats)
                 row = {"engine": n, "what": "batch1-paired", "round": r, "decode_step_ms": step_ms}

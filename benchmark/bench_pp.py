@@ -232,8 +232,8 @@ def main() -> None:
     if cuda:
         import torch
 
-        from bench_offline import SHAPES
-        from bench_offline import make_model as make_cuda_model
+        from random_checkpoint import SHAPES
+        from random_checkpoint import make_model as make_cuda_model
 
         model = args.model_path or make_cuda_model(
             tempfile.mkdtemp(prefix="bench-pp-"), SHAPES[args.shape], torch.bfloat16, "cuda"

@@ -102,7 +102,7 @@ def main() -> None:
     if args.shape:
         import torch
 
-        from bench_offline import SHAPES, make_model
+        from random_checkpoint import SHAPES, make_model
 
         args.device = "cuda"
         path = tempfile.mkdtemp(prefix="pipeserve-prefix-")

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from bench_offline import make_model
 from pipeserve import Engine
 from pipeserve.ipc.messages import ImageIn
+from random_checkpoint import make_model
 
-SHAPES = {  # language model as bench_offline's shapes, vision tower as Qwen2.5-VL's
+SHAPES = {  # language model as random_checkpoint's shapes, vision tower as Qwen2.5-VL's
     "vlcpu": dict(
         lm=dict(hidden=256, layers=4, inter=768, heads=4, kv=2, vocab=4096),
         vision=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4),

@@ -81,7 +81,7 @@ pp)  # what needs two GPUs, in one call: the two-GPU tests, then bench_pp on the
   trim_traces "$O/trace_8b"
   ;;
 serving)  # two GPUs: the HTTP server at pp=1 (one GPU) and pp=2, 8B shape, ~128-token prompts
-  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from random_checkpoint import make_model, SHAPES; \
 make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
   flags="--device cuda --max-running-requests 512 --cuda-graph-max-bs 512"
   step 500 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-8b --launch "$flags --pp-size 1" \
@@ -92,7 +92,7 @@ serving1b)  # one GPU, 1B: served (streaming and not) against offline, 1024 x 12
   # flight, PROCS client processes (default 16) checked against twice as many; BASELINE=DIR (a
   # `python/` tree of an older build) runs the streaming point on it first; FRONTENDS="1 ..." adds
   # streaming points at those --api-server-count values
-  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from random_checkpoint import make_model, SHAPES; \
 make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   flags="--device cuda --max-running-requests 256 --cuda-graph-max-bs 256"
   load="--num-prompts 1024 --concurrency 256 --input-len 30 --output-len 128 --client-procs ${PROCS:-16}"
@@ -114,7 +114,7 @@ make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
 servingspy)  # one GPU, 1B: where a front end's CPU goes under the serving1b streaming load (4x the
   # requests, so that the load lasts): py-spy (a wheel of benchmark/gpu_wheels.sh) records each of
   # FRONTENDS (default 2) front ends; each server process's user and system CPU from /proc
-  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from random_checkpoint import make_model, SHAPES; \
 make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   n=${FRONTENDS:-2}
   python3 -m pipeserve.launch_server --model-path /tmp/ckpt-1b --device cuda --max-running-requests 256 \
@@ -143,7 +143,7 @@ $(awk '{print "user", $14, "system", $15}' /proc/$p/stat)"; done; }
   ;;
 serving8b)  # one GPU, 8B: served streaming against offline, the serving1b workload, PROCS
   # client processes (default 24) checked against twice as many
-  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from random_checkpoint import make_model, SHAPES; \
 make_model('/tmp/ckpt-8b', SHAPES['8b'], torch.bfloat16, 'cuda')"
   flags="--device cuda --max-running-requests 256 --cuda-graph-max-bs 256"
   step 300 python3 benchmark/bench_serving.py --model-path /tmp/ckpt-8b --launch "$flags" \
@@ -193,7 +193,7 @@ detisolation)  # deterministic mode's isolation stress test on one GPU (2,000 re
 detserve)  # deterministic mode on one GPU: the isolation stress test, and its cost through the
   # server (1B, streaming, 1 and 64 in flight, default then deterministic, ROUNDS times (2))
   bash "$0" detisolation
-  step 120 python3 -c "import sys, torch; sys.argv=['x']; from bench_offline import make_model, SHAPES; \
+  step 120 python3 -c "import sys, torch; sys.argv=['x']; from random_checkpoint import make_model, SHAPES; \
 make_model('/tmp/ckpt-1b', SHAPES['1b'], torch.bfloat16, 'cuda')"
   flags="--device cuda"
   launches=()

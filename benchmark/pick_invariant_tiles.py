@@ -21,7 +21,7 @@ import json
 import re
 from collections import defaultdict
 
-from bench_offline import SHAPES
+from random_checkpoint import SHAPES
 from sweep_invariant_matmul import CANDIDATES
 
 BUCKETS = ((16, 1), (64, 32), (256, 256), (2**62, 2048))  # (largest M, the M it is picked at)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_offline import SHAPES, copy_bandwidth, make_model
+from bench_offline import copy_bandwidth
+from random_checkpoint import SHAPES, make_model
 
 
 def build_runner(path: str, max_bs: int, slots: int, deterministic: bool = False):

@@ -19,11 +19,11 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench_offline import SHAPES
 from pipeserve.model import gemv
 from pipeserve.model import invariant_matmul as im
 from pipeserve.model.fused import silu_and_mul
 from pipeserve.model.invariant_matmul import Tiles
+from random_checkpoint import SHAPES
 
 CANDIDATES = {
     "ref": im.REFERENCE,
