@@ -22,8 +22,13 @@ from typing import Any
 
 from pipeserve.config import EngineConfig
 from pipeserve.env import Env
-from pipeserve.frontend.ranks import RankFailure, RankGroup, terminate
-from pipeserve.frontend.stop_signals import StopSignal, stop_on_signals, stop_requested
+from pipeserve.frontend.ranks import RankFailure, RankGroup, never_stopped, terminate
+from pipeserve.frontend.stop_signals import (
+    StopSignal,
+    ignore_stop_signals,
+    stop_on_signals,
+    stop_requested,
+)
 from pipeserve.frontend.tokenizer import TokenizerNotFound
 from pipeserve.ipc.sockets import IpcAddresses
 from pipeserve.server.args import ServerConfig, parse_args
@@ -108,6 +113,7 @@ def run_worker_node(engine: EngineConfig) -> int:
     except StopSignal:
         return 0
     finally:
+        ignore_stop_signals()
         ranks.stop()
 
 
@@ -127,8 +133,8 @@ def _serve(cfg: ServerConfig) -> int:
     engine = cfg.engine
     tokenizer = load_text(cfg)  # a missing one fails before any rank starts
     ipc = IpcAddresses.fresh(cfg.api_server_count)
-    ranks: Any = None
-    workers: Any = None
+    ranks: RankGroup | None = None
+    workers: FrontendWorkers | None = None
     server: Any = None
 
     async def on_shutdown(frontend: Any) -> None:
@@ -160,6 +166,7 @@ def _serve(cfg: ServerConfig) -> int:
         freeze_heap()
         run_profiled(lambda: server.run(sockets=[sock]), Env.read().profile_dir, "frontend0")
     finally:
+        ignore_stop_signals()
         sock.close()
         if workers is not None:
             workers.stop()
@@ -217,17 +224,19 @@ def _stop_now(server: Any, frontend: Any, ranks: RankGroup, workers: Any) -> Non
 
 
 def _exit(code: int) -> None:
-    """Every child should be gone: a signal now must not turn the exit code into a death by signal, and
-    the interpreter's teardown has nothing left to do but print the leak reports of Triton's
-    bindings (the tokenizer's `transformers` import loads them), dozens of lines at every stop."""
+    """Every child should be gone: a signal now must not turn the exit code into a death by
+    signal, and the interpreter's teardown has nothing left to do but print the leak reports of
+    Triton's bindings (the tokenizer's `transformers` import loads them), dozens of lines at every
+    stop."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
-    # one left is a cleanup's bug: multiprocessing's exit handler would wait on it for ever (a
-    # rank waits on its live parent), so it is stopped and the exit says so
-    if left := multiprocessing.active_children():
-        logger.error("%d child process(es) still running at exit: stopping them", len(left))
-        terminate(left)
+    # multiprocessing's exit handler joins every child, and a rank waits on its live parent: one
+    # never stopped (a cleanup's bug) would hang the exit, so it is stopped and the exit says so
+    left = multiprocessing.active_children()
+    if missed := never_stopped(left):
+        logger.error("%d child process(es) never stopped: stopping them at exit", len(missed))
         code = code or 1
+    terminate(left)  # bounded: also those killed and still dying
     atexit._run_exitfuncs()  # what exit would run first: multiprocessing unlinks its semaphores
     quiet_exit(code)
 

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import queue
 import signal
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -161,10 +162,14 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+_stopped: weakref.WeakSet = weakref.WeakSet()  # every process `terminate` has been given
+
+
 def terminate(procs: Iterable[Any]) -> None:
     """Terminates the processes still alive; kills those that outlive two more seconds, all at
     once (one by one, a rank would see its peer die first and report a failure of its own)."""
     procs = list(procs)
+    _stopped.update(procs)
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
@@ -176,6 +181,12 @@ def terminate(procs: Iterable[Any]) -> None:
             proc.kill()
     for proc in procs:
         proc.join(2.0)
+
+
+def never_stopped(procs: Iterable[Any]) -> list[Any]:
+    """Those of `procs` that no `terminate` was given (one that was may still be dying: a killed
+    GPU process can take seconds to give its memory back)."""
+    return [p for p in procs if p not in _stopped]
 
 
 def _rank_main(cfg: EngineConfig, spec: RankSpec, report: Any) -> None:

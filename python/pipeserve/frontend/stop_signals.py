@@ -58,6 +58,15 @@ def _raise_stop(sig: int, _: Any) -> None:
         raise StopSignal(name)
 
 
+def ignore_stop_signals() -> None:
+    """A start-up's cleanup under way (after an error, say) runs to its end: the start-up's
+    handlers give way to ignoring, as after a first stop. Handlers installed since (the server's
+    own: a second signal hurries its stop) stay."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is _raise_stop:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def stop_requested() -> str | None:
     """The name of the start-up's stop signal, if one came: where the server takes the signals
     over, a stop whose raise was swallowed (only printed) is acted on still."""
