@@ -286,3 +286,37 @@ def test_a_signal_as_ready_is_printed_stops_the_server(tiny_model, sig):
         assert "Traceback" not in srv.output(), around_traceback(srv.output())
     finally:
         srv.stop(signal.SIGKILL)
+
+
+LEFT_CHILD = """
+import logging, multiprocessing, signal, time
+
+def rank_like(ready):  # ignores SIGTERM and waits on its live parent, as a rank does
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    logging.basicConfig()
+    from pipeserve.launch_server import _exit
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=rank_like, args=(ready,))
+    child.start()
+    assert ready.wait(30)
+    print(child.pid, flush=True)
+    _exit(0)
+"""
+
+
+def test_a_child_never_stopped_is_stopped_at_the_launchers_exit_which_says_so(tmp_path):
+    """multiprocessing's exit handler joins every child: one that a cleanup missed would hang the
+    launcher for ever. It is killed instead, the exit code is 1 and the error names it."""
+    script = tmp_path / "left_child.py"
+    script.write_text(LEFT_CHILD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "1 child process(es) never stopped" in out.stderr
+    pid = int(out.stdout.split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
